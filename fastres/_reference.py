@@ -1,0 +1,115 @@
+"""Reference (aten-only) implementations of the fastres op schemas.
+
+These are the oracle for kernel unit tests and the body of the ``torch`` backend's
+op family. They follow docs/DESIGN.md exactly, including dtypes and memory format.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def memory_format_of(x: Tensor) -> torch.memory_format:
+    """The one memory-format rule shared by every backend and every fake kernel."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _bc(t: Tensor) -> Tensor:
+    return t.view(1, -1, 1, 1)
+
+
+def _mask(y: Tensor) -> Tensor:
+    # aten's threshold_backward(grad, result, 0): grad where result > 0 (NaN passes)
+    return ~(y <= 0)
+
+
+def bn_act_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                 residual: Optional[Tensor], eps: float, relu: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    fmt = memory_format_of(x)
+    acc = acc_dtype(x.dtype)
+    xa = x.to(acc)
+    mean = xa.mean(dim=(0, 2, 3))
+    var = (xa - _bc(mean)).square().mean(dim=(0, 2, 3))
+    invstd = torch.rsqrt(var + eps)
+    z = (xa - _bc(mean)) * _bc(invstd)
+    if weight is not None:
+        z = z * _bc(weight.to(acc))
+    if bias is not None:
+        z = z + _bc(bias.to(acc))
+    if residual is not None:
+        z = z + residual.to(acc)
+    if relu:
+        z = torch.relu(z)
+    y = z.to(x.dtype).contiguous(memory_format=fmt)
+    return y, mean, var
+
+
+def bn_act_train_backward(grad_y: Tensor, x: Tensor, y: Tensor, weight: Optional[Tensor],
+                          mean: Tensor, var: Tensor, eps: float, relu: bool,
+                          need_grad_z: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    fmt = memory_format_of(x)
+    acc = acc_dtype(x.dtype)
+    dz = grad_y.to(acc)
+    if relu:
+        dz = torch.where(_mask(y), dz, torch.zeros((), dtype=acc, device=x.device))
+    m = x.numel() // max(x.shape[1], 1) if x.numel() else 0
+    invstd = torch.rsqrt(var + eps)
+    xhat = (x.to(acc) - _bc(mean)) * _bc(invstd)
+    grad_bias = dz.sum(dim=(0, 2, 3))
+    grad_weight = (dz * xhat).sum(dim=(0, 2, 3))
+    w = weight.to(acc) if weight is not None else torch.ones_like(mean)
+    if m > 0:
+        gx = _bc(w * invstd) * (dz - _bc(grad_bias / m) - xhat * _bc(grad_weight / m))
+    else:
+        gx = dz
+    grad_x = gx.to(x.dtype).contiguous(memory_format=fmt)
+    if need_grad_z:
+        grad_z = dz.to(x.dtype).contiguous(memory_format=fmt)
+    else:
+        grad_z = x.new_empty((0,))
+    return grad_x, grad_weight, grad_bias, grad_z
+
+
+def affine_act(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+               residual: Optional[Tensor], relu: bool) -> Tensor:
+    fmt = memory_format_of(x)
+    acc = acc_dtype(x.dtype)
+    z = x.to(acc)
+    if scale is not None:
+        z = z * _bc(scale.to(acc))
+    if shift is not None:
+        z = z + _bc(shift.to(acc))
+    if residual is not None:
+        z = z + residual.to(acc)
+    if relu:
+        z = torch.relu(z)
+    return z.to(x.dtype).contiguous(memory_format=fmt)
+
+
+def affine_act_backward(grad_y: Tensor, x: Tensor, y: Tensor, scale: Optional[Tensor], relu: bool,
+                        need_grad_z: bool, need_param_grads: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    fmt = memory_format_of(x)
+    acc = acc_dtype(x.dtype)
+    dz = grad_y.to(acc)
+    if relu:
+        dz = torch.where(_mask(y), dz, torch.zeros((), dtype=acc, device=x.device))
+    gx = dz * _bc(scale.to(acc)) if scale is not None else dz
+    grad_x = gx.to(x.dtype).contiguous(memory_format=fmt)
+    grad_z = dz.to(x.dtype).contiguous(memory_format=fmt) if need_grad_z else x.new_empty((0,))
+    if need_param_grads:
+        grad_scale = (dz * x.to(acc)).sum(dim=(0, 2, 3))
+        grad_shift = dz.sum(dim=(0, 2, 3))
+    else:
+        grad_scale = torch.empty((0,), dtype=acc, device=x.device)
+        grad_shift = torch.empty((0,), dtype=acc, device=x.device)
+    return grad_x, grad_z, grad_scale, grad_shift
