@@ -1,0 +1,78 @@
+"""``BatchNormAct2d``: an ``nn.BatchNorm2d`` whose forward fuses ``+ residual`` and ReLU."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import functional as FF
+from .. import _validate as V
+
+Tensor = torch.Tensor
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """Drop-in ``nn.BatchNorm2d`` (same parameters, buffers and state_dict keys) that
+    computes ``act(bn(x) + residual)`` in one fused op.
+
+    ``activation``: ``"relu"`` (default) or ``"none"``. ``forward(x, residual=None)``.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
+                 activation: Optional[str] = "relu") -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.activation = V.normalize_activation(activation)
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.BatchNorm2d, activation: Optional[str] = "relu") -> "BatchNormAct2d":
+        """A BatchNormAct2d *sharing* ``bn``'s parameter and buffer tensors (no copies)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.num_features, new.eps, new.momentum = bn.num_features, bn.eps, bn.momentum
+        new.affine, new.track_running_stats = bn.affine, bn.track_running_stats
+        for name in ("weight", "bias"):
+            new.register_parameter(name, getattr(bn, name))
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            new.register_buffer(name, getattr(bn, name))
+        new.training = bn.training
+        new.activation = V.normalize_activation(activation)
+        return new
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"fastres: BatchNormAct2d input must be a torch.Tensor, got {type(input).__name__}")
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", activation={self.activation}"
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
+        self._check_input_dim(input)
+        V.check_input(input)
+        V.check_channels(input, self.num_features)
+        # identical bookkeeping to torch.nn.modules.batchnorm._BatchNorm.forward
+        if self.momentum is None:
+            exponential_average_factor = 0.0
+        else:
+            exponential_average_factor = self.momentum
+        if self.training and self.track_running_stats:
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+                if self.momentum is None:
+                    exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+                else:
+                    exponential_average_factor = self.momentum
+        if self.training:
+            bn_training = True
+        else:
+            bn_training = (self.running_mean is None) and (self.running_var is None)
+        use_running = not self.training or self.track_running_stats
+        return FF.batch_norm_act(
+            input,
+            self.running_mean if use_running else None,
+            self.running_var if use_running else None,
+            self.weight, self.bias, bn_training, exponential_average_factor, self.eps,
+            residual=residual, activation=self.activation)
