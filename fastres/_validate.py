@@ -107,8 +107,8 @@ def check_batch_norm_args(x, running_mean, running_var, weight, bias, residual, 
         raise ValueError("fastres: running_mean and running_var must both be tensors or both be None")
     if not training and running_mean is None:
         raise ValueError("fastres: running_mean and running_var must be given when training=False")
-    if training and running_mean is not None and not isinstance(momentum, (int, float)):
-        raise TypeError(f"fastres: momentum must be a float when updating running stats, got {momentum!r}")
+    if training and running_mean is not None and not isinstance(momentum, (int, float, type(None))):
+        raise TypeError(f"fastres: momentum must be a float (or None with num_batches_tracked), got {momentum!r}")
     if not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"fastres: eps must be a non-negative float, got {eps!r}")
     if training:

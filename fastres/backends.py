@@ -83,6 +83,10 @@ def _triton_installed() -> Tuple[bool, str]:
         import triton  # noqa: F401
     except Exception as e:  # pragma: no cover - broken install
         return False, f"triton failed to import: {e}"
+    try:
+        from . import kernels  # noqa: F401  (fastres.kernels, the top-level kernels/ folder)
+    except Exception as e:
+        return False, f"fastres.kernels failed to import ({type(e).__name__}: {e}); install with pip install -e ."
     return True, f"triton {triton.__version__}"
 
 

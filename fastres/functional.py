@@ -44,19 +44,26 @@ def fold_scale_shift(weight: Optional[Tensor], bias: Optional[Tensor], running_m
 def batch_norm_act(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                    weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
                    momentum: float = 0.1, eps: float = 1e-5, residual: Optional[Tensor] = None,
-                   activation: Optional[str] = "relu") -> Tensor:
+                   activation: Optional[str] = "relu", *,
+                   num_batches_tracked: Optional[Tensor] = None) -> Tensor:
     """``act(F.batch_norm(input, ...) + residual)`` in one fused pass where the backend allows.
 
     ``running_mean``/``running_var`` are updated in place in training (if given) with
-    ``momentum`` (a float; a module turns ``momentum=None`` into the cumulative factor
-    ``1/num_batches_tracked`` as ``nn.BatchNorm2d`` does). ``activation``: ``"relu"``,
+    ``momentum``. ``momentum=None`` with ``num_batches_tracked`` (the module's counter,
+    already incremented) is ``nn.BatchNorm2d``'s cumulative average, factor
+    ``1/num_batches_tracked``, computed on the device. ``activation``: ``"relu"``,
     ``"none"`` or ``None``.
     """
     act = V.normalize_activation(activation)
     V.check_batch_norm_args(input, running_mean, running_var, weight, bias, residual, training, momentum, eps)
     relu = act == "relu"
+    cumulative = momentum is None and training and running_mean is not None
+    if cumulative and num_batches_tracked is None:
+        raise ValueError("fastres: momentum=None (cumulative average) needs num_batches_tracked")
     backend = backends.backend_for(input.device)
     if backend == "torch" or input.numel() == 0:
+        if cumulative:
+            momentum = 1.0 / float(num_batches_tracked)
         return _torch_batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                      residual, relu)
     fam = ops.family(backend)
@@ -64,7 +71,9 @@ def batch_norm_act(input: Tensor, running_mean: Optional[Tensor], running_var: O
         y, mean, var = fam.bn_act_train(input, weight, bias, residual, float(eps), relu)
         if running_mean is not None:
             count = input.numel() // input.shape[1]
-            torch.ops.fastres.update_running_stats(running_mean, running_var, mean, var, float(momentum), count)
+            torch.ops.fastres.update_running_stats(running_mean, running_var, mean, var,
+                                                   0.0 if cumulative else float(momentum), count,
+                                                   num_batches_tracked if cumulative else None)
         return y
     scale, shift = fold_scale_shift(weight, bias, running_mean, running_var, eps, acc_dtype(input.dtype))
     return fam.affine_act(input, scale, shift, residual, relu)

@@ -128,10 +128,19 @@ def _family_from_ops(name: str, prefix: str) -> Family:
 
 # ----------------------------------------------------------------------------- triton family
 def _unalias(outs, inputs):
-    """custom_op outputs may not alias inputs: copy any that does (a launcher returning grad_y)."""
-    ptrs = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, Tensor) and t.numel()}
-    fixed = tuple(o.clone() if (o.numel() and o.untyped_storage().data_ptr() in ptrs) else o for o in outs)
-    return fixed
+    """custom_op outputs may alias neither an input nor each other: copy any that does
+    (e.g. a launcher that returns grad_y itself, or dz as both grad_x and grad_z)."""
+    seen = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, Tensor) and t.numel()}
+    fixed = []
+    for o in outs:
+        if o.numel():
+            ptr = o.untyped_storage().data_ptr()
+            if ptr in seen:
+                o = o.clone()
+                ptr = o.untyped_storage().data_ptr()
+            seen.add(ptr)
+        fixed.append(o)
+    return tuple(fixed)
 
 
 def _define_python_ops(prefix: str, K) -> None:
@@ -169,17 +178,25 @@ def _define_python_ops(prefix: str, K) -> None:
 # ----------------------------------------------------------------------------- running stats
 @torch.library.custom_op("fastres::update_running_stats", mutates_args=("running_mean", "running_var"))
 def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
-                         momentum: float, count: int) -> None:
-    """running = (1-m)·running + m·batch, with the *unbiased* batch variance (count/(count-1))."""
+                         momentum: float, count: int, num_batches_tracked: Optional[Tensor] = None) -> None:
+    """running = (1-m)·running + m·batch, with the *unbiased* batch variance (count/(count-1)).
+
+    m = ``momentum``, or, when ``num_batches_tracked`` is given (``momentum=None`` in the
+    module: a cumulative average), m = 1/num_batches_tracked computed on the device — no
+    host sync, so it works under CUDA graphs and torch.compile without a graph break.
+    """
     acc = torch.float64 if running_mean.dtype == torch.float64 else torch.float32
-    m = float(momentum)
+    if num_batches_tracked is not None:
+        m = 1.0 / num_batches_tracked.to(acc)
+    else:
+        m = float(momentum)
     unbiased = var.to(acc) * (count / (count - 1)) if count > 1 else var.to(acc)
     running_mean.copy_(running_mean.to(acc) * (1.0 - m) + mean.to(acc) * m)
     running_var.copy_(running_var.to(acc) * (1.0 - m) + unbiased * m)
 
 
 @update_running_stats.register_fake
-def _(running_mean, running_var, mean, var, momentum, count):
+def _(running_mean, running_var, mean, var, momentum, count, num_batches_tracked=None):
     return None
 
 

@@ -61,8 +61,8 @@ class BatchNormAct2d(nn.BatchNorm2d):
         if self.training and self.track_running_stats:
             if self.num_batches_tracked is not None:
                 self.num_batches_tracked.add_(1)
-                if self.momentum is None:
-                    exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+                if self.momentum is None:  # cumulative: 1/num_batches_tracked, on the device
+                    exponential_average_factor = None
                 else:
                     exponential_average_factor = self.momentum
         if self.training:
@@ -75,4 +75,5 @@ class BatchNormAct2d(nn.BatchNorm2d):
             self.running_mean if use_running else None,
             self.running_var if use_running else None,
             self.weight, self.bias, bn_training, exponential_average_factor, self.eps,
-            residual=residual, activation=self.activation)
+            residual=residual, activation=self.activation,
+            num_batches_tracked=self.num_batches_tracked if exponential_average_factor is None else None)
