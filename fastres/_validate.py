@@ -23,7 +23,7 @@ def _dt(d: torch.dtype) -> str:
 
 
 def _shape(t: Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+    return str(tuple(t.shape))
 
 
 def normalize_activation(activation) -> str:
