@@ -1,0 +1,202 @@
+"""Command line: ``python -m fastres {info,bench,check}``.
+
+* ``info``  — what was built and which backend runs on each device
+  (:func:`fastres.backend_info`), readable or ``--json``.
+* ``bench`` — throughput of torchvision eager, torchvision under ``torch.compile``
+  and fastres with each available backend, training and inference, on the same
+  inputs (:mod:`fastres.bench`). Table + JSON + CSV + PNG.
+* ``check`` — parity self-check of every available backend on this machine
+  (:mod:`fastres.check`); exit status 1 on any failure.
+
+Device-dependent defaults (``None`` below) are resolved in :mod:`fastres.bench`
+(:func:`fastres.bench.resolve_config`) so that ``--help`` and the tests see them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+DTYPES = ("fp32", "bf16", "fp16")
+MODES = ("train", "infer", "both")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def _model_name(text: str) -> str:
+    from .bench import model_names, parse_model
+    try:
+        parse_model(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{e}; choose from {', '.join(model_names())}") from None
+    return text
+
+
+def _backend_list(text: str) -> str:
+    from .backends import BACKENDS
+    text = text.strip().lower()
+    if text in ("all", "none", "auto"):
+        return text
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in BACKENDS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown backend(s) {', '.join(bad) or repr(text)}; use all, auto, none or a comma list of "
+            f"{', '.join(BACKENDS)}")
+    return ",".join(names)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fastres",
+                                description="fastres: fused conv + BatchNorm + ReLU + residual-add ResNets")
+    sub = p.add_subparsers(dest="command", metavar="{info,bench,check}")
+
+    # ------------------------------------------------------------------ info
+    pi = sub.add_parser("info", help="which backends were built and which one runs on each device")
+    pi.add_argument("--json", action="store_true", help="print fastres.backend_info() as JSON")
+
+    # ------------------------------------------------------------------ bench
+    pb = sub.add_parser(
+        "bench", help="throughput: torchvision eager / torch.compile vs fastres backends",
+        description="Compare torchvision eager, torchvision under torch.compile and fastres with each "
+                    "available backend, in training (forward + backward + SGD step) and inference, on the "
+                    "same inputs and weights. Defaults: GPU resnet50, batch 256, 224x224, bf16, "
+                    "channels_last; CPU resnet50, batch 8, 128x128, fp32, channels_last, torch.compile "
+                    "for inference only (compiling the training step on the CPU takes minutes).")
+    pb.add_argument("--model", type=_model_name, default=None,
+                    help="resnet18/34/50/101/152, wide_resnet50_2, wide_resnet101_2, resnext50_32x4d, "
+                         "resnext101_32x8d, resnext101_64x4d, cifar_resnet20/32/44/56/110/1202 "
+                         "(default resnet50)")
+    pb.add_argument("--batch-size", type=_positive_int, default=None, help="GPU 256, CPU 8")
+    pb.add_argument("--image-size", type=_positive_int, default=None,
+                    help="GPU 224, CPU 128 (CIFAR models: 32)")
+    pb.add_argument("--dtype", choices=DTYPES, default=None,
+                    help="fp32, or bf16/fp16 under autocast (GPU bf16, CPU fp32)")
+    pb.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                    help="NHWC model and input (default on)")
+    pb.add_argument("--mode", choices=MODES, default="both",
+                    help="train (forward+backward+SGD step), infer, or both (default)")
+    pb.add_argument("--backend", type=_backend_list, default="all",
+                    help="fastres backends to run: all available (default), auto (the one fastres picks), "
+                         "none, or a comma list of torch,triton,cpp,cuda")
+    pb.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="include torchvision under torch.compile (GPU default: train and infer; "
+                         "CPU default: infer only)")
+    pb.add_argument("--compile-modes", choices=MODES, default=None,
+                    help="which modes get the torch.compile contender (default: GPU both, CPU infer)")
+    pb.add_argument("--iters", type=_positive_int, default=None, help="timed iterations per repeat")
+    pb.add_argument("--repeats", type=_positive_int, default=None, help="timed repeats (median and spread)")
+    pb.add_argument("--warmup", type=_nonneg_int, default=None, help="untimed warm-up iterations")
+    pb.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    pb.add_argument("--num-classes", type=_positive_int, default=None, help="default 1000 (CIFAR: 10)")
+    pb.add_argument("--seed", type=int, default=0)
+    pb.add_argument("--out", default=None,
+                    help="output folder for the table, JSON, CSV and PNG "
+                         "(default benchmarks/results/<device>)")
+    pb.add_argument("--no-plot", action="store_true", help="skip the PNG chart")
+    pb.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    pb.add_argument("--tag", default="", help="extra word in the output file names")
+
+    # ------------------------------------------------------------------ check
+    pc = sub.add_parser(
+        "check", help="parity self-check of every available backend (exit 1 on failure)",
+        description="Run the core parity cases (fused ops, residual blocks, resnet50 in train and eval) "
+                    "for every backend available on the device, in every dtype it supports, against "
+                    "torch reference modules, and print a pass/fail table with the worst relative error.")
+    pc.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    pc.add_argument("--backend", type=_backend_list, default="all",
+                    help="all available (default), auto, or a comma list of torch,triton,cpp,cuda")
+    pc.add_argument("--cases", default="ops,blocks,models",
+                    help="comma list of ops, blocks, models (default all three)")
+    pc.add_argument("--dtype", default=None,
+                    help="comma list of fp64,fp32,bf16,fp16 (default: CPU fp64,fp32,bf16; GPU fp32,bf16,fp16)")
+    pc.add_argument("--json", dest="json_out", default=None, metavar="PATH",
+                    help="also write the rows as JSON to PATH")
+    pc.add_argument("--seed", type=int, default=0)
+    pc.add_argument("-v", "--verbose", action="store_true", help="print each case as it runs")
+    return p
+
+
+# ---------------------------------------------------------------------- info
+def format_info(info: dict) -> str:
+    from . import __version__
+    from .backends import BACKENDS, available
+
+    lines = [f"fastres {__version__}  (torch {info.get('torch')}, CUDA available: {info.get('cuda_available')})",
+             f"requested backend: {info.get('requested')}   "
+             f"(set with FASTRES_BACKEND or fastres.set_backend())"]
+    built = info.get("built", {})
+    lines.append("built:")
+    lines.append(f"  fastres._C      : {'yes' if built.get('_C') else 'no'}  — {built.get('_C_message')}")
+    lines.append(f"  C++ CUDA kernels: {'yes' if built.get('_C_cuda_kernels') else 'no'}")
+    tri = built.get("triton_message", "")
+    if built.get("triton_interpret"):
+        tri += "  [TRITON_INTERPRET=1: Triton runs in its interpreter]"
+    lines.append(f"  triton          : {'yes' if built.get('triton') else 'no'}  — {tri}")
+    for dev, d in info.get("devices", {}).items():
+        lines.append(f"device {dev}: fused ops run on backend '{d['backend']}'")
+        for b in BACKENDS:
+            ok = d["available"].get(b)
+            try:
+                why = available(b, dev)[1]
+            except Exception as e:  # pragma: no cover - defensive
+                why = str(e)
+            lines.append(f"  {b:<7} {'available  ' if ok else 'unavailable'}  {why}")
+        ops = d.get("ops", {})
+        if ops:
+            lines.append("  ops: " + ", ".join(f"{k}={v}" for k, v in ops.items()))
+        if d.get("fallback_warning"):
+            lines.append(f"  WARNING: {d['fallback_warning']}")
+    return "\n".join(lines)
+
+
+def cmd_info(args) -> int:
+    import fastres
+    info = fastres.backend_info()
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=False, default=str))
+    else:
+        print(format_info(info))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from . import bench
+    return bench.main_from_args(args)
+
+
+def cmd_check(args) -> int:
+    from . import check
+    return check.main_from_args(args)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return {"info": cmd_info, "bench": cmd_bench, "check": cmd_check}[args.command](args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
