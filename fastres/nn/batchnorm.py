@@ -51,29 +51,42 @@ class BatchNormAct2d(nn.BatchNorm2d):
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
         self._check_input_dim(input)
-        V.check_input(input)
-        V.check_channels(input, self.num_features)
-        # identical bookkeeping to torch.nn.modules.batchnorm._BatchNorm.forward
-        if self.momentum is None:
-            exponential_average_factor = 0.0
-        else:
-            exponential_average_factor = self.momentum
-        if self.training and self.track_running_stats:
-            if self.num_batches_tracked is not None:
-                self.num_batches_tracked.add_(1)
-                if self.momentum is None:  # cumulative: 1/num_batches_tracked, on the device
-                    exponential_average_factor = None
-                else:
-                    exponential_average_factor = self.momentum
-        if self.training:
-            bn_training = True
-        else:
-            bn_training = (self.running_mean is None) and (self.running_var is None)
-        use_running = not self.training or self.track_running_stats
-        return FF.batch_norm_act(
-            input,
-            self.running_mean if use_running else None,
-            self.running_var if use_running else None,
-            self.weight, self.bias, bn_training, exponential_average_factor, self.eps,
-            residual=residual, activation=self.activation,
-            num_batches_tracked=self.num_batches_tracked if exponential_average_factor is None else None)
+        return batch_norm_act_module(self, input, residual, self.activation)
+
+
+def batch_norm_act_module(bn: nn.BatchNorm2d, input: Tensor, residual: Optional[Tensor] = None,
+                          activation: Optional[str] = "relu") -> Tensor:
+    """``act(bn(input) + residual)`` for any ``nn.BatchNorm2d`` module ``bn``, fused.
+
+    Replicates ``nn.BatchNorm2d.forward``'s bookkeeping exactly (``num_batches_tracked``
+    += 1, ``momentum=None`` → cumulative factor, ``track_running_stats=False``, eval
+    with or without running statistics) around :func:`fastres.functional.batch_norm_act`.
+    Shared by :class:`BatchNormAct2d` and the ResNet blocks (which keep plain
+    ``nn.BatchNorm2d`` submodules).
+    """
+    V.check_input(input)
+    V.check_channels(input, bn.num_features)
+    # identical bookkeeping to torch.nn.modules.batchnorm._BatchNorm.forward
+    if bn.momentum is None:
+        exponential_average_factor = 0.0
+    else:
+        exponential_average_factor = bn.momentum
+    if bn.training and bn.track_running_stats:
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:  # cumulative: 1/num_batches_tracked, on the device
+                exponential_average_factor = None
+            else:
+                exponential_average_factor = bn.momentum
+    if bn.training:
+        bn_training = True
+    else:
+        bn_training = (bn.running_mean is None) and (bn.running_var is None)
+    use_running = not bn.training or bn.track_running_stats
+    return FF.batch_norm_act(
+        input,
+        bn.running_mean if use_running else None,
+        bn.running_var if use_running else None,
+        bn.weight, bn.bias, bn_training, exponential_average_factor, bn.eps,
+        residual=residual, activation=activation,
+        num_batches_tracked=bn.num_batches_tracked if exponential_average_factor is None else None)
