@@ -74,3 +74,47 @@ def _reset_backend():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# ============================================================================
+# BEGIN hypothesis profiles for the fuzzed parity suite (issue #5, tests/test_fuzz.py)
+#
+#   FASTRES_FUZZ_PROFILE=ci    (default) fixed budget (300 examples in all, split over
+#                              the backends by tests/test_fuzz.py), fixed seed
+#   FASTRES_FUZZ_PROFILE=long  10x the budget, a fresh random seed on every run
+#   FASTRES_FUZZ_SEED=<int>    use this seed (replays a failure: the seed is printed in
+#                              the pytest header and in every fuzz failure message)
+#
+# The profiles are named fastres-ci / fastres-long so they never collide with
+# Hypothesis's own built-in "ci" profile.
+# ============================================================================
+import random as _random  # noqa: E402
+
+from hypothesis import HealthCheck as _HealthCheck  # noqa: E402
+from hypothesis import settings as _hyp_settings  # noqa: E402
+
+FUZZ_PROFILE = os.environ.get("FASTRES_FUZZ_PROFILE", "ci").strip().lower() or "ci"
+if FUZZ_PROFILE not in ("ci", "long"):
+    raise pytest.UsageError(f"FASTRES_FUZZ_PROFILE must be 'ci' or 'long', got {FUZZ_PROFILE!r}")
+_FUZZ_SEED_ENV = os.environ.get("FASTRES_FUZZ_SEED", "").strip()
+FUZZ_SEED = (int(_FUZZ_SEED_ENV) if _FUZZ_SEED_ENV
+             else 5052024 if FUZZ_PROFILE == "ci"
+             else _random.SystemRandom().randrange(2 ** 32))
+
+_FUZZ_COMMON = dict(
+    deadline=None,          # the Triton interpreter and first-call compilation are slow
+    database=None,          # CI replays exactly the seeded examples, nothing from a local DB
+    print_blob=True,        # a failure also prints @reproduce_failure(...)
+    derandomize=False,      # the explicit @seed(FUZZ_SEED) of each fuzz test drives generation
+    suppress_health_check=[_HealthCheck.too_slow, _HealthCheck.data_too_large],
+)
+_hyp_settings.register_profile("fastres-ci", max_examples=300, **_FUZZ_COMMON)
+_hyp_settings.register_profile("fastres-long", max_examples=3000, **_FUZZ_COMMON)
+_hyp_settings.load_profile(f"fastres-{FUZZ_PROFILE}")
+
+
+def pytest_report_header(config):
+    return (f"fastres fuzz: profile={FUZZ_PROFILE} ({_hyp_settings.default.max_examples} examples in all) "
+            f"seed={FUZZ_SEED} -- replay with FASTRES_FUZZ_PROFILE={FUZZ_PROFILE} FASTRES_FUZZ_SEED={FUZZ_SEED}")
+# END hypothesis profiles
+# ============================================================================
