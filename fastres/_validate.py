@@ -113,3 +113,5 @@ def check_batch_norm_args(x, running_mean, running_var, weight, bias, residual, 
         raise ValueError(f"fastres: eps must be a non-negative float, got {eps!r}")
     if training:
         check_training_size(x)
+        if eps <= 0:  # PyTorch's own check (F.batch_norm, torch >= 2.x), same type and text
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
