@@ -1,0 +1,373 @@
+"""Helpers shared by the hardening suites (issue #5): tests/test_fuzz.py,
+tests/test_edge_cases.py and tests/test_large_tensor.py.
+
+A :class:`Case` describes one module-level parity check (shape, dtypes, layouts,
+momentum, eps, affine, track_running_stats, residual, activation, number of training
+steps, eval step). :func:`check_module_case` runs it on a backend and compares the
+output, every gradient (input, residual, weight, bias), running_mean / running_var and
+num_batches_tracked with ``nn.BatchNorm2d`` + add + ReLU.
+
+Unlike tests/test_batchnorm_parity.py (whose ``_step`` clones the input, which
+materialises a sliced or expanded view), the input and the residual reach the op as
+*views* of a leaf tensor: sliced, permuted, channels_last, channel-sliced
+channels_last, expanded (stride 0, not materialised) or expanded-then-cloned. The
+gradient is compared on the leaf, so it also checks that backward writes through the
+view correctly.
+
+Tolerances follow tests/parity.py: fp64 and fp32 use ``parity.TOL``; bf16 / fp16 use
+the low-precision rule (error against an fp32 run from the same low-precision values
+at most 2x PyTorch's own low-precision error), with a floor of one unit of the
+dtype's precision (``finfo.eps``, at least 1e-3) times max(1, |reference|): with
+randomly drawn shapes a tensor can have a single element, and then PyTorch's own
+error can be exactly 0 while a correct kernel rounds the other way.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, Optional, Tuple
+
+import pytest
+import torch
+from torch import nn
+
+from fastres.nn import BatchNormAct2d
+
+from conftest import run_on
+from parity import LOW, TOL, max_err
+
+LAYOUTS = ("contiguous", "channels_last", "permuted", "sliced", "channels_last_sliced_c",
+           "expanded", "expanded_clone")
+FINITE_LOW_FLOOR = {torch.bfloat16: torch.finfo(torch.bfloat16).eps, torch.float16: 1e-3}
+BUF_TOL = {torch.float64: dict(rtol=1e-9, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}
+
+
+# ----------------------------------------------------------------------------- layouts
+def view_spec(shape, layout: str) -> Tuple[Tuple[int, ...], Callable[[torch.Tensor], torch.Tensor]]:
+    """(shape of the dense base tensor, function base -> (N, C, H, W) view in ``layout``)."""
+    n, c, h, w = shape
+    if layout == "contiguous":
+        return (n, c, h, w), lambda b: b
+    if layout == "channels_last":
+        return (n, h, w, c), lambda b: b.permute(0, 3, 1, 2)
+    if layout == "permuted":  # neither contiguous nor channels_last (unless degenerate)
+        return (n, h, c, w), lambda b: b.permute(0, 2, 1, 3)
+    if layout == "sliced":  # x[:, :, ::2, 1:]
+        return (n, c, 2 * h, w + 1), lambda b: b[:, :, ::2, 1:]
+    if layout == "channels_last_sliced_c":  # a channels_last tensor sliced in C
+        return (n, h, w, c + 2), lambda b: b.permute(0, 3, 1, 2)[:, 1:c + 1]
+    if layout == "expanded":  # stride 0 over the batch, overlapping memory, not materialised
+        return (1, c, h, w), lambda b: b.expand(n, c, h, w)
+    if layout == "expanded_clone":  # expanded, then materialised
+        return (1, c, h, w), lambda b: b.expand(n, c, h, w).clone()
+    raise ValueError(layout)
+
+
+def make_base(shape, dtype, gen: torch.Generator, scale=1.0, offset=0.0, device="cpu"):
+    return (torch.randn(shape, dtype=torch.float64, generator=gen) * scale + offset).to(device=device, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- comparisons
+def assert_parity(actual, expected, dtype, name, hi=None, equal_nan=False):
+    """``actual`` (ours) vs ``expected`` (PyTorch in the same dtype). Low precision: the
+    2x rule against ``hi`` (fp32 from the same values), see the module docstring."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
+    if equal_nan:  # non-finite values must sit at the same places, with the same sign
+        for what, f in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
+            mism = (f(actual) != f(expected)).nonzero()
+            assert mism.numel() == 0, (f"{name}: {what} pattern differs at {mism[:5].tolist()} "
+                                       f"(ours {actual[tuple(mism[0])].item()}, "
+                                       f"ref {expected[tuple(mism[0])].item()})")
+        fin = torch.isfinite(expected)
+        actual, expected = actual[fin], expected[fin]
+        hi = hi[fin] if hi is not None else None
+    if dtype in TOL:
+        torch.testing.assert_close(actual, expected, **TOL[dtype], msg=lambda m: f"{name}: {m}")
+        return
+    assert hi is not None, name
+    ours, theirs = max_err(actual, hi), max_err(expected, hi)
+    scale = max(1.0, hi.double().abs().max().item()) if hi.numel() else 1.0
+    floor = FINITE_LOW_FLOOR[dtype] * scale
+    assert ours <= 2 * theirs + floor, (f"{name}: error {ours:.3g} vs the fp32 run > 2 x PyTorch's "
+                                        f"{theirs:.3g} (+{floor:.2g})")
+
+
+def assert_buffer(actual, expected, name, hi=None, equal_nan=False):
+    """Running statistics: tight in fp64 / fp32 buffers, the low rule in bf16 / fp16 buffers."""
+    if actual.dtype in BUF_TOL:
+        torch.testing.assert_close(actual, expected, **BUF_TOL[actual.dtype], equal_nan=equal_nan,
+                                   msg=lambda m: f"{name}: {m}")
+    else:
+        assert_parity(actual, expected, actual.dtype, name, hi=hi, equal_nan=equal_nan)
+
+
+# ----------------------------------------------------------------------------- module parity
+@dataclass(frozen=True)
+class Case:
+    shape: Tuple[int, int, int, int]
+    dtype: torch.dtype = torch.float64
+    param_dtype: Optional[torch.dtype] = None  # None: fp64 for fp64 input, else fp32
+    layout: str = "contiguous"
+    res_layout: Optional[str] = None           # None: no residual
+    grad_layout: str = "contiguous"
+    activation: str = "relu"
+    momentum: Optional[float] = 0.1
+    eps: float = 1e-5
+    affine: bool = True
+    track: bool = True
+    train_steps: int = 2
+    eval_step: bool = True
+    scale: float = 1.0
+    offset: float = 0.0
+    seed: int = 0
+
+    @property
+    def pdtype(self) -> torch.dtype:
+        if self.param_dtype is not None:
+            return self.param_dtype
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
+
+    def short(self) -> str:
+        d = {torch.float64: "f64", torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+        return (f"{'x'.join(map(str, self.shape))}-{d[self.dtype]}/{d[self.pdtype]}-{self.layout}"
+                f"-res:{self.res_layout}-{self.activation}-m{self.momentum}-eps{self.eps:g}"
+                f"-{'aff' if self.affine else 'noaff'}-{'trs' if self.track else 'notrs'}")
+
+
+def _randomize(bn: nn.BatchNorm2d, gen: torch.Generator) -> None:
+    c = bn.num_features
+    with torch.no_grad():
+        if bn.affine:
+            bn.weight.copy_(torch.rand(c, dtype=torch.float64, generator=gen) + 0.5)
+            bn.bias.copy_(torch.randn(c, dtype=torch.float64, generator=gen))
+        if bn.track_running_stats:
+            bn.running_mean.copy_(torch.randn(c, dtype=torch.float64, generator=gen) * 0.3)
+            bn.running_var.copy_(torch.rand(c, dtype=torch.float64, generator=gen) + 0.5)
+            bn.num_batches_tracked.fill_(3)
+
+
+def make_pair(case: Case, gen: torch.Generator, device="cpu"):
+    c = case.shape[1]
+    kw = dict(eps=case.eps, momentum=case.momentum, affine=case.affine, track_running_stats=case.track)
+    ref = nn.BatchNorm2d(c, **kw).to(device=device, dtype=case.pdtype)
+    _randomize(ref, gen)
+    ours = BatchNormAct2d(c, activation=case.activation, **kw).to(device=device, dtype=case.pdtype)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours
+
+
+def ref_forward(bn, x, residual, activation):
+    y = bn(x)
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if activation == "relu" else y
+
+
+def run_step(mod, fused, activation, xb, xfn, rb, rfn, g):
+    """One forward + backward with x = xfn(leaf) and residual = rfn(rleaf) as views.
+    Returns (y, grads on the leaves and parameters, the x view)."""
+    leaf = xb.detach().clone().requires_grad_(True)
+    x = xfn(leaf)
+    rleaf = r = None
+    if rb is not None:
+        rleaf = rb.detach().clone().requires_grad_(True)
+        r = rfn(rleaf)
+    for p in mod.parameters():
+        p.grad = None
+    if fused:
+        y = mod(x, r)
+    else:
+        # PyTorch (2.14.1, CPU) computes a wrong grad_input in batch_norm backward when
+        # the input or grad_output is channels_last-contiguous with a non-canonical
+        # stride on a size-1 dim (e.g. base.permute(0, 2, 1, 3) with W == 1; see
+        # test_edge_cases.py::test_ambiguous_channels_last_strides): the reference gets
+        # canonical contiguous copies (autograd routes the gradient back to the view).
+        y = ref_forward(mod, x.contiguous(), r.contiguous() if r is not None else None, activation)
+        g = g.contiguous()
+    y.backward(g)
+    grads: Dict[str, torch.Tensor] = {"x": leaf.grad}
+    if rleaf is not None:
+        grads["residual"] = rleaf.grad
+    for name, p in mod.named_parameters():
+        grads[name] = p.grad
+    return y.detach(), grads, x
+
+
+def uses_batch_stats(mod: nn.BatchNorm2d) -> bool:
+    return mod.training or mod.running_mean is None
+
+
+def check_module_case(backend: str, case: Case, device: str = "cpu", equal_nan: bool = False,
+                      xbase: Optional[torch.Tensor] = None, rbase: Optional[torch.Tensor] = None) -> None:
+    """Run ``case`` on ``backend`` and compare everything with nn.BatchNorm2d + add + ReLU.
+    ``xbase``/``rbase`` (dense base tensors for the layouts) override the random data."""
+    gen = torch.Generator().manual_seed(case.seed)
+    n, c, h, w = case.shape
+    ref, ours = make_pair(case, gen, device)
+    xshape, xfn = view_spec(case.shape, case.layout)
+    rshape, rfn = view_spec(case.shape, case.res_layout or "contiguous")
+    gshape, gfn = view_spec(case.shape, case.grad_layout)
+    low = case.dtype in LOW
+    steps = ["train"] * case.train_steps + (["eval"] if case.eval_step else [])
+    with run_on(backend, torch.device(device).type):
+        for i, mode in enumerate(steps):
+            if mode == "eval":
+                ref.eval(), ours.eval()
+            tag = f"[{backend} {case.short()} seed={case.seed} step {i} {mode}]"
+            xb = xbase if xbase is not None else make_base(xshape, case.dtype, gen, case.scale, case.offset, device)
+            rb = None
+            if case.res_layout is not None:
+                rb = rbase if rbase is not None else make_base(rshape, case.dtype, gen, device=device)
+            g = gfn(make_base(gshape, case.dtype, gen, device=device))
+            if uses_batch_stats(ref) and (n * h * w == 1 or case.eps <= 0):
+                # PyTorch's own checks (one value per channel; eps must be positive in
+                # training): both must raise the same ValueError (and both have already
+                # counted the batch in num_batches_tracked)
+                before = _stats(ours)
+                with pytest.raises(ValueError) as e_ref:
+                    run_step(ref, False, case.activation, xb, xfn, rb, rfn, g)
+                with pytest.raises(ValueError) as e_ours:
+                    run_step(ours, True, case.activation, xb, xfn, rb, rfn, g)
+                assert str(e_ours.value) == str(e_ref.value), tag
+                after = _stats(ours)
+                assert all(torch.equal(a, b) for a, b in zip(before, after)), f"{tag} running stats changed"
+                if ref.num_batches_tracked is not None:
+                    assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item(), tag
+                continue
+            hi = copy.deepcopy(ref).float() if low else None  # before ref mutates its buffers
+            if low:
+                y_hi, gr_hi, _ = run_step(hi, False, case.activation, xb.float(), xfn,
+                                          rb.float() if rb is not None else None, rfn, g.float())
+            y_ref, gr_ref, _ = run_step(ref, False, case.activation, xb, xfn, rb, rfn, g)
+            y, gr, xv = run_step(ours, True, case.activation, xb, xfn, rb, rfn, g)
+            assert y.dtype == case.dtype, f"{tag} output dtype {y.dtype}"
+            assert y.device == xv.device, f"{tag} output on {y.device}, input on {xv.device}"
+            if xv.is_contiguous(memory_format=torch.channels_last) and not xv.is_contiguous():
+                assert y.is_contiguous(memory_format=torch.channels_last), f"{tag} output lost channels_last"
+            assert_parity(y, y_ref, case.dtype, f"{tag} output", y_hi if low else None, equal_nan)
+            assert gr.keys() == gr_ref.keys(), f"{tag} grads {sorted(gr)} != {sorted(gr_ref)}"
+            if low and case.activation == "relu" and _relu_mask_flipped(y, y_hi, rb, case.dtype, tag):
+                _check_buffers(ours, ref, hi, tag, equal_nan)
+                continue
+            for k in gr:
+                assert gr[k] is not None, f"{tag} missing grad {k}"
+                assert_parity(gr[k], gr_ref[k], case.dtype, f"{tag} grad {k}",
+                              gr_hi[k].to(gr_ref[k].dtype if not low else torch.float32) if low else None,
+                              equal_nan)
+            _check_buffers(ours, ref, hi, tag, equal_nan)
+
+
+def _relu_mask_flipped(y, y_hi, rb, dtype, tag) -> bool:
+    """In bf16/fp16 the ReLU decision of an element whose pre-activation is within rounding
+    of 0 can differ between implementations (PyTorch rounds bn(x) to bf16 *before* adding
+    the residual; a fused kernel rounds once), and a flipped mask moves grad_x, the
+    residual's grad and grad_weight/grad_bias by a whole |g| — beyond any tolerance.
+    Returns True (skip the gradient comparison of this step) when the mask differs from
+    the fp32 run only at such ambiguous elements; fails when it differs elsewhere."""
+    pos, pos_hi = y.float() > 0, y_hi > 0
+    flips = pos != pos_hi
+    if not bool(flips.any()):
+        return False
+    if y.isnan().any() or y_hi.isnan().any():
+        return False
+    amb = 4 * FINITE_LOW_FLOOR[dtype] * max(1.0, rb.abs().max().item() if rb is not None else 1.0)
+    positive_side = torch.where(pos, y.float(), y_hi)[flips]
+    assert bool((positive_side <= amb).all()), (
+        f"{tag} ReLU mask differs from the fp32 run where the pre-activation is not ambiguous: "
+        f"{positive_side.max().item():.3g} > {amb:.3g}")
+    return True
+
+
+def _stats(mod):
+    return [t.clone() for t in (mod.running_mean, mod.running_var) if t is not None]
+
+
+def _check_buffers(ours, ref, hi, tag, equal_nan):
+    if ref.running_mean is None:
+        assert ours.running_mean is None and ours.running_var is None, f"{tag} ours has running stats"
+        return
+    for buf in ("running_mean", "running_var"):
+        assert_buffer(getattr(ours, buf), getattr(ref, buf), f"{tag} {buf}",
+                      hi=getattr(hi, buf) if hi is not None else None, equal_nan=equal_nan)
+    assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item(), f"{tag} num_batches_tracked"
+
+
+# ----------------------------------------------------------------------------- affine_act
+@dataclass(frozen=True)
+class AffineCase:
+    shape: Tuple[int, int, int, int]
+    dtype: torch.dtype = torch.float32
+    layout: str = "contiguous"
+    res_layout: Optional[str] = None
+    scale: Optional[torch.dtype] = torch.float32  # dtype of the scale tensor, None: no scale
+    shift: Optional[torch.dtype] = torch.float32
+    activation: str = "relu"
+    seed: int = 0
+
+
+def _affine_ref(x, scale, shift, residual, relu, acc):
+    z = x.to(acc)
+    if scale is not None:
+        z = z * scale.to(acc).view(1, -1, 1, 1)
+    if shift is not None:
+        z = z + shift.to(acc).view(1, -1, 1, 1)
+    if residual is not None:
+        z = z + residual.to(acc)
+    return torch.relu(z) if relu else z
+
+
+def check_affine_case(backend: str, case: AffineCase, device: str = "cpu") -> None:
+    """fastres.functional.affine_act (the folded conv epilogue) vs the aten composition
+    in the accumulation dtype (PyTorch's own result), forward and backward."""
+    from fastres.functional import affine_act
+    gen = torch.Generator().manual_seed(case.seed)
+    c = case.shape[1]
+    xshape, xfn = view_spec(case.shape, case.layout)
+    rshape, rfn = view_spec(case.shape, case.res_layout or "contiguous")
+    xb = make_base(xshape, case.dtype, gen, device=device)
+    rb = make_base(rshape, case.dtype, gen, device=device) if case.res_layout else None
+    sb = (torch.rand(c, dtype=torch.float64, generator=gen) * 2 - 0.5).to(device)
+    tb = torch.randn(c, dtype=torch.float64, generator=gen).to(device)
+    g = make_base(case.shape, case.dtype, gen, device=device)
+    relu = case.activation == "relu"
+    low = case.dtype in LOW
+    tag = f"[{backend} affine_act {case}]"
+
+    def run(x_dtype, fused):
+        """fused: ours; else the aten composition in x_dtype's accumulation dtype."""
+        acc = torch.float64 if x_dtype == torch.float64 else torch.float32
+        hi = x_dtype != case.dtype  # the fp32 run of a low-precision case: fp32 parameters too
+        leaf = xb.to(x_dtype).detach().clone().requires_grad_(True)
+        rleaf = rb.to(x_dtype).detach().clone().requires_grad_(True) if rb is not None else None
+        s = t = None
+        if case.scale is not None:
+            s = sb.to(case.scale)
+            s = (s.float() if hi else s).requires_grad_(True)
+        if case.shift is not None:
+            t = tb.to(case.shift)
+            t = (t.float() if hi else t).requires_grad_(True)
+        r = rfn(rleaf) if rleaf is not None else None
+        if fused:
+            y = affine_act(xfn(leaf), s, t, r, case.activation)
+        else:
+            y = _affine_ref(xfn(leaf), s, t, r, relu, acc).to(x_dtype)
+        y.backward(g.to(x_dtype))
+        grads = {"x": leaf.grad}
+        if rleaf is not None:
+            grads["residual"] = rleaf.grad
+        if s is not None:
+            grads["scale"] = s.grad
+        if t is not None:
+            grads["shift"] = t.grad
+        return y.detach(), grads
+
+    with run_on(backend, torch.device(device).type):
+        y, gr = run(case.dtype, True)
+    y_ref, gr_ref = run(case.dtype, False)
+    y_hi, gr_hi = run(torch.float32, False) if low else (None, {})
+    assert_parity(y, y_ref, case.dtype, f"{tag} output", y_hi)
+    assert gr.keys() == gr_ref.keys()
+    for k in gr:
+        assert_parity(gr[k], gr_ref[k], case.dtype, f"{tag} grad {k}", gr_hi.get(k))
