@@ -103,10 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "CPU default: infer only)")
     pb.add_argument("--compile-modes", choices=MODES, default=None,
                     help="which modes get the torch.compile contender (default: GPU both, CPU infer)")
+    pb.add_argument("--compile-fastres", action="store_true",
+                    help="also run each fastres backend under torch.compile")
     pb.add_argument("--iters", type=_positive_int, default=None, help="timed iterations per repeat")
     pb.add_argument("--repeats", type=_positive_int, default=None, help="timed repeats (median and spread)")
     pb.add_argument("--warmup", type=_nonneg_int, default=None, help="untimed warm-up iterations")
     pb.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    pb.add_argument("--threads", type=_positive_int, default=None,
+                    help="torch.set_num_threads for the CPU (default: torch's choice)")
     pb.add_argument("--num-classes", type=_positive_int, default=None, help="default 1000 (CIFAR: 10)")
     pb.add_argument("--seed", type=int, default=0)
     pb.add_argument("--out", default=None,
@@ -131,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma list of fp64,fp32,bf16,fp16 (default: CPU fp64,fp32,bf16; GPU fp32,bf16,fp16)")
     pc.add_argument("--json", dest="json_out", default=None, metavar="PATH",
                     help="also write the rows as JSON to PATH")
+    pc.add_argument("--threads", type=_positive_int, default=None, help="torch.set_num_threads for the CPU")
     pc.add_argument("--seed", type=int, default=0)
     pc.add_argument("-v", "--verbose", action="store_true", help="print each case as it runs")
     return p
@@ -179,12 +184,20 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _threads(args) -> None:
+    if getattr(args, "threads", None):
+        import torch
+        torch.set_num_threads(args.threads)
+
+
 def cmd_bench(args) -> int:
+    _threads(args)
     from . import bench
     return bench.main_from_args(args)
 
 
 def cmd_check(args) -> int:
+    _threads(args)
     from . import check
     return check.main_from_args(args)
 

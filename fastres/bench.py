@@ -1,0 +1,686 @@
+"""``python -m fastres bench``: throughput of torchvision vs fastres, one run, same inputs.
+
+Contenders (each in training — forward + backward + SGD step — and/or inference):
+
+* ``torchvision``            eager torchvision model (the baseline of the speed-up column)
+* ``torchvision+compile``    the same under ``torch.compile`` (default inductor mode)
+* ``fastres[<backend>]``     the fastres model, one row per backend available on the device
+  (Triton's CPU interpreter is left out: it is a correctness tool, not a fast path)
+* ``fastres[<backend>]+compile`` with ``--compile-fastres``
+
+Every contender starts from the same state_dict and sees the same input batch and
+labels. Timing: ``warmup`` untimed iterations, then ``repeats`` × ``iters`` timed
+iterations (CUDA events around each repeat on a GPU, ``perf_counter`` on the CPU,
+synchronised), reported as the median ms/iteration over repeats with min–max.
+Peak memory: ``torch.cuda.max_memory_allocated`` on a GPU (reset after warm-up), the
+peak resident set size (VmHWM, reset through ``/proc/self/clear_refs``) on the CPU.
+
+Outputs, in ``--out`` (default ``benchmarks/results/<device>``), named with the
+model, dtype, batch, device and date: ``.txt`` (the table), ``.json`` (metadata +
+rows), ``.csv`` (rows), ``.png`` (img/s bar chart).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+TV_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
+             "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d")
+CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Embedded defaults per device type (``None`` in the CLI means "take these").
+DEFAULTS = {
+    "cuda": dict(model="resnet50", batch_size=256, image_size=224, dtype="bf16", channels_last=True,
+                 compile=True, compile_modes="both", iters=20, repeats=5, warmup=10),
+    "cpu": dict(model="resnet50", batch_size=8, image_size=128, dtype="fp32", channels_last=True,
+                compile=True, compile_modes="both", iters=2, repeats=5, warmup=3),
+}
+
+CSV_FIELDS = ("model", "contender", "backend", "compiled", "mode", "status", "img_per_s", "ms_per_iter",
+              "ms_min", "ms_max", "spread_pct", "peak_mem_mib", "mem_kind", "speedup_vs_eager",
+              "tflops", "device", "device_name", "dtype", "batch_size", "image_size", "channels_last",
+              "iters", "repeats", "warmup", "date")
+
+
+# ============================================================================ models
+def model_names() -> List[str]:
+    return list(TV_MODELS) + [f"cifar_resnet{d}" for d in CIFAR_DEPTHS]
+
+
+def parse_model(name: str) -> Tuple[str, object]:
+    """("tv", name) for a torchvision ImageNet ResNet, ("cifar", depth) for cifar_resnetN."""
+    if name in TV_MODELS:
+        return "tv", name
+    m = re.fullmatch(r"cifar_resnet(\d+)", name or "")
+    if m:
+        depth = int(m.group(1))
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"cifar_resnet depth must be 6n+2 (20, 32, 44, 56, 110, ...), got {depth}")
+        return "cifar", depth
+    raise ValueError(f"unknown model {name!r}")
+
+
+class Unavailable(Exception):
+    """A contender that cannot run here (reported as 'skipped', not as an error)."""
+
+
+def reference_builder(model: str, num_classes: int) -> Optional[Callable[[], torch.nn.Module]]:
+    """The torchvision model of that name (None for the CIFAR nets, which torchvision lacks)."""
+    kind, what = parse_model(model)
+    if kind != "tv":
+        return None
+    import torchvision
+    ctor = getattr(torchvision.models, what)
+    return lambda: ctor(weights=None, num_classes=num_classes)
+
+
+def fastres_builder(model: str, num_classes: int) -> Callable[[], torch.nn.Module]:
+    """fastres's constructor (``fastres.resnet50`` …, ``fastres.cifar_resnet(depth, shortcut='A')``),
+    or ``fastres.convert`` of the torchvision model; raises :class:`Unavailable`."""
+    import fastres
+    kind, what = parse_model(model)
+    if kind == "cifar":
+        ctor = getattr(fastres, "cifar_resnet", None)
+        if ctor is None:
+            raise Unavailable("fastres.cifar_resnet is not available in this fastres build")
+        return lambda: ctor(what, shortcut="A", num_classes=num_classes)
+    ctor = getattr(fastres, what, None)
+    if ctor is not None:
+        return lambda: ctor(num_classes=num_classes)
+    conv = getattr(fastres, "convert", None)
+    ref = reference_builder(model, num_classes)
+    if conv is not None and ref is not None:
+        return lambda: conv(ref())
+    raise Unavailable(f"fastres.{what} (and fastres.convert) are not available in this fastres build")
+
+
+# ============================================================================ config
+@dataclass
+class BenchConfig:
+    model: str
+    batch_size: int
+    image_size: int
+    dtype: str
+    channels_last: bool
+    modes: List[str]
+    backends: str
+    compile: bool
+    compile_modes: List[str]
+    compile_fastres: bool
+    iters: int
+    repeats: int
+    warmup: int
+    device: str
+    num_classes: int
+    seed: int = 0
+    out: str = ""
+    plot: bool = True
+    progress: bool = True
+    tag: str = ""
+    notes: List[str] = field(default_factory=list)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_slug(device: torch.device) -> str:
+    """Folder name for results: ``cpu``, or the GPU's name (``h100-80gb-hbm3`` …)."""
+    if device.type != "cuda":
+        return device.type
+    name = torch.cuda.get_device_name(device).lower().replace("nvidia", "")
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "cuda"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def resolve_config(args) -> BenchConfig:
+    """Fill the CLI's ``None`` options with the device's embedded defaults."""
+    dev = torch.device(args.device or default_device())
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("fastres bench: --device cuda requested but CUDA is not available")
+    d = DEFAULTS.get(dev.type, DEFAULTS["cpu"])
+    model = args.model or d["model"]
+    kind, _ = parse_model(model)
+
+    def pick(name):
+        v = getattr(args, name, None)
+        return v if v is not None else d[name]
+
+    image_size = args.image_size if args.image_size is not None else (32 if kind == "cifar" else d["image_size"])
+    num_classes = args.num_classes if args.num_classes is not None else (10 if kind == "cifar" else 1000)
+    modes = ["train", "infer"] if args.mode == "both" else [args.mode]
+    compile_on = pick("compile")
+    cm = getattr(args, "compile_modes", None) or d["compile_modes"]
+    compile_modes = ["train", "infer"] if cm == "both" else [cm]
+    out = args.out or os.path.join("benchmarks", "results", device_slug(dev))
+    cfg = BenchConfig(model=model, batch_size=pick("batch_size"), image_size=image_size, dtype=pick("dtype"),
+                      channels_last=pick("channels_last"), modes=modes, backends=args.backend,
+                      compile=bool(compile_on), compile_modes=compile_modes,
+                      compile_fastres=bool(getattr(args, "compile_fastres", False)),
+                      iters=pick("iters"), repeats=pick("repeats"), warmup=pick("warmup"), device=str(dev),
+                      num_classes=num_classes, seed=args.seed, out=out, plot=not args.no_plot,
+                      progress=not args.no_progress, tag=args.tag or "")
+    if cfg.dtype == "fp16" and dev.type == "cpu":
+        cfg.notes.append("fp16 autocast on the CPU is slow in PyTorch; bf16 is the CPU's low precision")
+    return cfg
+
+
+# ============================================================================ contenders
+@dataclass
+class Contender:
+    name: str                 # label in the table
+    kind: str                 # "reference" | "fastres"
+    backend: Optional[str]    # fastres backend (None for torchvision)
+    compiled: bool
+    skip: Optional[str] = None  # reason when it cannot run here
+
+
+def fastres_backends(cfg: BenchConfig) -> Tuple[List[str], List[str]]:
+    """(backends to run, notes about the ones left out)."""
+    import fastres
+    from fastres import backends as B
+    dev_type = torch.device(cfg.device).type
+    spec = cfg.backends
+    if spec == "none":
+        return [], []
+    if spec == "auto":
+        return [fastres.backend_for(torch.device(cfg.device))], []
+    wanted = list(B.BACKENDS) if spec == "all" else spec.split(",")
+    run, notes = [], []
+    for b in wanted:
+        ok, why = B.available(b, dev_type)
+        if ok and b == "triton" and dev_type == "cpu":
+            ok, why = False, "Triton's CPU interpreter is a correctness tool; not benchmarked"
+        if ok:
+            run.append(b)
+        elif spec != "all" or b != "cuda" or dev_type != "cpu":
+            notes.append(f"fastres[{b}] not run: {why}")
+    return run, notes
+
+
+def contenders(cfg: BenchConfig) -> Tuple[List[Contender], List[str]]:
+    kind, _ = parse_model(cfg.model)
+    ref_name = "torchvision" if kind == "tv" else "eager"
+    out = [Contender(ref_name, "reference", None, False)]
+    if cfg.compile:
+        out.append(Contender(ref_name + "+compile", "reference", None, True))
+    run, notes = fastres_backends(cfg)
+    for b in run:
+        out.append(Contender(f"fastres[{b}]", "fastres", b, False))
+        if cfg.compile_fastres:
+            out.append(Contender(f"fastres[{b}]+compile", "fastres", b, True))
+    if kind == "cifar":
+        notes.append("torchvision has no CIFAR ResNet: the 'eager' baseline is the fastres model on the "
+                     "'torch' backend (plain aten ops)")
+    return out, notes
+
+
+# ============================================================================ measurement helpers
+def _autocast(cfg: BenchConfig, device: torch.device):
+    if cfg.dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[cfg.dtype])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _trim_host_memory() -> None:
+    gc.collect()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except Exception:
+        pass
+
+
+def _reset_peak(device: torch.device) -> str:
+    """Reset the peak-memory counter; returns the kind of figure that will be read."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return "cuda_max_allocated"
+    _trim_host_memory()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return "peak_rss"
+    except OSError:
+        return "peak_rss_process"  # cannot reset: the process-lifetime peak
+
+
+def _read_peak_mib(device: torch.device) -> Optional[float]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    try:
+        import resource
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return r / 1024.0 if sys.platform != "darwin" else r / 2**20
+    except Exception:
+        return None
+
+
+def forward_gflop_per_image(builder: Callable[[], torch.nn.Module], image_size: int) -> Optional[float]:
+    """Forward GFLOP (2·MAC of convs and the fc) per image, counted on the meta device."""
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+        with torch.device("meta"):
+            m = builder()
+        x = torch.empty(1, 3, image_size, image_size, device="meta")
+        m.eval()
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            m(x)
+        return fc.get_total_flops() / 1e9
+    except Exception:
+        return None
+
+
+def make_step(model: torch.nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor, cfg: BenchConfig,
+              device: torch.device) -> Callable[[], None]:
+    if mode == "train":
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        scaler = torch.amp.GradScaler(device.type) if (cfg.dtype == "fp16" and device.type == "cuda") else None
+
+        def step():
+            with _autocast(cfg, device):
+                loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+        return step
+
+    model.eval()
+
+    def infer():
+        with torch.inference_mode(), _autocast(cfg, device):
+            model(x)
+    return infer
+
+
+def time_step(step: Callable[[], None], cfg: BenchConfig, device: torch.device,
+              tick: Callable[[int], None]) -> Tuple[List[float], Optional[float], str]:
+    """Warm up, then ``repeats`` timed blocks of ``iters`` iterations: (ms/iter of each
+    repeat, peak memory MiB, memory kind)."""
+    for _ in range(cfg.warmup):
+        step()
+        tick(1)
+    _sync(device)
+    mem_kind = _reset_peak(device)
+    times = []
+    for _ in range(cfg.repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(cfg.iters):
+                step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / cfg.iters)
+        else:
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(cfg.iters):
+                step()
+            _sync(device)
+            times.append((time.perf_counter() - t0) * 1e3 / cfg.iters)
+        tick(cfg.iters)
+    _sync(device)
+    return times, _read_peak_mib(device), mem_kind
+
+
+# ============================================================================ the run
+def _loadavg() -> Optional[float]:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
+def _versions() -> Dict[str, Optional[str]]:
+    import fastres
+    v = {"python": platform.python_version(), "torch": torch.__version__, "fastres": fastres.__version__,
+         "cuda": torch.version.cuda, "cudnn": None, "torchvision": None, "triton": None}
+    try:
+        import torchvision
+        v["torchvision"] = torchvision.__version__
+    except Exception:
+        pass
+    try:
+        import triton
+        v["triton"] = triton.__version__
+    except Exception:
+        pass
+    if torch.backends.cudnn.is_available():
+        v["cudnn"] = str(torch.backends.cudnn.version())
+    return v
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+                self.bar = tqdm(total=total, unit="it", desc="fastres bench", file=sys.stderr,
+                                dynamic_ncols=True, leave=True)
+            except ImportError:
+                print("(tqdm not installed: no progress bar)", file=sys.stderr)
+
+    def describe(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(text)
+        else:
+            print(f"[bench] {text}", file=sys.stderr, flush=True)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def postfix(self, **kw) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(**kw)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run(cfg: BenchConfig) -> Dict[str, object]:
+    """Run every contender in every mode; returns {"meta": ..., "rows": [...]}."""
+    import fastres
+    device = torch.device(cfg.device)
+    date = _dt.date.today().isoformat()
+    torch.manual_seed(cfg.seed)
+    kind, _ = parse_model(cfg.model)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+    ref_build = reference_builder(cfg.model, cfg.num_classes)
+    try:
+        fr_build = fastres_builder(cfg.model, cfg.num_classes)
+        fr_missing = None
+    except Unavailable as e:
+        fr_build, fr_missing = None, str(e)
+
+    conts, notes = contenders(cfg)
+    notes = list(cfg.notes) + notes
+    load_before = _loadavg()
+    if device.type == "cpu" and load_before is not None and load_before > 0.5:
+        notes.append(f"the machine was busy (1-min load average {load_before:.2f} at the start): "
+                     "CPU timings are noisy")
+    if ref_build is None:  # CIFAR: the eager baseline is the fastres model on aten ops
+        if fr_build is None:
+            raise SystemExit(f"fastres bench: {fr_missing}")
+        for c in conts:
+            if c.kind == "reference":
+                c.kind, c.backend = "fastres", "torch"
+        ref_build = fr_build
+    if fr_build is None:
+        for c in conts:
+            if c.kind == "fastres":
+                c.skip = fr_missing
+
+    # one set of weights and one input batch for everybody
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        state = {k: v.clone() for k, v in ref_build().state_dict().items()}
+        x = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size)
+        y = torch.randint(0, cfg.num_classes, (cfg.batch_size,))
+    x = x.to(device).contiguous(memory_format=fmt)
+    y = y.to(device)
+    gflop = forward_gflop_per_image(ref_build, cfg.image_size)
+
+    per_run = cfg.warmup + cfg.repeats * cfg.iters
+    jobs = [(c, m) for c in conts for m in cfg.modes if not (c.compiled and m not in cfg.compile_modes)]
+    prog = _Progress(total=per_run * sum(1 for c, _ in jobs if c.skip is None), enabled=cfg.progress)
+    rows: List[Dict[str, object]] = []
+    failures = 0
+    try:
+        for c, mode in jobs:
+            row = dict(model=cfg.model, contender=c.name, backend=c.backend or "", compiled=c.compiled, mode=mode,
+                       status="ok", img_per_s=None, ms_per_iter=None, ms_min=None, ms_max=None, spread_pct=None,
+                       peak_mem_mib=None, mem_kind="", speedup_vs_eager=None, tflops=None,
+                       device=str(device), device_name=device_name(device), dtype=cfg.dtype,
+                       batch_size=cfg.batch_size, image_size=cfg.image_size, channels_last=cfg.channels_last,
+                       iters=cfg.iters, repeats=cfg.repeats, warmup=cfg.warmup, date=date)
+            if c.skip is not None:
+                row["status"] = f"skipped: {c.skip}"
+                rows.append(row)
+                continue
+            prog.describe(f"{c.name} {mode}")
+            ctx = fastres.use_backend(c.backend) if c.backend else contextlib.nullcontext()
+            model = step = None
+            try:
+                with ctx:
+                    model = (fr_build if c.kind == "fastres" else ref_build)()
+                    model.load_state_dict(state, strict=True)
+                    model = model.to(device=device, memory_format=fmt)
+                    runner = torch.compile(model) if c.compiled else model
+                    # (a compiled module shares the parameters: the optimizer steps the originals)
+                    step = make_step(runner, mode, x, y, cfg, device)
+                    times, peak, mem_kind = time_step(step, cfg, device, prog.update)
+                med = statistics.median(times)
+                row.update(ms_per_iter=med, ms_min=min(times), ms_max=max(times),
+                           spread_pct=100.0 * (max(times) - min(times)) / med if med > 0 else None,
+                           img_per_s=cfg.batch_size * 1e3 / med if med > 0 else None,
+                           peak_mem_mib=peak, mem_kind=mem_kind)
+                if gflop is not None and med > 0:
+                    flop_per_img = gflop * (3.0 if mode == "train" else 1.0)
+                    row["tflops"] = flop_per_img * cfg.batch_size / med / 1e3  # GFLOP/ms -> TFLOP/s
+                prog.postfix(last=f"{row['img_per_s']:.1f} img/s")
+            except Exception as e:  # record and go on with the next contender
+                failures += 1
+                msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                row["status"] = f"error: {msg}"
+                print(f"\nfastres bench: {c.name} {mode} failed:\n{traceback.format_exc(limit=6)}",
+                      file=sys.stderr)
+            finally:
+                del model, step
+                if c.compiled:
+                    torch._dynamo.reset()
+                _trim_host_memory()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            rows.append(row)
+    finally:
+        prog.close()
+
+    for mode in cfg.modes:
+        base = next((r for r in rows if r["mode"] == mode and r["contender"] == conts[0].name
+                     and r["status"] == "ok"), None)
+        for r in rows:
+            if r["mode"] == mode and base is not None and r["status"] == "ok":
+                r["speedup_vs_eager"] = base["ms_per_iter"] / r["ms_per_iter"]
+
+    meta = dict(tool="python -m fastres bench", date=date,
+                time=_dt.datetime.now().isoformat(timespec="seconds"),
+                device=str(device), device_name=device_name(device), device_slug=device_slug(device),
+                versions=_versions(), settings=asdict(cfg), baseline=conts[0].name,
+                forward_gflop_per_image=gflop,
+                timing=("CUDA events around each repeat" if device.type == "cuda" else
+                        "time.perf_counter around each repeat (CPU ops are synchronous)"),
+                memory=("torch.cuda.max_memory_allocated after warm-up" if device.type == "cuda" else
+                        "peak resident set size (VmHWM, reset after warm-up) of the whole process"),
+                load_before=load_before, load_after=_loadavg(),
+                notes=notes, failures=failures, backend_info=fastres.backend_info())
+    return {"meta": meta, "rows": rows}
+
+
+# ============================================================================ output
+def _fmt(v, spec, missing="—"):
+    return missing if v is None else format(v, spec)
+
+
+def format_table(result: Dict[str, object]) -> str:
+    meta, rows = result["meta"], result["rows"]
+    s = meta["settings"]
+    v = meta["versions"]
+    lines = [
+        f"fastres bench — {s['model']}, batch {s['batch_size']}, {s['image_size']}x{s['image_size']}, "
+        f"{s['dtype']}{' (autocast)' if s['dtype'] != 'fp32' else ''}, "
+        f"{'channels_last' if s['channels_last'] else 'NCHW'}",
+        f"device: {meta['device']} ({meta['device_name']})   date: {meta['time']}",
+        "versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
+        f"timing: warm-up {s['warmup']}, {s['repeats']} repeats x {s['iters']} iters, median (min-max); "
+        f"{meta['timing']}",
+        f"memory: {meta['memory']}",
+        "train = forward + backward + SGD(momentum) step; infer = forward under inference_mode",
+    ]
+    if meta.get("forward_gflop_per_image"):
+        lines.append(f"forward GFLOP/img: {meta['forward_gflop_per_image']:.2f} (train counted as 3x)")
+    hdr = (f"{'contender':<26} {'mode':<6} {'img/s':>9} {'ms/iter':>9} {'(min-max)':>17} "
+           f"{'peak MiB':>9} {'TFLOP/s':>8} {'vs ' + meta['baseline']:>16}")
+    lines += ["", hdr, "-" * len(hdr)]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"{r['contender']:<26} {r['mode']:<6} {r['status']}")
+            continue
+        rng = f"({r['ms_min']:.2f}-{r['ms_max']:.2f})"
+        lines.append(f"{r['contender']:<26} {r['mode']:<6} {_fmt(r['img_per_s'], '9.1f'):>9} "
+                     f"{_fmt(r['ms_per_iter'], '9.2f'):>9} {rng:>17} {_fmt(r['peak_mem_mib'], '9.0f'):>9} "
+                     f"{_fmt(r['tflops'], '8.3f'):>8} {_fmt(r['speedup_vs_eager'], '15.2f') + 'x':>16}")
+    for n in meta.get("notes", []):
+        lines.append(f"note: {n}")
+    return "\n".join(lines)
+
+
+def output_stem(result: Dict[str, object]) -> str:
+    meta = result["meta"]
+    s = meta["settings"]
+    tag = f"_{s['tag']}" if s.get("tag") else ""
+    return (f"bench_{s['model']}_{meta['device_slug']}_{s['dtype']}_b{s['batch_size']}_{s['image_size']}px"
+            f"{'' if s['channels_last'] else '_nchw'}{tag}_{meta['date']}")
+
+
+def write_outputs(result: Dict[str, object], out_dir: str, plot: bool = True) -> Dict[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, output_stem(result))
+    paths = {"txt": stem + ".txt", "json": stem + ".json", "csv": stem + ".csv"}
+    with open(paths["txt"], "w") as f:
+        f.write(format_table(result) + "\n")
+    with open(paths["json"], "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in result["rows"]:
+            w.writerow(r)
+    if plot:
+        png = stem + ".png"
+        meta = result["meta"]
+        s = meta["settings"]
+        title = (f"{s['model']} — {meta['device_name']}\n{s['dtype']}, batch {s['batch_size']}, "
+                 f"{s['image_size']}px, {'channels_last' if s['channels_last'] else 'NCHW'}, {meta['date']}")
+        err = plot_rows(result["rows"], png, title)
+        if err is None:
+            paths["png"] = png
+        else:
+            print(f"fastres bench: no PNG ({err})", file=sys.stderr)
+    return paths
+
+
+def plot_rows(rows: Sequence[Dict[str, object]], path: str, title: str) -> Optional[str]:
+    """Grouped bar chart of img/s per contender (x) and mode (bars); returns an error
+    string instead of raising when matplotlib is missing."""
+    try:
+        from matplotlib.figure import Figure
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+    except ImportError:
+        return "matplotlib is not installed"
+
+    def num(v):
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return None
+
+    ok = [r for r in rows if str(r.get("status")) == "ok" and num(r.get("img_per_s"))]
+    names = list(dict.fromkeys(str(r["contender"]) for r in ok))
+    modes = list(dict.fromkeys(str(r["mode"]) for r in ok))
+    if not ok:
+        return "no successful rows to plot"
+    fig = Figure(figsize=(max(6.0, 1.5 * len(names) + 2), 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / max(1, len(modes))
+    colors = {"train": "#1f77b4", "infer": "#ff7f0e"}
+    for i, mode in enumerate(modes):
+        xs, hs, labels = [], [], []
+        for j, n in enumerate(names):
+            r = next((r for r in ok if r["contender"] == n and r["mode"] == mode), None)
+            if r is None:
+                continue
+            xs.append(j - 0.4 + width * (i + 0.5))
+            hs.append(num(r["img_per_s"]))
+            sp = num(r.get("speedup_vs_eager"))
+            labels.append(f"{num(r['img_per_s']):.0f}" + (f"\n{sp:.2f}x" if sp else ""))
+        bars = ax.bar(xs, hs, width=width, label=mode, color=colors.get(mode))
+        for b, lab in zip(bars, labels):
+            ax.annotate(lab, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
+                        fontsize=7, xytext=(0, 2), textcoords="offset points")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=15, ha="right", fontsize=8)
+    ax.set_ylabel("images / s (higher is better)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.margins(y=0.18)
+    fig.tight_layout()
+    fig.savefig(path)
+    return None
+
+
+# ============================================================================ entry point
+def main_from_args(args) -> int:
+    cfg = resolve_config(args)
+    t0 = time.perf_counter()
+    result = run(cfg)
+    result["meta"]["wall_s"] = round(time.perf_counter() - t0, 1)
+    print(format_table(result))
+    paths = write_outputs(result, cfg.out, plot=cfg.plot)
+    print(f"wall time {result['meta']['wall_s']} s; wrote " + ", ".join(paths.values()))
+    rows = result["rows"]
+    base_ok = any(r["contender"] == result["meta"]["baseline"] and r["status"] == "ok" for r in rows)
+    return 0 if base_ok and result["meta"]["failures"] == 0 else 1
