@@ -1,0 +1,307 @@
+"""``python -m fastres {info,bench,check}`` and examples/train.py.
+
+Argument handling; a tiny CPU bench run that writes the table, JSON, CSV and PNG;
+``check`` passing on the CPU and failing (exit 1) when a backend is made wrong on
+purpose; the training example with checkpoint save and resume. Nothing here asserts
+on a timing: benchmarks measure, tests assert.
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastres
+from fastres import backends, bench, check, cli, ops
+
+from conftest import require_backend
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def parse(*argv):
+    return cli.build_parser().parse_args(list(argv))
+
+
+def _cpu_backends():
+    return [b for b in ("torch", "cpp", "triton") if backends.available(b, "cpu")[0]]
+
+
+# ============================================================================ argument handling
+def test_bench_defaults_resolve_per_device():
+    args = parse("bench", "--device", "cpu")
+    assert args.model is None and args.batch_size is None and args.dtype is None  # resolved later
+    cfg = bench.resolve_config(args)
+    assert (cfg.model, cfg.batch_size, cfg.image_size, cfg.dtype) == ("resnet50", 8, 128, "fp32")
+    assert cfg.channels_last is True and cfg.modes == ["train", "infer"]
+    assert cfg.compile is True and cfg.num_classes == 1000
+    assert cfg.out == os.path.join("benchmarks", "results", "cpu")
+    gpu = bench.DEFAULTS["cuda"]
+    assert (gpu["model"], gpu["batch_size"], gpu["image_size"], gpu["dtype"], gpu["channels_last"]) == \
+        ("resnet50", 256, 224, "bf16", True)
+
+
+def test_bench_options_parse():
+    args = parse("bench", "--model", "resnext50_32x4d", "--batch-size", "4", "--image-size", "96",
+                 "--dtype", "bf16", "--no-channels-last", "--mode", "infer", "--backend", "torch,cpp",
+                 "--no-compile", "--iters", "3", "--warmup", "0", "--repeats", "2", "--out", "x",
+                 "--device", "cpu", "--threads", "1")
+    cfg = bench.resolve_config(args)
+    assert cfg.model == "resnext50_32x4d" and cfg.batch_size == 4 and cfg.image_size == 96
+    assert cfg.dtype == "bf16" and cfg.channels_last is False and cfg.modes == ["infer"]
+    assert cfg.backends == "torch,cpp" and cfg.compile is False
+    assert (cfg.iters, cfg.warmup, cfg.repeats, cfg.out) == (3, 0, 2, "x")
+    assert parse("bench", "--channels-last", "--compile").channels_last is True
+
+
+def test_bench_cifar_defaults():
+    cfg = bench.resolve_config(parse("bench", "--model", "cifar_resnet20", "--device", "cpu"))
+    assert cfg.image_size == 32 and cfg.num_classes == 10
+    assert bench.parse_model("cifar_resnet110") == ("cifar", 110)
+
+
+@pytest.mark.parametrize("argv", [
+    ["bench", "--dtype", "fp8"],
+    ["bench", "--model", "resnet9000"],
+    ["bench", "--model", "cifar_resnet21"],
+    ["bench", "--batch-size", "0"],
+    ["bench", "--iters", "-1"],
+    ["bench", "--warmup", "x"],
+    ["bench", "--mode", "sideways"],
+    ["bench", "--backend", "cudnn"],
+    ["check", "--backend", "tpu"],
+    ["nonsense"],
+])
+def test_bad_arguments_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_check_rejects_unknown_case_and_dtype(capsys):
+    assert cli.main(["check", "--cases", "ops,kernels"]) == 2
+    assert cli.main(["check", "--dtype", "fp8"]) == 2
+
+
+def test_no_command_prints_help(capsys):
+    assert cli.main([]) == 2
+    assert "info" in capsys.readouterr().err
+
+
+# ============================================================================ info
+def test_info_readable(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "fused ops run on backend" in out
+    for b in backends.BACKENDS:
+        assert b in out
+    assert fastres.backend_for(torch.device("cpu")) in out
+
+
+def test_info_json_via_python_m():
+    r = subprocess.run([sys.executable, "-m", "fastres", "info", "--json"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert set(info) >= {"requested", "built", "devices", "torch"}
+    assert info["devices"]["cpu"]["backend"] in backends.BACKENDS
+
+
+# ============================================================================ bench
+def test_tiny_bench_writes_table_json_csv_png(tmp_path, capsys):
+    argv = ["bench", "--model", "resnet18", "--batch-size", "2", "--image-size", "64", "--iters", "2",
+            "--warmup", "1", "--repeats", "1", "--no-compile", "--device", "cpu", "--threads", "1",
+            "--no-progress", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "img/s" in out and "torchvision" in out and "vs torchvision" in out
+    files = {os.path.splitext(f)[1]: tmp_path / f for f in os.listdir(tmp_path)}
+    expected = {".txt", ".json", ".csv"}
+    has_mpl = importlib.util.find_spec("matplotlib") is not None
+    if has_mpl:
+        expected.add(".png")
+    assert set(files) == expected
+    stem = files[".json"].name[:-5]
+    assert "resnet18" in stem and "cpu" in stem and "fp32" in stem and "b2" in stem
+    assert any(ch.isdigit() for ch in stem.split("_")[-1])  # the date
+
+    result = json.loads(files[".json"].read_text())
+    rows = result["rows"]
+    meta = result["meta"]
+    assert meta["settings"]["batch_size"] == 2 and meta["versions"]["torch"] == torch.__version__
+    names = {r["contender"] for r in rows}
+    assert "torchvision" in names
+    for b in _cpu_backends():
+        if b != "triton":  # the interpreter is not benchmarked
+            assert f"fastres[{b}]" in names
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["img_per_s"] > 0 and r["ms_per_iter"] > 0 and r["peak_mem_mib"] > 0
+        assert r["ms_min"] <= r["ms_per_iter"] <= r["ms_max"]
+    assert {r["mode"] for r in rows} == {"train", "infer"}
+    for r in rows:
+        if r["contender"] == "torchvision":
+            assert r["speedup_vs_eager"] == pytest.approx(1.0)
+
+    with open(files[".csv"]) as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(rows)
+    assert [r["contender"] for r in csv_rows] == [r["contender"] for r in rows]
+    assert "img/s" in files[".txt"].read_text()
+    if has_mpl:
+        assert files[".png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_records_a_failing_contender_and_exits_1(tmp_path, monkeypatch, capsys):
+    def broken(model, num_classes):
+        def build():
+            raise RuntimeError("deliberately broken model")
+        return build
+    monkeypatch.setattr(bench, "fastres_builder", broken)
+    argv = ["bench", "--model", "resnet18", "--batch-size", "2", "--image-size", "32", "--iters", "1",
+            "--warmup", "0", "--repeats", "1", "--no-compile", "--device", "cpu", "--mode", "infer",
+            "--backend", "torch", "--no-progress", "--no-plot", "--threads", "1", "--out", str(tmp_path)]
+    assert cli.main(argv) == 1
+    rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
+    status = {r["contender"]: r["status"] for r in rows}
+    assert status["torchvision"] == "ok"
+    assert status["fastres[torch]"].startswith("error: RuntimeError: deliberately broken model")
+
+
+@pytest.mark.slow
+def test_bench_cifar_with_compile(tmp_path, capsys):
+    """The CIFAR path (eager baseline = the fastres model on aten ops) and torch.compile."""
+    argv = ["bench", "--model", "cifar_resnet20", "--batch-size", "2", "--iters", "1", "--warmup", "1",
+            "--repeats", "1", "--compile", "--device", "cpu", "--mode", "infer", "--backend", "none",
+            "--no-progress", "--no-plot", "--threads", "1", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
+    assert [(r["contender"], r["status"]) for r in rows] == [("eager", "ok"), ("eager+compile", "ok")]
+
+
+# ============================================================================ check
+def test_check_ops_pass_on_cpu_for_every_backend(capsys):
+    rc = cli.main(["check", "--cases", "ops", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    for b in _cpu_backends():
+        assert any(line.startswith(b) and " PASS " in line for line in out.splitlines()), (b, out)
+    assert " FAIL " not in out and "ERROR" not in out
+    assert "OK:" in out
+
+
+def test_check_blocks_pass_on_cpu(capsys, tmp_path):
+    path = tmp_path / "check.json"
+    rc = cli.main(["check", "--cases", "blocks", "--backend", "auto", "--dtype", "fp64,fp32",
+                   "--device", "cpu", "--json", str(path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    rows = json.loads(path.read_text())["rows"]
+    assert rows and all(r["status"] == "PASS" for r in rows), out
+    assert {r["dtype"] for r in rows} == {"fp64", "fp32"}
+
+
+@pytest.mark.slow
+def test_check_resnet50_passes_on_cpu(capsys):
+    rc = cli.main(["check", "--cases", "models", "--backend", "auto", "--dtype", "fp32", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert out.count(" PASS ") == 2
+
+
+def _break_backend(monkeypatch, backend):
+    """Make ``backend`` wrong on purpose: outputs off by 1 %."""
+    from fastres import functional as FF
+    real_family = ops.family
+
+    def wrong_family(name):
+        fam = real_family(name)
+        if name != backend:
+            return fam
+
+        def bn_act_train(*a, **k):
+            y, mean, var = fam.bn_act_train(*a, **k)
+            return y * 1.01, mean, var
+
+        def affine_act(*a, **k):
+            return fam.affine_act(*a, **k) * 1.01
+        return fam._replace(bn_act_train=bn_act_train, affine_act=affine_act)
+
+    monkeypatch.setattr(ops, "family", wrong_family)
+    if backend == "torch":  # the torch backend's training path is a plain aten composition
+        real = FF._torch_batch_norm_act
+        monkeypatch.setattr(FF, "_torch_batch_norm_act", lambda *a, **k: real(*a, **k) * 1.01)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_check_fails_when_a_backend_is_wrong(backend, monkeypatch, capsys):
+    require_backend(backend, "cpu")
+    _break_backend(monkeypatch, backend)
+    rc = cli.main(["check", "--cases", "ops", "--backend", backend, "--dtype", "fp32", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    assert " FAIL " in out and "FAILED" in out
+
+
+def test_check_judge_rules():
+    ref = {"out:y": torch.ones(10, dtype=torch.float64), "grad:x": torch.ones(10, dtype=torch.float64)}
+    close = {k: v * (1 + 1e-12) for k, v in ref.items()}
+    assert check.judge("fp64", close, None, ref)[0]
+    far = {k: v * 1.001 for k, v in ref.items()}
+    assert not check.judge("fp64", far, None, ref)[0]
+    theirs = {k: v * 1.01 for k, v in ref.items()}  # torch's own bf16 error: 1e-2
+    assert check.judge("bf16", {k: v * 1.015 for k, v in ref.items()}, theirs, ref)[0]
+    assert not check.judge("bf16", {k: v * 1.05 for k, v in ref.items()}, theirs, ref)[0]
+    nan = {k: v.clone() for k, v in ref.items()}
+    nan["grad:x"][3] = float("nan")
+    assert not check.judge("fp32", nan, ref, ref)[0]
+    missing = {"out:y": ref["out:y"]}
+    assert not check.judge("fp32", missing, ref, ref)[0]
+
+
+# ============================================================================ examples/train.py
+def _load_train_example():
+    spec = importlib.util.spec_from_file_location("fastres_train_example", os.path.join(ROOT, "examples", "train.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_train_example_runs_saves_and_resumes(tmp_path, capsys):
+    torch.set_num_threads(1)
+    ex = _load_train_example()
+    ck = str(tmp_path / "ck.pt")
+    base = ["--arch", "resnet18", "--steps-per-epoch", "2", "--batch-size", "2", "--image-size", "32",
+            "--num-classes", "10", "--device", "cpu", "--no-progress", "--log-every", "1", "--checkpoint", ck]
+    first = ex.train(base + ["--epochs", "1"])
+    assert first["global_step"] == 2 and os.path.exists(ck)
+    assert all(l == l for l in first["history"]["loss"])  # no NaN
+    assert type(first["model"]).__module__.startswith("fastres")
+    second = ex.train(base + ["--epochs", "2", "--resume"])
+    assert second["global_step"] == 4  # continued, did not restart
+    assert "resumed from" in capsys.readouterr().out
+    state = torch.load(ck, weights_only=False)
+    assert state["global_step"] == 4 and state["epoch"] == 1
+
+
+def test_train_example_torchvision_same_loop(tmp_path):
+    torch.set_num_threads(1)
+    ex = _load_train_example()
+    out = ex.train(["--model", "torchvision", "--arch", "resnet18", "--steps-per-epoch", "1", "--batch-size", "2",
+                    "--image-size", "32", "--num-classes", "10", "--device", "cpu", "--no-progress"])
+    assert out["global_step"] == 1
+    assert type(out["model"]).__module__.startswith("torchvision")
