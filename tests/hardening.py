@@ -95,12 +95,11 @@ def assert_parity(actual, expected, dtype, name, hi=None, equal_nan=False):
 
 
 def assert_buffer(actual, expected, name, hi=None, equal_nan=False):
-    """Running statistics: tight in fp64 / fp32 buffers, the low rule in bf16 / fp16 buffers."""
-    if actual.dtype in BUF_TOL:
-        torch.testing.assert_close(actual, expected, **BUF_TOL[actual.dtype], equal_nan=equal_nan,
-                                   msg=lambda m: f"{name}: {m}")
-    else:
-        assert_parity(actual, expected, actual.dtype, name, hi=hi, equal_nan=equal_nan)
+    """Running statistics: tight in fp64 / fp32 buffers. In bf16 / fp16 buffers each update
+    is rounded, so ours and PyTorch's may drift apart by an ulp per step (a flipped
+    rounding): 4 units of the dtype's precision."""
+    tol = BUF_TOL.get(actual.dtype) or dict(rtol=4 * torch.finfo(actual.dtype).eps, atol=1e-3)
+    torch.testing.assert_close(actual, expected, **tol, equal_nan=equal_nan, msg=lambda m: f"{name}: {m}")
 
 
 # ----------------------------------------------------------------------------- module parity
