@@ -656,7 +656,8 @@ def plot_rows(rows: Sequence[Dict[str, object]], path: str, title: str) -> Optio
             xs.append(j - 0.4 + width * (i + 0.5))
             hs.append(num(r["img_per_s"]))
             sp = num(r.get("speedup_vs_eager"))
-            labels.append(f"{num(r['img_per_s']):.0f}" + (f"\n{sp:.2f}x" if sp else ""))
+            v = num(r["img_per_s"])
+            labels.append((f"{v:.0f}" if v >= 100 else f"{v:.1f}") + (f"\n{sp:.2f}x" if sp else ""))
         bars = ax.bar(xs, hs, width=width, label=mode, color=colors.get(mode))
         for b, lab in zip(bars, labels):
             ax.annotate(lab, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
