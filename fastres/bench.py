@@ -435,6 +435,8 @@ def run(cfg: BenchConfig) -> Dict[str, object]:
     device = torch.device(cfg.device)
     date = _dt.date.today().isoformat()
     torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every contender picks its best conv algorithms
     kind, _ = parse_model(cfg.model)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
@@ -509,7 +511,7 @@ def run(cfg: BenchConfig) -> Dict[str, object]:
                            peak_mem_mib=peak, mem_kind=mem_kind)
                 if gflop is not None and med > 0:
                     flop_per_img = gflop * (3.0 if mode == "train" else 1.0)
-                    row["tflops"] = flop_per_img * cfg.batch_size / med / 1e3  # GFLOP/ms -> TFLOP/s
+                    row["tflops"] = flop_per_img * cfg.batch_size / med  # GFLOP per ms = TFLOP/s
                 prog.postfix(last=f"{row['img_per_s']:.1f} img/s")
             except Exception as e:  # record and go on with the next contender
                 failures += 1
@@ -567,7 +569,8 @@ def format_table(result: Dict[str, object]) -> str:
         f"timing: warm-up {s['warmup']}, {s['repeats']} repeats x {s['iters']} iters, median (min-max); "
         f"{meta['timing']}",
         f"memory: {meta['memory']}",
-        "train = forward + backward + SGD(momentum) step; infer = forward under inference_mode",
+        "train = forward + backward + SGD(momentum) step; infer = forward under inference_mode"
+        + ("; cudnn.benchmark on" if meta["device"].startswith("cuda") else ""),
     ]
     if meta.get("forward_gflop_per_image"):
         lines.append(f"forward GFLOP/img: {meta['forward_gflop_per_image']:.2f} (train counted as 3x)")
@@ -581,7 +584,7 @@ def format_table(result: Dict[str, object]) -> str:
         rng = f"({r['ms_min']:.2f}-{r['ms_max']:.2f})"
         lines.append(f"{r['contender']:<26} {r['mode']:<6} {_fmt(r['img_per_s'], '9.1f'):>9} "
                      f"{_fmt(r['ms_per_iter'], '9.2f'):>9} {rng:>17} {_fmt(r['peak_mem_mib'], '9.0f'):>9} "
-                     f"{_fmt(r['tflops'], '8.3f'):>8} {_fmt(r['speedup_vs_eager'], '15.2f') + 'x':>16}")
+                     f"{_fmt(r['tflops'], '8.3g'):>8} {_fmt(r['speedup_vs_eager'], '15.2f') + 'x':>16}")
     for n in meta.get("notes", []):
         lines.append(f"note: {n}")
     return "\n".join(lines)
