@@ -165,6 +165,16 @@ def test_tiny_bench_writes_table_json_csv_png(tmp_path, capsys):
     if has_mpl:
         assert files[".png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # benchmarks/plot.py turns the same files into the chart and the results README
+    plot = _load_script("benchmarks/plot.py", "fastres_plot_script")
+    if has_mpl:
+        os.remove(files[".png"])  # plot.py draws it again from the CSV
+    assert plot.main([str(tmp_path), "--readme"]) == 0
+    readme = (tmp_path / "README.md").read_text()
+    assert "| torchvision | train |" in readme and "resnet18, batch 2, 64px, fp32" in readme
+    if has_mpl:
+        assert files[".png"].exists()
+
 
 def test_bench_records_a_failing_contender_and_exits_1(tmp_path, monkeypatch, capsys):
     def broken(model, num_classes):
@@ -191,6 +201,19 @@ def test_bench_cifar_with_compile(tmp_path, capsys):
     assert cli.main(argv) == 0
     rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
     assert [(r["contender"], r["status"]) for r in rows] == [("eager", "ok"), ("eager+compile", "ok")]
+
+
+def test_benchmark_suite_runs(tmp_path):
+    """The pytest-benchmark files import and run (timing disabled: one call per case)."""
+    pytest.importorskip("pytest_benchmark")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_bench_bn_act.py",
+                        "benchmarks/test_bench_kernels.py", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+                        "-k", "(2048x7x7 and fwdbwd and not compile) or (bn_act_train_backward and NHWC)"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout
 
 
 # ============================================================================ check
@@ -274,11 +297,15 @@ def test_check_judge_rules():
 
 
 # ============================================================================ examples/train.py
-def _load_train_example():
-    spec = importlib.util.spec_from_file_location("fastres_train_example", os.path.join(ROOT, "examples", "train.py"))
+def _load_script(relpath, name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relpath))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _load_train_example():
+    return _load_script(os.path.join("examples", "train.py"), "fastres_train_example")
 
 
 def test_train_example_runs_saves_and_resumes(tmp_path, capsys):
