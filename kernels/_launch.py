@@ -176,14 +176,14 @@ def bn_act_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], re
     weight, bias = _vec(weight), _vec(bias)
     plan = _plan(xc, cl)
     tacc = _tl_acc(x.dtype)
-    part = torch.empty((3, plan.chunks, c), dtype=acc, device=x.device)
+    part = torch.empty((4, plan.chunks, c), dtype=acc, device=x.device)  # mean | M2 | count | non-finite sum
     # separate allocations: custom_op outputs may not share storage
     mean, var, scale = (torch.empty((c,), dtype=acc, device=x.device) for _ in range(3))
     with _device_ctx(x):
-        K._stats_kernel[plan.grid](xc, part[0], part[1], part[2], *plan.args, ACC=tacc,
+        K._stats_kernel[plan.grid](xc, part[0], part[1], part[2], part[3], *plan.args, ACC=tacc,
                         num_warps=CONFIG["num_warps"], **plan.meta)
         fgrid, fmeta = _finalize_meta(c, plan.chunks)
-        K._stats_finalize[fgrid](xc, part[0], part[1], part[2], xc if weight is None else weight,
+        K._stats_finalize[fgrid](xc, part[0], part[1], part[2], part[3], xc if weight is None else weight,
                                  mean, var, scale, c, 1 if cl else x.shape[2] * x.shape[3], plan.chunks, float(eps),
                                  HAS_W=weight is not None, ACC=tacc, **fmeta)
         _launch_act(xc, res, mean, scale, bias, y, relu, cl)

@@ -1,21 +1,23 @@
 """Op-level parity of the Triton launchers (``kernels/``) with ``fastres._reference``.
 
-Runs on the CPU under the Triton interpreter (TRITON_INTERPRET=1, set below before
-triton is imported), so shapes are small and the cases are a hand-picked spread rather
-than a cartesian product. Tolerances: fp64 rel 1e-9, fp32 rel 1e-5; bf16/fp16: error
+Without a GPU this runs on the CPU under the Triton interpreter (TRITON_INTERPRET=1,
+set below before triton is imported); with one, on CUDA tensors. Shapes are small and
+the cases are a hand-picked spread rather than a cartesian product. Tolerances: fp64 rel 1e-9, fp32 rel 1e-5; bf16/fp16: error
 against an fp32 reference at most 2x PyTorch's own low-precision error (+ a small
 floor). The kernels' tiling knobs are shrunk in some cases so that small shapes still
 exercise multi-tile loops, several chunks per channel and several channel blocks.
 """
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():  # CPU only: the interpreter (before anything imports triton)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import contextlib  # noqa: E402
 import importlib  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot run")
 
@@ -214,6 +216,31 @@ def test_huge_magnitude_near_constant_channel(layout):
         # aten reference's own error (+ a small floor)
         ours, theirs = max_err(y, y64), max_err(ry, y64)
         assert ours <= 2 * theirs + 1e-3, f"y error {ours:.3g} > 2 x aten's {theirs:.3g}"
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the interpreter
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_nonfinite_like_reference(layout):
+    """A channel holding +Inf has mean +Inf (aten's sum / M, not a Welford NaN) and NaN
+    variance; NaN, or both infinities, give NaN; the other channels are untouched."""
+    x = make((2, 4, 3, 5), torch.float32, layout)
+    x[1, 0, 2, 3] = float("inf")
+    x[0, 1, 0, 0] = float("nan")
+    x[0, 2, 1, 1], x[1, 2, 0, 4] = float("inf"), -float("inf")
+    x[0, 3, 0, 0] = -float("inf")  # the channel's first element (the kernels' shift)
+    for til in (None, "small"):
+        with tiling(til):
+            outs = K.bn_act_train(x, None, None, None, 1e-5, True)
+        refs = R.bn_act_train(x, None, None, None, 1e-5, True)
+        for name, a, e in zip(("y", "mean", "var"), outs, refs):
+            for f in (torch.isnan, torch.isposinf, torch.isneginf):
+                assert torch.equal(f(a), f(e)), f"{name}: {f.__name__} pattern {a} vs {e}"
+    gy = make((2, 4, 3, 5), torch.float32, layout)
+    y, mean, var = refs
+    gx, gw, gb, _ = K.bn_act_train_backward(gy, x, y, None, mean, var, 1e-5, True, False)
+    rgx, rgw, rgb, _ = R.bn_act_train_backward(gy, x, y, None, mean, var, 1e-5, True, False)
+    for a, e in ((gx, rgx), (gw, rgw), (gb, rgb)):
+        assert torch.equal(a.isnan(), e.isnan())
 
 
 @contextlib.contextmanager
