@@ -651,23 +651,31 @@ def plot_rows(rows: Sequence[Dict[str, object]], path: str, title: str) -> Optio
     width = 0.8 / max(1, len(modes))
     colors = {"train": "#1f77b4", "infer": "#ff7f0e"}
     for i, mode in enumerate(modes):
-        xs, hs, labels = [], [], []
+        xs, hs, labels, lo, hi = [], [], [], [], []
         for j, n in enumerate(names):
             r = next((r for r in ok if r["contender"] == n and r["mode"] == mode), None)
             if r is None:
                 continue
             xs.append(j - 0.4 + width * (i + 0.5))
             hs.append(num(r["img_per_s"]))
+            b, t_min, t_max = num(r.get("batch_size")), num(r.get("ms_min")), num(r.get("ms_max"))
+            if b and t_min and t_max:  # min-max of the repeats as an error bar
+                lo.append(max(0.0, hs[-1] - b * 1e3 / t_max))
+                hi.append(max(0.0, b * 1e3 / t_min - hs[-1]))
+            else:
+                lo.append(0.0)
+                hi.append(0.0)
             sp = num(r.get("speedup_vs_eager"))
             v = num(r["img_per_s"])
             labels.append((f"{v:.0f}" if v >= 100 else f"{v:.1f}") + (f"\n{sp:.2f}x" if sp else ""))
-        bars = ax.bar(xs, hs, width=width, label=mode, color=colors.get(mode))
-        for b, lab in zip(bars, labels):
-            ax.annotate(lab, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
+        bars = ax.bar(xs, hs, width=width, label=mode, color=colors.get(mode),
+                      yerr=[lo, hi] if any(lo) or any(hi) else None, capsize=3, ecolor="#444444")
+        for b, lab, up in zip(bars, labels, hi):
+            ax.annotate(lab, (b.get_x() + b.get_width() / 2, b.get_height() + up), ha="center", va="bottom",
                         fontsize=7, xytext=(0, 2), textcoords="offset points")
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=15, ha="right", fontsize=8)
-    ax.set_ylabel("images / s (higher is better)")
+    ax.set_ylabel("images / s  (error bars: min-max of repeats)", fontsize=9)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     ax.margins(y=0.18)
