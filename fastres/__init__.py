@@ -5,3 +5,15 @@ from .backends import backend_info, set_backend, use_backend, backend_for  # noq
 __version__ = "0.1.0"
 
 __all__ = ["functional", "nn", "backend_info", "set_backend", "use_backend", "backend_for", "__version__"]
+
+# --- drop-in ResNets (issue #3): blocks, models, convert(), eval folding --------------
+from . import fold, models  # noqa: E402,F401
+from .nn.blocks import BasicBlock, Bottleneck  # noqa: E402,F401
+from .models import (ResNet, ResNet50, resnet18, resnet34, resnet50, resnet101, resnet152,  # noqa: E402,F401
+                     wide_resnet50_2, wide_resnet101_2, resnext50_32x4d, resnext101_32x8d, resnext101_64x4d,
+                     CifarResNet, cifar_resnet)
+from .convert import convert  # noqa: E402,F401
+
+__all__ += ["fold", "models", "BasicBlock", "Bottleneck", "ResNet", "ResNet50", "resnet18", "resnet34",
+            "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2", "resnext50_32x4d",
+            "resnext101_32x8d", "resnext101_64x4d", "CifarResNet", "cifar_resnet", "convert"]

@@ -2,3 +2,8 @@
 from .batchnorm import BatchNormAct2d
 
 __all__ = ["BatchNormAct2d"]
+
+# --- drop-in ResNet blocks (issue #3) ---------------------------------------------------
+from .blocks import BasicBlock, Bottleneck, PadShortcut, conv_bn_act  # noqa: E402,F401
+
+__all__ += ["BasicBlock", "Bottleneck", "PadShortcut", "conv_bn_act"]

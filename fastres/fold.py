@@ -1,0 +1,140 @@
+"""Eval-mode folding of a BatchNorm into the convolution before it, and its cache.
+
+In eval, ``bn(conv(x))`` is ``conv'(x)`` with ``W' = W * s`` and ``b' = (b - rm) * s + beta``
+(``s = gamma / sqrt(rv + eps)``). The fold is computed in fp32 (fp64 for fp64) and
+only then cast to the compute dtype (pytorch#120545: folding in bf16/fp16 loses
+accuracy); the folded bias stays in fp32/fp64.
+
+The cache is never stale. An entry is reused only when every source tensor (conv
+weight and bias, BN weight and bias, running mean and var) is the *same object*, at
+the same storage address and the same ``_version`` counter as when the entry was
+made, with the same eps, device and compute dtype. ``load_state_dict``
+(``param.copy_``), optimizer steps, ``torch.no_grad(): p.mul_(...)`` and the running
+stat updates of a training step all bump ``_version``; ``p.data = t`` changes the
+address; replacing a parameter changes the object. The modules also drop their
+entries on ``train()``/``eval()`` and ``.to()``. The one change no counter sees is an
+in-place write through ``p.data`` (``p.data.mul_(2)``: ``.data`` has its own version
+counter); call :func:`invalidate` after such a write.
+
+Caching applies where no gradient can flow into the fold: under ``torch.no_grad()`` /
+``torch.inference_mode()``, or when no source tensor requires grad. Otherwise (an
+eval-mode model whose parameters are being trained, e.g. frozen-BN fine-tuning) the
+fold is recomputed differentiably on every call, so gradients match
+``nn.BatchNorm2d`` in eval mode. Under ``torch.compile`` the fold is traced inline.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from . import functional as FF
+
+Tensor = torch.Tensor
+
+__all__ = ["fold_conv_bn", "folded_conv_bn", "invalidate", "clear_cache", "cache_size", "compute_dtype"]
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype a convolution of ``x`` with ``weight`` computes in: autocast's dtype
+    for a non-fp64 input while autocast is on for x's device, else the weight's."""
+    dev = x.device.type
+    if x.dtype != torch.float64 and x.is_floating_point() and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return weight.dtype
+
+
+def fold_conv_bn(conv_weight: Tensor, conv_bias: Optional[Tensor], bn_weight: Optional[Tensor],
+                 bn_bias: Optional[Tensor], running_mean: Tensor, running_var: Tensor, eps: float,
+                 dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """The folded ``(weight, bias)`` of conv → eval BN; differentiable, uncached.
+
+    ``weight`` is returned in ``dtype`` (computed in fp32, fp64 for fp64, then cast);
+    ``bias`` in fp32 (fp64 for fp64).
+    """
+    acc = _acc(dtype)
+    scale, shift = FF.fold_scale_shift(bn_weight, bn_bias, running_mean, running_var, eps, acc)
+    w = conv_weight.to(acc) * scale.reshape(-1, *([1] * (conv_weight.dim() - 1)))
+    b = shift if conv_bias is None else conv_bias.to(acc) * scale + shift
+    return w.to(dtype), b
+
+
+class _Entry:
+    __slots__ = ("refs", "stamp", "weight", "bias")
+
+    def __init__(self, refs, stamp, weight, bias):
+        self.refs, self.stamp, self.weight, self.bias = refs, stamp, weight, bias
+
+
+# conv module -> {(id(bn), dtype): _Entry}; weak, so a deleted model frees its entries.
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, _Entry]]" = weakref.WeakKeyDictionary()
+
+
+def _sources(conv: nn.Conv2d, bn: nn.BatchNorm2d):
+    return (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+
+
+def _stamp(tensors, eps) -> Optional[tuple]:
+    try:
+        return (eps,) + tuple(None if t is None else (t._version, t.data_ptr(), t.device, t.dtype)
+                              for t in tensors)
+    except RuntimeError:  # inference tensors have no version counter: never cache them
+        return None
+
+
+def _same_objects(refs, tensors) -> bool:
+    for r, t in zip(refs, tensors):
+        if (r is None) != (t is None) or (r is not None and r() is not t):
+            return False
+    return True
+
+
+def folded_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """``(weight, bias)`` of ``conv`` with the eval-mode ``bn`` folded in, cached where
+    safe (see the module docstring). ``weight`` in ``dtype``, ``bias`` in fp32/fp64."""
+    tensors = _sources(conv, bn)
+    if torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
+        return fold_conv_bn(*tensors, bn.eps, dtype)
+    stamp = _stamp(tensors, bn.eps)
+    if stamp is None:
+        return fold_conv_bn(*tensors, bn.eps, dtype)
+    key = (id(bn), dtype)
+    entries = _CACHE.get(conv)
+    if entries is not None:
+        e = entries.get(key)
+        if e is not None and e.stamp == stamp and _same_objects(e.refs, tensors):
+            return e.weight, e.bias
+    else:
+        entries = {}
+        _CACHE[conv] = entries
+    # normal (non-inference) tensors, so the cache also serves calls outside inference_mode
+    with torch.inference_mode(False), torch.no_grad():
+        weight, bias = fold_conv_bn(*tensors, bn.eps, dtype)
+    refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
+    entries[key] = _Entry(refs, stamp, weight, bias)
+    return weight, bias
+
+
+def invalidate(module: nn.Module) -> None:
+    """Drop the cached folds of every convolution in ``module`` (and ``module`` itself)."""
+    for m in module.modules():
+        _CACHE.pop(m, None)
+
+
+def clear_cache() -> None:
+    """Drop every cached fold."""
+    _CACHE.clear()
+
+
+def cache_size(module: Optional[nn.Module] = None) -> int:
+    """Number of cached folds (of ``module``'s convolutions, or in all)."""
+    if module is None:
+        return sum(len(v) for v in list(_CACHE.values()))
+    return sum(len(_CACHE.get(m, ())) for m in module.modules())

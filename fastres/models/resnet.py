@@ -1,0 +1,280 @@
+"""Drop-in torchvision ResNets (every depth) running the fused blocks.
+
+Same constructor, same module names and ``state_dict`` keys, same initialisation as
+``torchvision.models.resnet``; the forward runs the fused ops (stem included).
+Builders take ``weights=``: a state_dict (e.g. torchvision's) or a path to a saved
+one, loaded strictly. Nothing is ever downloaded.
+
+Extension (keyword-only): ``shortcut`` = ``"B"`` (torchvision's, the default:
+projection when dimensions grow), ``"A"`` (zero-padding identity, no parameters),
+``"C"`` (projection in every block) or ``None`` (the plain net of He et al. Fig. 3:
+same layers, no shortcut).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Callable, List, Optional, Type, Union
+
+import torch
+from torch import nn
+
+from .. import fold
+from ..nn.blocks import (BasicBlock, Bottleneck, PadShortcut, check_input, conv1x1, conv_bn_act,
+                         rename_error)
+
+Tensor = torch.Tensor
+
+__all__ = ["ResNet", "ResNet50", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+           "wide_resnet50_2", "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
+           "normalize_shortcut", "load_weights"]
+
+Block = Union[Type[BasicBlock], Type[Bottleneck]]
+SHORTCUTS = ("A", "B", "C", None)
+
+
+def normalize_shortcut(shortcut) -> Optional[str]:
+    if isinstance(shortcut, str) and shortcut.upper() in ("A", "B", "C"):
+        return shortcut.upper()
+    if shortcut is None or (isinstance(shortcut, str) and shortcut.lower() in ("none", "plain")):
+        return None
+    raise ValueError(f"shortcut must be 'A', 'B', 'C' or None (plain), got {shortcut!r}")
+
+
+def _fastres_block(block) -> Block:
+    """Accept torchvision's block classes too (mapped to the fused ones)."""
+    if block in (BasicBlock, Bottleneck):
+        return block
+    name = getattr(block, "__name__", "")
+    mod = getattr(block, "__module__", "")
+    if mod.startswith("torchvision.") and name in ("BasicBlock", "Bottleneck"):
+        return BasicBlock if name == "BasicBlock" else Bottleneck
+    if isinstance(block, type) and issubclass(block, (BasicBlock, Bottleneck)):
+        return block
+    raise TypeError(f"block must be fastres.BasicBlock or fastres.Bottleneck (or torchvision's), got {block!r}")
+
+
+def name_blocks(model: nn.Module) -> None:
+    """Record each fused block's qualified name (used in error messages)."""
+    for name, m in model.named_modules():
+        if isinstance(m, (BasicBlock, Bottleneck)):
+            m._fastres_name = name
+
+
+class ResNet(nn.Module):
+    """torchvision's ``ResNet`` with the fused stem and blocks."""
+
+    shortcut: Optional[str] = "B"
+    _fastres_name: Optional[str] = "stem"
+
+    def __init__(self, block: Block, layers: List[int], num_classes: int = 1000, zero_init_residual: bool = False,
+                 groups: int = 1, width_per_group: int = 64, replace_stride_with_dilation: Optional[List[bool]] = None,
+                 norm_layer: Optional[Callable[..., nn.Module]] = None, *, shortcut: Optional[str] = "B") -> None:
+        super().__init__()
+        block = _fastres_block(block)
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        self._norm_layer = norm_layer
+        self.shortcut = normalize_shortcut(shortcut)
+        self.inplanes = 64
+        self.dilation = 1
+        if replace_stride_with_dilation is None:
+            replace_stride_with_dilation = [False, False, False]
+        if len(replace_stride_with_dilation) != 3:
+            raise ValueError("replace_stride_with_dilation should be None "
+                             f"or a 3-element tuple, got {replace_stride_with_dilation}")
+        self.groups = groups
+        self.base_width = width_per_group
+        self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = norm_layer(self.inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(block, 64, layers[0])
+        self.layer2 = self._make_layer(block, 128, layers[1], stride=2, dilate=replace_stride_with_dilation[0])
+        self.layer3 = self._make_layer(block, 256, layers[2], stride=2, dilate=replace_stride_with_dilation[1])
+        self.layer4 = self._make_layer(block, 512, layers[3], stride=2, dilate=replace_stride_with_dilation[2])
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        _init_weights(self, zero_init_residual)
+
+    def _make_layer(self, block: Block, planes: int, blocks: int, stride: int = 1, dilate: bool = False) -> nn.Sequential:
+        norm_layer = self._norm_layer
+        previous_dilation = self.dilation
+        if dilate:
+            self.dilation *= stride
+            stride = 1
+        layers = [block(self.inplanes, planes, stride, self._shortcut_module(block, planes, stride),
+                        self.groups, self.base_width, previous_dilation, norm_layer,
+                        shortcut=self.shortcut is not None)]
+        self.inplanes = planes * block.expansion
+        for _ in range(1, blocks):
+            layers.append(block(self.inplanes, planes, 1, self._shortcut_module(block, planes, 1),
+                                groups=self.groups, base_width=self.base_width, dilation=self.dilation,
+                                norm_layer=norm_layer, shortcut=self.shortcut is not None))
+        return nn.Sequential(*layers)
+
+    def _shortcut_module(self, block: Block, planes: int, stride: int) -> Optional[nn.Module]:
+        out = planes * block.expansion
+        grows = stride != 1 or self.inplanes != out
+        if self.shortcut is None or (self.shortcut != "C" and not grows):
+            return None
+        if self.shortcut == "A":
+            return PadShortcut(self.inplanes, out, stride)
+        return nn.Sequential(conv1x1(self.inplanes, out, stride), self._norm_layer(out))
+
+    # ---------------------------------------------------------------- forward
+    def _stem_conv(self, x: Tensor) -> Tensor:
+        """conv1 → fused BN + ReLU (folded in eval), after the input checks."""
+        check_input(self, x, self.conv1)
+        try:
+            return conv_bn_act(self.conv1, self.bn1, x, None, "relu")
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise rename_error(self, e) from None
+
+    def _stem(self, x: Tensor) -> Tensor:
+        return self.maxpool(self._stem_conv(x))
+
+    def _forward_impl(self, x: Tensor) -> Tensor:
+        x = self._stem(x)
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = self.layer4(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        x = self.fc(x)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._forward_impl(x)
+
+    # ---------------------------------------------------------------- fold cache
+    def train(self, mode: bool = True):
+        fold.invalidate(self)
+        return super().train(mode)
+
+    def _apply(self, *args, **kwargs):
+        fold.invalidate(self)
+        return super()._apply(*args, **kwargs)
+
+
+def _init_weights(model: nn.Module, zero_init_residual: bool) -> None:
+    """torchvision's initialisation; then the block names for error messages."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+    if zero_init_residual:
+        for m in model.modules():
+            if isinstance(m, Bottleneck) and m.bn3.weight is not None:
+                nn.init.constant_(m.bn3.weight, 0)
+            elif isinstance(m, BasicBlock) and m.bn2.weight is not None:
+                nn.init.constant_(m.bn2.weight, 0)
+    name_blocks(model)
+
+
+# --------------------------------------------------------------------------- weights
+def load_weights(model: nn.Module, weights) -> nn.Module:
+    """Load ``weights`` (a state_dict, or a path to a ``torch.save``-d one) strictly."""
+    if weights is None:
+        return model
+    sd = _read_weights(weights)
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def _read_weights(weights) -> Mapping:
+    if isinstance(weights, (str, os.PathLike)):
+        sd = torch.load(weights, map_location="cpu", weights_only=True)
+    elif isinstance(weights, Mapping):
+        sd = weights
+    else:
+        raise TypeError("weights must be a state_dict or a path to a saved state_dict (fastres never downloads; "
+                        f"e.g. torchvision.models.ResNet50_Weights.DEFAULT.get_state_dict()), got "
+                        f"{type(weights).__name__}")
+    if not isinstance(sd, Mapping):
+        raise TypeError(f"weights file holds a {type(sd).__name__}, expected a state_dict")
+    return sd
+
+
+def _build(block: Block, layers: List[int], weights, kwargs: dict) -> ResNet:
+    kwargs.pop("progress", None)  # torchvision's builders take it; nothing is downloaded here
+    sd = None
+    if weights is not None:
+        sd = _read_weights(weights)
+        fc = sd.get("fc.weight")
+        if "num_classes" not in kwargs and isinstance(fc, Tensor):
+            kwargs["num_classes"] = fc.shape[0]
+    model = ResNet(block, layers, **kwargs)
+    if sd is not None:
+        model.load_state_dict(sd, strict=True)
+    return model
+
+
+def resnet18(*, weights=None, **kwargs: Any) -> ResNet:
+    """ResNet-18. ``shortcut=None`` gives the plain-18 of He et al. Fig. 4."""
+    return _build(BasicBlock, [2, 2, 2, 2], weights, kwargs)
+
+
+def resnet34(*, weights=None, **kwargs: Any) -> ResNet:
+    """ResNet-34. ``shortcut=None`` gives the plain-34 of He et al. Fig. 4."""
+    return _build(BasicBlock, [3, 4, 6, 3], weights, kwargs)
+
+
+def resnet50(*, weights=None, **kwargs: Any) -> ResNet:
+    return _build(Bottleneck, [3, 4, 6, 3], weights, kwargs)
+
+
+def resnet101(*, weights=None, **kwargs: Any) -> ResNet:
+    return _build(Bottleneck, [3, 4, 23, 3], weights, kwargs)
+
+
+def resnet152(*, weights=None, **kwargs: Any) -> ResNet:
+    return _build(Bottleneck, [3, 8, 36, 3], weights, kwargs)
+
+
+def resnext50_32x4d(*, weights=None, **kwargs: Any) -> ResNet:
+    kwargs.setdefault("groups", 32)
+    kwargs.setdefault("width_per_group", 4)
+    return _build(Bottleneck, [3, 4, 6, 3], weights, kwargs)
+
+
+def resnext101_32x8d(*, weights=None, **kwargs: Any) -> ResNet:
+    kwargs.setdefault("groups", 32)
+    kwargs.setdefault("width_per_group", 8)
+    return _build(Bottleneck, [3, 4, 23, 3], weights, kwargs)
+
+
+def resnext101_64x4d(*, weights=None, **kwargs: Any) -> ResNet:
+    kwargs.setdefault("groups", 64)
+    kwargs.setdefault("width_per_group", 4)
+    return _build(Bottleneck, [3, 4, 23, 3], weights, kwargs)
+
+
+def wide_resnet50_2(*, weights=None, **kwargs: Any) -> ResNet:
+    kwargs.setdefault("width_per_group", 64 * 2)
+    return _build(Bottleneck, [3, 4, 6, 3], weights, kwargs)
+
+
+def wide_resnet101_2(*, weights=None, **kwargs: Any) -> ResNet:
+    kwargs.setdefault("width_per_group", 64 * 2)
+    return _build(Bottleneck, [3, 4, 23, 3], weights, kwargs)
+
+
+class ResNet50(ResNet):
+    """``fastres.ResNet50()``: a ResNet-50 (torchvision's, fused). Keyword arguments as
+    for :func:`resnet50` (``weights=``, ``num_classes=``, ``zero_init_residual=``, ...)."""
+
+    def __init__(self, *, weights=None, **kwargs: Any) -> None:
+        kwargs.pop("progress", None)
+        sd = None
+        if weights is not None:
+            sd = _read_weights(weights)
+            fc = sd.get("fc.weight")
+            if "num_classes" not in kwargs and isinstance(fc, Tensor):
+                kwargs["num_classes"] = fc.shape[0]
+        super().__init__(Bottleneck, [3, 4, 6, 3], **kwargs)
+        if sd is not None:
+            self.load_state_dict(sd, strict=True)
