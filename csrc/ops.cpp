@@ -1,0 +1,111 @@
+// fastres._C: op schemas (docs/DESIGN.md) and build information.
+//
+// The CPU kernels are registered in cpu/ops_cpu.cpp, the CUDA kernels in
+// cuda/ops_cuda.cu (only when built with -DFASTRES_WITH_CUDA). When built by
+// setup.py (TORCH_EXTENSION_NAME defined) this file also provides the Python
+// module init, so `import fastres._C` loads the library and registers
+// torch.ops.fastres.*; the CMake build produces a plain shared library for
+// torch.ops.load_library().
+#include <torch/library.h>
+
+#include <string>
+
+#include "cpu/kernels.h"
+
+#define FASTRES_STR2(...) #__VA_ARGS__
+#define FASTRES_STR(...) FASTRES_STR2(__VA_ARGS__)
+
+#ifndef FASTRES_VERSION
+#define FASTRES_VERSION 0.1.0
+#endif
+
+namespace fastres {
+namespace cpu {
+const Kernels& active_kernels();
+}
+
+// "key=value;..." e.g.
+// "version=0.1.0;cpu=1;cpu_isa=DEFAULT,AVX2,AVX512;cpu_active=AVX512;cuda=1;cuda_archs=sm_80,sm_90"
+std::string build_info() {
+  std::string s = "version=" FASTRES_STR(FASTRES_VERSION) ";cpu=1;cpu_isa=";
+#if defined(FASTRES_CPU_X86) && defined(__GNUC__) && !defined(__clang__)
+  s += "DEFAULT,AVX2,AVX512";
+#else
+  s += "DEFAULT";
+#endif
+  s += ";cpu_active=";
+  s += cpu::active_kernels().isa;
+#if defined(FASTRES_WITH_CUDA)
+  s += ";cuda=1";
+#if defined(FASTRES_CUDA_ARCHS)
+  s += ";cuda_archs=" FASTRES_STR(FASTRES_CUDA_ARCHS);
+#endif
+#else
+  s += ";cuda=0";
+#endif
+  return s;
+}
+
+bool with_cuda() {
+#if defined(FASTRES_WITH_CUDA)
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace fastres
+
+TORCH_LIBRARY(fastres, m) {
+  m.def(
+      "bn_act_train(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, "
+      "float eps, bool relu) -> (Tensor y, Tensor mean, Tensor var)");
+  m.def(
+      "bn_act_train_backward(Tensor grad_y, Tensor x, Tensor y, Tensor? weight, "
+      "Tensor mean, Tensor var, float eps, bool relu, bool need_grad_z) "
+      "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_z)");
+  m.def(
+      "affine_act(Tensor x, Tensor? scale, Tensor? shift, Tensor? residual, bool relu) "
+      "-> Tensor y");
+  m.def(
+      "affine_act_backward(Tensor grad_y, Tensor x, Tensor y, Tensor? scale, bool relu, "
+      "bool need_grad_z, bool need_param_grads) "
+      "-> (Tensor grad_x, Tensor grad_z, Tensor grad_scale, Tensor grad_shift)");
+  // No tensor arguments: a catch-all kernel.
+  m.def("_build_info() -> str", &fastres::build_info);
+}
+
+#if defined(TORCH_EXTENSION_NAME)
+// Python module `fastres._C` (setup.py build). Plain CPython API: no pybind11
+// needed. Importing it is what registers the ops above.
+#include <Python.h>
+
+#define FASTRES_CONCAT2(a, b) a##b
+#define FASTRES_CONCAT(a, b) FASTRES_CONCAT2(a, b)
+
+namespace {
+PyObject* py_build_info(PyObject*, PyObject*) {
+  return PyUnicode_FromString(fastres::build_info().c_str());
+}
+
+PyMethodDef fastres_methods[] = {
+    {"build_info", py_build_info, METH_NOARGS,
+     "Build information: 'key=value;...' (same as torch.ops.fastres._build_info())."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef fastres_module = {PyModuleDef_HEAD_INIT, "fastres._C",
+                              "fastres C++/CUDA kernels; importing registers torch.ops.fastres.*",
+                              -1, fastres_methods};
+}  // namespace
+
+PyMODINIT_FUNC FASTRES_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  PyObject* m = PyModule_Create(&fastres_module);
+  if (m == nullptr) return nullptr;
+  if (PyModule_AddObject(m, "WITH_CUDA", PyBool_FromLong(fastres::with_cuda() ? 1 : 0)) < 0 ||
+      PyModule_AddStringConstant(m, "__version__", FASTRES_STR(FASTRES_VERSION)) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}
+#endif
