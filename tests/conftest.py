@@ -113,8 +113,19 @@ _hyp_settings.register_profile("fastres-long", max_examples=3000, **_FUZZ_COMMON
 _hyp_settings.load_profile(f"fastres-{FUZZ_PROFILE}")
 
 
-def pytest_report_header(config):
+def _fuzz_line() -> str:
     return (f"fastres fuzz: profile={FUZZ_PROFILE} ({_hyp_settings.default.max_examples} examples in all) "
             f"seed={FUZZ_SEED} -- replay with FASTRES_FUZZ_PROFILE={FUZZ_PROFILE} FASTRES_FUZZ_SEED={FUZZ_SEED}")
+
+
+def pytest_report_header(config):
+    return _fuzz_line()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    # also under -q (which hides the header), when the fuzz suite ran
+    if any("test_fuzz.py" in r.nodeid for rs in terminalreporter.stats.values() for r in rs
+           if hasattr(r, "nodeid")):
+        terminalreporter.write_line(_fuzz_line())
 # END hypothesis profiles
 # ============================================================================
