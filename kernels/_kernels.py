@@ -79,17 +79,18 @@ def _out(z, ptr, RNE_BF16: tl.constexpr):
 
 # ----------------------------------------------------------------------------- statistics
 @triton.jit
-def _stats_kernel(x_ptr, pmean_ptr, pm2_ptr, pw_ptr, pnf_ptr, M, C, HW, CHW, PER, HW_PER, HJ,
+def _stats_kernel(x_ptr, pmean_ptr, pm2_ptr, pw_ptr, psum_ptr, M, C, HW, CHW, PER, HW_PER, HJ,
                   CL: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, ACC: tl.constexpr):
-    """Partial (mean, M2, count) per (chunk, channel) -> [chunks, C] buffers.
+    """Partial (mean, M2, count, sum) per (chunk, channel) -> [chunks, C] buffers.
 
-    The data are shifted by each channel's first element x[0, c, 0, 0] (exact for values
-    near it), so the running means live at the scale of the spread, not of the values:
-    without it a fp32 lane mean at 3e4 with noise 1e-2 stagnates (delta / count below half
-    an ulp) and M2 collects the bias. The partial means are relative to that shift.
-    pnf: the sum of the non-finite values only (0 for finite data; +-Inf / NaN exactly as
-    the plain sum would be), so the mean of a channel with an Inf is +-Inf like aten's
-    sum / M, where a Welford mean gives NaN (inf + (x - inf) / n)."""
+    The data are shifted by each channel's first element K = x[0, c, 0, 0] (0 if K is not
+    finite): exact for values near K, so the running means live at the scale of the
+    spread, not of the values. (Unshifted, a fp32 lane mean at 3e4 with noise 1e-2
+    stagnates -- delta / count below half an ulp -- and M2 collects the bias.) Means and
+    sums are relative to K. The plain shifted sum is kept only for non-finite data: it is
+    +-Inf / NaN exactly when aten's sum / M is, where a Welford mean would give NaN.
+    Masked-out elements load as K, i.e. 0 after the shift.
+    """
     pid0 = tl.program_id(0)
     pid1 = tl.program_id(1)
     ia = tl.arange(0, BLOCK_A)
@@ -98,27 +99,30 @@ def _stats_kernel(x_ptr, pmean_ptr, pm2_ptr, pw_ptr, pnf_ptr, M, C, HW, CHW, PER
         chunk = pid0
         cols = pid1 * BLOCK_B + ib
         cmask = cols < C
-        shift = tl.load(x_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+        k = tl.load(x_ptr + cols, mask=cmask, other=0.0)[None, :]
         a0 = pid0.to(tl.int64) * PER
         a1 = tl.minimum(a0 + PER, M)
         n_tiles = (a1 - a0 + BLOCK_A - 1) // BLOCK_A
     else:
         chunk = pid1
         base = pid0.to(tl.int64) * HW
-        shift = tl.load(x_ptr + base).to(ACC)
+        k = tl.load(x_ptr + base)
         a0 = (pid1 // HJ) * PER
         a1 = tl.minimum(a0 + PER, M)
-        b0 = (pid1 % HJ) * HW_PER
+        b0 = (pid1 % HJ).to(tl.int64) * HW_PER  # int64: a plane may exceed 2^31
         b1 = tl.minimum(b0 + HW_PER, HW)
         tb_n = (b1 - b0 + BLOCK_B - 1) // BLOCK_B
         n_tiles = (a1 - a0 + BLOCK_A - 1) // BLOCK_A * tb_n
+    kf = k.to(ACC)
+    shift = tl.where(kf - kf == 0, kf, 0.0)
+    k = shift.to(x_ptr.dtype.element_ty)  # exact: K is an element of x (or 0)
     mean = tl.zeros([BLOCK_A, BLOCK_B], ACC)
     m2 = tl.zeros([BLOCK_A, BLOCK_B], ACC)
-    if CL:  # every channel of a row is valid together: one count per row lane
+    ssum = tl.zeros([BLOCK_A, BLOCK_B], ACC)
+    if CL:  # all channels of a row are valid together: one count per row lane
         w = tl.zeros([BLOCK_A, 1], ACC)
     else:
         w = tl.zeros([BLOCK_A, BLOCK_B], ACC)
-    nf = tl.zeros([BLOCK_A, BLOCK_B], ACC)
     for t in range(0, n_tiles):
         if CL:
             rows = a0 + t * BLOCK_A + ia
@@ -130,19 +134,22 @@ def _stats_kernel(x_ptr, pmean_ptr, pm2_ptr, pw_ptr, pnf_ptr, M, C, HW, CHW, PER
             hs = tl.multiple_of(b0 + (t - ta * tb_n) * BLOCK_B, BLOCK_B) + ib
             mask = (ns < a1)[:, None] & (hs < b1)[None, :]
             offs = (ns.to(tl.int64) * CHW + base)[:, None] + hs[None, :]
-        xr = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        nf += tl.where(xr - xr == 0, 0.0, xr)  # x - x != 0 only for +-Inf / NaN
-        x = xr - shift
+        x = tl.load(x_ptr + offs, mask=mask, other=k).to(ACC) - shift
+        ssum += x
         # Welford, one running summary per register lane
-        if CL:
-            valid = (rows < a1)[:, None]
-        else:
-            valid = mask
-        w = w + valid.to(ACC)
-        inv = 1.0 / tl.where(valid, w, 1.0)
         delta = x - mean
-        mean = mean + tl.where(mask, delta * inv, 0.0)
-        m2 = m2 + tl.where(mask, delta * (x - mean), 0.0)
+        if CL:
+            # per-row factors: 1/count and (count-1)/count for a valid row, 0 otherwise
+            valid = (rows < a1)[:, None]
+            w = w + valid.to(ACC)
+            inv = tl.where(valid, 1.0 / tl.where(valid, w, 1.0), 0.0)
+            fac = tl.where(valid, 1.0 - inv, 0.0)
+            mean = mean + delta * inv
+            m2 = m2 + delta * delta * fac
+        else:
+            w = w + mask.to(ACC)
+            mean = mean + tl.where(mask, delta / tl.where(mask, w, 1.0), 0.0)
+            m2 = m2 + tl.where(mask, delta * (x - mean), 0.0)
     if CL:
         # row 0 of the tile is the chunk's first row: never empty
         mean, m2, w = _welford_merge_rows(mean, m2, tl.broadcast_to(w, [BLOCK_A, BLOCK_B]))
@@ -150,7 +157,7 @@ def _stats_kernel(x_ptr, pmean_ptr, pm2_ptr, pw_ptr, pnf_ptr, M, C, HW, CHW, PER
         tl.store(pmean_ptr + out, mean, mask=cmask)
         tl.store(pm2_ptr + out, m2, mask=cmask)
         tl.store(pw_ptr + out, w, mask=cmask)
-        tl.store(pnf_ptr + out, tl.sum(nf, 0), mask=cmask)
+        tl.store(psum_ptr + out, tl.sum(ssum, 0), mask=cmask)
     else:
         # tile element (0, 0) is the chunk's first (n, hw): never empty
         mean, m2, w = _welford_merge_rows(tl.reshape(mean, [BLOCK_A * BLOCK_B, 1]),
@@ -160,37 +167,41 @@ def _stats_kernel(x_ptr, pmean_ptr, pm2_ptr, pw_ptr, pnf_ptr, M, C, HW, CHW, PER
         tl.store(pmean_ptr + out, mean)
         tl.store(pm2_ptr + out, m2)
         tl.store(pw_ptr + out, w)
-        tl.store(pnf_ptr + out, tl.sum(tl.reshape(nf, [BLOCK_A * BLOCK_B, 1]), 0))
+        tl.store(psum_ptr + out, tl.sum(tl.reshape(ssum, [BLOCK_A * BLOCK_B, 1]), 0))
 
 
 @triton.jit
-def _stats_finalize(x_ptr, pmean_ptr, pm2_ptr, pw_ptr, pnf_ptr, w_ptr, mean_ptr, var_ptr, scale_ptr, C, STRIDE_C,
+def _stats_finalize(x_ptr, pmean_ptr, pm2_ptr, pw_ptr, psum_ptr, w_ptr, mean_ptr, var_ptr, scale_ptr, C, STRIDE_C,
                     NUM_CHUNKS, eps: tl.float64,
                     HAS_W: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     """Combine each channel's partials in a fixed order; write mean, biased var and
     scale = weight * invstd (invstd when there is no weight). The partial means are
-    relative to x[0, c, 0, 0] (at offset c * STRIDE_C), added back here; a channel with
-    non-finite values gets their sum (+-Inf / NaN) as its mean, like aten."""
+    relative to K = x[0, c, 0, 0] (at offset c * STRIDE_C; 0 if not finite), added back
+    here. A channel with non-finite values (its sum is not finite) gets that sum,
+    +-Inf / NaN, as its mean and a NaN variance, like aten."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     mean = tl.zeros([BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
     w = tl.zeros([BLOCK_C], ACC)
-    nf = tl.zeros([BLOCK_C], ACC)
+    ssum = tl.zeros([BLOCK_C], ACC)
     for j0 in range(0, NUM_CHUNKS, BLOCK_J):
         js = j0 + tl.arange(0, BLOCK_J)
         mask = (js < NUM_CHUNKS)[:, None] & cmask[None, :]
         offs = js[:, None] * C + cols[None, :]
-        nf += tl.sum(tl.load(pnf_ptr + offs, mask=mask, other=0.0), 0)
+        ssum += tl.sum(tl.load(psum_ptr + offs, mask=mask, other=0.0), 0)
         bm = tl.load(pmean_ptr + offs, mask=mask, other=0.0)
         bq = tl.load(pm2_ptr + offs, mask=mask, other=0.0)
         bw = tl.load(pw_ptr + offs, mask=mask, other=0.0)
         bm, bq, bw = _welford_merge_rows(bm, bq, bw)  # row j0 < NUM_CHUNKS: never empty
         mean, m2, w = _welford_combine(mean, m2, w, bm, bq, bw)
-    mean = mean + tl.load(x_ptr + cols.to(tl.int64) * STRIDE_C, mask=cmask, other=0.0).to(ACC)
-    mean = tl.where(nf == 0, mean, nf)
+    k = tl.load(x_ptr + cols.to(tl.int64) * STRIDE_C, mask=cmask, other=0.0).to(ACC)
+    mean = mean + tl.where(k - k == 0, k, 0.0)
     var = m2 / tl.where(w == 0, 1.0, w)
     var = tl.where(var < 0, 0.0, var)  # rounding guard; NaN passes (tl.maximum would drop it)
+    bad = ssum - ssum != 0  # the channel holds +-Inf / NaN
+    mean = tl.where(bad, ssum, mean)
+    var = tl.where(bad, ssum - ssum, var)  # NaN
     scale = 1.0 / tl.sqrt((var + eps).to(ACC))
     if HAS_W:
         scale = scale * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(ACC)
@@ -224,7 +235,7 @@ def _act_kernel(x_ptr, r_ptr, mean_ptr, scale_ptr, shift_ptr, y_ptr, M, C, HW, C
         base = pid0.to(tl.int64) * HW
         a0 = (pid1 // HJ) * PER
         a1 = tl.minimum(a0 + PER, M)
-        b0 = (pid1 % HJ) * HW_PER
+        b0 = (pid1 % HJ).to(tl.int64) * HW_PER  # int64: a plane may exceed 2^31
         b1 = tl.minimum(b0 + HW_PER, HW)
         tb_n = (b1 - b0 + BLOCK_B - 1) // BLOCK_B
         n_tiles = (a1 - a0 + BLOCK_A - 1) // BLOCK_A * tb_n
@@ -294,7 +305,7 @@ def _bwd_kernel(gy_ptr, x_ptr, y_ptr, mean_ptr, coef_ptr, gx_ptr, gz_ptr, ps_dz_
         base = pid0.to(tl.int64) * HW
         a0 = (pid1 // HJ) * PER
         a1 = tl.minimum(a0 + PER, M)
-        b0 = (pid1 % HJ) * HW_PER
+        b0 = (pid1 % HJ).to(tl.int64) * HW_PER  # int64: a plane may exceed 2^31
         b1 = tl.minimum(b0 + HW_PER, HW)
         tb_n = (b1 - b0 + BLOCK_B - 1) // BLOCK_B
         n_tiles = (a1 - a0 + BLOCK_A - 1) // BLOCK_A * tb_n

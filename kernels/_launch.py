@@ -176,7 +176,7 @@ def bn_act_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], re
     weight, bias = _vec(weight), _vec(bias)
     plan = _plan(xc, cl)
     tacc = _tl_acc(x.dtype)
-    part = torch.empty((4, plan.chunks, c), dtype=acc, device=x.device)  # mean | M2 | count | non-finite sum
+    part = torch.empty((4, plan.chunks, c), dtype=acc, device=x.device)  # mean | M2 | count | sum (all relative to K)
     # separate allocations: custom_op outputs may not share storage
     mean, var, scale = (torch.empty((c,), dtype=acc, device=x.device) for _ in range(3))
     with _device_ctx(x):
