@@ -16,7 +16,8 @@ from . import _kernels as K
 
 Tensor = torch.Tensor
 
-# Tiling knobs. TILE: elements per [rows, cols] register tile (8 warps -> 16 per thread);
+# Tiling knobs. TILE: elements per [rows, cols] register tile (8 warps -> 16 per thread;
+# smaller tiles of tiny tensors get fewer warps, >= 8 elements per thread);
 # TARGET_PROGRAMS: programs a reduction/elementwise pass aims for (a few per SM on an
 # H100, so each streams tens of KiB); MIN_TILES: fewest tiles a program walks (amortises
 # its parameter loads and partial stores); MAX_CHUNKS bounds the partial buffers (and
@@ -27,7 +28,7 @@ CONFIG = {
     "target_programs": 1024,
     "min_tiles": 4,
     "max_chunks": 4096,
-    "num_warps": 8,
+    "max_warps": 8,
     "finalize_tile": 4096,
     "finalize_block_c": 64,
 }
@@ -82,7 +83,12 @@ class _Plan(NamedTuple):
     grid: tuple
     chunks: int     # partials per channel
     args: tuple     # shape args after the pointers
-    meta: dict      # BLOCK_* constexprs
+    meta: dict      # CL, BLOCK_A, BLOCK_B constexprs and num_warps
+
+
+def _meta(cl: bool, block_a: int, block_b: int) -> dict:
+    warps = max(1, min(CONFIG["max_warps"], block_a * block_b // 256))
+    return dict(CL=cl, BLOCK_A=block_a, BLOCK_B=block_b, num_warps=warps)
 
 
 def _pick_block_hw(hw: int, cap: int) -> int:
@@ -117,7 +123,7 @@ def _plan(x: Tensor, cl: bool) -> _Plan:
         rows_per = _cdiv(tiles, want) * bm
         chunks = _cdiv(m, rows_per)
         return _Plan(True, (chunks, ncb), chunks, (m, c, hw, c * hw, rows_per, 1, 1),
-                     dict(CL=True, BLOCK_A=bm, BLOCK_B=bc))
+                     _meta(True, bm, bc))
     bhw = _pick_block_hw(hw, tile)
     bn = max(1, min(tile // bhw, _p2(n)))
     nt, ht = _cdiv(n, bn), _cdiv(hw, bhw)
@@ -131,7 +137,7 @@ def _plan(x: Tensor, cl: bool) -> _Plan:
     nj, hj = _cdiv(n, n_per), _cdiv(hw, hw_per)
     chunks = nj * hj
     return _Plan(False, (c, chunks), chunks, (n, c, hw, c * hw, n_per, hw_per, hj),
-                 dict(CL=False, BLOCK_A=bn, BLOCK_B=bhw))
+                 _meta(False, bn, bhw))
 
 
 def _finalize_meta(c: int, chunks: int):
@@ -155,10 +161,10 @@ def _launch_act(xc: Tensor, res: Optional[Tensor], mean: Optional[Tensor], scale
     acc = _tl_acc(xc.dtype)
     d = xc  # dummy pointer for absent operands (never dereferenced)
     K._act_kernel[plan.grid](xc, d if res is None else res, d if mean is None else mean,
-                    d if scale is None else scale, d if shift is None else shift, y, *plan.args,
-                    HAS_MEAN=mean is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-                    HAS_RES=res is not None, RELU=bool(relu), RNE_BF16=_rne(y.dtype), ACC=acc, num_warps=CONFIG["num_warps"],
-                    **plan.meta)
+                             d if scale is None else scale, d if shift is None else shift, y, *plan.args,
+                             HAS_MEAN=mean is not None, HAS_SCALE=scale is not None,
+                             HAS_SHIFT=shift is not None, HAS_RES=res is not None, RELU=bool(relu),
+                             RNE_BF16=_rne(y.dtype), ACC=acc, **plan.meta)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -176,15 +182,16 @@ def bn_act_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], re
     weight, bias = _vec(weight), _vec(bias)
     plan = _plan(xc, cl)
     tacc = _tl_acc(x.dtype)
-    part = torch.empty((4, plan.chunks, c), dtype=acc, device=x.device)  # mean | M2 | count | sum (all relative to K)
+    # partials: mean | M2 | count | sum, means and sums relative to K = x[0, c, 0, 0]
+    part = torch.empty((4, plan.chunks, c), dtype=acc, device=x.device)
     # separate allocations: custom_op outputs may not share storage
     mean, var, scale = (torch.empty((c,), dtype=acc, device=x.device) for _ in range(3))
     with _device_ctx(x):
-        K._stats_kernel[plan.grid](xc, part[0], part[1], part[2], part[3], *plan.args, ACC=tacc,
-                        num_warps=CONFIG["num_warps"], **plan.meta)
+        K._stats_kernel[plan.grid](xc, part[0], part[1], part[2], part[3], *plan.args, ACC=tacc, **plan.meta)
         fgrid, fmeta = _finalize_meta(c, plan.chunks)
+        stride_c = 1 if cl else x.shape[2] * x.shape[3]  # of x[0, c, 0, 0]
         K._stats_finalize[fgrid](xc, part[0], part[1], part[2], part[3], xc if weight is None else weight,
-                                 mean, var, scale, c, 1 if cl else x.shape[2] * x.shape[3], plan.chunks, float(eps),
+                                 mean, var, scale, c, stride_c, plan.chunks, float(eps),
                                  HAS_W=weight is not None, ACC=tacc, **fmeta)
         _launch_act(xc, res, mean, scale, bias, y, relu, cl)
     return y, mean, var
@@ -205,12 +212,12 @@ def affine_act(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], resi
 # ----------------------------------------------------------------------------- backward
 def _launch_bwd(plan: _Plan, gy, xc, yc, mean, coef, gx, gz, part, relu, sums, center, gx_mode, has_a):
     d = xc
-    K._bwd_kernel[plan.grid](gy, xc, d if yc is None else yc, d if mean is None else mean, d if coef is None else coef,
-                    d if gx is None else gx, d if gz is None else gz,
-                    d if part is None else part[0], d if part is None else part[1], *plan.args,
-                    RELU=bool(relu), SUMS=sums, CENTER=center, GX_MODE=gx_mode, HAS_A=has_a,
-                    WRITE_GZ=gz is not None, RNE_BF16=_rne(xc.dtype), ACC=_tl_acc(xc.dtype), num_warps=CONFIG["num_warps"],
-                    **plan.meta)
+    K._bwd_kernel[plan.grid](gy, xc, d if yc is None else yc, d if mean is None else mean,
+                             d if coef is None else coef, d if gx is None else gx, d if gz is None else gz,
+                             d if part is None else part[0], d if part is None else part[1], *plan.args,
+                             RELU=bool(relu), SUMS=sums, CENTER=center, GX_MODE=gx_mode, HAS_A=has_a,
+                             WRITE_GZ=gz is not None, RNE_BF16=_rne(xc.dtype), ACC=_tl_acc(xc.dtype),
+                             **plan.meta)
 
 
 def bn_act_train_backward(grad_y: Tensor, x: Tensor, y: Tensor, weight: Optional[Tensor], mean: Tensor,

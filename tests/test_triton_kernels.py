@@ -2,9 +2,9 @@
 
 Without a GPU this runs on the CPU under the Triton interpreter (TRITON_INTERPRET=1,
 set below before triton is imported); with one, on CUDA tensors. Shapes are small and
-the cases are a hand-picked spread rather than a cartesian product. Tolerances: fp64 rel 1e-9, fp32 rel 1e-5; bf16/fp16: error
-against an fp32 reference at most 2x PyTorch's own low-precision error (+ a small
-floor). The kernels' tiling knobs are shrunk in some cases so that small shapes still
+the cases are a hand-picked spread rather than a cartesian product. Tolerances: fp64
+rel 1e-9, fp32 rel 1e-5; bf16/fp16: error against an fp32 reference at most 2x
+PyTorch's own low-precision error (+ a small floor). The kernels' tiling knobs are shrunk in some cases so that small shapes still
 exercise multi-tile loops, several chunks per channel and several channel blocks.
 """
 import os
@@ -38,7 +38,7 @@ CL = torch.channels_last
 # Tiling knobs shrunk so the small test shapes still walk the code paths of the real
 # ones: SMALL = many chunks per channel (multi-iteration finalize) and several channel
 # blocks; LONG = few chunks, each program looping over many tiles.
-SMALL = dict(tile=16, max_block_c=4, target_programs=64, min_tiles=2, max_chunks=4096,
+SMALL = dict(tile=16, max_block_c=4, target_programs=64, min_tiles=2, max_chunks=4096, max_warps=1,
              finalize_tile=8, finalize_block_c=4)
 LONG = dict(SMALL, target_programs=8)
 TILINGS = {None: None, "small": SMALL, "long": LONG}
