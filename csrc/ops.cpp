@@ -11,6 +11,7 @@
 #include <string>
 
 #include "cpu/kernels.h"
+#include "schemas.h"
 
 #define FASTRES_STR2(...) #__VA_ARGS__
 #define FASTRES_STR(...) FASTRES_STR2(__VA_ARGS__)
@@ -57,20 +58,10 @@ bool with_cuda() {
 }  // namespace fastres
 
 TORCH_LIBRARY(fastres, m) {
-  m.def(
-      "bn_act_train(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, "
-      "float eps, bool relu) -> (Tensor y, Tensor mean, Tensor var)");
-  m.def(
-      "bn_act_train_backward(Tensor grad_y, Tensor x, Tensor y, Tensor? weight, "
-      "Tensor mean, Tensor var, float eps, bool relu, bool need_grad_z) "
-      "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_z)");
-  m.def(
-      "affine_act(Tensor x, Tensor? scale, Tensor? shift, Tensor? residual, bool relu) "
-      "-> Tensor y");
-  m.def(
-      "affine_act_backward(Tensor grad_y, Tensor x, Tensor y, Tensor? scale, bool relu, "
-      "bool need_grad_z, bool need_param_grads) "
-      "-> (Tensor grad_x, Tensor grad_z, Tensor grad_scale, Tensor grad_shift)");
+  m.def(FASTRES_SCHEMA_BN_ACT_TRAIN);
+  m.def(FASTRES_SCHEMA_BN_ACT_TRAIN_BACKWARD);
+  m.def(FASTRES_SCHEMA_AFFINE_ACT);
+  m.def(FASTRES_SCHEMA_AFFINE_ACT_BACKWARD);
   // No tensor arguments: a catch-all kernel.
   m.def("_build_info() -> str", &fastres::build_info);
 }

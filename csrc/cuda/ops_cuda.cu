@@ -12,15 +12,33 @@
 //   element-wise: one fused sweep (normalize + residual + ReLU, or the dx pass).
 // Layouts: NCHW ([N][C][HW]) and "rows" ([N*HW][C]: channels_last, or HW == 1),
 // both handled natively. Offsets are int64.
+//
+// Tests: compiled with -DFASTRES_CUDA_EMULATION (emulation_main.cpp) this file
+// builds for the host against emulation.h and registers the same ops as
+// torch.ops.fastres_cuda_emu.* on CPU tensors (tests/test_cuda_emulation.py).
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#if defined(FASTRES_CUDA_EMULATION)
+#include "emulation.h"
+#else
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
+
+#define FASTRES_LAUNCH(kernel, grid, block, stream, ...)   \
+  do {                                                     \
+    kernel<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__); \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                        \
+  } while (0)
+#define FASTRES_CURRENT_STREAM() (at::cuda::getCurrentCUDAStream().stream())
+#define FASTRES_DEVICE_GUARD(x) c10::cuda::CUDAGuard fastres_device_guard((x).device())
+#define FASTRES_CHECK_DEVICE(x, op) TORCH_CHECK((x).is_cuda(), "fastres::", op, ": expected a CUDA tensor")
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -29,6 +47,7 @@
 #include <type_traits>
 
 #include "../common.h"
+#include "../schemas.h"
 
 namespace fastres::cuda_impl {
 namespace {
@@ -312,11 +331,10 @@ __global__ void __launch_bounds__(kThreads)
 template <class Op>
 void launch_reduce(const Op& op, const Geom& g, const ReducePlan& p, cudaStream_t stream) {
   if (!g.rows) {
-    reduce_nchw_kernel<Op><<<p.grid, p.block, 0, stream>>>(op, g.N, g.C, g.HW, p.Jn, p.Jh);
+    FASTRES_LAUNCH(reduce_nchw_kernel<Op>, p.grid, p.block, stream, op, g.N, g.C, g.HW, p.Jn, p.Jh);
   } else {
-    reduce_rows_kernel<Op><<<p.grid, p.block, 0, stream>>>(op, g.M(), g.C, p.J);
+    FASTRES_LAUNCH(reduce_rows_kernel<Op>, p.grid, p.block, stream, op, g.M(), g.C, p.J);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // ---------------------------------------------------------------------------
@@ -519,11 +537,10 @@ template <class Op>
 void launch_ew(const Op& op, const Geom& g, cudaStream_t stream) {
   const EwPlan p = make_ew_plan(g);
   if (!g.rows) {
-    ew_nchw_kernel<Op><<<p.grid, p.block, 0, stream>>>(op, g.N * g.C, g.C, g.HW);
+    FASTRES_LAUNCH(ew_nchw_kernel<Op>, p.grid, p.block, stream, op, g.N * g.C, g.C, g.HW);
   } else {
-    ew_rows_kernel<Op><<<p.grid, p.block, 0, stream>>>(op, g.M(), g.C);
+    FASTRES_LAUNCH(ew_rows_kernel<Op>, p.grid, p.block, stream, op, g.M(), g.C);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Compile-time dispatch of runtime bools.
@@ -540,7 +557,7 @@ const T* cptr(const Tensor& t) {
 
 void check_cuda(const Tensor& x, const char* op) {
   check_x(x, op);
-  TORCH_CHECK(x.is_cuda(), "fastres::", op, ": expected a CUDA tensor");
+  FASTRES_CHECK_DEVICE(x, op);
 }
 
 // ---------------------------------------------------------------------------
@@ -552,7 +569,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_train_cuda(const Tensor& x, const opti
                                                      bool relu) {
   constexpr const char* opname = "bn_act_train";
   check_cuda(x, opname);
-  c10::cuda::CUDAGuard guard(x.device());
+  FASTRES_DEVICE_GUARD(x);
   const auto fmt = memory_format_of(x);
   const auto acc = acc_dtype(x.scalar_type());
   const int64_t C = x.size(1);
@@ -572,7 +589,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_train_cuda(const Tensor& x, const opti
   const Geom g = geom_of(x, fmt);
   const ReducePlan plan = make_reduce_plan(g);
   Tensor ws = at::empty({3 * C * plan.J + 2 * C}, x.options().dtype(acc));
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = FASTRES_CURRENT_STREAM();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastres_bn_act_train", [&] {
     using A = at::acc_type<scalar_t, true>;
     A* base = ws.mutable_data_ptr<A>();
@@ -583,10 +600,9 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_train_cuda(const Tensor& x, const opti
     A* shift = scale + C;
     StatsOp<scalar_t> sop{xc.const_data_ptr<scalar_t>(), pn, pm, pq};
     launch_reduce(sop, g, plan, stream);
-    stats_finalize_kernel<A><<<finalize_grid(C), kFinalizeWarps * 32, 0, stream>>>(
-        pn, pm, pq, C, plan.J, g.M(), cptr<A>(w), cptr<A>(b), eps, mean.mutable_data_ptr<A>(),
-        var.mutable_data_ptr<A>(), scale, shift);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    FASTRES_LAUNCH(stats_finalize_kernel<A>, finalize_grid(C), dim3(kFinalizeWarps * 32), stream, pn, pm,
+                   pq, C, plan.J, g.M(), cptr<A>(w), cptr<A>(b), eps, mean.mutable_data_ptr<A>(),
+                   var.mutable_data_ptr<A>(), scale, shift);
     with_bool(relu, [&](auto RELU) {
       with_bool(r.defined(), [&](auto RES) {
         AffineApplyOp<scalar_t, decltype(RELU)::value, decltype(RES)::value> aop{
@@ -604,7 +620,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_train_backward_cuda(
     const Tensor& mean, const Tensor& var, double eps, bool relu, bool need_grad_z) {
   constexpr const char* opname = "bn_act_train_backward";
   check_cuda(x, opname);
-  c10::cuda::CUDAGuard guard(x.device());
+  FASTRES_DEVICE_GUARD(x);
   const auto fmt = memory_format_of(x);
   const auto acc = acc_dtype(x.scalar_type());
   const int64_t C = x.size(1);
@@ -625,7 +641,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_train_backward_cuda(
   const Geom g = geom_of(x, fmt);
   const ReducePlan plan = make_reduce_plan(g);
   Tensor ws = at::empty({2 * C * plan.J + 3 * C}, x.options().dtype(acc));
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = FASTRES_CURRENT_STREAM();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastres_bn_act_train_backward", [&] {
     using A = at::acc_type<scalar_t, true>;
     A* base = ws.mutable_data_ptr<A>();
@@ -644,10 +660,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_train_backward_cuda(
             gy_p, x_p, y_p, gz_p, nullptr, m.const_data_ptr<A>(), nullptr, p1, p2};
         launch_reduce(dop, g, plan, stream);
       });
-      sums_finalize_kernel<A, 0><<<finalize_grid(C), kFinalizeWarps * 32, 0, stream>>>(
-          p1, p2, C, plan.J, g.M(), cptr<A>(w), v.const_data_ptr<A>(), eps, gw.mutable_data_ptr<A>(),
-          gb.mutable_data_ptr<A>(), ka, kb, kd);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      auto* fin = &sums_finalize_kernel<A, 0>;
+      FASTRES_LAUNCH(fin, finalize_grid(C), dim3(kFinalizeWarps * 32), stream, p1, p2, C, plan.J, g.M(),
+                     cptr<A>(w), v.const_data_ptr<A>(), eps, gw.mutable_data_ptr<A>(),
+                     gb.mutable_data_ptr<A>(), ka, kb, kd);
       with_bool(need_grad_z, [&](auto FROM_GZ) {
         BnBwdApplyOp<scalar_t, decltype(RELU)::value, decltype(FROM_GZ)::value> aop{
             gy_p, x_p, y_p, gz_p, gx.mutable_data_ptr<scalar_t>(), m.const_data_ptr<A>(), ka, kb, kd};
@@ -662,7 +678,7 @@ Tensor affine_act_cuda(const Tensor& x, const optional<Tensor>& scale, const opt
                        const optional<Tensor>& residual, bool relu) {
   constexpr const char* opname = "affine_act";
   check_cuda(x, opname);
-  c10::cuda::CUDAGuard guard(x.device());
+  FASTRES_DEVICE_GUARD(x);
   const auto fmt = memory_format_of(x);
   Tensor y = at::empty(x.sizes(), x.options().memory_format(fmt));
   if (x.numel() == 0) return y;
@@ -672,7 +688,7 @@ Tensor affine_act_cuda(const Tensor& x, const optional<Tensor>& scale, const opt
   Tensor r;
   if (residual.has_value() && residual->defined()) r = like_x(*residual, x, fmt, opname, "residual");
   const Geom g = geom_of(x, fmt);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = FASTRES_CURRENT_STREAM();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastres_affine_act", [&] {
     using A = at::acc_type<scalar_t, true>;
     with_bool(relu, [&](auto RELU) {
@@ -692,7 +708,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> affine_act_backward_cuda(
     bool need_grad_z, bool need_param_grads) {
   constexpr const char* opname = "affine_act_backward";
   check_cuda(x, opname);
-  c10::cuda::CUDAGuard guard(x.device());
+  FASTRES_DEVICE_GUARD(x);
   const auto fmt = memory_format_of(x);
   const auto acc = acc_dtype(x.scalar_type());
   const int64_t C = x.size(1);
@@ -713,7 +729,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> affine_act_backward_cuda(
   if (relu) yc = like_x(y, x, fmt, opname, "y");
   const Tensor s = channel_param(scale, x, opname, "scale");
   const Geom g = geom_of(x, fmt);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = FASTRES_CURRENT_STREAM();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastres_affine_act_backward", [&] {
     using A = at::acc_type<scalar_t, true>;
     const scalar_t* gy_p = gyc.const_data_ptr<scalar_t>();
@@ -732,10 +748,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> affine_act_backward_cuda(
           launch_reduce(dop, g, plan, stream);
         });
       });
-      sums_finalize_kernel<A, 1><<<finalize_grid(C), kFinalizeWarps * 32, 0, stream>>>(
-          p1, p2, C, plan.J, g.M(), nullptr, nullptr, 0.0, gs.mutable_data_ptr<A>(),
-          gb.mutable_data_ptr<A>(), nullptr, nullptr, nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      auto* fin = &sums_finalize_kernel<A, 1>;
+      FASTRES_LAUNCH(fin, finalize_grid(C), dim3(kFinalizeWarps * 32), stream, p1, p2, C, plan.J, g.M(),
+                     static_cast<const A*>(nullptr), static_cast<const A*>(nullptr), 0.0,
+                     gs.mutable_data_ptr<A>(), gb.mutable_data_ptr<A>(), static_cast<A*>(nullptr),
+                     static_cast<A*>(nullptr), static_cast<A*>(nullptr));
     } else {
       with_bool(relu, [&](auto RELU) {
         with_bool(need_grad_z, [&](auto GZ) {
@@ -751,7 +768,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> affine_act_backward_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastres, CUDA, m) {
+#if defined(FASTRES_CUDA_EMULATION)
+TORCH_LIBRARY(fastres_cuda_emu, m) {
+  m.def(FASTRES_SCHEMA_BN_ACT_TRAIN);
+  m.def(FASTRES_SCHEMA_BN_ACT_TRAIN_BACKWARD);
+  m.def(FASTRES_SCHEMA_AFFINE_ACT);
+  m.def(FASTRES_SCHEMA_AFFINE_ACT_BACKWARD);
+}
+#define FASTRES_IMPL_NS fastres_cuda_emu
+#define FASTRES_IMPL_KEY CPU
+#else
+#define FASTRES_IMPL_NS fastres
+#define FASTRES_IMPL_KEY CUDA
+#endif
+
+TORCH_LIBRARY_IMPL(FASTRES_IMPL_NS, FASTRES_IMPL_KEY, m) {
   m.impl("bn_act_train", &bn_act_train_cuda);
   m.impl("bn_act_train_backward", &bn_act_train_backward_cuda);
   m.impl("affine_act", &affine_act_cuda);

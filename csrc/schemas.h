@@ -1,0 +1,18 @@
+// The op schemas of docs/DESIGN.md, shared by every registration site
+// (ops.cpp, and the CPU emulation build of cuda/ops_cuda.cu used in tests).
+#pragma once
+
+#define FASTRES_SCHEMA_BN_ACT_TRAIN                                                  \
+  "bn_act_train(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, "          \
+  "float eps, bool relu) -> (Tensor y, Tensor mean, Tensor var)"
+#define FASTRES_SCHEMA_BN_ACT_TRAIN_BACKWARD                                         \
+  "bn_act_train_backward(Tensor grad_y, Tensor x, Tensor y, Tensor? weight, "        \
+  "Tensor mean, Tensor var, float eps, bool relu, bool need_grad_z) "                \
+  "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_z)"
+#define FASTRES_SCHEMA_AFFINE_ACT                                                    \
+  "affine_act(Tensor x, Tensor? scale, Tensor? shift, Tensor? residual, bool relu) " \
+  "-> Tensor y"
+#define FASTRES_SCHEMA_AFFINE_ACT_BACKWARD                                           \
+  "affine_act_backward(Tensor grad_y, Tensor x, Tensor y, Tensor? scale, bool relu, " \
+  "bool need_grad_z, bool need_param_grads) "                                        \
+  "-> (Tensor grad_x, Tensor grad_z, Tensor grad_scale, Tensor grad_shift)"
