@@ -21,9 +21,10 @@ Shape arguments shared by the pass kernels: ``M`` = rows (CL) or N (not CL), ``C
 Per-channel reductions are two-level and deterministic (no atomics): a pass kernel
 writes one partial per (chunk, channel) into [chunks, C] buffers; a small finalize
 kernel combines each channel's partials in a fixed order (a fixed-shape tree over a
-block of chunks, then sequentially across blocks). Statistics use a Welford update per
-register lane and a shifted (Chan-style) merge of the lane / chunk summaries, so a
-huge-magnitude near-constant channel keeps its variance (never E[x^2] - E[x]^2).
+block of chunks, then sequentially across blocks). Statistics: data shifted by the
+channel's first element, a Welford update per register lane, and a shifted (Chan-style)
+merge of the lane / chunk summaries, so a huge-magnitude near-constant channel keeps its
+variance (never E[x^2] - E[x]^2).
 
 Offsets that scale with the tensor size are int64 (program ids / row and image indices
 are cast before they multiply a stride). The per-tile bodies are written inline: the
