@@ -34,6 +34,8 @@ torch.ops.load_library(sys.argv[1])
 info = torch.ops.fastres._build_info()
 for name in ("bn_act_train", "bn_act_train_backward", "affine_act", "affine_act_backward"):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastres::{name}", "CPU"), name
+if "cuda=1" in info.split(";"):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("fastres::bn_act_train", "CUDA")
 x = torch.randn(2, 3, 4, 5)
 y, m, v = torch.ops.fastres.bn_act_train(x, None, None, None, 1e-5, True)
 torch.testing.assert_close(m, x.mean(dim=(0, 2, 3)))
