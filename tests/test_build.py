@@ -237,6 +237,33 @@ def test_stats_stability(layout):
     torch.testing.assert_close(y.double(), yt, rtol=0, atol=2e-2)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_nonfinite_like_reference(layout, dtype, one_thread):
+    """aten semantics: a channel with +-Inf has mean +-Inf (NaN with both signs) and
+    var NaN; a NaN channel is all NaN; the other channels are untouched."""
+    x = torch.randn(3, 5, 20, 30, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x[1, 0, 3, 4] = float("inf")
+    x[0, 1, 0, 0] = float("-inf")
+    x[2, 2, 5, 5] = float("inf")
+    x[1, 2, 6, 6] = float("-inf")
+    x[0, 3, 7, 7] = float("nan")
+    x = x.to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(5) + 0.5, torch.randn(5)
+    out = F.bn_act_train(x, w, b, None, 1e-5, True)
+    outr = ref.bn_act_train(x, w, b, None, 1e-5, True)
+    for a, e, name in zip(out, outr, ("y", "mean", "var")):
+        close(a, e, DTYPES[dtype] if name == "y" else acc_tol(dtype), name)
+    assert out[1][0] == float("inf") and out[1][1] == float("-inf") and out[1][2].isnan()
+    gy = torch.randn_like(x)
+    gout = F.bn_act_train_backward(gy, x, outr[0], w, outr[1], outr[2], 1e-5, True, True)
+    goutr = ref.bn_act_train_backward(gy, x, outr[0], w, outr[1], outr[2], 1e-5, True, True)
+    for a, e, name in zip(gout, goutr, ("grad_x", "grad_weight", "grad_bias", "grad_z")):
+        close(a, e, DTYPES[dtype] if name in ("grad_x", "grad_z") else acc_tol(dtype), name)
+
+
 def test_deterministic_across_threads():
     gen = torch.Generator().manual_seed(5)
     outs = []

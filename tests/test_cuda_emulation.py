@@ -107,6 +107,20 @@ def test_emulated_cuda_ops_multi_partial(E, shape):
         _check(E, shape, torch.float32, cl, relu=True, use_res=True, gen=gen)
 
 
+def test_emulated_cuda_nonfinite(E):
+    for cl in (False, True):
+        x = torch.randn(3, 4, 9, 10, generator=torch.Generator().manual_seed(2))
+        x[1, 0, 3, 4] = float("inf")
+        x[0, 1, 0, 0] = float("-inf")
+        x[2, 2, 5, 5], x[1, 2, 6, 6] = float("inf"), float("-inf")
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out, outr = E.bn_act_train(x, None, None, None, 1e-5, True), ref.bn_act_train(x, None, None, None, 1e-5, True)
+        for a, e in zip(out, outr):
+            torch.testing.assert_close(a, e, equal_nan=True)
+        assert out[1][0] == float("inf") and out[1][1] == float("-inf") and out[1][2].isnan()
+
+
 def test_emulated_cuda_empty_and_deterministic(E):
     for shape in [(0, 3, 4, 4), (2, 3, 0, 5)]:
         x = torch.empty(shape)

@@ -169,11 +169,20 @@ inline int64_t chunk_start(int64_t M, int64_t J, int64_t j) {
   return j * q + std::min(j, r);
 }
 
+// max(v, 0) that keeps NaN (std::max(0.0, NaN) is 0).
+inline double clamp_nonneg(double v) { return v < 0.0 ? 0.0 : v; }
+
 // Chan merge of (n, mean, m2) partials, in double.
 struct Welford {
   double n = 0, mean = 0, m2 = 0;
   void merge(double nb, double mb, double m2b) {
     if (nb <= 0) return;
+    if (n == 0) {  // (avoids 0 * delta^2 = NaN for an infinite first mean)
+      n = nb;
+      mean = mb;
+      m2 = m2b;
+      return;
+    }
     const double nt = n + nb;
     const double delta = mb - mean;
     mean += delta * (nb / nt);
@@ -189,7 +198,7 @@ struct Welford {
 // Corrected two-pass over a set of runs: returns (mean, M2) in double.
 template <typename T>
 inline void unit_stats_nchw(const Geom& g, const T* x, int64_t c, int64_t l0, int64_t l1,
-                            double& mean_out, double& m2_out) {
+                            double& mean_out, double& m2_out, double& sum_out) {
   using IOT = IO<T>;
   using A = acc_of<T>;
   using V = typename IOT::V;
@@ -210,7 +219,9 @@ inline void unit_stats_nchw(const Geom& g, const T* x, int64_t c, int64_t l0, in
     for (; i + W <= len; i += W) a0 = a0 + IOT::load(p + i);
     for (; i < len; ++i) s += static_cast<A>(p[i]);
   });
-  const A m = (hsum((a0 + a1) + (a2 + a3)) + s) / static_cast<A>(cnt);
+  const A total = hsum((a0 + a1) + (a2 + a3)) + s;
+  sum_out = static_cast<double>(total);
+  const A m = total / static_cast<A>(cnt);
   // pass 2 (cache resident): sum of (x-m) and (x-m)^2
   const V mv(m);
   V d0(0), d1(0), q0(0), q1(0);
@@ -241,13 +252,13 @@ inline void unit_stats_nchw(const Geom& g, const T* x, int64_t c, int64_t l0, in
   const double Q = static_cast<double>(hsum(q0 + q1) + qs);
   const double n = static_cast<double>(cnt);
   mean_out = static_cast<double>(m) + D / n;
-  m2_out = std::max(0.0, Q - D * D / n);
+  m2_out = clamp_nonneg(Q - D * D / n);
 }
 
 // Rows layout: rows [r0, r1), all channels. scratch: 3*C acc values.
 template <typename T>
 inline void unit_stats_rows(const Geom& g, const T* x, int64_t r0, int64_t r1, acc_of<T>* scratch,
-                            double* pm, double* pq) {
+                            double* pm, double* pq, double* ps) {
   using IOT = IO<T>;
   using A = acc_of<T>;
   using V = typename IOT::V;
@@ -287,7 +298,10 @@ inline void unit_stats_rows(const Geom& g, const T* x, int64_t r0, int64_t r1, a
   }
   const int64_t cnt = r1 - r0;
   const A inv = A(1) / static_cast<A>(cnt);
-  for (int64_t c = 0; c < C; ++c) sum[c] *= inv;  // sum now holds the unit mean
+  for (int64_t c = 0; c < C; ++c) {
+    ps[c] = static_cast<double>(sum[c]);
+    sum[c] *= inv;  // sum now holds the unit mean
+  }
   // pass 2: sum of (x-m), (x-m)^2
   r = r0;
   for (; r + 4 <= r1; r += 4) {
@@ -331,43 +345,54 @@ inline void unit_stats_rows(const Geom& g, const T* x, int64_t r0, int64_t r1, a
   for (int64_t c = 0; c < C; ++c) {
     const double D = dsum[c], Q = qsum[c];
     pm[c] = static_cast<double>(sum[c]) + D / n;
-    pq[c] = std::max(0.0, Q - D * D / n);
+    pq[c] = clamp_nonneg(Q - D * D / n);
   }
 }
 
 // Per-channel mean / biased var (double) of x.
+//
+// Non-finite inputs follow aten (mean = sum(x)/M, var = mean((x-mean)^2)): a
+// channel with +-Inf has mean +-Inf (or NaN for both signs) and var NaN. The
+// stable path would give NaN for that mean (inf - inf in the merges), so the
+// plain sums are carried along and used whenever the merged mean is not finite.
 template <typename T>
 void channel_stats(const Geom& g, const T* x, std::vector<double>& mean, std::vector<double>& var) {
   const Partition P = make_partition(g);
   const int64_t C = g.C, M = g.M();
   mean.assign(C, 0.0);
   var.assign(C, 0.0);
+  std::vector<double> total(C, 0.0);
   if (!g.rows) {
-    std::vector<double> pm(P.U), pq(P.U);
+    std::vector<double> pm(P.U), pq(P.U), ps(P.U);
     at::parallel_for(0, P.U, P.grain, [&](int64_t b, int64_t e) {
       for (int64_t u = b; u < e; ++u) {
         const int64_t c = u / P.J, j = u % P.J;
-        unit_stats_nchw<T>(g, x, c, chunk_start(M, P.J, j), chunk_start(M, P.J, j + 1), pm[u], pq[u]);
+        unit_stats_nchw<T>(g, x, c, chunk_start(M, P.J, j), chunk_start(M, P.J, j + 1), pm[u], pq[u],
+                           ps[u]);
       }
     });
     at::parallel_for(0, C, P.combine_grain, [&](int64_t b, int64_t e) {
       for (int64_t c = b; c < e; ++c) {
         Welford w;
+        double sum = 0;
         for (int64_t j = 0; j < P.J; ++j) {
           const double nb = static_cast<double>(chunk_start(M, P.J, j + 1) - chunk_start(M, P.J, j));
           w.merge(nb, pm[c * P.J + j], pq[c * P.J + j]);
+          sum += ps[c * P.J + j];
         }
         mean[c] = w.mean;
         var[c] = w.m2 / w.n;
+        total[c] = sum;
       }
     });
   } else {
-    std::vector<double> pm(P.U * C), pq(P.U * C);
+    std::vector<double> pm(P.U * C), pq(P.U * C), ps(P.U * C);
     at::parallel_for(0, P.U, P.grain, [&](int64_t b, int64_t e) {
       std::vector<acc_of<T>> scratch(3 * C);
       for (int64_t u = b; u < e; ++u) {
         const int64_t r0 = u * P.R, r1 = std::min(M, r0 + P.R);
-        unit_stats_rows<T>(g, x, r0, r1, scratch.data(), pm.data() + u * C, pq.data() + u * C);
+        unit_stats_rows<T>(g, x, r0, r1, scratch.data(), pm.data() + u * C, pq.data() + u * C,
+                           ps.data() + u * C);
       }
     });
     // Chan merge in unit order. All channels share the unit counts, so the
@@ -387,17 +412,31 @@ void channel_stats(const Geom& g, const T* x, std::vector<double>& mean, std::ve
         const double f1 = nb / nt, f2 = n * nb / nt;
         const double* um = pm.data() + u * C;
         const double* uq = pq.data() + u * C;
+        const double* us = ps.data() + u * C;
         double* mo = mean.data();
         double* qo = var.data();
-        for (int64_t c = b; c < e; ++c) {
-          const double delta = um[c] - mo[c];
-          mo[c] += delta * f1;
-          qo[c] += uq[c] + delta * delta * f2;
+        double* so = total.data();
+        if (u == 0) {
+          for (int64_t c = b; c < e; ++c) {
+            mo[c] = um[c];
+            qo[c] = uq[c];
+            so[c] = us[c];
+          }
+        } else {
+          for (int64_t c = b; c < e; ++c) {
+            const double delta = um[c] - mo[c];
+            mo[c] += delta * f1;
+            qo[c] += uq[c] + delta * delta * f2;
+            so[c] += us[c];
+          }
         }
         n = nt;
       }
       for (int64_t c = b; c < e; ++c) var[c] /= n;
     });
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    if (!std::isfinite(mean[c])) mean[c] = total[c] / static_cast<double>(M);
   }
 }
 

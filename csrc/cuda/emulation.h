@@ -20,6 +20,8 @@
 #include <type_traits>
 #include <vector>
 
+using std::isfinite;  // device code calls the global isfinite()
+
 struct dim3 {
   unsigned x, y, z;
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}

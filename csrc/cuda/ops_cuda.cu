@@ -168,10 +168,12 @@ __device__ __forceinline__ A sqrt_d(A v) {
 template <typename T, typename A>
 __device__ __forceinline__ A ld(const T* p, int64_t i) { return static_cast<A>(p[i]); }
 
-// Welford / Chan state.
+// Welford / Chan state, plus the plain sum: aten's mean is sum(x)/M, which is
+// +-Inf for a channel holding +-Inf, where the Welford mean is NaN (inf - inf);
+// the finalize falls back to sum/M when the merged mean is not finite.
 template <typename A>
 struct WelfordS {
-  A n, mean, m2;
+  A n, mean, m2, sum;
 };
 
 template <typename A>
@@ -187,6 +189,7 @@ __device__ __forceinline__ void chan_merge(WelfordS<A>& a, const WelfordS<A>& b)
   a.mean += d * f;
   a.m2 += b.m2 + d * d * a.n * f;
   a.n = n;
+  a.sum += b.sum;
 }
 
 template <typename A>
@@ -208,10 +211,12 @@ struct StatsOp {
   A* pn;
   A* pm;
   A* pq;
+  A* ps;
   __device__ Ctx ctx(int64_t) const { return {}; }
-  __device__ void init(State& s) const { s.n = A(0); s.mean = A(0); s.m2 = A(0); }
+  __device__ void init(State& s) const { s.n = A(0); s.mean = A(0); s.m2 = A(0); s.sum = A(0); }
   __device__ void push(State& s, const Ctx&, int64_t i) const {
     const A v = ld<T, A>(x, i);
+    s.sum += v;
     s.n += A(1);
     const A d = v - s.mean;
     s.mean += d / s.n;
@@ -222,6 +227,7 @@ struct StatsOp {
     pn[slot] = s.n;
     pm[slot] = s.mean;
     pq[slot] = s.m2;
+    ps[slot] = s.sum;
   }
 };
 
@@ -341,7 +347,7 @@ void launch_reduce(const Op& op, const Geom& g, const ReducePlan& p, cudaStream_
 // Finalize kernels: one warp per channel; double precision merges.
 
 struct WelfordD {
-  double n, mean, m2;
+  double n, mean, m2, sum;
 };
 
 __device__ __forceinline__ void chan_merge_d(WelfordD& a, const WelfordD& b) {
@@ -356,22 +362,24 @@ __device__ __forceinline__ void chan_merge_d(WelfordD& a, const WelfordD& b) {
   a.mean += d * f;
   a.m2 += b.m2 + d * d * a.n * f;
   a.n = n;
+  a.sum += b.sum;
 }
 
 // mean/var of channel c from its J partials; writes mean, var and the
 // element-wise coefficients scale = w * invstd, shift = b.
 template <typename A>
 __global__ void __launch_bounds__(kFinalizeWarps * 32)
-    stats_finalize_kernel(const A* pn, const A* pm, const A* pq, int64_t C, int64_t J, int64_t M,
+    stats_finalize_kernel(const A* pn, const A* pm, const A* pq, const A* ps, int64_t C, int64_t J, int64_t M,
                           const A* weight, const A* bias, double eps, A* mean_out, A* var_out,
                           A* scale_out, A* shift_out) {
   const int lane = threadIdx.x & 31;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinalizeWarps + (threadIdx.x >> 5);
   if (c >= C) return;  // whole warp
-  WelfordD s{0.0, 0.0, 0.0};
+  WelfordD s{0.0, 0.0, 0.0, 0.0};
   for (int64_t j = lane; j < J; j += 32) {
     const int64_t k = c * J + j;
-    const WelfordD b{static_cast<double>(pn[k]), static_cast<double>(pm[k]), static_cast<double>(pq[k])};
+    const WelfordD b{static_cast<double>(pn[k]), static_cast<double>(pm[k]), static_cast<double>(pq[k]),
+                     static_cast<double>(ps[k])};
     chan_merge_d(s, b);
   }
   for (int off = 16; off > 0; off >>= 1) {
@@ -379,10 +387,12 @@ __global__ void __launch_bounds__(kFinalizeWarps * 32)
     o.n = __shfl_down_sync(0xffffffffu, s.n, off);
     o.mean = __shfl_down_sync(0xffffffffu, s.mean, off);
     o.m2 = __shfl_down_sync(0xffffffffu, s.m2, off);
+    o.sum = __shfl_down_sync(0xffffffffu, s.sum, off);
     chan_merge_d(s, o);  // lanes >= 32 - off merge garbage; only lane 0 is used
   }
   if (lane == 0) {
-    const A m = static_cast<A>(s.mean);
+    const double mean = isfinite(s.mean) ? s.mean : s.sum / static_cast<double>(M);
+    const A m = static_cast<A>(mean);
     const A v = static_cast<A>(s.m2 / static_cast<double>(M));
     mean_out[c] = m;
     var_out[c] = v;
@@ -588,7 +598,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_train_cuda(const Tensor& x, const opti
   if (residual.has_value() && residual->defined()) r = like_x(*residual, x, fmt, opname, "residual");
   const Geom g = geom_of(x, fmt);
   const ReducePlan plan = make_reduce_plan(g);
-  Tensor ws = at::empty({3 * C * plan.J + 2 * C}, x.options().dtype(acc));
+  Tensor ws = at::empty({4 * C * plan.J + 2 * C}, x.options().dtype(acc));
   cudaStream_t stream = FASTRES_CURRENT_STREAM();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastres_bn_act_train", [&] {
     using A = at::acc_type<scalar_t, true>;
@@ -596,12 +606,13 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_train_cuda(const Tensor& x, const opti
     A* pn = base;
     A* pm = base + C * plan.J;
     A* pq = base + 2 * C * plan.J;
-    A* scale = base + 3 * C * plan.J;
+    A* ps = base + 3 * C * plan.J;
+    A* scale = base + 4 * C * plan.J;
     A* shift = scale + C;
-    StatsOp<scalar_t> sop{xc.const_data_ptr<scalar_t>(), pn, pm, pq};
+    StatsOp<scalar_t> sop{xc.const_data_ptr<scalar_t>(), pn, pm, pq, ps};
     launch_reduce(sop, g, plan, stream);
     FASTRES_LAUNCH(stats_finalize_kernel<A>, finalize_grid(C), dim3(kFinalizeWarps * 32), stream, pn, pm,
-                   pq, C, plan.J, g.M(), cptr<A>(w), cptr<A>(b), eps, mean.mutable_data_ptr<A>(),
+                   pq, ps, C, plan.J, g.M(), cptr<A>(w), cptr<A>(b), eps, mean.mutable_data_ptr<A>(),
                    var.mutable_data_ptr<A>(), scale, shift);
     with_bool(relu, [&](auto RELU) {
       with_bool(r.defined(), [&](auto RES) {
