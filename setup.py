@@ -159,8 +159,7 @@ else:
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=link_flags,
     )
-    _log(f"CUDA kernels not built ({why_not}): CPU-only build")
-    _log("building _C with CPU kernels only")
+    _log(f"building _C with CPU kernels only: CUDA kernels not built ({why_not})")
 
 packages = find_packages(include=["fastres", "fastres.*"])
 if "fastres.kernels" not in packages:

@@ -17,7 +17,8 @@ BUILD="${BUILD_DIR:-$ROOT/cmake-build}"
 JOBS="${JOBS:-2}"
 PREFIX="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 
-CUDA_ARG=()
+# Explicit ON/OFF, or drop a cached value so CMakeLists.txt auto-detects nvcc again.
+CUDA_ARG=("-UFASTRES_WITH_CUDA")
 if [ -n "${FASTRES_WITH_CUDA:-}" ]; then
   CUDA_ARG=("-DFASTRES_WITH_CUDA=${FASTRES_WITH_CUDA}")
 fi
