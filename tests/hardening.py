@@ -103,7 +103,15 @@ def assert_buffer(actual, expected, name, hi=None, equal_nan=False, slack=(0.0, 
     by an ulp per step (a flipped rounding): 4 units of the dtype's precision."""
     tol = dict(BUF_TOL.get(actual.dtype) or dict(rtol=4 * torch.finfo(actual.dtype).eps, atol=1e-3))
     tol["atol"] = tol["atol"] + (slack[1] if name.endswith("running_var") else slack[0])
-    torch.testing.assert_close(actual, expected, **tol, equal_nan=equal_nan, msg=lambda m: f"{name}: {m}")
+    try:
+        torch.testing.assert_close(actual, expected, **tol, equal_nan=equal_nan, msg=lambda m: f"{name}: {m}")
+    except AssertionError:
+        if actual.dtype in BUF_TOL or hi is None:
+            raise
+        # PyTorch updates bf16/fp16 buffers in bf16/fp16 arithmetic ((1-m)*rm and m*mean
+        # each rounded, then cancelling): it can be many ulps off the fp32 update, which
+        # fastres computes and rounds once. Then ours must be the closer one (2x rule).
+        assert_parity(actual, expected, actual.dtype, name, hi=hi.to(torch.float32), equal_nan=equal_nan)
 
 
 def _fp32_slack(x: torch.Tensor) -> Tuple[float, float]:
