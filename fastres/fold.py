@@ -34,7 +34,8 @@ from . import functional as FF
 
 Tensor = torch.Tensor
 
-__all__ = ["fold_conv_bn", "folded_conv_bn", "invalidate", "clear_cache", "cache_size", "compute_dtype"]
+__all__ = ["fold_conv_bn", "folded_conv_bn", "invalidate", "clear_cache", "cache_size", "compute_dtype",
+           "onednn_conv_act", "use_onednn"]
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -138,3 +139,68 @@ def cache_size(module: Optional[nn.Module] = None) -> int:
     if module is None:
         return sum(len(v) for v in list(_CACHE.values()))
     return sum(len(_CACHE.get(m, ())) for m in module.modules())
+
+
+# --------------------------------------------------------------------------- oneDNN fused conv (CPU inference)
+_ONEDNN = None
+
+
+def _onednn_op():
+    global _ONEDNN
+    if _ONEDNN is None:
+        try:
+            op = torch.ops.mkldnn._convolution_pointwise
+            _ONEDNN = op if torch.backends.mkldnn.is_available() else False
+        except (AttributeError, RuntimeError):
+            _ONEDNN = False
+    return _ONEDNN
+
+
+_use_onednn = [True]
+
+
+def use_onednn(enabled: Optional[bool] = None) -> bool:
+    """Get (or set) whether CPU inference runs the folded conv as one oneDNN primitive
+    with the bias, residual add and ReLU fused in (``torch.ops.mkldnn._convolution_pointwise``,
+    the kernel inductor uses for frozen CPU graphs). On by default; returns the setting."""
+    if enabled is not None:
+        _use_onednn[0] = bool(enabled)
+    return _use_onednn[0]
+
+
+def _out_hw(n: int, k: int, s: int, p: int, d: int) -> int:
+    return (n + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def onednn_conv_act(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor],
+                    activation: Optional[str]) -> Optional[Tensor]:
+    """``act(conv(x, weight) + bias (+ residual))`` as one oneDNN primitive, or ``None``
+    where that does not apply (then the caller runs conv + the fused epilogue op).
+
+    Applies to fp32 CPU tensors outside autocast and torch.compile, when no gradient is
+    needed (the primitive has no autograd): inference, i.e. the cached-fold case.
+    """
+    if not _use_onednn[0] or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad
+                                    or (residual is not None and residual.requires_grad)):
+        return None
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu") or x.numel() == 0:
+        return None
+    op = _onednn_op()
+    if not op:
+        return None
+    pad, stride, dil = list(conv.padding), list(conv.stride), list(conv.dilation)
+    if residual is not None:
+        kh, kw = weight.shape[2], weight.shape[3]
+        shape = (x.shape[0], weight.shape[0], _out_hw(x.shape[2], kh, stride[0], pad[0], dil[0]),
+                 _out_hw(x.shape[3], kw, stride[1], pad[1], dil[1]))
+        if tuple(residual.shape) != shape or residual.dtype != torch.float32 or residual.device != x.device:
+            return None  # let the validated path raise its clear error
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            residual = residual.contiguous(memory_format=torch.channels_last)
+        else:
+            residual = residual.contiguous()
+        return op.binary(x, residual, weight, bias, pad, stride, dil, conv.groups, "add", 1.0,
+                         activation or "none", [], "")
+    return op(x, weight, bias, pad, stride, dil, conv.groups, activation or "none", [], "")

@@ -170,3 +170,24 @@ def test_autocast_fp32_identity_into_bf16_branch():
             y_ref, y_ours = ref(x), ours(x)
         assert y_ours.dtype == y_ref.dtype == torch.bfloat16
         assert rel_err(y_ours, y32) <= 2 * rel_err(y_ref, y32) + 1e-3
+
+
+def test_fx_feature_extraction_and_relu_hooks_see_torchvision_graph():
+    """torchvision's create_feature_extractor (torch.fx) works: tracing runs the
+    torchvision (unfused) forward, so the node names are torchvision's."""
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+    torch.manual_seed(0)
+    ref = randomize(tvr.resnet18(num_classes=4)).double().eval()
+    ours = fastres.resnet18(num_classes=4).double().eval()
+    ours.load_state_dict(ref.state_dict())
+    assert get_graph_node_names(ours) == get_graph_node_names(ref)
+    nodes = {"layer1.0.relu_1": "a", "layer3.1.add": "b", "layer4": "c"}
+    fr, fv = create_feature_extractor(ours, nodes), create_feature_extractor(ref, nodes)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    out_r, out_v = fr(x), fv(x)
+    for k in "abc":
+        assert rel_err(out_r[k], out_v[k]) < 1e-12
+    seen = []
+    ours.layer2[0].relu.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    assert rel_err(ours(x), ref(x)) < 1e-12
+    assert len(seen) == 2  # called twice per block, as in torchvision

@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import fold
 from ..nn.blocks import (BasicBlock, Bottleneck, PadShortcut, check_input, conv1x1, conv_bn_act,
-                         rename_error)
+                         rename_error, unfused_requested)
 
 Tensor = torch.Tensor
 
@@ -125,6 +125,8 @@ class ResNet(nn.Module):
     # ---------------------------------------------------------------- forward
     def _stem_conv(self, x: Tensor) -> Tensor:
         """conv1 → fused BN + ReLU (folded in eval), after the input checks."""
+        if unfused_requested(self.relu):  # fx tracing, or hooks on self.relu: torchvision's stem
+            return self.relu(self.bn1(self.conv1(x)))
         check_input(self, x, self.conv1)
         try:
             return conv_bn_act(self.conv1, self.bn1, x, None, "relu")

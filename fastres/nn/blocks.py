@@ -12,7 +12,10 @@ optimizer sees the same parameters. Only the forward differs:
 
 A norm layer that is not a plain ``nn.BatchNorm2d`` (GroupNorm, FrozenBatchNorm2d,
 SyncBatchNorm, a subclass with its own forward) or a module with hooks falls back to
-the unfused ``bn(conv(x)) (+ residual) → relu``, so the block stays correct.
+the unfused ``bn(conv(x)) (+ residual) → relu``, so the block stays correct. Under
+torch.fx symbolic tracing, or with hooks on the block's ``relu`` module, the block
+runs torchvision's own forward (so ``create_feature_extractor`` sees torchvision's
+graph).
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from .batchnorm import BatchNormAct2d, batch_norm_act_module
 Tensor = torch.Tensor
 
 __all__ = ["BasicBlock", "Bottleneck", "PadShortcut", "conv_bn_act", "conv3x3", "conv1x1",
-           "InputShapeError", "InputDTypeError"]
+           "InputShapeError", "InputDTypeError", "unfused_requested"]
 
 
 class InputShapeError(ValueError, RuntimeError):
@@ -94,10 +97,15 @@ def _folded_conv_act(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor, r
 
     fp32/fp64: the folded bias rides in the convolution (free in oneDNN/cuDNN) and the
     epilogue adds residual + ReLU; reduced precision: the conv runs bias-free and the
-    epilogue adds the fp32 bias, so the bias is never rounded to bf16/fp16. (The fused
-    conv kernels of their own issue will take this step over.)
+    epilogue adds the fp32 bias, so the bias is never rounded to bf16/fp16. CPU fp32
+    inference (no gradient): one oneDNN primitive with bias, add and ReLU fused
+    (:func:`fastres.fold.onednn_conv_act`). (The fused conv kernels of their own issue
+    will take this step over.)
     """
     if dtype in (torch.float32, torch.float64):
+        y = fold.onednn_conv_act(conv, x, weight, bias, residual, activation)  # CPU inference: one primitive
+        if y is not None:
+            return y
         y = F.conv2d(x, weight, bias.to(dtype), conv.stride, conv.padding, conv.dilation, conv.groups)
         if residual is None and activation is None:
             return y
@@ -124,6 +132,19 @@ def conv_bn_act(conv: nn.Module, bn: nn.Module, x: Tensor, residual: Optional[Te
         weight, bias = fold.folded_conv_bn(conv, bn, dtype)
         return _folded_conv_act(conv, x, weight, bias, residual, activation, dtype)
     return batch_norm_act_module(bn, conv(x), residual, activation)
+
+
+def unfused_requested(relu: nn.Module) -> bool:
+    """Run torchvision's own (unfused) forward instead: under torch.fx symbolic tracing
+    (so ``create_feature_extractor`` and FX quantization see torchvision's graph), or
+    when the ``relu`` module the fused forward never calls has hooks."""
+    return _is_fx_tracing() or _has_hooks(relu)
+
+
+def _is_fx_tracing() -> bool:
+    st = torch.fx._symbolic_trace
+    fn = getattr(st, "is_fx_symbolic_tracing", None)  # fx.symbolic_trace only, not export/compile
+    return fn() if fn is not None else st._get_is_fx_tracing()
 
 
 # ----------------------------------------------------------------------------- input checks / names
@@ -239,6 +260,8 @@ class _FusedBlock(nn.Module):
         return conv_bn_act(conv, bn, out, identity, "relu")
 
     def forward(self, x: Tensor) -> Tensor:
+        if unfused_requested(self.relu):
+            return self._reference_forward(x)
         check_input(self, x, self.conv1)
         try:
             return self._forward(x)
@@ -291,6 +314,17 @@ class BasicBlock(_FusedBlock):
         out = conv_bn_act(self.conv1, self.bn1, x, None, "relu")
         return self._finish(self.conv2, self.bn2, out, x)
 
+    def _reference_forward(self, x: Tensor) -> Tensor:
+        """torchvision's BasicBlock.forward, unfused."""
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.shortcut:
+            if self.downsample is not None:
+                identity = self.downsample(x)
+            out += identity
+        return self.relu(out)
+
 
 class Bottleneck(_FusedBlock):
     """torchvision's ``Bottleneck`` (1x1 → 3x3 with the stride, "v1.5" → 1x1, expansion 4),
@@ -320,3 +354,15 @@ class Bottleneck(_FusedBlock):
         out = conv_bn_act(self.conv1, self.bn1, x, None, "relu")
         out = conv_bn_act(self.conv2, self.bn2, out, None, "relu")
         return self._finish(self.conv3, self.bn3, out, x)
+
+    def _reference_forward(self, x: Tensor) -> Tensor:
+        """torchvision's Bottleneck.forward, unfused."""
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.shortcut:
+            if self.downsample is not None:
+                identity = self.downsample(x)
+            out += identity
+        return self.relu(out)
