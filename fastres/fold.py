@@ -67,10 +67,11 @@ def fold_conv_bn(conv_weight: Tensor, conv_bias: Optional[Tensor], bn_weight: Op
 
 
 class _Entry:
-    __slots__ = ("refs", "stamp", "weight", "bias")
+    __slots__ = ("refs", "stamp", "weight", "bias", "packed")
 
     def __init__(self, refs, stamp, weight, bias):
         self.refs, self.stamp, self.weight, self.bias = refs, stamp, weight, bias
+        self.packed: Dict[tuple, Tensor] = {}  # oneDNN-reordered weight per input shape
 
 
 # conv module -> {(id(bn), dtype): _Entry}; weak, so a deleted model frees its entries.
@@ -172,8 +173,33 @@ def _out_hw(n: int, k: int, s: int, p: int, d: int) -> int:
     return (n + 2 * p - d * (k - 1) - 1) // s + 1
 
 
+_MAX_PACKED = 4  # input shapes remembered per folded conv
+
+
+def _packed_weight(conv: nn.Conv2d, bn: Optional[nn.Module], weight: Tensor, x: Tensor, pad, stride, dil) -> Tensor:
+    """The folded weight reordered once into oneDNN's blocked layout for this input
+    shape (kept with the cache entry, so it goes stale exactly when the fold does)."""
+    entries = _CACHE.get(conv)
+    e = entries.get((id(bn), weight.dtype)) if entries is not None and bn is not None else None
+    if e is None or e.weight is not weight:
+        return weight
+    shape = tuple(x.shape)
+    w = e.packed.get(shape)
+    if w is None:
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                w = torch._C._nn.mkldnn_reorder_conv2d_weight(weight.to_mkldnn(), pad, stride, dil, conv.groups,
+                                                              list(shape))
+        except (RuntimeError, AttributeError, NotImplementedError):
+            return weight
+        if len(e.packed) >= _MAX_PACKED:
+            e.packed.pop(next(iter(e.packed)))
+        e.packed[shape] = w
+    return w
+
+
 def onednn_conv_act(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor],
-                    activation: Optional[str]) -> Optional[Tensor]:
+                    activation: Optional[str], bn: Optional[nn.Module] = None) -> Optional[Tensor]:
     """``act(conv(x, weight) + bias (+ residual))`` as one oneDNN primitive, or ``None``
     where that does not apply (then the caller runs conv + the fused epilogue op).
 
@@ -191,6 +217,7 @@ def onednn_conv_act(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor, re
     if not op:
         return None
     pad, stride, dil = list(conv.padding), list(conv.stride), list(conv.dilation)
+    packed = _packed_weight(conv, bn, weight, x, pad, stride, dil)
     if residual is not None:
         kh, kw = weight.shape[2], weight.shape[3]
         shape = (x.shape[0], weight.shape[0], _out_hw(x.shape[2], kh, stride[0], pad[0], dil[0]),
@@ -201,6 +228,6 @@ def onednn_conv_act(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor, re
             residual = residual.contiguous(memory_format=torch.channels_last)
         else:
             residual = residual.contiguous()
-        return op.binary(x, residual, weight, bias, pad, stride, dil, conv.groups, "add", 1.0,
+        return op.binary(x, residual, packed, bias, pad, stride, dil, conv.groups, "add", 1.0,
                          activation or "none", [], "")
-    return op(x, weight, bias, pad, stride, dil, conv.groups, activation or "none", [], "")
+    return op(x, packed, bias, pad, stride, dil, conv.groups, activation or "none", [], "")

@@ -197,3 +197,22 @@ def test_cache_freed_with_model():
     del ours
     gc.collect()
     assert fold.cache_size() == before
+
+
+def test_onednn_packed_weights_never_stale():
+    """fp32 CPU inference runs one oneDNN primitive with a weight reordered once per
+    input shape; it lives in the fold's cache entry, so it goes stale with it."""
+    ref, ours = _pair()
+    ref.float(), ours.float()
+    assert fold.use_onednn()
+    for shape in ((2, 8, 10, 10), (3, 8, 7, 9), (2, 8, 10, 10)):
+        x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            y = ours(x)
+            assert rel_err(y, ref(x)) < 1e-5 and y.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ours.conv2.weight.mul_(-1.0)
+        ours.bn2.running_var.mul_(4.0)
+        x = torch.randn(2, 8, 10, 10)
+        ref.load_state_dict(ours.state_dict())
+        assert rel_err(ours(x), ref(x)) < 1e-5

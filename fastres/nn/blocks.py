@@ -91,8 +91,8 @@ def _unfused(conv: nn.Module, bn: nn.Module, x: Tensor, residual: Optional[Tenso
     return torch.relu(y) if relu else y
 
 
-def _folded_conv_act(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor],
-                     activation: Optional[str], dtype: torch.dtype) -> Tensor:
+def _folded_conv_act(conv: nn.Conv2d, bn: nn.Module, x: Tensor, weight: Tensor, bias: Tensor,
+                     residual: Optional[Tensor], activation: Optional[str], dtype: torch.dtype) -> Tensor:
     """conv with the folded weight, then the fused bias (+ residual) + act epilogue.
 
     fp32/fp64: the folded bias rides in the convolution (free in oneDNN/cuDNN) and the
@@ -103,7 +103,7 @@ def _folded_conv_act(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor, r
     will take this step over.)
     """
     if dtype in (torch.float32, torch.float64):
-        y = fold.onednn_conv_act(conv, x, weight, bias, residual, activation)  # CPU inference: one primitive
+        y = fold.onednn_conv_act(conv, x, weight, bias, residual, activation, bn)  # CPU inference: one primitive
         if y is not None:
             return y
         y = F.conv2d(x, weight, bias.to(dtype), conv.stride, conv.padding, conv.dilation, conv.groups)
@@ -130,7 +130,7 @@ def conv_bn_act(conv: nn.Module, bn: nn.Module, x: Tensor, residual: Optional[Te
     if not bn.training and bn.running_mean is not None and bn.running_var is not None and _foldable_conv(conv):
         dtype = fold.compute_dtype(x, conv.weight)
         weight, bias = fold.folded_conv_bn(conv, bn, dtype)
-        return _folded_conv_act(conv, x, weight, bias, residual, activation, dtype)
+        return _folded_conv_act(conv, bn, x, weight, bias, residual, activation, dtype)
     return batch_norm_act_module(bn, conv(x), residual, activation)
 
 
