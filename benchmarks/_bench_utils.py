@@ -8,6 +8,9 @@ calls per timed round (``calls_per_round``), and — computed from the median ro
 ``torch.cuda.synchronize()`` so the wall clock is the GPU's time.
 
 Triton's CPU interpreter is never benchmarked (it is a correctness tool).
+``FASTRES_BENCH_ROUNDS`` overrides the number of timed rounds of the op cases (GPU 20,
+CPU 10). On a shared CPU, ``OMP_NUM_THREADS=1`` gives far steadier figures than
+oversubscribed threads; the thread count is part of ``device_name``.
 """
 from __future__ import annotations
 
@@ -52,7 +55,7 @@ def run_benchmark(benchmark, fn: Callable[[], object], *, info: Dict[str, object
                   warmup: Optional[int] = None, calls: Optional[int] = None) -> None:
     """Time ``fn`` with fixed rounds (``pedantic``), then fill ``extra_info``."""
     calls = calls or (10 if ON_GPU else 1)
-    rounds = rounds or (20 if ON_GPU else 5)
+    rounds = rounds or env_int("FASTRES_BENCH_ROUNDS", 20 if ON_GPU else 10)
     warmup = warmup if warmup is not None else (3 if ON_GPU else 1)
 
     def target():
