@@ -125,6 +125,9 @@ def test_other_norm_layers(norm):
     ours.load_state_dict(ref.state_dict(), strict=True)
     x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
     check_parity(ref, ours, x, train=False, tol=1e-9, what=norm)
+    if norm == "bnact":  # also where the block falls back to calling the norm layer
+        ours.bn2.register_forward_hook(lambda *a: None)
+        check_parity(ref, ours, x, train=False, tol=1e-9, what=norm + " hooked")
     if norm != "sync":  # SyncBatchNorm trains only inside a process group
         check_parity(ref, ours, x, train=True, tol=1e-9, what=norm)
 

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..nn.blocks import BasicBlock
+from ..nn.blocks import BasicBlock, make_norm
 from .resnet import ResNet, _init_weights, load_weights, normalize_shortcut
 
 Tensor = torch.Tensor
@@ -47,7 +47,7 @@ class CifarResNet(ResNet):
         self.groups = 1
         self.base_width = 64
         self.conv1 = nn.Conv2d(in_channels, 16, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn1 = self._norm_layer(16)
+        self.bn1 = make_norm(self._norm_layer, 16)
         self.relu = nn.ReLU(inplace=True)
         self.layer1 = self._make_layer(BasicBlock, 16, n)
         self.layer2 = self._make_layer(BasicBlock, 32, n, stride=2)

@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import fold
 from ..nn.blocks import (BasicBlock, Bottleneck, PadShortcut, check_input, conv1x1, conv_bn_act,
-                         rename_error, unfused_requested)
+                         make_norm, rename_error, unfused_requested)
 
 Tensor = torch.Tensor
 
@@ -86,7 +86,7 @@ class ResNet(nn.Module):
         self.groups = groups
         self.base_width = width_per_group
         self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = norm_layer(self.inplanes)
+        self.bn1 = make_norm(norm_layer, self.inplanes)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.layer1 = self._make_layer(block, 64, layers[0])
@@ -120,7 +120,7 @@ class ResNet(nn.Module):
             return None
         if self.shortcut == "A":
             return PadShortcut(self.inplanes, out, stride)
-        return nn.Sequential(conv1x1(self.inplanes, out, stride), self._norm_layer(out))
+        return nn.Sequential(conv1x1(self.inplanes, out, stride), make_norm(self._norm_layer, out))
 
     # ---------------------------------------------------------------- forward
     def _stem_conv(self, x: Tensor) -> Tensor:

@@ -58,6 +58,15 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
+def make_norm(norm_layer: Callable[..., nn.Module], num_features: int) -> nn.Module:
+    """``norm_layer(num_features)``; a :class:`BatchNormAct2d` gets ``activation="none"``:
+    the block owns the activations (relevant where the block falls back to calling it)."""
+    m = norm_layer(num_features)
+    if isinstance(m, BatchNormAct2d):
+        m.activation = "none"
+    return m
+
+
 # ----------------------------------------------------------------------------- fusion rules
 def _has_hooks(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
@@ -302,10 +311,10 @@ class BasicBlock(_FusedBlock):
         if dilation > 1:
             raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
         self.conv1 = conv3x3(inplanes, planes, stride)
-        self.bn1 = norm_layer(planes)
+        self.bn1 = make_norm(norm_layer, planes)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = conv3x3(planes, planes)
-        self.bn2 = norm_layer(planes)
+        self.bn2 = make_norm(norm_layer, planes)
         self.downsample = downsample
         self.stride = stride
         self.shortcut = _check_shortcut(shortcut, downsample)
@@ -340,11 +349,11 @@ class Bottleneck(_FusedBlock):
             norm_layer = nn.BatchNorm2d
         width = int(planes * (base_width / 64.0)) * groups
         self.conv1 = conv1x1(inplanes, width)
-        self.bn1 = norm_layer(width)
+        self.bn1 = make_norm(norm_layer, width)
         self.conv2 = conv3x3(width, width, stride, groups, dilation)
-        self.bn2 = norm_layer(width)
+        self.bn2 = make_norm(norm_layer, width)
         self.conv3 = conv1x1(width, planes * self.expansion)
-        self.bn3 = norm_layer(planes * self.expansion)
+        self.bn3 = make_norm(norm_layer, planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.stride = stride
