@@ -74,7 +74,8 @@ def test_fp32_inference_no_grad(fmt, onednn):
     conv + the fused epilogue op). Every block kind: basic, bottleneck, grouped,
     dilated, option A / B / C shortcuts."""
     from resnet_ref import RefCifar
-    prev = fastres.fold.use_onednn(onednn)
+    prev = fastres.fold.use_onednn()
+    fastres.fold.use_onednn(onednn)
     try:
         cases = [_pair(a, torch.float32, fmt) for a in ("resnet18", "resnet50", "resnext50_32x4d")]
         cases.append(_pair("resnet50", torch.float32, fmt, replace_stride_with_dilation=[False, False, True]))
