@@ -16,11 +16,10 @@ entries on ``train()``/``eval()`` and ``.to()``. The one change no counter sees 
 in-place write through ``p.data`` (``p.data.mul_(2)``: ``.data`` has its own version
 counter); call :func:`invalidate` after such a write.
 
-Caching applies where no gradient can flow into the fold: under ``torch.no_grad()`` /
-``torch.inference_mode()``, or when no source tensor requires grad. Otherwise (an
-eval-mode model whose parameters are being trained, e.g. frozen-BN fine-tuning) the
-fold is recomputed differentiably on every call, so gradients match
-``nn.BatchNorm2d`` in eval mode. Under ``torch.compile`` the fold is traced inline.
+Where gradients can flow into the fold (an eval-mode model whose parameters are
+being trained, e.g. frozen-BN fine-tuning), the cached values are returned through an
+autograd function whose backward is the fold's, so gradients match
+``nn.BatchNorm2d`` in eval mode; under ``torch.compile`` the fold is traced inline.
 """
 from __future__ import annotations
 
@@ -97,16 +96,67 @@ def _same_objects(refs, tensors) -> bool:
     return True
 
 
+class _CachedFold(torch.autograd.Function):
+    """Returns the cached folded ``(weight, bias)`` and gives their gradients back to the
+    conv and BN parameters — the backward of :func:`fold_conv_bn`, without recomputing
+    the fold in the forward."""
+
+    @staticmethod
+    def forward(ctx, weight_f, bias_f, conv_w, conv_b, bn_w, bn_b, rm, rv, eps):  # type: ignore[override]
+        ctx.save_for_backward(conv_w, conv_b, bn_w, rm, rv)
+        ctx.eps = eps
+        ctx.has_bn_b = bn_b is not None
+        ctx.bn_b_dtype = bn_b.dtype if bn_b is not None else None
+        return weight_f, bias_f
+
+    @staticmethod
+    def backward(ctx, g_w, g_b):  # type: ignore[override]
+        conv_w, conv_b, bn_w, rm, rv = ctx.saved_tensors
+        acc = _acc(conv_w.dtype) if g_b is None else g_b.dtype
+        inv = torch.rsqrt(rv.to(acc) + ctx.eps)
+        s = inv * bn_w.to(acc) if bn_w is not None else inv
+        need = ctx.needs_input_grad
+        g_conv_w = g_conv_b = g_bn_w = g_bn_b = None
+        g_s = torch.zeros_like(s)
+        if g_w is not None:
+            gw = g_w.to(acc)
+            if need[2]:
+                g_conv_w = (gw * s.reshape(-1, *([1] * (gw.dim() - 1)))).to(conv_w.dtype)
+            g_s = g_s + (gw * conv_w.to(acc)).sum(dim=tuple(range(1, gw.dim())))
+        if g_b is not None:
+            centered = -rm.to(acc) if conv_b is None else conv_b.to(acc) - rm.to(acc)
+            g_s = g_s + g_b * centered
+            if need[3] and conv_b is not None:
+                g_conv_b = (g_b * s).to(conv_b.dtype)
+            if need[5] and ctx.has_bn_b:
+                g_bn_b = g_b.to(ctx.bn_b_dtype)
+        if need[4] and bn_w is not None:
+            g_bn_w = (g_s * inv).to(bn_w.dtype)
+        return None, None, g_conv_w, g_conv_b, g_bn_w, g_bn_b, None, None, None
+
+
 def folded_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
     """``(weight, bias)`` of ``conv`` with the eval-mode ``bn`` folded in, cached where
-    safe (see the module docstring). ``weight`` in ``dtype``, ``bias`` in fp32/fp64."""
+    safe (see the module docstring). ``weight`` in ``dtype``, ``bias`` in fp32/fp64.
+
+    When gradients can flow into the fold (grad mode, parameters requiring grad), the
+    cached values come back through an autograd function whose backward is the fold's,
+    so an eval-mode model being fine-tuned neither recomputes the fold each forward nor
+    loses any gradient."""
     tensors = _sources(conv, bn)
-    if torch.compiler.is_compiling() or (
-            torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
+    if torch.compiler.is_compiling():
         return fold_conv_bn(*tensors, bn.eps, dtype)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     stamp = _stamp(tensors, bn.eps)
     if stamp is None:
         return fold_conv_bn(*tensors, bn.eps, dtype)
+    weight, bias = _cached(conv, bn, dtype, tensors, stamp)
+    if needs_grad:
+        return _CachedFold.apply(weight, bias, *tensors, bn.eps)
+    return weight, bias
+
+
+def _cached(conv, bn, dtype, tensors, stamp) -> Tuple[Tensor, Tensor]:
     key = (id(bn), dtype)
     entries = _CACHE.get(conv)
     if entries is not None:

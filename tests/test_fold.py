@@ -119,16 +119,29 @@ def test_dtype_and_device_moves(pair):
         assert rel_err(y, ref(x.float())) < 1e-5
 
 
-def test_eval_with_grad_is_differentiable_and_uncached():
+@pytest.mark.parametrize("conv_bias", [False, True], ids=["no_conv_bias", "conv_bias"])
+def test_eval_with_grad_uses_the_cache_and_gives_every_gradient(conv_bias, monkeypatch):
+    """Gradients flowing into the fold (eval-mode fine-tuning): the cached fold comes
+    back through an autograd function whose backward is the fold's; every gradient
+    (conv weight and bias, BN weight and bias, input) matches torchvision."""
     ref, ours = _pair()
+    if conv_bias:
+        for m in (ref, ours):
+            m.conv2.bias = nn.Parameter(torch.linspace(-1, 1, 16, dtype=torch.float64))
     x = torch.randn(2, 8, 10, 10, dtype=torch.float64)
     xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ref(xr).sum().backward()
-    ours(xo).sum().backward()
-    assert fold.cache_size(ours) == 0
+    ref(xr).square().sum().backward()
+    ours(xo).square().sum().backward()
+    assert fold.cache_size(ours) == 3
     assert rel_err(xo.grad, xr.grad) < 1e-12
     for (n, p), (_, pr) in zip(ours.named_parameters(), ref.named_parameters()):
         assert rel_err(p.grad, pr.grad) < 1e-12, n
+    n = []
+    real = fold.fold_conv_bn
+    monkeypatch.setattr(fold, "fold_conv_bn", lambda *a: n.append(1) or real(*a))
+    ours(xo).sum().backward()  # second forward: no refold
+    assert n == []
+
 
 
 def test_frozen_params_cached_and_input_grad_flows():
