@@ -144,10 +144,12 @@ def _f(v, spec):
         return "—"
 
 
-def readme_text(folder: str) -> str:
+def readme_text(folder: str, notes: Optional[List[str]] = None) -> str:
     lines = [f"# Benchmark results — {os.path.basename(os.path.abspath(folder))}", "",
              "Written by `python benchmarks/plot.py <folder> --readme` from the files in this folder "
-             "(the newest file of each kind). Every file name carries model, device, dtype, batch and date.", ""]
+             "(the newest file of each kind). Every file name carries device, dtype, batch and date.", ""]
+    for n in notes or []:
+        lines += [n, ""]
     bench_csvs = sorted(glob.glob(os.path.join(folder, "bench_*.csv")), key=os.path.getmtime)
     latest: Dict[str, str] = OrderedDict()
     for p in bench_csvs:
@@ -197,6 +199,14 @@ def readme_text(folder: str) -> str:
             if os.path.exists(png):
                 lines += ["", f"![bn_act]({os.path.basename(png)})"]
             lines.append("")
+    checks = sorted(glob.glob(os.path.join(folder, "check_*.txt")), key=os.path.getmtime)
+    if checks:
+        with open(checks[-1]) as f:
+            text = f.read().splitlines()
+        verdict = next((t for t in reversed(text) if t.startswith(("OK:", "FAILED:"))), "no verdict line")
+        lines += ["## `python -m fastres check`", "",
+                  f"`{os.path.basename(checks[-1])}`: **{verdict}** (backend x case x dtype, worst relative "
+                  "error against a float64 torch reference; the full table is in the file).", ""]
     return "\n".join(lines)
 
 
@@ -215,6 +225,7 @@ def main(argv=None) -> int:
     p.add_argument("paths", nargs="+", help="files or folders")
     p.add_argument("--out", default=None, help="where charts go (default: next to each input)")
     p.add_argument("--readme", action="store_true", help="write README.md in each folder given")
+    p.add_argument("--note", action="append", default=[], help="a paragraph for the README (repeatable)")
     args = p.parse_args(argv)
     files, folders = [], []
     for path in args.paths:
@@ -246,7 +257,7 @@ def main(argv=None) -> int:
         for d in folders:
             path = os.path.join(d, "README.md")
             with open(path, "w") as fh:
-                fh.write(readme_text(d))
+                fh.write(readme_text(d, args.note))
             made.append(path)
     for m in made:
         print(m)

@@ -18,10 +18,9 @@
 #   OUT/results/<device>/                what to commit under benchmarks/results/<device>/:
 #       bench_*.{txt,json,csv,png}       the bench CLI (names carry model, device, dtype, batch, date)
 #       benchmarks_<device>_<dtype>_b<batch>_<date>.{json,csv} + *_bn_act.png   pytest-benchmark
-#       check_<device>_<date>.{txt,json} the parity self-check
-#       info_<device>_<date>.json        fastres.backend_info()
+#       check_<device>_<dtypes>_b8_<date>.{txt,json}   the parity self-check
 #       README.md                        the table of the latest figures
-#   OUT/junit_tests.xml, OUT/env.txt
+#   OUT/junit_tests.xml, OUT/env.txt, OUT/info_<device>_<date>.json (fastres.backend_info())
 #
 # Environment knobs: PYTHON (interpreter to use), STEP_TIMEOUT (seconds per step,
 # default 3600), MAX_JOBS (build parallelism), PYTEST_ARGS (extra args for the tests).
@@ -106,11 +105,12 @@ for step in $STEPS; do
         run_step install "$PY" -m pip install -v --no-build-isolation --no-deps -e . ;;
     info)
         run_step info "$PY" -m fastres info
-        "$PY" -m fastres info --json >"$RES/info_${SLUG}_${DATE}.json" 2>/dev/null || true ;;
+        "$PY" -m fastres info --json >"$OUT/info_${SLUG}_${DATE}.json" 2>/dev/null || true ;;
     tests)
         run_step tests "$PY" -m pytest tests -q -ra --durations=30 --junitxml="$OUT/junit_tests.xml" ${PYTEST_ARGS:-} ;;
     check)
-        run_step check bash -c "'$PY' -m fastres check --json '$RES/check_${SLUG}_${DATE}.json' | tee '$RES/check_${SLUG}_${DATE}.txt'; exit \${PIPESTATUS[0]}" ;;
+        CK="$RES/check_${SLUG}_fp32-bf16-fp16_b8_${DATE}"
+        run_step check bash -c "'$PY' -m fastres check --json '$CK.json' | tee '$CK.txt'; exit \${PIPESTATUS[0]}" ;;
     bench)
         run_step bench "$PY" -m fastres bench --out "$RES" ;;
     bench-extra)
@@ -128,7 +128,8 @@ for step in $STEPS; do
             printf '%-14s rc=%-3s %5ss  %s\n' benchmarks skip 0 "pytest-benchmark not installed" >>"$SUMMARY"
         fi ;;
     plot)
-        run_step plot "$PY" benchmarks/plot.py "$RES" --readme ;;
+        run_step plot "$PY" benchmarks/plot.py "$RES" --readme \
+            --note "Measured by \`bash benchmarks/run_gpu.sh\` on $DATE ($(git rev-parse --short HEAD 2>/dev/null || echo '?'))." ;;
     *)
         log "unknown step '$step'"; FAILED=1 ;;
     esac
