@@ -223,7 +223,7 @@ def fastres_backends(cfg: BenchConfig) -> Tuple[List[str], List[str]]:
             ok, why = False, "Triton's CPU interpreter is a correctness tool; not benchmarked"
         if ok:
             run.append(b)
-        elif spec != "all" or b != "cuda" or dev_type != "cpu":
+        elif spec != "all" or (b, dev_type) not in (("cuda", "cpu"), ("cpp", "cuda")):  # not for another device
             notes.append(f"fastres[{b}] not run: {why}")
     return run, notes
 
