@@ -332,3 +332,23 @@ def test_train_example_torchvision_same_loop(tmp_path):
                     "--image-size", "32", "--num-classes", "10", "--device", "cpu", "--no-progress"])
     assert out["global_step"] == 1
     assert type(out["model"]).__module__.startswith("torchvision")
+
+
+def test_train_example_image_folder(tmp_path):
+    """--data DIR with DIR/train and DIR/val (ImageFolder): one step, then val top-1."""
+    Image = pytest.importorskip("PIL.Image")
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            d = tmp_path / "data" / split / cls
+            d.mkdir(parents=True)
+            for i in range(2):
+                arr = (torch.rand(40, 40, 3, generator=g) * 255).to(torch.uint8).numpy()
+                Image.fromarray(arr).save(d / f"{i}.png")
+    ex = _load_train_example()
+    out = ex.train(["--data", str(tmp_path / "data"), "--arch", "resnet18", "--batch-size", "2",
+                    "--image-size", "32", "--workers", "0", "--device", "cpu", "--no-progress", "--epochs", "1"])
+    assert out["global_step"] == 2  # 4 training images, batch 2
+    assert len(out["history"]["val_acc"]) == 1 and 0.0 <= out["history"]["val_acc"][0] <= 1.0
+    assert out["model"].fc.out_features == 2  # classes from the folders
