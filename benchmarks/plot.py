@@ -155,7 +155,9 @@ def readme_text(folder: str, notes: Optional[List[str]] = None) -> str:
     for p in bench_csvs:
         rows = read_bench_csv(p)
         if rows:
-            latest[(rows[0]["model"], rows[0]["dtype"], rows[0]["batch_size"], rows[0]["image_size"])] = p
+            r0 = rows[0]
+            latest[(r0["model"], r0["dtype"], r0["batch_size"], r0["image_size"], r0["channels_last"],
+                    r0.get("device_name"))] = p
     for key, p in latest.items():
         rows = read_bench_csv(p)
         r0 = rows[0]
@@ -246,7 +248,7 @@ def main(argv=None) -> int:
             stem = os.path.join(out_dir, base[:-5])
             write_csv(rows, stem + ".csv")
             made.append(stem + ".csv")
-            title = f"{base[:-5]}"
+            title = f"{base[:-5]} — {rows[0].get('device_name') if rows else ''}"
             try:
                 for fn, suffix in ((plot_bn_act, "_bn_act.png"), (plot_models, "_models.png")):
                     png = fn(rows, stem + suffix, title)
