@@ -218,7 +218,7 @@ def test_benchmark_suite_runs(tmp_path):
 
 # ============================================================================ check
 def test_check_ops_pass_on_cpu_for_every_backend(capsys):
-    rc = cli.main(["check", "--cases", "ops", "--device", "cpu"])
+    rc = cli.main(["check", "--cases", "ops", "--device", "cpu", "--threads", "1"])
     out = capsys.readouterr().out
     assert rc == 0, out
     for b in _cpu_backends():
@@ -230,7 +230,7 @@ def test_check_ops_pass_on_cpu_for_every_backend(capsys):
 def test_check_blocks_pass_on_cpu(capsys, tmp_path):
     path = tmp_path / "check.json"
     rc = cli.main(["check", "--cases", "blocks", "--backend", "auto", "--dtype", "fp64,fp32",
-                   "--device", "cpu", "--json", str(path)])
+                   "--device", "cpu", "--threads", "1", "--json", str(path)])
     out = capsys.readouterr().out
     assert rc == 0, out
     rows = json.loads(path.read_text())["rows"]
@@ -240,7 +240,8 @@ def test_check_blocks_pass_on_cpu(capsys, tmp_path):
 
 @pytest.mark.slow
 def test_check_resnet50_passes_on_cpu(capsys):
-    rc = cli.main(["check", "--cases", "models", "--backend", "auto", "--dtype", "fp32", "--device", "cpu"])
+    rc = cli.main(["check", "--cases", "models", "--backend", "auto", "--dtype", "fp32", "--device", "cpu",
+                   "--threads", "1"])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert out.count(" PASS ") == 2
