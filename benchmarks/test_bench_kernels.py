@@ -41,13 +41,13 @@ def test_kernel(benchmark, shape, layout, op, backend):
     fam = ops.family(backend)
     n, c, h, w = shape
     fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
 
     def act():
-        return torch.randn(shape, generator=g).to(DEVICE, DTYPE).contiguous(memory_format=fmt)
+        return torch.randn(shape, generator=g, device=DEVICE, dtype=DTYPE).contiguous(memory_format=fmt)
     x, res, gy = act(), act(), act()
-    wt = (torch.rand(c, generator=g) + 0.5).to(DEVICE)
-    bs = torch.randn(c, generator=g).to(DEVICE)
+    wt = torch.rand(c, generator=g, device=DEVICE) + 0.5
+    bs = torch.randn(c, generator=g, device=DEVICE)
     eps = 1e-5
     with torch.no_grad():
         y, mean, var = fam.bn_act_train(x, wt, bs, res, eps, True)

@@ -68,9 +68,9 @@ def test_model(benchmark, arch, mode, impl):
         if impl.endswith("+compile"):
             reset_compile()
             runner = torch.compile(model)
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(BATCH, 3, SIZE, SIZE, generator=g).to(DEVICE).contiguous(memory_format=torch.channels_last)
-        y = torch.randint(0, 1000, (BATCH,), generator=g).to(DEVICE)
+        g = torch.Generator(device=DEVICE).manual_seed(0)
+        x = torch.randn(BATCH, 3, SIZE, SIZE, generator=g, device=DEVICE).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 1000, (BATCH,), generator=g, device=DEVICE)
         if mode == "train":
             model.train()
             opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
