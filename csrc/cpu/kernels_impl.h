@@ -149,7 +149,8 @@ inline Partition make_partition(const Geom& g) {
   Partition p;
   const int64_t M = g.M();
   if (g.rows) {
-    p.R = std::max<int64_t>(1, kUnit / std::max<int64_t>(g.C, 1));
+    // >= 32 rows per unit: the per-unit, per-channel work must stay small next to the data
+    p.R = std::max<int64_t>(32, kUnit / std::max<int64_t>(g.C, 1));
     p.U = ceil_div(M, p.R);
   } else {
     p.J = std::max<int64_t>(1, ceil_div(M, kUnit));
@@ -255,7 +256,16 @@ inline void unit_stats_nchw(const Geom& g, const T* x, int64_t c, int64_t l0, in
   m2_out = clamp_nonneg(Q - D * D / n);
 }
 
-// Rows layout: rows [r0, r1), all channels. scratch: 3*C acc values.
+// Rows layout: per-channel accumulators live in scratch arrays (C is a runtime
+// size). With few vectors per row, row r's update of a channel would wait on
+// row r-1's (a store->load dependency chain): then NA = 4 arrays are used, row r
+// going to array r % 4 (independent chains), merged in a fixed order.
+template <typename T>
+inline int64_t rows_num_acc(int64_t C) {
+  return C >= 4 * IO<T>::W ? 1 : 4;
+}
+
+// Rows layout: rows [r0, r1), all channels. scratch: 16*C acc values.
 template <typename T>
 inline void unit_stats_rows(const Geom& g, const T* x, int64_t r0, int64_t r1, acc_of<T>* scratch,
                             double* pm, double* pq, double* ps) {
@@ -264,88 +274,102 @@ inline void unit_stats_rows(const Geom& g, const T* x, int64_t r0, int64_t r1, a
   using V = typename IOT::V;
   constexpr int64_t W = IOT::W;
   const int64_t C = g.C;
-  A* sum = scratch;
-  A* dsum = scratch + C;
-  A* qsum = scratch + 2 * C;
-  std::fill(scratch, scratch + 3 * C, A(0));
-  // pass 1: per-channel sums, 4 rows at a time
+  const int64_t NA = rows_num_acc<T>(C);
+  A* sums = scratch;               // [NA][C]
+  A* dsum = scratch + NA * C;      // [NA][C]
+  A* qsum = scratch + 2 * NA * C;  // [NA][C]
+  A* mean = scratch + 3 * NA * C;  // [C]
+  std::fill(scratch, scratch + 3 * NA * C, A(0));
+  // pass 1 (first touch of the unit): per-channel sums. Many vectors per row:
+  // 4 rows per accumulator load/store; few: rows in turn over the NA arrays.
   int64_t r = r0;
-  for (; r + 4 <= r1; r += 4) {
-    const T* p = x + r * C;
-    int64_t c = 0;
-    for (; c + W <= C; c += W) {
-      V s = V::loadu(sum + c);
-      s = s + IOT::load(p + c);
-      s = s + IOT::load(p + C + c);
-      s = s + IOT::load(p + 2 * C + c);
-      s = s + IOT::load(p + 3 * C + c);
-      s.store(sum + c);
-    }
-    for (; c < C; ++c) {
-      A s = sum[c];
-      s += static_cast<A>(p[c]);
-      s += static_cast<A>(p[C + c]);
-      s += static_cast<A>(p[2 * C + c]);
-      s += static_cast<A>(p[3 * C + c]);
-      sum[c] = s;
+  if (NA == 1) {
+    for (; r + 4 <= r1; r += 4) {
+      const T* p = x + r * C;
+      int64_t c = 0;
+      for (; c + W <= C; c += W) {
+        V t = V::loadu(sums + c);
+        t = t + IOT::load(p + c);
+        t = t + IOT::load(p + C + c);
+        t = t + IOT::load(p + 2 * C + c);
+        t = t + IOT::load(p + 3 * C + c);
+        t.store(sums + c);
+      }
+      for (; c < C; ++c) {
+        A t = sums[c];
+        for (int k = 0; k < 4; ++k) t += static_cast<A>(p[k * C + c]);
+        sums[c] = t;
+      }
     }
   }
   for (; r < r1; ++r) {
     const T* p = x + r * C;
+    A* acc = sums + ((r - r0) & (NA - 1)) * C;
     int64_t c = 0;
-    for (; c + W <= C; c += W) (V::loadu(sum + c) + IOT::load(p + c)).store(sum + c);
-    for (; c < C; ++c) sum[c] += static_cast<A>(p[c]);
+    for (; c + W <= C; c += W) (V::loadu(acc + c) + IOT::load(p + c)).store(acc + c);
+    for (; c < C; ++c) acc[c] += static_cast<A>(p[c]);
   }
   const int64_t cnt = r1 - r0;
   const A inv = A(1) / static_cast<A>(cnt);
   for (int64_t c = 0; c < C; ++c) {
-    ps[c] = static_cast<double>(sum[c]);
-    sum[c] *= inv;  // sum now holds the unit mean
+    A t = sums[c];
+    for (int64_t k = 1; k < NA; ++k) t += sums[k * C + c];
+    ps[c] = static_cast<double>(t);
+    mean[c] = t * inv;
   }
-  // pass 2: sum of (x-m), (x-m)^2
+  // pass 2 (unit is cache resident): sum of (x-m), (x-m)^2
   r = r0;
-  for (; r + 4 <= r1; r += 4) {
-    const T* p = x + r * C;
-    int64_t c = 0;
-    for (; c + W <= C; c += W) {
-      const V mv = V::loadu(sum + c);
-      V d = V::loadu(dsum + c);
-      V q = V::loadu(qsum + c);
-      for (int k = 0; k < 4; ++k) {
-        const V e = IOT::load(p + k * C + c) - mv;
-        d = d + e;
-        q = at::vec::fmadd(e, e, q);
+  if (NA == 1) {
+    for (; r + 4 <= r1; r += 4) {
+      const T* p = x + r * C;
+      int64_t c = 0;
+      for (; c + W <= C; c += W) {
+        const V mv = V::loadu(mean + c);
+        V d = V::loadu(dsum + c);
+        V q = V::loadu(qsum + c);
+        for (int k = 0; k < 4; ++k) {
+          const V e = IOT::load(p + k * C + c) - mv;
+          d = d + e;
+          q = at::vec::fmadd(e, e, q);
+        }
+        d.store(dsum + c);
+        q.store(qsum + c);
       }
-      d.store(dsum + c);
-      q.store(qsum + c);
-    }
-    for (; c < C; ++c) {
-      for (int k = 0; k < 4; ++k) {
-        const A e = static_cast<A>(p[k * C + c]) - sum[c];
-        dsum[c] += e;
-        qsum[c] += e * e;
+      for (; c < C; ++c) {
+        for (int k = 0; k < 4; ++k) {
+          const A e = static_cast<A>(p[k * C + c]) - mean[c];
+          dsum[c] += e;
+          qsum[c] += e * e;
+        }
       }
     }
   }
   for (; r < r1; ++r) {
     const T* p = x + r * C;
+    const int64_t k = (r - r0) & (NA - 1);
+    A* d = dsum + k * C;
+    A* q = qsum + k * C;
     int64_t c = 0;
     for (; c + W <= C; c += W) {
-      const V e = IOT::load(p + c) - V::loadu(sum + c);
-      (V::loadu(dsum + c) + e).store(dsum + c);
-      at::vec::fmadd(e, e, V::loadu(qsum + c)).store(qsum + c);
+      const V e = IOT::load(p + c) - V::loadu(mean + c);
+      (V::loadu(d + c) + e).store(d + c);
+      at::vec::fmadd(e, e, V::loadu(q + c)).store(q + c);
     }
     for (; c < C; ++c) {
-      const A e = static_cast<A>(p[c]) - sum[c];
-      dsum[c] += e;
-      qsum[c] += e * e;
+      const A e = static_cast<A>(p[c]) - mean[c];
+      d[c] += e;
+      q[c] += e * e;
     }
   }
-  const double n = static_cast<double>(cnt);
+  const double inv_n = 1.0 / static_cast<double>(cnt);  // (no division per channel)
   for (int64_t c = 0; c < C; ++c) {
-    const double D = dsum[c], Q = qsum[c];
-    pm[c] = static_cast<double>(sum[c]) + D / n;
-    pq[c] = clamp_nonneg(Q - D * D / n);
+    double D = 0, Q = 0;
+    for (int64_t k = 0; k < NA; ++k) {
+      D += static_cast<double>(dsum[k * C + c]);
+      Q += static_cast<double>(qsum[k * C + c]);
+    }
+    pm[c] = static_cast<double>(mean[c]) + D * inv_n;
+    pq[c] = clamp_nonneg(Q - D * D * inv_n);
   }
 }
 
@@ -388,7 +412,7 @@ void channel_stats(const Geom& g, const T* x, std::vector<double>& mean, std::ve
   } else {
     std::vector<double> pm(P.U * C), pq(P.U * C), ps(P.U * C);
     at::parallel_for(0, P.U, P.grain, [&](int64_t b, int64_t e) {
-      std::vector<acc_of<T>> scratch(3 * C);
+      std::vector<acc_of<T>> scratch(16 * C);
       for (int64_t u = b; u < e; ++u) {
         const int64_t r0 = u * P.R, r1 = std::min(M, r0 + P.R);
         unit_stats_rows<T>(g, x, r0, r1, scratch.data(), pm.data() + u * C, pq.data() + u * C,
@@ -440,8 +464,63 @@ void channel_stats(const Geom& g, const T* x, std::vector<double>& mean, std::ve
   }
 }
 
+// Stats of one NCHW channel, its units in order: exactly the arithmetic of the
+// NCHW branch of channel_stats (used by the channel-blocked path).
+template <typename T>
+inline void nchw_channel_stats(const Geom& g, const T* x, const Partition& P, int64_t c, double& mean,
+                               double& var) {
+  const int64_t M = g.M();
+  Welford w;
+  double sum = 0;
+  for (int64_t j = 0; j < P.J; ++j) {
+    const int64_t l0 = chunk_start(M, P.J, j), l1 = chunk_start(M, P.J, j + 1);
+    double um, uq, us;
+    unit_stats_nchw<T>(g, x, c, l0, l1, um, uq, us);
+    w.merge(static_cast<double>(l1 - l0), um, uq);
+    sum += us;
+  }
+  mean = std::isfinite(w.mean) ? w.mean : sum / static_cast<double>(M);
+  var = w.m2 / w.n;
+}
+
+// NCHW channel-blocked passes: one task handles whole channels (reduction, then
+// the element-wise sweep while the channel's data is still in L2), which saves a
+// read of the big tensors from L3/DRAM. Used when a channel fits the L2 budget
+// and there are enough channels for the threads. Same units, same merge order as
+// the two-phase path: bitwise identical results.
+constexpr int64_t kL2Budget = int64_t(1) << 20;
+
+inline bool channel_blocked(const Geom& g, int64_t l2_bytes_per_element) {
+  return !g.rows && g.C >= 2 * static_cast<int64_t>(at::get_num_threads()) &&
+         g.M() * l2_bytes_per_element <= kL2Budget;
+}
+
 // ---------------------------------------------------------------------------
 // Element-wise: y = act((x - center[c]) * scale[c] + shift[c] (+ res)).
+
+// One contiguous run of a single channel.
+template <typename T, bool RELU, bool RES>
+inline void apply_plane(const T* xp, const T* rp, T* yp, int64_t len, acc_of<T> cs, acc_of<T> ss,
+                        acc_of<T> bs) {
+  using IOT = IO<T>;
+  using A = acc_of<T>;
+  using V = typename IOT::V;
+  constexpr int64_t W = IOT::W;
+  const V cv(cs), sv(ss), bv(bs);
+  int64_t i = 0;
+  for (; i + W <= len; i += W) {
+    V z = at::vec::fmadd(IOT::load(xp + i) - cv, sv, bv);
+    if constexpr (RES) z = z + IOT::load(rp + i);
+    if constexpr (RELU) z = relu_v(z);
+    IOT::store(yp + i, z);
+  }
+  for (; i < len; ++i) {
+    A z = (static_cast<A>(xp[i]) - cs) * ss + bs;
+    if constexpr (RES) z += static_cast<A>(rp[i]);
+    if constexpr (RELU) z = relu_s(z);
+    yp[i] = static_cast<T>(z);
+  }
+}
 
 template <typename T, bool RELU, bool RES>
 void apply_affine(const Geom& g, const T* x, const T* res, T* y, const acc_of<T>* center,
@@ -456,24 +535,8 @@ void apply_affine(const Geom& g, const T* x, const T* res, T* y, const acc_of<T>
       for (int64_t plane = b; plane < e; ++plane) {
         const int64_t c = plane % C;
         const int64_t off = plane * HW;
-        const T* xp = x + off;
-        const T* rp = RES ? res + off : nullptr;
-        T* yp = y + off;
-        const A cs = center[c], ss = scale[c], bs = shift[c];
-        const V cv(cs), sv(ss), bv(bs);
-        int64_t i = 0;
-        for (; i + W <= HW; i += W) {
-          V z = at::vec::fmadd(IOT::load(xp + i) - cv, sv, bv);
-          if constexpr (RES) z = z + IOT::load(rp + i);
-          if constexpr (RELU) z = relu_v(z);
-          IOT::store(yp + i, z);
-        }
-        for (; i < HW; ++i) {
-          A z = (static_cast<A>(xp[i]) - cs) * ss + bs;
-          if constexpr (RES) z += static_cast<A>(rp[i]);
-          if constexpr (RELU) z = relu_s(z);
-          yp[i] = static_cast<T>(z);
-        }
+        apply_plane<T, RELU, RES>(x + off, RES ? res + off : nullptr, y + off, HW, center[c], scale[c],
+                                  shift[c]);
       }
     });
   } else {
@@ -523,26 +586,66 @@ std::vector<A> param_or(const void* p, int64_t C, A dflt) {
   return std::vector<A>(C, dflt);
 }
 
+// Forward per-channel outputs and coefficients from the double statistics.
+template <typename A>
+inline void fwd_channel_params(double mean, double var, A w, double eps, A& m_out, A& v_out, A& scale) {
+  m_out = static_cast<A>(mean);
+  v_out = static_cast<A>(var);
+  const A invstd = A(1) / std::sqrt(v_out + static_cast<A>(eps));
+  scale = invstd * w;
+}
+
+template <typename T, bool RELU, bool RES>
+void bn_fwd_blocked(const BnFwdArgs& a, const acc_of<T>* w, const acc_of<T>* b) {
+  using A = acc_of<T>;
+  const Geom& g = a.g;
+  const Partition P = make_partition(g);
+  const T* x = static_cast<const T*>(a.x);
+  const T* res = static_cast<const T*>(a.res);
+  T* y = static_cast<T*>(a.y);
+  A* mean_out = static_cast<A*>(a.mean);
+  A* var_out = static_cast<A*>(a.var);
+  at::parallel_for(0, g.C, std::max<int64_t>(1, kGrain / g.M()), [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      double mean, var;
+      nchw_channel_stats<T>(g, x, P, c, mean, var);
+      A m, v, scale;
+      fwd_channel_params<A>(mean, var, w[c], a.eps, m, v, scale);
+      mean_out[c] = m;
+      var_out[c] = v;
+      for (int64_t n = 0; n < g.N; ++n) {
+        const int64_t off = (n * g.C + c) * g.HW;
+        apply_plane<T, RELU, RES>(x + off, RES ? res + off : nullptr, y + off, g.HW, m, scale, b[c]);
+      }
+    }
+  });
+}
+
 template <typename T>
 void bn_fwd_impl(const BnFwdArgs& a) {
   using A = acc_of<T>;
   const Geom& g = a.g;
   const int64_t C = g.C;
-  std::vector<double> mean, var;
-  channel_stats<T>(g, static_cast<const T*>(a.x), mean, var);
   const std::vector<A> w = param_or<A>(a.weight, C, A(1));
   const std::vector<A> b = param_or<A>(a.bias, C, A(0));
+  if (channel_blocked(g, sizeof(T))) {
+    if (a.relu) {
+      if (a.res) bn_fwd_blocked<T, true, true>(a, w.data(), b.data());
+      else bn_fwd_blocked<T, true, false>(a, w.data(), b.data());
+    } else {
+      if (a.res) bn_fwd_blocked<T, false, true>(a, w.data(), b.data());
+      else bn_fwd_blocked<T, false, false>(a, w.data(), b.data());
+    }
+    return;
+  }
+  std::vector<double> mean, var;
+  channel_stats<T>(g, static_cast<const T*>(a.x), mean, var);
   std::vector<A> center(C), scale(C);
   A* mean_out = static_cast<A*>(a.mean);
   A* var_out = static_cast<A*>(a.var);
   for (int64_t c = 0; c < C; ++c) {
-    const A m = static_cast<A>(mean[c]);
-    const A v = static_cast<A>(var[c]);
-    mean_out[c] = m;
-    var_out[c] = v;
-    const A invstd = A(1) / std::sqrt(v + static_cast<A>(a.eps));
-    center[c] = m;
-    scale[c] = invstd * w[c];
+    fwd_channel_params<A>(mean[c], var[c], w[c], a.eps, mean_out[c], var_out[c], scale[c]);
+    center[c] = mean_out[c];
   }
   apply_affine_dispatch<T>(a.relu, g, static_cast<const T*>(a.x), static_cast<const T*>(a.res),
                            static_cast<T*>(a.y), center.data(), scale.data(), b.data());
@@ -604,7 +707,7 @@ inline void unit_dsum_nchw(const Geom& g, const T* gy, const T* x, const T* y, T
   s2_out = static_cast<double>(hsum(s2a + s2b) + t2);
 }
 
-// scratch: 2*C acc values.
+// scratch: 8*C acc values (NA <= 4 arrays of S1 and S2 partials, see rows_num_acc).
 template <typename T, bool RELU, bool GZ, bool GX>
 inline void unit_dsum_rows(const Geom& g, const T* gy, const T* x, const T* y, T* gz, T* gx,
                            const acc_of<T>* center, const acc_of<T>* gscale, int64_t r0, int64_t r1,
@@ -614,56 +717,76 @@ inline void unit_dsum_rows(const Geom& g, const T* gy, const T* x, const T* y, T
   using V = typename IOT::V;
   constexpr int64_t W = IOT::W;
   const int64_t C = g.C;
-  A* s1 = scratch;
-  A* s2 = scratch + C;
-  std::fill(scratch, scratch + 2 * C, A(0));
+  const int64_t NA = rows_num_acc<T>(C);
+  A* s1 = scratch;           // [NA][C]
+  A* s2 = scratch + NA * C;  // [NA][C]
+  std::fill(scratch, scratch + 2 * NA * C, A(0));
   int64_t r = r0;
-  auto vbody = [&](int64_t k, const V& cv, const V& kv, V& a1, V& a2) {
-    V d = IOT::load(gy + k);
-    if constexpr (RELU) d = mask_v(d, IOT::load(y + k));
-    if constexpr (GZ) IOT::store(gz + k, d);
-    if constexpr (GX) IOT::store(gx + k, d * kv);
-    a1 = a1 + d;
-    a2 = at::vec::fmadd(d, IOT::load(x + k) - cv, a2);
-  };
-  auto sbody = [&](int64_t k, int64_t c) {
-    A d = static_cast<A>(gy[k]);
-    if constexpr (RELU) d = mask_s(d, static_cast<A>(y[k]));
-    if constexpr (GZ) gz[k] = static_cast<T>(d);
-    if constexpr (GX) gx[k] = static_cast<T>(d * gscale[c]);
-    s1[c] += d;
-    s2[c] += d * (static_cast<A>(x[k]) - center[c]);
-  };
-  for (; r + 4 <= r1; r += 4) {
-    const int64_t base = r * C;
-    int64_t c = 0;
-    for (; c + W <= C; c += W) {
-      const V cv = V::loadu(center + c);
-      const V kv = GX ? V::loadu(gscale + c) : V(0);
-      V a1 = V::loadu(s1 + c), a2 = V::loadu(s2 + c);
-      for (int k = 0; k < 4; ++k) vbody(base + k * C + c, cv, kv, a1, a2);
-      a1.store(s1 + c);
-      a2.store(s2 + c);
+  if (NA == 1) {  // many vectors per row: 4 rows per accumulator load/store
+    for (; r + 4 <= r1; r += 4) {
+      const int64_t base = r * C;
+      int64_t c = 0;
+      for (; c + W <= C; c += W) {
+        const V cv = V::loadu(center + c);
+        const V kv = GX ? V::loadu(gscale + c) : V(0);
+        V a1 = V::loadu(s1 + c), a2 = V::loadu(s2 + c);
+        for (int j = 0; j < 4; ++j) {
+          const int64_t k = base + j * C + c;
+          V d = IOT::load(gy + k);
+          if constexpr (RELU) d = mask_v(d, IOT::load(y + k));
+          if constexpr (GZ) IOT::store(gz + k, d);
+          if constexpr (GX) IOT::store(gx + k, d * kv);
+          a1 = a1 + d;
+          a2 = at::vec::fmadd(d, IOT::load(x + k) - cv, a2);
+        }
+        a1.store(s1 + c);
+        a2.store(s2 + c);
+      }
+      for (; c < C; ++c) {
+        for (int j = 0; j < 4; ++j) {
+          const int64_t k = base + j * C + c;
+          A d = static_cast<A>(gy[k]);
+          if constexpr (RELU) d = mask_s(d, static_cast<A>(y[k]));
+          if constexpr (GZ) gz[k] = static_cast<T>(d);
+          if constexpr (GX) gx[k] = static_cast<T>(d * gscale[c]);
+          s1[c] += d;
+          s2[c] += d * (static_cast<A>(x[k]) - center[c]);
+        }
+      }
     }
-    for (; c < C; ++c)
-      for (int k = 0; k < 4; ++k) sbody(base + k * C + c, c);
   }
   for (; r < r1; ++r) {
     const int64_t base = r * C;
+    A* a1p = s1 + ((r - r0) & (NA - 1)) * C;
+    A* a2p = s2 + ((r - r0) & (NA - 1)) * C;
     int64_t c = 0;
     for (; c + W <= C; c += W) {
-      const V cv = V::loadu(center + c);
-      const V kv = GX ? V::loadu(gscale + c) : V(0);
-      V a1 = V::loadu(s1 + c), a2 = V::loadu(s2 + c);
-      vbody(base + c, cv, kv, a1, a2);
-      a1.store(s1 + c);
-      a2.store(s2 + c);
+      const int64_t k = base + c;
+      V d = IOT::load(gy + k);
+      if constexpr (RELU) d = mask_v(d, IOT::load(y + k));
+      if constexpr (GZ) IOT::store(gz + k, d);
+      if constexpr (GX) IOT::store(gx + k, d * V::loadu(gscale + c));
+      (V::loadu(a1p + c) + d).store(a1p + c);
+      at::vec::fmadd(d, IOT::load(x + k) - V::loadu(center + c), V::loadu(a2p + c)).store(a2p + c);
     }
-    for (; c < C; ++c) sbody(base + c, c);
+    for (; c < C; ++c) {
+      const int64_t k = base + c;
+      A d = static_cast<A>(gy[k]);
+      if constexpr (RELU) d = mask_s(d, static_cast<A>(y[k]));
+      if constexpr (GZ) gz[k] = static_cast<T>(d);
+      if constexpr (GX) gx[k] = static_cast<T>(d * gscale[c]);
+      a1p[c] += d;
+      a2p[c] += d * (static_cast<A>(x[k]) - center[c]);
+    }
   }
   for (int64_t c = 0; c < C; ++c) {
-    s1_out[c] = static_cast<double>(s1[c]);
-    s2_out[c] = static_cast<double>(s2[c]);
+    double t1 = 0, t2 = 0;
+    for (int64_t k = 0; k < NA; ++k) {
+      t1 += static_cast<double>(s1[k * C + c]);
+      t2 += static_cast<double>(s2[k * C + c]);
+    }
+    s1_out[c] = t1;
+    s2_out[c] = t2;
   }
 }
 
@@ -698,7 +821,7 @@ void channel_dsums(const Geom& g, const T* gy, const T* x, const T* y, T* gz, T*
   } else {
     std::vector<double> p1(P.U * C), p2(P.U * C);
     at::parallel_for(0, P.U, P.grain, [&](int64_t b, int64_t e) {
-      std::vector<acc_of<T>> scratch(2 * C);
+      std::vector<acc_of<T>> scratch(8 * C);
       for (int64_t u = b; u < e; ++u) {
         const int64_t r0 = u * P.R, r1 = std::min(M, r0 + P.R);
         unit_dsum_rows<T, RELU, GZ, GX>(g, gy, x, y, gz, gx, center, gscale, r0, r1, scratch.data(),
@@ -716,6 +839,40 @@ void channel_dsums(const Geom& g, const T* gy, const T* x, const T* y, T* gz, T*
         }
       }
     });
+  }
+}
+
+// One contiguous run [off, off + len) of a single channel of the dx pass.
+template <typename T, bool RELU, bool FROM_GZ>
+inline void bwd_apply_plane(const T* gy, const T* x, const T* y, const T* gz, T* gx, int64_t off, int64_t len,
+                            acc_of<T> cs, acc_of<T> as, acc_of<T> bs, acc_of<T> ds) {
+  using IOT = IO<T>;
+  using A = acc_of<T>;
+  using V = typename IOT::V;
+  constexpr int64_t W = IOT::W;
+  const V cv(cs), av(as), bv(bs), dv(ds);
+  int64_t i = 0;
+  for (; i + W <= len; i += W) {
+    const int64_t k = off + i;
+    V d;
+    if constexpr (FROM_GZ) {
+      d = IOT::load(gz + k);
+    } else {
+      d = IOT::load(gy + k);
+      if constexpr (RELU) d = mask_v(d, IOT::load(y + k));
+    }
+    IOT::store(gx + k, at::vec::fmadd(av, d, at::vec::fmadd(bv, IOT::load(x + k) - cv, dv)));
+  }
+  for (; i < len; ++i) {
+    const int64_t k = off + i;
+    A d;
+    if constexpr (FROM_GZ) {
+      d = static_cast<A>(gz[k]);
+    } else {
+      d = static_cast<A>(gy[k]);
+      if constexpr (RELU) d = mask_s(d, static_cast<A>(y[k]));
+    }
+    gx[k] = static_cast<T>(as * d + (bs * (static_cast<A>(x[k]) - cs) + ds));
   }
 }
 
@@ -751,19 +908,7 @@ void bn_bwd_apply(const Geom& g, const T* gy, const T* x, const T* y, const T* g
     at::parallel_for(0, g.N * C, std::max<int64_t>(1, kGrain / HW), [&](int64_t b, int64_t e) {
       for (int64_t plane = b; plane < e; ++plane) {
         const int64_t c = plane % C;
-        const int64_t off = plane * HW;
-        const A cs = center[c], as = ka[c], bs = kb[c], ds = kd[c];
-        const V cv(cs), av(as), bv(bs), dv(ds);
-        int64_t i = 0;
-        for (; i + W <= HW; i += W) {
-          const int64_t k = off + i;
-          const V r = at::vec::fmadd(av, vdz(k), at::vec::fmadd(bv, IOT::load(x + k) - cv, dv));
-          IOT::store(gx + k, r);
-        }
-        for (; i < HW; ++i) {
-          const int64_t k = off + i;
-          gx[k] = static_cast<T>(as * sdz(k) + (bs * (static_cast<A>(x[k]) - cs) + ds));
-        }
+        bwd_apply_plane<T, RELU, FROM_GZ>(gy, x, y, gz, gx, plane * HW, HW, center[c], ka[c], kb[c], kd[c]);
       }
     });
   } else {
@@ -787,6 +932,57 @@ void bn_bwd_apply(const Geom& g, const T* gy, const T* x, const T* y, const T* g
   }
 }
 
+// Backward per-channel outputs and dx coefficients from the double sums
+// S1 = sum dz, S2 = sum dz*(x-mean).
+template <typename A>
+inline void bwd_channel_params(double S1, double S2, A var, A w, double eps, double M, A& gw, A& gb, A& ka,
+                               A& kb, A& kd) {
+  const A invstd_a = A(1) / std::sqrt(var + static_cast<A>(eps));
+  const double invstd = static_cast<double>(invstd_a);
+  const double gbd = S1;
+  const double gwd = S2 * invstd;
+  gb = static_cast<A>(gbd);
+  gw = static_cast<A>(gwd);
+  const double k = static_cast<double>(w) * invstd;
+  ka = static_cast<A>(k);
+  kb = static_cast<A>(-k * invstd * gwd / M);
+  kd = static_cast<A>(-k * gbd / M);
+}
+
+template <typename T, bool RELU, bool GZ>
+void bn_bwd_blocked(const BnBwdArgs& a, const acc_of<T>* w) {
+  using A = acc_of<T>;
+  const Geom& g = a.g;
+  const Partition P = make_partition(g);
+  const int64_t M = g.M();
+  const T* gy = static_cast<const T*>(a.gy);
+  const T* x = static_cast<const T*>(a.x);
+  const T* y = static_cast<const T*>(a.y);
+  T* gx = static_cast<T*>(a.gx);
+  T* gz = static_cast<T*>(a.gz);
+  const A* mean = static_cast<const A*>(a.mean);
+  const A* var = static_cast<const A*>(a.var);
+  A* gw_out = static_cast<A*>(a.gw);
+  A* gb_out = static_cast<A*>(a.gb);
+  at::parallel_for(0, g.C, std::max<int64_t>(1, kGrain / M), [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      double S1 = 0, S2 = 0;
+      for (int64_t j = 0; j < P.J; ++j) {
+        double p1, p2;
+        unit_dsum_nchw<T, RELU, GZ, false>(g, gy, x, y, gz, nullptr, mean[c], A(0), c, chunk_start(M, P.J, j),
+                                           chunk_start(M, P.J, j + 1), p1, p2);
+        S1 += p1;
+        S2 += p2;
+      }
+      A ka, kb, kd;
+      bwd_channel_params<A>(S1, S2, var[c], w[c], a.eps, static_cast<double>(M), gw_out[c], gb_out[c], ka,
+                            kb, kd);
+      for (int64_t n = 0; n < g.N; ++n)
+        bwd_apply_plane<T, RELU, GZ>(gy, x, y, gz, gx, (n * g.C + c) * g.HW, g.HW, mean[c], ka, kb, kd);
+    }
+  });
+}
+
 template <typename T, bool RELU>
 void bn_bwd_t(const BnBwdArgs& a) {
   using A = acc_of<T>;
@@ -801,24 +997,20 @@ void bn_bwd_t(const BnBwdArgs& a) {
   const A* mean = static_cast<const A*>(a.mean);
   const A* var = static_cast<const A*>(a.var);
   const std::vector<A> w = param_or<A>(a.weight, C, A(1));
+  // L2-resident per channel: gy, y (relu) and x for the reduction; gz or (gy, y) and x for dx.
+  if (channel_blocked(g, static_cast<int64_t>(sizeof(T)) * (RELU ? 3 : 2) + (gz ? static_cast<int64_t>(sizeof(T)) : 0))) {
+    if (gz) bn_bwd_blocked<T, RELU, true>(a, w.data());
+    else bn_bwd_blocked<T, RELU, false>(a, w.data());
+    return;
+  }
   std::vector<double> S1, S2;
   if (gz) channel_dsums<T, RELU, true, false>(g, gy, x, y, gz, nullptr, mean, nullptr, S1, S2);
   else channel_dsums<T, RELU, false, false>(g, gy, x, y, nullptr, nullptr, mean, nullptr, S1, S2);
   A* gw_out = static_cast<A*>(a.gw);
   A* gb_out = static_cast<A*>(a.gb);
   std::vector<A> ka(C), kb(C), kd(C);
-  for (int64_t c = 0; c < C; ++c) {
-    const A invstd_a = A(1) / std::sqrt(var[c] + static_cast<A>(a.eps));
-    const double invstd = static_cast<double>(invstd_a);
-    const double gb = S1[c];
-    const double gw = S2[c] * invstd;
-    gb_out[c] = static_cast<A>(gb);
-    gw_out[c] = static_cast<A>(gw);
-    const double k = static_cast<double>(w[c]) * invstd;
-    ka[c] = static_cast<A>(k);
-    kb[c] = static_cast<A>(-k * invstd * gw / M);
-    kd[c] = static_cast<A>(-k * gb / M);
-  }
+  for (int64_t c = 0; c < C; ++c)
+    bwd_channel_params<A>(S1[c], S2[c], var[c], w[c], a.eps, M, gw_out[c], gb_out[c], ka[c], kb[c], kd[c]);
   if (gz) bn_bwd_apply<T, RELU, true>(g, gy, x, y, gz, gx, mean, ka.data(), kb.data(), kd.data());
   else bn_bwd_apply<T, RELU, false>(g, gy, x, y, nullptr, gx, mean, ka.data(), kb.data(), kd.data());
 }
