@@ -126,7 +126,7 @@ csrc = os.path.join("csrc")
 cpp_sources = sorted(glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
 cu_sources = sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu")))
 
-cxx_flags = ["-O3", "-g0", "-fopenmp", "-Wno-psabi", "-Wno-unknown-pragmas", f"-DFASTRES_VERSION={VERSION}"]
+cxx_flags = ["-O3", "-g0", "-fopenmp", "-Wno-psabi", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized", f"-DFASTRES_VERSION={VERSION}"]
 nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", f"-DFASTRES_VERSION={VERSION}"]
 link_flags = ["-fopenmp"]
 include_dirs = [os.path.join(ROOT, "csrc")]
