@@ -14,15 +14,31 @@ import torch.nn.functional as F
 
 from . import _validate as V
 from . import backends, ops
-from ._reference import acc_dtype
+from ._reference import acc_dtype, memory_format_of
 
 Tensor = torch.Tensor
 
 __all__ = ["batch_norm_act", "affine_act", "fold_scale_shift"]
 
 
+def _canonical(t: Tensor) -> Tensor:
+    """``t`` with the canonical strides of its memory format (a copy only when they differ).
+
+    PyTorch 2.14.1's CPU batch_norm backward returns a wrong grad_input for a
+    channels_last-contiguous tensor whose size-1 dimension has a non-canonical stride
+    (e.g. ``base.permute(0, 2, 1, 3)`` with W == 1); the torch backend sidesteps it.
+    """
+    want = torch.empty_like(t, memory_format=memory_format_of(t))
+    if want.stride() == t.stride():
+        return t
+    return want.copy_(t)
+
+
 def _torch_batch_norm_act(x, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu):
+    x = _canonical(x)
     y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    if y.requires_grad:
+        y.register_hook(_canonical)  # the incoming gradient can carry such strides too
     if residual is not None:
         y = y + residual
     return torch.relu(y) if relu else y
