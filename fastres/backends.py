@@ -71,7 +71,7 @@ def _C_status() -> Tuple[bool, bool, str]:
         from . import _C  # noqa: F401  (registers torch.ops.fastres.*)
     except Exception as e:  # ImportError, or an ABI mismatch (undefined symbol)
         return False, False, f"fastres._C not loaded: {type(e).__name__}: {e}"
-    has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("fastres::bn_act_train", "CUDA")
+    has_cuda = bool(getattr(_C, "WITH_CUDA", False))  # a plain bool: safe while Dynamo traces
     return True, bool(has_cuda), "fastres._C loaded" + (" with CUDA kernels" if has_cuda else " (CPU kernels only)")
 
 
