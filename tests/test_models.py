@@ -355,3 +355,25 @@ def test_bad_input_one_value_per_channel_in_training(small):
         tvr.resnet18(num_classes=4).train()(torch.randn(1, 3, 32, 32))
     small.eval()
     assert small(torch.randn(1, 3, 32, 32)).shape == (1, 4)  # fine in eval
+
+
+def test_torch_compile_fullgraph():
+    """torch.compile(fullgraph=True) traces the fused blocks (training, with running
+    statistics, and eval, where the fold is traced inline) without a graph break."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    ref = randomize(RefCifar(8, "A"))
+    ours = twin(ref, lambda: fastres.cifar_resnet(8), torch.float32)
+    eager = copy.deepcopy(ours)
+    x = torch.randn(2, 3, 16, 16)
+    eager(x)  # first use outside dynamo registers the backend's op family (fastres.ops.family)
+    eager.load_state_dict(ours.state_dict())
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    for train in (True, False):
+        ours.train(train), eager.train(train)
+        xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yc, ye = compiled(xc), eager(xe)
+        yc.sum().backward(), ye.sum().backward()
+        assert rel_err(yc, ye) < 1e-5 and rel_err(xc.grad, xe.grad) < 1e-5
+        for (n, b), (_, be) in zip(ours.named_buffers(), eager.named_buffers()):
+            assert rel_err(b, be) < 1e-5 if b.is_floating_point() else torch.equal(b, be), n
