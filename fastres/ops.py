@@ -237,3 +237,13 @@ def family(name: str) -> Family:
         else:
             raise ValueError(f"fastres: unknown backend {name!r}")
         return _families[name]
+
+
+def preload() -> None:
+    """Register, eagerly, every family that can run here, so that the first call to a
+    fused op inside ``torch.compile`` finds its ops ready (registration itself cannot be
+    traced). Triton is registered only where it can run (CUDA, or the interpreter)."""
+    device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for name in ("cpp", "cuda", "triton"):
+        if any(backends.available(name, d)[0] for d in device_types):
+            family(name)
