@@ -277,6 +277,14 @@ def check_module_case(backend: str, case: Case, device: str = "cpu", equal_nan: 
             if xv.is_contiguous(memory_format=torch.channels_last) and not xv.is_contiguous():
                 assert y.is_contiguous(memory_format=torch.channels_last), f"{tag} output lost channels_last"
             extra = _degenerate_slack(ref, xfn(xb), g, case) if uses_batch_stats(ref) else {}
+            if case.dtype == torch.float32 and g.numel():
+                # grad_weight/grad_bias are fp32 sums of M = N*H*W terms |g*x_hat| <~ 4|g|max:
+                # two correct implementations summing in different orders (channels_last vs
+                # contiguous kernels) differ by ~eps*sqrt(M)*that (seen: 1.3e-5 at M=765).
+                m = g.numel() // g.shape[1]
+                red = 4 * torch.finfo(torch.float32).eps * math.sqrt(m) * 4 * g.detach().abs().max().item()
+                for k in ("weight", "bias"):
+                    extra[k] = extra.get(k, 0.0) + red
             assert_parity(y, y_ref, case.dtype, f"{tag} output", y_hi if low else None, equal_nan,
                           extra.get("output", 0.0))
             assert gr.keys() == gr_ref.keys(), f"{tag} grads {sorted(gr)} != {sorted(gr_ref)}"
