@@ -34,11 +34,15 @@ def _canonical(t: Tensor) -> Tensor:
     return want.copy_(t)
 
 
+def _canonical_grad(g: Optional[Tensor]) -> Optional[Tensor]:
+    return None if g is None else _canonical(g)
+
+
 def _torch_batch_norm_act(x, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu):
     x = _canonical(x)
     y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     if y.requires_grad:
-        y.register_hook(_canonical)  # the incoming gradient can carry such strides too
+        y.register_hook(_canonical_grad)  # the incoming gradient can carry such strides too
     if residual is not None:
         y = y + residual
     return torch.relu(y) if relu else y
