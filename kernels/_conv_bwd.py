@@ -1,0 +1,475 @@
+"""Triton backward kernels of the fused convolution ``conv2d_act`` (issue 10), and their launchers.
+
+Forward being differentiated (per input channel ``s``, ``t``; either may be None = identity)::
+
+    a = relu(x * s + t) if in_relu else x * s + t          # prologue, computed in fp32 (fp64)
+    y = act(conv2d(pad0(a), W, bias, stride, padding, dilation, groups) (+ residual))
+
+The zero padding is applied to ``a`` (after the transform). The caller (the op's autograd)
+applies the output activation's mask and takes the residual's gradient; these launchers
+get ``grad_out`` = dL/d(conv output) and return:
+
+* :func:`conv2d_act_dgrad` -> ``(grad_x, grad_in_scale, grad_in_shift)``: one implicit-GEMM
+  kernel computes ``da = conv_transpose(grad_out, W)`` per tile, masks it with the prologue
+  ReLU (recomputed from ``x * s + t > 0``; nothing is stored by the forward), stores
+  ``grad_x = da * s`` and, in the same epilogue, per-tile column partials of ``sum(da * x)``
+  and ``sum(da)``, which the fixed-order ``_bwd_finalize`` of ``_kernels`` combines.
+* :func:`conv2d_act_wgrad` -> ``(grad_weight, grad_bias)``: an implicit GEMM over the
+  N*P*Q output positions that recomputes ``a`` from ``x`` as it loads (padding taps are
+  zero after the transform), optionally split along N*P*Q into fixed partial buffers
+  summed in a fixed order; ``grad_bias = sum(grad_out)`` rides along in the programs of
+  tap (0, 0) and channel block 0.
+
+Layout: both kernels work on NHWC-dense tensors (``x`` and ``grad_out`` are made
+channels_last by the launchers if they are not: a copy for NCHW inputs). The weight
+``[K, C/groups, R, S]`` is re-laid out as ``[groups, R, S, K/groups, C/groups]`` for the
+data gradient (a small copy). Element offsets of activations are int64.
+
+Data gradient and stride: input positions are split into ``stride_h * stride_w``
+phases (h % stride_h, w % stride_w). All positions of a phase receive gradient from
+the same taps (r, s) -- those with (h + pad_h - r * dil_h) divisible by stride_h, an
+arithmetic progression the launcher tabulates -- so a program owns a tile of one phase
+and loops over its valid taps only, with exact divisions: no masked-out taps, no
+atomics. Phases without taps (e.g. the odd positions of a 1x1 stride-2 conv) just
+store zeros.
+
+Accumulation: fp32 for fp32/bf16/fp16 (fp32 dots in IEEE precision, never TF32), fp64
+for fp64. Reductions are deterministic (fixed tile shapes, fixed combine order).
+
+Tuning: on CUDA (bf16/fp16/fp32) the kernels are autotuned over a few tilings in the
+style of Triton's matmul tutorial and inductor's conv template (Ampere/Hopper
+friendly: 64-256 wide tiles, 3-4 stages); fp64 and the interpreter (TRITON_INTERPRET=1)
+use one fixed small tiling from ``CONFIG`` (tests shrink it to walk multi-tile paths).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _kernels as K
+from ._launch import _INTERPRETED, _acc, _cdiv, _device_ctx, _finalize_meta, _rne, _tl_acc
+
+Tensor = torch.Tensor
+IntPair = Union[int, Sequence[int]]
+
+# Fixed tilings (interpreter, fp64, and CUDA when autotuning is switched off with
+# FASTRES_CONV_BWD_AUTOTUNE=0). wgrad_rows: fewest output positions a wgrad split
+# walks; wgrad_target: programs the split aims for (a few per SM).
+CONFIG = {
+    "interp": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1),
+    "fp64": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2),
+    "wgrad_rows": 4096,
+    "wgrad_target": 1024,
+    "autotune": True,
+}
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _dgrad_kernel(go_ptr, w_ptr, x_ptr, s_ptr, t_ptr, gx_ptr, ps_dz_ptr, ps_dzx_ptr, tab_ptr,
+                  N, H, W, C, P, Q, KT, CG, KG, HQ, WQ,
+                  R, S, SH, SW, PH, PW, DH, DW, STEP_R, STEP_S,
+                  HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, RELU: tl.constexpr,
+                  SUMS: tl.constexpr, RNE_BF16: tl.constexpr, DOT_F32: tl.constexpr,
+                  IEEE: tl.constexpr, ACC: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """da[n, h, w, c] = sum over taps (r, s) with h = p*SH - PH + r*DH (w likewise) and
+    k of the group of grad_out[n, p, q, k] * W[k, c, r, s]; then the prologue's backward.
+
+    Program (pid0, pid1): pid0 = phase * TILES_PH + tile of that phase's N*HQ*WQ
+    positions (n, h = ph_h + SH*i, w = ph_w + SW*j), pid1 = group * N_CB + block of the
+    group's input channels (TILES_PH, N_CB: tiles per phase / channel blocks per group). go: [N*P*Q, KT] NHWC; w: [G, R, S, KG, CG]; x, gx: [N*H*W, C] NHWC;
+    tab: int32 [phases, 4] = (r0, nr, s0, ns) of each phase (taps r0 + i*STEP_R, ...).
+    Partials (SUMS): row pid0 of the [programs along 0, C] buffers.
+    """
+    pid0 = tl.program_id(0)
+    pid1 = tl.program_id(1)
+    TILES_PH = (N * HQ * WQ + BLOCK_M - 1) // BLOCK_M
+    N_CB = (CG + BLOCK_N - 1) // BLOCK_N
+    phase = pid0 // TILES_PH
+    tile = pid0 - phase * TILES_PH
+    g = pid1 // N_CB
+    cb = pid1 - g * N_CB
+    ph_h = phase // SW
+    ph_w = phase - ph_h * SW
+    r0 = tl.load(tab_ptr + phase * 4)
+    nr = tl.load(tab_ptr + phase * 4 + 1)
+    s0 = tl.load(tab_ptr + phase * 4 + 2)
+    ns = tl.load(tab_ptr + phase * 4 + 3)
+
+    idx = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    wi = idx % WQ
+    tmp = idx // WQ
+    hi = tmp % HQ
+    n = tmp // HQ
+    h = ph_h + hi * SH
+    w = ph_w + wi * SW
+    row_ok = (n < N) & (h < H) & (w < W)
+    n64 = n.to(tl.int64)
+    cols = cb * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < CG
+    kk = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    nkb = (KG + BLOCK_K - 1) // BLOCK_K
+    total = nr * ns * nkb
+    for it in range(0, total):
+        kb = it % nkb
+        tap = it // nkb
+        jr = tap // ns
+        r = r0 + jr * STEP_R
+        s = s0 + (tap - jr * ns) * STEP_S
+        # exact divisions: the phase makes the numerators multiples of SH / SW
+        p = (h + PH - r * DH) // SH
+        q = (w + PW - s * DW) // SW
+        ok = row_ok & (p >= 0) & (p < P) & (q >= 0) & (q < Q)
+        ks = kb * BLOCK_K + kk
+        k_ok = ks < KG
+        go_row = ((n64 * P + p) * Q + q) * KT + g * KG
+        a = tl.load(go_ptr + go_row[:, None] + ks[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
+        w_base = ((g * R + r) * S + s) * KG
+        b = tl.load(w_ptr + (w_base + ks)[:, None] * CG + cols[None, :],
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if DOT_F32:  # interpreter only: its dot cannot multiply bf16 (exact products in fp32)
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+
+    c_glob = g * CG + cols
+    mask = row_ok[:, None] & col_ok[None, :]
+    offs = (((n64 * H + h) * W + w) * C)[:, None] + c_glob[None, :]
+    da = acc
+    if RELU or SUMS:
+        xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    if HAS_SCALE:
+        sc = tl.load(s_ptr + c_glob, mask=col_ok, other=0.0).to(ACC)[None, :]
+    if RELU:
+        z = xv
+        if HAS_SCALE:
+            z = z * sc
+        if HAS_SHIFT:
+            z = z + tl.load(t_ptr + c_glob, mask=col_ok, other=0.0).to(ACC)[None, :]
+        da = tl.where(z > 0, da, 0.0)
+    gx = da
+    if HAS_SCALE:
+        gx = da * sc
+    tl.store(gx_ptr + offs, K._out(gx, gx_ptr, RNE_BF16), mask=mask)
+    if SUMS:
+        da = tl.where(mask, da, 0.0)
+        prow = pid0.to(tl.int64) * C + c_glob
+        tl.store(ps_dz_ptr + prow, tl.sum(da, 0), mask=col_ok)
+        tl.store(ps_dzx_ptr + prow, tl.sum(da * xv, 0), mask=col_ok)
+
+
+@triton.jit
+def _wgrad_kernel(go_ptr, x_ptr, s_ptr, t_ptr, gw_ptr, gb_ptr,
+                  N, H, W, C, P, Q, KT, CG, KG, M, M_PER,
+                  R, S, SH, SW, PH, PW, DH, DW,
+                  HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, RELU: tl.constexpr,
+                  BIAS: tl.constexpr, RNE_BF16: tl.constexpr, DOT_F32: tl.constexpr,
+                  IEEE: tl.constexpr, ACC: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """gW[k, c, r, s] (one split's share) = sum over output positions m = (n, p, q) in
+    [split*M_PER, +M_PER) of grad_out[m, k] * a[n, p*SH - PH + r*DH, q*SW - PW + s*DW, c],
+    with a recomputed from x (zero outside the image).
+
+    Program (pid0, pid1, pid2): pid0 = (group * N_KB + block of output channels) * N_CB
+    + block of input channels, pid1 = tap r*S + s, pid2 = split. gw: [splits, KT, CG, R, S]
+    (ACC), gb: [splits, KT] (ACC, written by the tap-0 channel-block-0 programs).
+    """
+    pid0 = tl.program_id(0)
+    rs = tl.program_id(1)
+    split = tl.program_id(2)
+    N_KB = (KG + BLOCK_K - 1) // BLOCK_K
+    N_CB = (CG + BLOCK_N - 1) // BLOCK_N
+    gk = pid0 // N_CB
+    cb = pid0 - gk * N_CB
+    g = gk // N_KB
+    kb = gk - g * N_KB
+    r = rs // S
+    s = rs - r * S
+    ks = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = ks < KG
+    cols = cb * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < CG
+    c_glob = g * CG + cols
+    if HAS_SCALE:
+        sc = tl.load(s_ptr + c_glob, mask=col_ok, other=0.0).to(ACC)[None, :]
+    if HAS_SHIFT:
+        sh = tl.load(t_ptr + c_glob, mask=col_ok, other=0.0).to(ACC)[None, :]
+    do_bias = (cb == 0) & (rs == 0)
+
+    m0 = split * M_PER
+    m1 = tl.minimum(m0 + M_PER, M)
+    acc = tl.zeros([BLOCK_K, BLOCK_N], ACC)
+    gb = tl.zeros([BLOCK_K], ACC)
+    for mt in range(m0, m1, BLOCK_M):
+        m = mt + tl.arange(0, BLOCK_M)
+        m_ok = m < m1
+        q = m % Q
+        tmp = m // Q
+        p = tmp % P
+        n = tmp // P
+        h = p * SH - PH + r * DH
+        w = q * SW - PW + s * DW
+        in_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        go = tl.load(go_ptr + (m.to(tl.int64) * KT + g * KG)[:, None] + ks[None, :],
+                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        amask = in_ok[:, None] & col_ok[None, :]
+        xv = tl.load(x_ptr + (((n.to(tl.int64) * H + h) * W + w) * C)[:, None] + c_glob[None, :],
+                     mask=amask, other=0.0)
+        if HAS_SCALE or HAS_SHIFT or RELU:
+            a = xv.to(ACC)
+            if HAS_SCALE:
+                a = a * sc
+            if HAS_SHIFT:
+                a = a + sh
+            if RELU:
+                a = tl.maximum(a, 0.0)
+            a = K._out(tl.where(amask, a, 0.0), x_ptr, RNE_BF16)  # padding: zero after the transform
+        else:
+            a = xv
+        if BIAS:
+            if do_bias:
+                gb += tl.sum(go.to(ACC), 0)
+        gt = tl.trans(go)
+        if DOT_F32:
+            gt = gt.to(tl.float32)
+            a = a.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(gt, a, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(gt, a, acc)
+
+    k_glob = g * KG + ks
+    RS = R * S
+    out = split.to(tl.int64) * KT * CG * RS + ((k_glob * CG)[:, None] + cols[None, :]) * RS + rs
+    tl.store(gw_ptr + out, acc, mask=k_ok[:, None] & col_ok[None, :])
+    if BIAS:
+        if do_bias:
+            tl.store(gb_ptr + split.to(tl.int64) * KT + k_glob, gb, mask=k_ok)
+
+
+def _configs(wgrad: bool):
+    # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps); for wgrad BLOCK_K is the output-channel
+    # tile and BLOCK_M the reduction step over output positions.
+    shapes = [(128, 128, 64, 3, 8), (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+              (64, 64, 64, 4, 4), (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 32, 64, 4, 4),
+              (128, 16, 64, 4, 4), (64, 32, 32, 5, 2)]
+    if wgrad:
+        shapes = [(64, 128, 128, 3, 8), (32, 128, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4),
+                  (64, 64, 64, 4, 4), (64, 256, 128, 3, 8), (32, 32, 64, 4, 4), (64, 16, 64, 4, 4),
+                  (64, 16, 128, 4, 4), (32, 64, 64, 5, 2)]
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_stages=st, num_warps=wp)
+            for bm, bn, bk, st, wp in shapes]
+
+
+if _INTERPRETED:
+    _dgrad_tuned = _wgrad_tuned = None
+else:  # pragma: no cover - needs a GPU
+    _dgrad_tuned = triton.autotune(_configs(False), key=["CG", "KG", "R", "S", "SH", "SW", "H", "W", "N"])(
+        _dgrad_kernel)
+    _wgrad_tuned = triton.autotune(_configs(True), key=["CG", "KG", "R", "S", "SH", "SW", "P", "Q", "N", "M_PER"])(
+        _wgrad_kernel)
+
+
+def _fixed(dtype: torch.dtype) -> dict:
+    return dict(CONFIG["interp" if _INTERPRETED else "fp64" if dtype == torch.float64 else "interp"])
+
+
+def _tuned(dtype: torch.dtype) -> bool:
+    return not _INTERPRETED and dtype != torch.float64 and bool(CONFIG["autotune"])
+
+
+# ----------------------------------------------------------------------------- launchers
+def _pair(v: IntPair, name: str) -> Tuple[int, int]:
+    if isinstance(v, int):
+        return v, v
+    t = tuple(int(e) for e in v)
+    if len(t) == 1:
+        return t[0], t[0]
+    if len(t) != 2:
+        raise ValueError(f"conv2d_act backward: {name} must be an int or a pair, got {v!r}")
+    return t
+
+
+def _geometry(x_shape, w_shape, go_shape, stride, padding, dilation, groups):
+    n, c, h, w = x_shape
+    k, cg, r, s = w_shape
+    sh, sw = _pair(stride, "stride")
+    ph, pw = _pair(padding, "padding")
+    dh, dw = _pair(dilation, "dilation")
+    if groups < 1 or c != cg * groups or k % groups:
+        raise ValueError(f"conv2d_act backward: input channels {c}, weight {tuple(w_shape)} and groups={groups} "
+                         "do not match")
+    p = (h + 2 * ph - dh * (r - 1) - 1) // sh + 1
+    q = (w + 2 * pw - dw * (s - 1) - 1) // sw + 1
+    if tuple(go_shape) != (n, k, p, q):
+        raise ValueError(f"conv2d_act backward: grad_out has shape {tuple(go_shape)}, expected {(n, k, p, q)}")
+    return n, c, h, w, k, cg, r, s, sh, sw, ph, pw, dh, dw, p, q
+
+
+def _out_fmt(x: Tensor) -> torch.memory_format:
+    """The memory format of the returned grad_x (as _launch._fmt): x's if x is dense in
+    one, else contiguous."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _nhwc(t: Tensor) -> Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _prologue_args(in_scale, in_shift):
+    s = None if in_scale is None else in_scale.contiguous()
+    t = None if in_shift is None else in_shift.contiguous()
+    return s, t
+
+
+def _phase_table(sh, sw, ph, pw, dh, dw, r, s, device):
+    def taps(phase, stride, pad, dil, n_taps):
+        v = [i for i in range(n_taps) if (phase + pad - i * dil) % stride == 0]
+        return (v[0] if v else 0), len(v)
+    rows = []
+    for a in range(sh):
+        r0, nr = taps(a, sh, ph, dh, r)
+        for b in range(sw):
+            s0, ns = taps(b, sw, pw, dw, s)
+            rows.append((r0, nr, s0, ns))
+    step_r = sh // math.gcd(sh, dh)
+    step_s = sw // math.gcd(sw, dw)
+    return torch.tensor(rows, dtype=torch.int32, device=device), step_r, step_s
+
+
+def conv2d_act_dgrad(grad_out: Tensor, weight: Tensor, x: Tensor, in_scale: Optional[Tensor],
+                     in_shift: Optional[Tensor], in_relu: bool, stride: IntPair, padding: IntPair,
+                     dilation: IntPair, groups: int, need_in_grads: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Data gradient of conv2d_act through its prologue.
+
+    grad_out: [N, K, P, Q], dL/d(conv output) (after the output activation's mask),
+    any memory format (made NHWC; it is cast to x's dtype). weight: [K, C/groups, R, S]
+    (cast to x's dtype). x: [N, C, H, W], the raw input of the prologue. in_scale,
+    in_shift: [C] or None (identity), any float dtype. Returns ``(grad_x, grad_in_scale,
+    grad_in_shift)``: grad_x = da * s in x's dtype, channels_last if x is channels_last
+    (and not also contiguous) else contiguous, where da = conv_transpose(grad_out, W),
+    zeroed where in_relu and x*s+t <= 0; grad_in_scale = sum_{N,H,W} da * x and
+    grad_in_shift = sum_{N,H,W} da, [C] in fp32 (fp64 for fp64 x) when need_in_grads,
+    else empty [0] tensors. (Meaningful whatever in_scale/in_shift are: with s None,
+    grad_in_scale is still sum(da * x).)
+    """
+    n, c, h, w, k, cg, r, s, sh, sw, ph, pw, dh, dw, p, q = _geometry(
+        x.shape, weight.shape, grad_out.shape, stride, padding, dilation, groups)
+    kg = k // groups
+    acc = _acc(x.dtype)
+    fmt = _out_fmt(x)
+    dev = x.device
+    nsum = c if need_in_grads else 0
+    if x.numel() == 0 or grad_out.numel() == 0:
+        return (torch.zeros_like(x, memory_format=fmt), torch.zeros((nsum,), dtype=acc, device=dev),
+                torch.zeros((nsum,), dtype=acc, device=dev))
+    xc = _nhwc(x)
+    go = _nhwc(grad_out.to(x.dtype))
+    wt = weight.to(x.dtype).reshape(groups, kg, cg, r, s).permute(0, 3, 4, 1, 2).contiguous()
+    sc, shf = _prologue_args(in_scale, in_shift)
+    gx = torch.empty_like(xc, memory_format=torch.channels_last)
+    tab, step_r, step_s = _phase_table(sh, sw, ph, pw, dh, dw, r, s, dev)
+    hq, wq = _cdiv(h, sh), _cdiv(w, sw)
+    rows_ph = n * hq * wq
+    tuned = _tuned(x.dtype)
+    fixed = None if tuned else _fixed(x.dtype)
+    min_bm = min(cf.kwargs["BLOCK_M"] for cf in _configs(False)) if tuned else fixed["BLOCK_M"]
+    max_progs = sh * sw * _cdiv(rows_ph, min_bm)
+    # partial rows: one per program along axis 0; zero-filled, as autotuning may pick a
+    # BLOCK_M larger than the smallest and leave trailing rows unwritten
+    part = torch.zeros((2, max_progs, c), dtype=acc, device=dev) if need_in_grads else None
+    grad_s = torch.empty((nsum,), dtype=acc, device=dev)
+    grad_t = torch.empty((nsum,), dtype=acc, device=dev)
+    d = xc  # dummy pointer for absent operands (never dereferenced)
+
+    def grid(meta):
+        return (sh * sw * _cdiv(rows_ph, meta["BLOCK_M"]), groups * _cdiv(cg, meta["BLOCK_N"]))
+
+    with _device_ctx(x):
+        args = (go, wt, xc, d if sc is None else sc, d if shf is None else shf, gx,
+                d if part is None else part[0], d if part is None else part[1], tab,
+                n, h, w, c, p, q, k, cg, kg, hq, wq, r, s, sh, sw, ph, pw, dh, dw, step_r, step_s)
+        consts = dict(HAS_SCALE=sc is not None, HAS_SHIFT=shf is not None, RELU=bool(in_relu),
+                      SUMS=bool(need_in_grads), RNE_BF16=_rne(x.dtype),
+                      DOT_F32=_INTERPRETED and x.dtype == torch.bfloat16,
+                      IEEE=x.dtype in (torch.float32, torch.float64), ACC=_tl_acc(x.dtype))
+        if tuned:  # pragma: no cover - needs a GPU
+            _dgrad_tuned[grid](*args, **consts)
+        else:
+            _dgrad_kernel[grid(fixed)](*args, **consts, **fixed)
+        if need_in_grads:
+            fgrid, fmeta = _finalize_meta(c, max_progs)
+            K._bwd_finalize[fgrid](part[0], part[1], xc, xc, grad_s, grad_t, xc, c, max_progs, 1, 1.0,
+                                   BN=False, HAS_W=False, ACC=_tl_acc(x.dtype), **fmeta)
+    return gx.contiguous(memory_format=fmt), grad_s, grad_t
+
+
+def conv2d_act_wgrad(grad_out: Tensor, x: Tensor, in_scale: Optional[Tensor], in_shift: Optional[Tensor],
+                     in_relu: bool, weight_shape: Sequence[int], stride: IntPair, padding: IntPair,
+                     dilation: IntPair, groups: int, need_bias_grad: bool = False) -> Tuple[Tensor, Tensor]:
+    """Weight (and bias) gradient of conv2d_act, recomputing the prologue from x.
+
+    grad_out: [N, K, P, Q] as for :func:`conv2d_act_dgrad`; x: [N, C, H, W]; weight_shape:
+    (K, C/groups, R, S). Returns ``(grad_weight, grad_bias)``: grad_weight [K, C/groups, R, S]
+    contiguous, accumulated and returned in fp32 (fp64 for fp64 x) -- the caller casts to
+    the weight's dtype; grad_bias = sum_{N,P,Q} grad_out, [K] in the same dtype when
+    need_bias_grad, else an empty [0] tensor.
+    """
+    n, c, h, w, k, cg, r, s, sh, sw, ph, pw, dh, dw, p, q = _geometry(
+        x.shape, tuple(weight_shape), grad_out.shape, stride, padding, dilation, groups)
+    kg = k // groups
+    acc = _acc(x.dtype)
+    dev = x.device
+    nb = k if need_bias_grad else 0
+    m = n * p * q
+    if m == 0 or k == 0 or c == 0:
+        return (torch.zeros((k, cg, r, s), dtype=acc, device=dev), torch.zeros((nb,), dtype=acc, device=dev))
+    xc = _nhwc(x)
+    go = _nhwc(grad_out.to(x.dtype))
+    sc, shf = _prologue_args(in_scale, in_shift)
+    tuned = _tuned(x.dtype)
+    fixed = None if tuned else _fixed(x.dtype)
+    # split the N*P*Q reduction so that the grid has about wgrad_target programs (nominal
+    # 128x128 output tiles), each split walking at least wgrad_rows positions
+    if tuned:  # pragma: no cover - needs a GPU
+        tiles = groups * _cdiv(kg, 128) * _cdiv(cg, 128) * r * s
+    else:
+        tiles = groups * _cdiv(kg, fixed["BLOCK_K"]) * _cdiv(cg, fixed["BLOCK_N"]) * r * s
+    rows = max(1, int(CONFIG["wgrad_rows"]))
+    splits = max(1, min(_cdiv(CONFIG["wgrad_target"], tiles), _cdiv(m, rows)))
+    gran = 256 if tuned else fixed["BLOCK_M"]  # a multiple of every BLOCK_M that may run
+    m_per = _cdiv(_cdiv(m, splits), gran) * gran if splits > 1 else m
+    splits = _cdiv(m, m_per)
+    buf = torch.empty((splits, k, cg, r, s), dtype=acc, device=dev)
+    gbuf = torch.empty((splits, nb), dtype=acc, device=dev)
+    d = xc
+
+    def grid(meta):
+        return (groups * _cdiv(kg, meta["BLOCK_K"]) * _cdiv(cg, meta["BLOCK_N"]), r * s, splits)
+
+    with _device_ctx(x):
+        args = (go, xc, d if sc is None else sc, d if shf is None else shf, buf, gbuf if nb else d,
+                n, h, w, c, p, q, k, cg, kg, m, m_per, r, s, sh, sw, ph, pw, dh, dw)
+        consts = dict(HAS_SCALE=sc is not None, HAS_SHIFT=shf is not None, RELU=bool(in_relu),
+                      BIAS=bool(need_bias_grad), RNE_BF16=_rne(x.dtype),
+                      DOT_F32=_INTERPRETED and x.dtype == torch.bfloat16,
+                      IEEE=x.dtype in (torch.float32, torch.float64), ACC=_tl_acc(x.dtype))
+        if tuned:  # pragma: no cover - needs a GPU
+            _wgrad_tuned[grid](*args, **consts)
+        else:
+            _wgrad_kernel[grid(fixed)](*args, **consts, **fixed)
+    if splits == 1:
+        return buf[0], gbuf[0]
+    return buf.sum(0), gbuf.sum(0)
