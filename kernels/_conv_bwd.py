@@ -44,6 +44,7 @@ use one fixed small tiling from ``CONFIG`` (tests shrink it to walk multi-tile p
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -51,20 +52,23 @@ import triton
 import triton.language as tl
 
 from . import _kernels as K
-from ._launch import _INTERPRETED, _acc, _cdiv, _device_ctx, _finalize_meta, _rne, _tl_acc
+from ._launch import _INTERPRETED, _acc, _cdiv, _device_ctx, _finalize_meta, _p2, _rne, _tl_acc
 
 Tensor = torch.Tensor
 IntPair = Union[int, Sequence[int]]
+_LOW = (torch.bfloat16, torch.float16)
 
 # Fixed tilings (interpreter, fp64, and CUDA when autotuning is switched off with
 # FASTRES_CONV_BWD_AUTOTUNE=0). wgrad_rows: fewest output positions a wgrad split
 # walks; wgrad_target: programs the split aims for (a few per SM).
 CONFIG = {
     "interp": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1),
-    "fp64": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2),
+    "fp64": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=8, num_warps=4, num_stages=2),
+    "gpu": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+    "part_unit": None,  # fixed tilings: partial-row unit (divides BLOCK_M; None = BLOCK_M)
     "wgrad_rows": 4096,
     "wgrad_target": 1024,
-    "autotune": True,
+    "autotune": os.environ.get("FASTRES_CONV_BWD_AUTOTUNE", "1") != "0",
 }
 
 
@@ -74,8 +78,8 @@ def _dgrad_kernel(go_ptr, w_ptr, x_ptr, s_ptr, t_ptr, gx_ptr, ps_dz_ptr, ps_dzx_
                   N, H, W, C, P, Q, KT, CG, KG, HQ, WQ,
                   R, S, SH, SW, PH, PW, DH, DW, STEP_R, STEP_S,
                   HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, RELU: tl.constexpr,
-                  SUMS: tl.constexpr, RNE_BF16: tl.constexpr, DOT_F32: tl.constexpr,
-                  IEEE: tl.constexpr, ACC: tl.constexpr,
+                  SUMS: tl.constexpr, RNE_BF16: tl.constexpr, DOT: tl.constexpr, DOT_F32: tl.constexpr,
+                  IEEE: tl.constexpr, ACC: tl.constexpr, MIN_BM: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """da[n, h, w, c] = sum over taps (r, s) with h = p*SH - PH + r*DH (w likewise) and
     k of the group of grad_out[n, p, q, k] * W[k, c, r, s]; then the prologue's backward.
@@ -84,7 +88,7 @@ def _dgrad_kernel(go_ptr, w_ptr, x_ptr, s_ptr, t_ptr, gx_ptr, ps_dz_ptr, ps_dzx_
     positions (n, h = ph_h + SH*i, w = ph_w + SW*j), pid1 = group * N_CB + block of the
     group's input channels (TILES_PH, N_CB: tiles per phase / channel blocks per group). go: [N*P*Q, KT] NHWC; w: [G, R, S, KG, CG]; x, gx: [N*H*W, C] NHWC;
     tab: int32 [phases, 4] = (r0, nr, s0, ns) of each phase (taps r0 + i*STEP_R, ...).
-    Partials (SUMS): row pid0 of the [programs along 0, C] buffers.
+    Partials (SUMS): [phases * cdiv(N*HQ*WQ, MIN_BM), C] buffers, see below.
     """
     pid0 = tl.program_id(0)
     pid1 = tl.program_id(1)
@@ -134,10 +138,11 @@ def _dgrad_kernel(go_ptr, w_ptr, x_ptr, s_ptr, t_ptr, gx_ptr, ps_dz_ptr, ps_dzx_
         w_base = ((g * R + r) * S + s) * KG
         b = tl.load(w_ptr + (w_base + ks)[:, None] * CG + cols[None, :],
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if DOT_F32:  # interpreter only: its dot cannot multiply bf16 (exact products in fp32)
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if IEEE:
+        if not DOT:  # fp64: broadcast-multiply-reduce (a parity dtype; no fp64 tl.dot assumed)
+            acc += tl.sum(a.to(ACC)[:, :, None] * b.to(ACC)[None, :, :], axis=1)
+        elif DOT_F32:  # interpreter only: its tl.dot mis-multiplies bf16 (fp32 products are exact)
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        elif IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
@@ -156,16 +161,27 @@ def _dgrad_kernel(go_ptr, w_ptr, x_ptr, s_ptr, t_ptr, gx_ptr, ps_dz_ptr, ps_dzx_
             z = z * sc
         if HAS_SHIFT:
             z = z + tl.load(t_ptr + c_glob, mask=col_ok, other=0.0).to(ACC)[None, :]
-        da = tl.where(z > 0, da, 0.0)
+        da = tl.where(z <= 0, 0.0, da)  # as aten's threshold_backward: a NaN z passes the gradient
     gx = da
     if HAS_SCALE:
         gx = da * sc
     tl.store(gx_ptr + offs, K._out(gx, gx_ptr, RNE_BF16), mask=mask)
     if SUMS:
+        # partial rows in units of MIN_BM positions (the smallest BLOCK_M that may run):
+        # this tile's sums go to its first unit row, zeros to the others, so every run
+        # of every tiling writes every row (autotuning leaves no stale partials)
         da = tl.where(mask, da, 0.0)
-        prow = pid0.to(tl.int64) * C + c_glob
+        TILES_MIN = (N * HQ * WQ + MIN_BM - 1) // MIN_BM
+        RATIO: tl.constexpr = BLOCK_M // MIN_BM
+        urow = tile * RATIO
+        prow = (phase * TILES_MIN + urow).to(tl.int64) * C + c_glob
         tl.store(ps_dz_ptr + prow, tl.sum(da, 0), mask=col_ok)
         tl.store(ps_dzx_ptr + prow, tl.sum(da * xv, 0), mask=col_ok)
+        zero = tl.zeros([BLOCK_N], ACC)
+        for j in tl.static_range(1, RATIO):
+            zmask = col_ok & (urow + j < TILES_MIN)
+            tl.store(ps_dz_ptr + prow + j * C, zero, mask=zmask)
+            tl.store(ps_dzx_ptr + prow + j * C, zero, mask=zmask)
 
 
 @triton.jit
@@ -173,7 +189,7 @@ def _wgrad_kernel(go_ptr, x_ptr, s_ptr, t_ptr, gw_ptr, gb_ptr,
                   N, H, W, C, P, Q, KT, CG, KG, M, M_PER,
                   R, S, SH, SW, PH, PW, DH, DW,
                   HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, RELU: tl.constexpr,
-                  BIAS: tl.constexpr, RNE_BF16: tl.constexpr, DOT_F32: tl.constexpr,
+                  BIAS: tl.constexpr, RNE_BF16: tl.constexpr, DOT: tl.constexpr, DOT_F32: tl.constexpr,
                   IEEE: tl.constexpr, ACC: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """gW[k, c, r, s] (one split's share) = sum over output positions m = (n, p, q) in
@@ -232,21 +248,21 @@ def _wgrad_kernel(go_ptr, x_ptr, s_ptr, t_ptr, gw_ptr, gb_ptr,
             if HAS_SHIFT:
                 a = a + sh
             if RELU:
-                a = tl.maximum(a, 0.0)
+                a = tl.where(a <= 0, 0.0, a)  # torch.relu: NaN stays NaN
             a = K._out(tl.where(amask, a, 0.0), x_ptr, RNE_BF16)  # padding: zero after the transform
         else:
             a = xv
         if BIAS:
             if do_bias:
                 gb += tl.sum(go.to(ACC), 0)
-        gt = tl.trans(go)
-        if DOT_F32:
-            gt = gt.to(tl.float32)
-            a = a.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(gt, a, acc, input_precision="ieee")
+        if not DOT:  # fp64 (see _dgrad_kernel)
+            acc += tl.sum(go.to(ACC)[:, :, None] * a.to(ACC)[:, None, :], axis=0)
+        elif DOT_F32:
+            acc = tl.dot(tl.trans(go).to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
+        elif IEEE:
+            acc = tl.dot(tl.trans(go), a, acc, input_precision="ieee")
         else:
-            acc = tl.dot(gt, a, acc)
+            acc = tl.dot(tl.trans(go), a, acc)
 
     k_glob = g * KG + ks
     RS = R * S
@@ -257,35 +273,62 @@ def _wgrad_kernel(go_ptr, x_ptr, s_ptr, t_ptr, gw_ptr, gb_ptr,
             tl.store(gb_ptr + split.to(tl.int64) * KT + k_glob, gb, mask=k_ok)
 
 
-def _configs(wgrad: bool):
-    # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps); for wgrad BLOCK_K is the output-channel
-    # tile and BLOCK_M the reduction step over output positions.
-    shapes = [(128, 128, 64, 3, 8), (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-              (64, 64, 64, 4, 4), (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 32, 64, 4, 4),
-              (128, 16, 64, 4, 4), (64, 32, 32, 5, 2)]
-    if wgrad:
-        shapes = [(64, 128, 128, 3, 8), (32, 128, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4),
-                  (64, 64, 64, 4, 4), (64, 256, 128, 3, 8), (32, 32, 64, 4, 4), (64, 16, 64, 4, 4),
-                  (64, 16, 128, 4, 4), (32, 64, 64, 5, 2)]
+# GPU tilings (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps), benchmarked once per problem key
+# by triton.autotune. dgrad: BLOCK_M input positions x BLOCK_N input channels, reduction
+# steps of BLOCK_K output channels. wgrad: BLOCK_K output x BLOCK_N input channels,
+# reduction steps of BLOCK_M output positions. 16-bit: Hopper-size tiles (228 KiB shared
+# memory) and Ampere-size ones (<= 128x128, 164 KiB); fp32 (IEEE products) keeps BLOCK_K
+# at 32. Tilings that do not fit a device fail to compile there and are skipped by the
+# autotuner; tilings far wider than the channel counts are pruned before timing.
+_DGRAD_16 = [(128, 128, 64, 3, 8), (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 32, 4, 4),
+             (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 32, 64, 4, 4),
+             (128, 16, 64, 4, 4), (64, 32, 32, 5, 2)]
+_WGRAD_16 = [(64, 128, 128, 3, 8), (64, 256, 128, 3, 8), (32, 128, 128, 4, 4), (64, 64, 128, 4, 4),
+             (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 32, 64, 4, 4), (64, 16, 64, 4, 4),
+             (64, 16, 128, 4, 4), (32, 64, 64, 5, 2)]
+_DGRAD_32 = [(64, 64, 32, 3, 4), (128, 64, 32, 3, 4), (64, 128, 32, 3, 4), (128, 128, 32, 3, 8),
+             (128, 16, 32, 3, 4), (32, 64, 32, 4, 4)]
+_WGRAD_32 = [(32, 64, 64, 3, 4), (32, 128, 64, 3, 4), (32, 64, 128, 3, 4), (32, 128, 128, 3, 8),
+             (32, 16, 64, 3, 4), (32, 32, 32, 4, 4)]
+MIN_BM_TUNED = 32  # the smallest BLOCK_M of the dgrad lists (partial-row unit)
+
+
+def _configs(shapes):
     return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_stages=st, num_warps=wp)
             for bm, bn, bk, st, wp in shapes]
 
 
-if _INTERPRETED:
-    _dgrad_tuned = _wgrad_tuned = None
-else:  # pragma: no cover - needs a GPU
-    _dgrad_tuned = triton.autotune(_configs(False), key=["CG", "KG", "R", "S", "SH", "SW", "H", "W", "N"])(
-        _dgrad_kernel)
-    _wgrad_tuned = triton.autotune(_configs(True), key=["CG", "KG", "R", "S", "SH", "SW", "P", "Q", "N", "M_PER"])(
-        _wgrad_kernel)
+def _prune(configs, named_args, **kwargs):
+    """Drop tilings more than one power of two wider than the channels they span."""
+    def fits(cf):
+        return (cf.kwargs["BLOCK_N"] <= max(16, _p2(named_args["CG"]))
+                and cf.kwargs["BLOCK_K"] <= max(16, _p2(named_args["KG"])))
+    kept = [cf for cf in configs if fits(cf)]
+    return kept or [min(configs, key=lambda cf: (cf.kwargs["BLOCK_N"], cf.kwargs["BLOCK_K"]))]
+
+
+_TUNED = {}
+if not _INTERPRETED:  # pragma: no cover - needs a GPU
+    _DKEY = ["N", "H", "W", "C", "KT", "CG", "KG", "R", "S", "SH", "SW", "PH", "PW", "DH", "DW"]
+    _WKEY = ["N", "H", "W", "C", "KT", "CG", "KG", "R", "S", "SH", "SW", "PH", "PW", "DH", "DW", "M_PER"]
+    for _name, _shapes, _kern, _key in (("dgrad16", _DGRAD_16, _dgrad_kernel, _DKEY),
+                                        ("dgrad32", _DGRAD_32, _dgrad_kernel, _DKEY),
+                                        ("wgrad16", _WGRAD_16, _wgrad_kernel, _WKEY),
+                                        ("wgrad32", _WGRAD_32, _wgrad_kernel, _WKEY)):
+        _TUNED[_name] = triton.autotune(_configs(_shapes), key=_key,
+                                        prune_configs_by={"early_config_prune": _prune})(_kern)
+
+
+def _tuned_kernel(kind: str, dtype: torch.dtype):
+    """The autotuned kernel for (kind, dtype), or None: fixed tiling (interpreter, fp64,
+    CONFIG['autotune'] off)."""
+    if _INTERPRETED or dtype == torch.float64 or not CONFIG["autotune"]:
+        return None
+    return _TUNED[kind + ("32" if dtype == torch.float32 else "16")]
 
 
 def _fixed(dtype: torch.dtype) -> dict:
-    return dict(CONFIG["interp" if _INTERPRETED else "fp64" if dtype == torch.float64 else "interp"])
-
-
-def _tuned(dtype: torch.dtype) -> bool:
-    return not _INTERPRETED and dtype != torch.float64 and bool(CONFIG["autotune"])
+    return dict(CONFIG["interp" if _INTERPRETED else "fp64" if dtype == torch.float64 else "gpu"])
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -383,13 +426,11 @@ def conv2d_act_dgrad(grad_out: Tensor, weight: Tensor, x: Tensor, in_scale: Opti
     tab, step_r, step_s = _phase_table(sh, sw, ph, pw, dh, dw, r, s, dev)
     hq, wq = _cdiv(h, sh), _cdiv(w, sw)
     rows_ph = n * hq * wq
-    tuned = _tuned(x.dtype)
-    fixed = None if tuned else _fixed(x.dtype)
-    min_bm = min(cf.kwargs["BLOCK_M"] for cf in _configs(False)) if tuned else fixed["BLOCK_M"]
-    max_progs = sh * sw * _cdiv(rows_ph, min_bm)
-    # partial rows: one per program along axis 0; zero-filled, as autotuning may pick a
-    # BLOCK_M larger than the smallest and leave trailing rows unwritten
-    part = torch.zeros((2, max_progs, c), dtype=acc, device=dev) if need_in_grads else None
+    tuned = _tuned_kernel("dgrad", x.dtype)
+    fixed = None if tuned is not None else _fixed(x.dtype)
+    min_bm = MIN_BM_TUNED if tuned is not None else CONFIG["part_unit"] or fixed["BLOCK_M"]
+    n_part = sh * sw * _cdiv(rows_ph, min_bm)
+    part = torch.empty((2, n_part, c), dtype=acc, device=dev) if need_in_grads else None
     grad_s = torch.empty((nsum,), dtype=acc, device=dev)
     grad_t = torch.empty((nsum,), dtype=acc, device=dev)
     d = xc  # dummy pointer for absent operands (never dereferenced)
@@ -403,15 +444,15 @@ def conv2d_act_dgrad(grad_out: Tensor, weight: Tensor, x: Tensor, in_scale: Opti
                 n, h, w, c, p, q, k, cg, kg, hq, wq, r, s, sh, sw, ph, pw, dh, dw, step_r, step_s)
         consts = dict(HAS_SCALE=sc is not None, HAS_SHIFT=shf is not None, RELU=bool(in_relu),
                       SUMS=bool(need_in_grads), RNE_BF16=_rne(x.dtype),
-                      DOT_F32=_INTERPRETED and x.dtype == torch.bfloat16,
+                      DOT=x.dtype != torch.float64, DOT_F32=_INTERPRETED and x.dtype in _LOW,
                       IEEE=x.dtype in (torch.float32, torch.float64), ACC=_tl_acc(x.dtype))
-        if tuned:  # pragma: no cover - needs a GPU
-            _dgrad_tuned[grid](*args, **consts)
+        if tuned is not None:  # pragma: no cover - needs a GPU
+            tuned[grid](*args, **consts, MIN_BM=min_bm)
         else:
-            _dgrad_kernel[grid(fixed)](*args, **consts, **fixed)
+            _dgrad_kernel[grid(fixed)](*args, **consts, MIN_BM=min_bm, **fixed)
         if need_in_grads:
-            fgrid, fmeta = _finalize_meta(c, max_progs)
-            K._bwd_finalize[fgrid](part[0], part[1], xc, xc, grad_s, grad_t, xc, c, max_progs, 1, 1.0,
+            fgrid, fmeta = _finalize_meta(c, n_part)
+            K._bwd_finalize[fgrid](part[0], part[1], xc, xc, grad_s, grad_t, xc, c, n_part, 1, 1.0,
                                    BN=False, HAS_W=False, ACC=_tl_acc(x.dtype), **fmeta)
     return gx.contiguous(memory_format=fmt), grad_s, grad_t
 
@@ -439,17 +480,17 @@ def conv2d_act_wgrad(grad_out: Tensor, x: Tensor, in_scale: Optional[Tensor], in
     xc = _nhwc(x)
     go = _nhwc(grad_out.to(x.dtype))
     sc, shf = _prologue_args(in_scale, in_shift)
-    tuned = _tuned(x.dtype)
-    fixed = None if tuned else _fixed(x.dtype)
+    tuned = _tuned_kernel("wgrad", x.dtype)
+    fixed = None if tuned is not None else _fixed(x.dtype)
     # split the N*P*Q reduction so that the grid has about wgrad_target programs (nominal
     # 128x128 output tiles), each split walking at least wgrad_rows positions
-    if tuned:  # pragma: no cover - needs a GPU
+    if tuned is not None:  # pragma: no cover - needs a GPU
         tiles = groups * _cdiv(kg, 128) * _cdiv(cg, 128) * r * s
     else:
         tiles = groups * _cdiv(kg, fixed["BLOCK_K"]) * _cdiv(cg, fixed["BLOCK_N"]) * r * s
     rows = max(1, int(CONFIG["wgrad_rows"]))
     splits = max(1, min(_cdiv(CONFIG["wgrad_target"], tiles), _cdiv(m, rows)))
-    gran = 256 if tuned else fixed["BLOCK_M"]  # a multiple of every BLOCK_M that may run
+    gran = 256 if tuned is not None else fixed["BLOCK_M"]  # a multiple of every BLOCK_M that may run
     m_per = _cdiv(_cdiv(m, splits), gran) * gran if splits > 1 else m
     splits = _cdiv(m, m_per)
     buf = torch.empty((splits, k, cg, r, s), dtype=acc, device=dev)
@@ -464,10 +505,10 @@ def conv2d_act_wgrad(grad_out: Tensor, x: Tensor, in_scale: Optional[Tensor], in
                 n, h, w, c, p, q, k, cg, kg, m, m_per, r, s, sh, sw, ph, pw, dh, dw)
         consts = dict(HAS_SCALE=sc is not None, HAS_SHIFT=shf is not None, RELU=bool(in_relu),
                       BIAS=bool(need_bias_grad), RNE_BF16=_rne(x.dtype),
-                      DOT_F32=_INTERPRETED and x.dtype == torch.bfloat16,
+                      DOT=x.dtype != torch.float64, DOT_F32=_INTERPRETED and x.dtype in _LOW,
                       IEEE=x.dtype in (torch.float32, torch.float64), ACC=_tl_acc(x.dtype))
-        if tuned:  # pragma: no cover - needs a GPU
-            _wgrad_tuned[grid](*args, **consts)
+        if tuned is not None:  # pragma: no cover - needs a GPU
+            tuned[grid](*args, **consts)
         else:
             _wgrad_kernel[grid(fixed)](*args, **consts, **fixed)
     if splits == 1:
