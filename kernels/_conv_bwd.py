@@ -28,7 +28,8 @@ data gradient (a small copy). Element offsets of activations are int64.
 Data gradient and stride: input positions are split into ``stride_h * stride_w``
 phases (h % stride_h, w % stride_w). All positions of a phase receive gradient from
 the same taps (r, s) -- those with (h + pad_h - r * dil_h) divisible by stride_h, an
-arithmetic progression the launcher tabulates -- so a program owns a tile of one phase
+arithmetic progression each program finds in a short scalar loop -- so a program owns
+a tile of one phase
 and loops over its valid taps only, with exact divisions: no masked-out taps, no
 atomics. Phases without taps (e.g. the odd positions of a 1x1 stride-2 conv) just
 store zeros.
@@ -60,21 +61,22 @@ _LOW = (torch.bfloat16, torch.float16)
 
 # Fixed tilings (interpreter, fp64, and CUDA when autotuning is switched off with
 # FASTRES_CONV_BWD_AUTOTUNE=0). wgrad_rows: fewest output positions a wgrad split
-# walks; wgrad_target: programs the split aims for (a few per SM).
+# walks; wgrad_target: programs the split aims for (None: two per SM on CUDA, 1024
+# elsewhere); more splits mean a larger fp32 partial buffer to sum afterwards.
 CONFIG = {
     "interp": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1),
     "fp64": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=8, num_warps=4, num_stages=2),
     "gpu": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
     "part_unit": None,  # fixed tilings: partial-row unit (divides BLOCK_M; None = BLOCK_M)
     "wgrad_rows": 4096,
-    "wgrad_target": 1024,
+    "wgrad_target": None,
     "autotune": os.environ.get("FASTRES_CONV_BWD_AUTOTUNE", "1") != "0",
 }
 
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
-def _dgrad_kernel(go_ptr, w_ptr, x_ptr, s_ptr, t_ptr, gx_ptr, ps_dz_ptr, ps_dzx_ptr, tab_ptr,
+def _dgrad_kernel(go_ptr, w_ptr, x_ptr, s_ptr, t_ptr, gx_ptr, ps_dz_ptr, ps_dzx_ptr,
                   N, H, W, C, P, Q, KT, CG, KG, HQ, WQ,
                   R, S, SH, SW, PH, PW, DH, DW, STEP_R, STEP_S,
                   HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, RELU: tl.constexpr,
@@ -87,7 +89,7 @@ def _dgrad_kernel(go_ptr, w_ptr, x_ptr, s_ptr, t_ptr, gx_ptr, ps_dz_ptr, ps_dzx_
     Program (pid0, pid1): pid0 = phase * TILES_PH + tile of that phase's N*HQ*WQ
     positions (n, h = ph_h + SH*i, w = ph_w + SW*j), pid1 = group * N_CB + block of the
     group's input channels (TILES_PH, N_CB: tiles per phase / channel blocks per group). go: [N*P*Q, KT] NHWC; w: [G, R, S, KG, CG]; x, gx: [N*H*W, C] NHWC;
-    tab: int32 [phases, 4] = (r0, nr, s0, ns) of each phase (taps r0 + i*STEP_R, ...).
+    A phase's taps: r = r0 + i * STEP_R, i < nr (STEP_R = SH / gcd(SH, DH)), likewise s.
     Partials (SUMS): [phases * cdiv(N*HQ*WQ, MIN_BM), C] buffers, see below.
     """
     pid0 = tl.program_id(0)
@@ -100,10 +102,19 @@ def _dgrad_kernel(go_ptr, w_ptr, x_ptr, s_ptr, t_ptr, gx_ptr, ps_dz_ptr, ps_dzx_
     cb = pid1 - g * N_CB
     ph_h = phase // SW
     ph_w = phase - ph_h * SW
-    r0 = tl.load(tab_ptr + phase * 4)
-    nr = tl.load(tab_ptr + phase * 4 + 1)
-    s0 = tl.load(tab_ptr + phase * 4 + 2)
-    ns = tl.load(tab_ptr + phase * 4 + 3)
+    # this phase's taps: r with (ph_h + PH - r*DH) divisible by SH (first r0, count nr)
+    r0 = R
+    nr = R * 0
+    for rr in range(0, R):
+        hit = ((ph_h + PH - rr * DH) % SH) == 0
+        nr += hit.to(tl.int32)
+        r0 = tl.minimum(r0, tl.where(hit, rr, R))
+    s0 = S
+    ns = S * 0
+    for ss in range(0, S):
+        hit = ((ph_w + PW - ss * DW) % SW) == 0
+        ns += hit.to(tl.int32)
+        s0 = tl.minimum(s0, tl.where(hit, ss, S))
 
     idx = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     wi = idx % WQ
@@ -359,6 +370,16 @@ def _geometry(x_shape, w_shape, go_shape, stride, padding, dilation, groups):
     return n, c, h, w, k, cg, r, s, sh, sw, ph, pw, dh, dw, p, q
 
 
+_SMS = {}
+
+
+def _sm_count(dev: torch.device) -> int:
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
+
+
 def _out_fmt(x: Tensor) -> torch.memory_format:
     """The memory format of the returned grad_x (as _launch._fmt): x's if x is dense in
     one, else contiguous."""
@@ -375,21 +396,6 @@ def _prologue_args(in_scale, in_shift):
     s = None if in_scale is None else in_scale.contiguous()
     t = None if in_shift is None else in_shift.contiguous()
     return s, t
-
-
-def _phase_table(sh, sw, ph, pw, dh, dw, r, s, device):
-    def taps(phase, stride, pad, dil, n_taps):
-        v = [i for i in range(n_taps) if (phase + pad - i * dil) % stride == 0]
-        return (v[0] if v else 0), len(v)
-    rows = []
-    for a in range(sh):
-        r0, nr = taps(a, sh, ph, dh, r)
-        for b in range(sw):
-            s0, ns = taps(b, sw, pw, dw, s)
-            rows.append((r0, nr, s0, ns))
-    step_r = sh // math.gcd(sh, dh)
-    step_s = sw // math.gcd(sw, dw)
-    return torch.tensor(rows, dtype=torch.int32, device=device), step_r, step_s
 
 
 def conv2d_act_dgrad(grad_out: Tensor, weight: Tensor, x: Tensor, in_scale: Optional[Tensor],
@@ -423,7 +429,7 @@ def conv2d_act_dgrad(grad_out: Tensor, weight: Tensor, x: Tensor, in_scale: Opti
     wt = weight.to(x.dtype).reshape(groups, kg, cg, r, s).permute(0, 3, 4, 1, 2).contiguous()
     sc, shf = _prologue_args(in_scale, in_shift)
     gx = torch.empty_like(xc, memory_format=torch.channels_last)
-    tab, step_r, step_s = _phase_table(sh, sw, ph, pw, dh, dw, r, s, dev)
+    step_r, step_s = sh // math.gcd(sh, dh), sw // math.gcd(sw, dw)
     hq, wq = _cdiv(h, sh), _cdiv(w, sw)
     rows_ph = n * hq * wq
     tuned = _tuned_kernel("dgrad", x.dtype)
@@ -440,7 +446,7 @@ def conv2d_act_dgrad(grad_out: Tensor, weight: Tensor, x: Tensor, in_scale: Opti
 
     with _device_ctx(x):
         args = (go, wt, xc, d if sc is None else sc, d if shf is None else shf, gx,
-                d if part is None else part[0], d if part is None else part[1], tab,
+                d if part is None else part[0], d if part is None else part[1],
                 n, h, w, c, p, q, k, cg, kg, hq, wq, r, s, sh, sw, ph, pw, dh, dw, step_r, step_s)
         consts = dict(HAS_SCALE=sc is not None, HAS_SHIFT=shf is not None, RELU=bool(in_relu),
                       SUMS=bool(need_in_grads), RNE_BF16=_rne(x.dtype),
@@ -489,7 +495,8 @@ def conv2d_act_wgrad(grad_out: Tensor, x: Tensor, in_scale: Optional[Tensor], in
     else:
         tiles = groups * _cdiv(kg, fixed["BLOCK_K"]) * _cdiv(cg, fixed["BLOCK_N"]) * r * s
     rows = max(1, int(CONFIG["wgrad_rows"]))
-    splits = max(1, min(_cdiv(CONFIG["wgrad_target"], tiles), _cdiv(m, rows)))
+    target = CONFIG["wgrad_target"] or (2 * _sm_count(dev) if dev.type == "cuda" else 1024)
+    splits = max(1, min(_cdiv(target, tiles), _cdiv(m, rows)))
     gran = 256 if tuned is not None else fixed["BLOCK_M"]  # a multiple of every BLOCK_M that may run
     m_per = _cdiv(_cdiv(m, splits), gran) * gran if splits > 1 else m
     splits = _cdiv(m, m_per)

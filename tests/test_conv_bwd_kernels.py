@@ -251,18 +251,6 @@ def test_bad_geometry_is_named():
         B.conv2d_act_wgrad(cs["go"], cs["x"], None, None, False, cs["w"].shape, 1, 1, 1, 3)
 
 
-def test_phase_table():
-    """The stride phases and their taps: 3x3 stride 2 pad 1 -> even rows take tap 1
-    only, odd rows taps 0 and 2; 1x1 stride 2 -> odd positions get no tap."""
-    tab, sr, ss = B._phase_table(2, 2, 1, 1, 1, 1, 3, 3, "cpu")
-    assert (sr, ss) == (2, 2)
-    assert tab.tolist() == [[1, 1, 1, 1], [1, 1, 0, 2], [0, 2, 1, 1], [0, 2, 0, 2]]
-    tab, _, _ = B._phase_table(2, 2, 0, 0, 1, 1, 1, 1, "cpu")
-    assert tab[:, 1].tolist() == [1, 1, 0, 0] and tab[:, 3].tolist() == [1, 0, 1, 0]
-    tab, sr, _ = B._phase_table(2, 1, 2, 1, 2, 1, 3, 3, "cpu")  # dilation 2 = stride: all taps of phase 0
-    assert sr == 1 and tab[:, 1].tolist() == [3, 0]
-
-
 # ----------------------------------------------------------------------------- CUDA
 GPU_CASES = [(s, dt, "channels_last", "affine_relu") for s in SHAPES for dt in (F32, BF16)] + [
     ("3x3s2", F64, "channels_last", "affine_relu"), ("grouped", F16, "contiguous", "shift_relu")]
