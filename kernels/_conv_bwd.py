@@ -88,7 +88,8 @@ def _dgrad_kernel(go_ptr, w_ptr, x_ptr, s_ptr, t_ptr, gx_ptr, ps_dz_ptr, ps_dzx_
 
     Program (pid0, pid1): pid0 = phase * TILES_PH + tile of that phase's N*HQ*WQ
     positions (n, h = ph_h + SH*i, w = ph_w + SW*j), pid1 = group * N_CB + block of the
-    group's input channels (TILES_PH, N_CB: tiles per phase / channel blocks per group). go: [N*P*Q, KT] NHWC; w: [G, R, S, KG, CG]; x, gx: [N*H*W, C] NHWC;
+    group's input channels (TILES_PH, N_CB: tiles per phase / channel blocks per group).
+    go: [N*P*Q, KT] NHWC; w: [G, R, S, KG, CG]; x, gx: [N*H*W, C] NHWC.
     A phase's taps: r = r0 + i * STEP_R, i < nr (STEP_R = SH / gcd(SH, DH)), likewise s.
     Partials (SUMS): [phases * cdiv(N*HQ*WQ, MIN_BM), C] buffers, see below.
     """
@@ -103,14 +104,16 @@ def _dgrad_kernel(go_ptr, w_ptr, x_ptr, s_ptr, t_ptr, gx_ptr, ps_dz_ptr, ps_dzx_
     ph_h = phase // SW
     ph_w = phase - ph_h * SW
     # this phase's taps: r with (ph_h + PH - r*DH) divisible by SH (first r0, count nr)
-    r0 = R
-    nr = R * 0
+    # (tensor initial values: R, S == 1 are constexpr-specialised on the GPU, and a
+    # constexpr cannot be a loop-carried variable)
+    r0 = tl.zeros([], tl.int32) + R
+    nr = tl.zeros([], tl.int32)
     for rr in range(0, R):
         hit = ((ph_h + PH - rr * DH) % SH) == 0
         nr += hit.to(tl.int32)
         r0 = tl.minimum(r0, tl.where(hit, rr, R))
-    s0 = S
-    ns = S * 0
+    s0 = tl.zeros([], tl.int32) + S
+    ns = tl.zeros([], tl.int32)
     for ss in range(0, S):
         hit = ((ph_w + PW - ss * DW) % SW) == 0
         ns += hit.to(tl.int32)
