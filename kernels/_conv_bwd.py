@@ -165,8 +165,8 @@ def _dgrad_kernel(go_ptr, w_ptr, x_ptr, s_ptr, t_ptr, gx_ptr, ps_dz_ptr, ps_dzx_
     mask = row_ok[:, None] & col_ok[None, :]
     offs = (((n64 * H + h) * W + w) * C)[:, None] + c_glob[None, :]
     da = acc
-    if RELU or SUMS:
-        xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    if RELU or SUMS:  # (a phase without taps has da == 0: no need to read x)
+        xv = tl.load(x_ptr + offs, mask=mask & (total > 0), other=0.0).to(ACC)
     if HAS_SCALE:
         sc = tl.load(s_ptr + c_glob, mask=col_ok, other=0.0).to(ACC)[None, :]
     if RELU:
