@@ -104,8 +104,8 @@ def _dgrad_kernel(go_ptr, w_ptr, x_ptr, s_ptr, t_ptr, gx_ptr, ps_dz_ptr, ps_dzx_
     ph_h = phase // SW
     ph_w = phase - ph_h * SW
     # this phase's taps: r with (ph_h + PH - r*DH) divisible by SH (first r0, count nr)
-    # (tensor initial values: R, S == 1 are constexpr-specialised on the GPU, and a
-    # constexpr cannot be a loop-carried variable)
+    # (tensor-typed initial values: R, S == 1 are constexpr-specialised on the GPU, and
+    # older Triton versions refuse a constexpr as a loop-carried variable)
     r0 = tl.zeros([], tl.int32) + R
     nr = tl.zeros([], tl.int32)
     for rr in range(0, R):

@@ -12,7 +12,8 @@ padding and dilation, the 7x7 stride-2 stem with C=3, grouped, odd channel count
 asymmetric stride/padding/dilation. fp64 to 1e-9, fp32 to 1e-5, bf16/fp16: error
 against the float64 reference at most 2x PyTorch's own low-precision composition's
 (+ a small floor). Without a GPU this runs under the Triton interpreter; the ``gpu``
-cases run the same checks on CUDA with the autotuned kernels.
+cases run the same checks on CUDA with the autotuned kernels, and a ``slow`` case
+compiles the GPU code paths ahead of time for sm_90 / sm_80 (no GPU needed).
 
 The kernels' fixed tiling is shrunk here so that the tiny shapes still walk the
 multi-tile paths: several position tiles per stride phase, two output-channel
@@ -277,3 +278,65 @@ def test_conv_bwd_resnet_sized_cuda(name):
     n, c, h, w, k = {"1x1s1": (8, 256, 14, 14, 64), "3x3s2": (8, 128, 28, 28, 128),
                      "7x7s2stem": (4, 3, 64, 64, 64)}[name]
     check_case((n, c, h, w, k, *geometry), BF16, "channels_last", "affine_relu", "cuda")
+
+
+# ----------------------------------------------------------------------------- GPU compile, no GPU
+_AOT = r'''
+import importlib, sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+B = importlib.import_module(sys.argv[1])
+PT = {"bf16": "*bf16", "fp32": "*fp32", "fp64": "*fp64"}
+DIV = {"C", "KT", "CG", "KG", "N", "M_PER"}  # as the launcher's divisible-by-16 specialisation
+def source(fn, dt, ones, consts):
+    acc = "fp64" if dt == "fp64" else "fp32"
+    sig, const, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name], const[name] = "constexpr", consts[name]
+        elif name in ones:  # ints equal to 1 are constexpr-specialised by the JIT
+            sig[name], const[name] = "constexpr", 1
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32" if name in ("s_ptr", "t_ptr") else "*" + acc if name in (
+                "ps_dz_ptr", "ps_dzx_ptr", "gw_ptr", "gb_ptr") else PT[dt]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "i32"
+            if name in DIV:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return ASTSource(fn, sig, const, attrs=attrs)
+one_by_one = {"R", "S", "SH", "SW", "DH", "DW", "STEP_R", "STEP_S"}
+for arch in (90, 80):
+    for kind, dt, ones, tile, nw, ns in [
+            ("dgrad", "bf16", one_by_one, (128, 128, 64), 8, 3), ("dgrad", "fp32", {"DH", "DW"}, (64, 64, 32), 4, 3),
+            ("dgrad", "fp64", set(), (32, 32, 8), 4, 2), ("wgrad", "bf16", {"DH", "DW"}, (64, 128, 128), 8, 3),
+            ("wgrad", "fp64", one_by_one, (32, 32, 8), 4, 2)]:
+        consts = dict(HAS_SCALE=True, HAS_SHIFT=True, RELU=True, RNE_BF16=False, DOT=dt != "fp64", DOT_F32=False,
+                      IEEE=dt != "bf16", ACC=tl.float64 if dt == "fp64" else tl.float32,
+                      BLOCK_M=tile[0], BLOCK_N=tile[1], BLOCK_K=tile[2])
+        consts.update(dict(SUMS=True, MIN_BM=32 if tile[0] > 32 else tile[0]) if kind == "dgrad" else dict(BIAS=True))
+        fn = B._dgrad_kernel if kind == "dgrad" else B._wgrad_kernel
+        triton.compile(source(fn, dt, ones, consts), target=GPUTarget("cuda", arch, 32),
+                       options=dict(num_warps=nw, num_stages=ns))
+        print("compiled", arch, kind, dt, flush=True)
+'''
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_gpu_targets():
+    """The GPU-only code paths (tl.dot / wgmma, fp64 without tl.dot, constexpr-specialised
+    1x1 geometry, pipelined loops) compile for Hopper and Ampere -- ahead of time, with
+    Triton's bundled ptxas, no GPU needed (the interpreter cases cannot see compile errors)."""
+    import subprocess
+    import sys
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.nvidia import compiler as _nv  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"triton's NVIDIA backend is not importable: {e}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _AOT, B.__name__], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, f"compile failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
+    assert res.stdout.count("compiled") == 10, res.stdout
