@@ -207,7 +207,7 @@ def benchmark_figures(resdir: str, since: Optional[float]) -> List[str]:
             else:
                 continue
             key = b.get("group") or b.get("name")
-            groups.setdefault(f"{key} [{unit}]", []).append(f"{info.get('impl', '?')} {_num(val)}")
+            groups.setdefault(f"{key} [{unit}]", []).append(f"{info.get('impl', '?')} {_num(val, '.4g')}")
         lines.append(f"{os.path.basename(p)}: {len(data.get('benchmarks', []))} cases")
         lines += [f"  {k}: " + " | ".join(v) for k, v in groups.items()]
     return lines or ["no pytest-benchmark json"]

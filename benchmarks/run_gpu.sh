@@ -41,13 +41,15 @@
 #                        logs/info_<device>_<date>.json, logs/run.log
 #
 # Knobs: PYTHON (default: a python3 that imports torch), FASTRES_GPU_BUDGET (seconds for
-# the whole run: quick 480, full 540, dry run 300), RUN_GPU_TIMEOUT_<STEP> (one step's
+# the whole run: quick 480, full 540, dry run 420), RUN_GPU_TIMEOUT_<STEP> (one step's
 # timeout, e.g. RUN_GPU_TIMEOUT_tests=300; '-' in a step name becomes '_'), MAX_JOBS,
 # TORCH_CUDA_ARCH_LIST (default: the present GPU's), PYTEST_ARGS (extra pytest args
 # for the tests steps). Every step runs under `timeout`; the total budget clips each
 # step's timeout, and a step that gets no time left is recorded as skipped. Exit status:
 # 0 when every step exited 0.
 set -u
+{ # the whole script is one compound command: bash parses it completely before running it,
+  # so editing the file during a run cannot break that run
 
 usage() { sed -n '2,10p' "$0" >&2; exit 2; }
 [ $# -ge 1 ] || usage
@@ -94,7 +96,7 @@ full)
     DEFAULT_BUDGET=540 ;;
 *) usage ;;
 esac
-[ "$DRY" = 1 ] && DEFAULT_BUDGET=300
+[ "$DRY" = 1 ] && DEFAULT_BUDGET=420   # ~2-3 min on a quiet 2-core machine; slack for a busy one
 BUDGET="${FASTRES_GPU_BUDGET:-$DEFAULT_BUDGET}"
 RESERVE=15   # seconds kept for packing at the end
 
@@ -102,7 +104,8 @@ RESERVE=15   # seconds kept for packing at the end
 pick_python() {
     if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; return; fi
     for c in "$ROOT/.venv/bin/python" python3 python; do
-        if command -v "$c" >/dev/null 2>&1 && "$c" -c "import torch" >/dev/null 2>&1; then
+        if command -v "$c" >/dev/null 2>&1 &&
+           "$c" -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is None)" >/dev/null 2>&1; then
             command -v "$c"; return
         fi
     done
@@ -113,6 +116,7 @@ PY="$(pick_python)"
 if [ "$DRY" = 1 ]; then
     SLUG=cpu-dryrun            # never collides with real results (benchmarks/results/cpu)
     export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"   # tiny sizes: threads only add contention
 else
     unset TRITON_INTERPRET     # real GPU kernels, never the interpreter
     # the folder name fastres.bench.device_slug gives (read from the file: fastres is not installed yet)
@@ -173,7 +177,8 @@ run_step() {  # run_step NAME TIMEOUT CMD...  — log to LOGS/NAME.log, record r
     local start rc mark="$WORK/.mark_$name"
     touch "$mark"
     start=$(date +%s)
-    log "== $name (timeout ${tmo}s): $*"
+    local shown="$*"; shown="${shown//$'\n'/ }"
+    log "== $name (timeout ${tmo}s): ${shown:0:240}"
     timeout --kill-after=10 "$tmo" "$@" >"$LOGS/$name.log" 2>&1 </dev/null
     rc=$?
     local secs=$(( $(date +%s) - start ))
@@ -193,23 +198,27 @@ pytest_common() {  # junit xml for STEP + per-test timeout where pytest-timeout 
     if "$PY" -c "import pytest_timeout" >/dev/null 2>&1; then echo "--timeout=$per_test"; fi
 }
 
-do_env() {
-    run_step env 60 bash -c '
-        PY="$1"; OUTF="$2"
-        {
-        echo "date: $(date -Is)"
-        echo "host: $(uname -srm)"
-        echo "cpus: $(nproc)"
-        echo "git: $(git rev-parse HEAD 2>/dev/null || echo not a git checkout)"
-        echo "nvcc: $(nvcc --version 2>/dev/null | sed -n "s/.*release \([0-9.]*\).*/\1/p" | head -1)"
-        echo "python: $("$PY" -c "import platform; print(platform.python_version())")"
-        "$PY" - <<EOF
-import importlib
+env_report() {  # env_report PY — versions and machine, `key: value` lines (gpu_summary.py reads them)
+    local PY="$1"
+    echo "date: $(date -Is)"
+    echo "host: $(uname -srm)"
+    echo "cpus: $(nproc)"
+    echo "git: $(git rev-parse HEAD 2>/dev/null || echo not a git checkout)"
+    echo "nvcc: $(nvcc --version 2>/dev/null | sed -n 's/.*release \([0-9.]*\).*/\1/p' | head -1)"
+    "$PY" - <<'EOF'
+import importlib, importlib.metadata as md, platform
+print(f"python: {platform.python_version()}")
 for m in ("torch", "torchvision", "triton", "numpy", "pytest", "pytest_benchmark", "hypothesis", "matplotlib"):
     try:
         print(f"{m}: {importlib.import_module(m).__version__}")
     except Exception as e:
         print(f"{m}: missing ({type(e).__name__})")
+for d in ("pip", "setuptools", "ninja", "pytest-xdist", "pytest-timeout", "tqdm", "psutil"):
+    try:
+        v = md.version(d)
+    except Exception:
+        v = "missing"
+    print(f"{d.replace('-', '_')}: {v}")
 import torch
 print(f"cuda_runtime: {torch.version.cuda}")
 print(f"cudnn: {torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}")
@@ -219,10 +228,13 @@ if torch.cuda.is_available():
 else:
     print("gpu: none (CUDA not available)")
 EOF
-        echo "free: $(free -g 2>/dev/null | awk "/Mem:/{print \$2\" GiB total, \"\$7\" GiB available\"}")"
-        echo; echo "== nvidia-smi"; nvidia-smi 2>&1 || echo "(no nvidia-smi)"
-        echo; echo "== pip list (selected)"; "$PY" -m pip list 2>/dev/null | grep -iE "torch|triton|numpy|pytest|hypothesis|matplotlib|tqdm|psutil|setuptools|ninja" || true
-        } | tee "$OUTF"' _ "$PY" "$LOGS/env.txt"
+    echo "free: $(free -g 2>/dev/null | awk '/Mem:/{print $2" GiB total, "$7" GiB available"}')"
+    echo; echo "== nvidia-smi"; nvidia-smi 2>&1 || echo "(no nvidia-smi)"
+}
+export -f env_report
+
+do_env() {
+    run_step env 60 bash -c 'env_report "$1" | tee "$2"; exit ${PIPESTATUS[0]}' _ "$PY" "$LOGS/env.txt"
 }
 
 do_build() {
@@ -245,22 +257,23 @@ do_build() {
 }
 
 do_info() {
-    local j="$LOGS/info_${SLUG}_${DATE}.json"
-    run_step info 90 bash -c '
-        PY="$1"; J="$2"; DRY="$3"
-        "$PY" -m fastres info || exit $?
-        "$PY" -m fastres info --json >"$J" || exit $?
-        # what must be there: on the GPU the cuda and triton backends, on the CPU cpp
-        "$PY" - "$J" "$DRY" <<EOF
+    # = python -m fastres info, plus its --json into the logs, plus what must be there:
+    # on the GPU the cuda and triton backends, on the CPU (dry run) cpp; one process
+    run_step info 90 "$PY" -c '
 import json, sys
-info = json.load(open(sys.argv[1]))
+import fastres
+from fastres.cli import main
+rc = main(["info"])
+info = fastres.backend_info()
+with open(sys.argv[1], "w") as f:
+    json.dump(info, f, indent=2, default=str)
 need = {"cpu": ["cpp"]} if sys.argv[2] == "1" else {"cuda": ["cuda", "triton"]}
 bad = [f"{b} on {d}" for d, bs in need.items() for b in bs
        if not info.get("devices", {}).get(d, {}).get("available", {}).get(b)]
 if bad:
     sys.exit("run_gpu: required backend(s) unavailable: " + ", ".join(bad))
 print("run_gpu: required backends available:", need)
-EOF' _ "$PY" "$j" "$DRY"
+sys.exit(rc)' "$LOGS/info_${SLUG}_${DATE}.json" "$DRY"
 }
 
 do_tests() {  # do_tests STEP TIMEOUT PER_TEST_TIMEOUT SELECTION...
@@ -280,7 +293,7 @@ do_check() {
 do_benchmark() {  # do_benchmark STEP TIMEOUT ROUNDS FILE...  — pytest-benchmark JSON into RES
     local step="$1" tmo="$2" rounds="$3"; shift 3
     local dt="bf16" b="b256" sel=()
-    [ "$DRY" = 1 ] && { dt="fp32"; b="b8"; rounds=2; sel=(-k "NHWC and not 2048"); }
+    [ "$DRY" = 1 ] && { dt="fp32"; b="b8"; rounds=2; sel=(-k "NHWC and bn_act_train and not backward"); }
     local name="benchmarks_${SLUG}_${dt}_${b}_${step}_${DATE}"
     run_step "$step" "$tmo" env FASTRES_BENCH_ROUNDS="$rounds" "$PY" -m pytest "$@" "${sel[@]}" \
         --benchmark-only -q -p no:cacheprovider --benchmark-json="$RES/$name.json" \
@@ -351,3 +364,4 @@ log "wrote $(cd "$OUT" && ls | tr '\n' ' ')"
 cat "$OUT/summary.txt"
 rm -rf "$WORK"
 exit "$FAILED"
+}

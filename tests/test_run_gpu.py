@@ -164,7 +164,7 @@ def test_summary_bench_and_bandwidth_figures(tmp_path):
         json.dumps(dict(meta=meta, rows=rows)))
     lines = gpu_summary.figures("bench", str(tmp_path), str(tmp_path))
     assert lines[0].startswith("resnet50 b256 224px bf16 NHWC")
-    assert lines[1] == ("train: torchvision 1000.0 img/s (1.00x) | fastres[triton] 1250.0 img/s (1.25x) | "
+    assert lines[1].strip() == ("train: torchvision 1000.0 img/s (1.00x) | fastres[triton] 1250.0 img/s (1.25x) | "
                         "fastres[cuda] error: boom")
     bm = dict(benchmarks=[
         dict(group="bn_act_train 256x256x56x56 NHWC bf16", name="a",
@@ -173,4 +173,4 @@ def test_summary_bench_and_bandwidth_figures(tmp_path):
              extra_info={"impl": "fastres[triton]", "GB/s": 3210.0})])
     (tmp_path / "benchmarks_h200_bf16_b256_bandwidth_2026-12-01.json").write_text(json.dumps(bm))
     lines = gpu_summary.figures("bandwidth", str(tmp_path), str(tmp_path))
-    assert lines[1] == "bn_act_train 256x256x56x56 NHWC bf16 [GB/s]: aten reference 1500 | fastres[triton] 3210"
+    assert lines[1].strip() == "bn_act_train 256x256x56x56 NHWC bf16 [GB/s]: aten reference 1500 | fastres[triton] 3210"
