@@ -98,7 +98,7 @@ full)
 esac
 [ "$DRY" = 1 ] && DEFAULT_BUDGET=420   # ~2-3 min on a quiet 2-core machine; slack for a busy one
 BUDGET="${FASTRES_GPU_BUDGET:-$DEFAULT_BUDGET}"
-RESERVE=15   # seconds kept for packing at the end
+RESERVE=20   # seconds kept for the last kill (timeout --kill-after=10) and packing
 
 # ------------------------------------------------------------------ python
 pick_python() {
