@@ -18,8 +18,8 @@
 #   bench      python -m fastres bench at the GPU defaults (resnet50, b256, 224px, bf16,
 #              channels_last) with 3 warm-up + 3x5 iterations, torch.compile in infer only (240 s)
 #   plot       python benchmarks/plot.py RESULTS --readme                      (60 s)
-# `quick STEP ...` runs only the named steps (env always): e.g. `quick build tests` to rerun
-# a failed step on a warm machine (the build is then incremental).
+# `quick STEP ...` runs only the named steps, in the order given: e.g. `quick env build tests`
+# to rerun a failed step on a warm machine (the build is then incremental).
 #
 # full PARTs (each starts with env, build, info and ends with plot):
 #   1 | tests       pytest tests -m 'not slow' (the whole suite; -n 8 with pytest-xdist)
@@ -77,7 +77,7 @@ log() { echo "[run_gpu $(date +%T) +$(( $(date +%s) - T0 ))s] $*"; }
 case "$PROFILE" in
 quick)
     STEPS="env build info tests check bandwidth bench plot"
-    if [ $# -gt 0 ]; then STEPS="env $*"; fi
+    if [ $# -gt 0 ]; then STEPS="$*"; fi
     DEFAULT_BUDGET=480 ;;
 full)
     PART="${1:-}"
@@ -121,9 +121,10 @@ else
     unset TRITON_INTERPRET     # real GPU kernels, never the interpreter
     # the folder name fastres.bench.device_slug gives (read from the file: fastres is not installed yet)
     SLUG="$("$PY" - <<'EOF' 2>/dev/null
-import importlib.util, torch
+import importlib.util, sys, torch
 spec = importlib.util.spec_from_file_location("_fastres_bench", "fastres/bench.py")
-m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
+m = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # (dataclasses look it up)
+spec.loader.exec_module(m)
 print(m.device_slug(torch.device("cuda" if torch.cuda.is_available() else "cpu")))
 EOF
 )"

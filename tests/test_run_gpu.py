@@ -27,9 +27,8 @@ import gpu_summary  # noqa: E402
 
 
 def _run(out, *args, env=None, timeout=600):
-    e = dict(os.environ)
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("RUN_GPU_TIMEOUT_", "FASTRES_GPU_"))}
     e.update(FASTRES_GPU_DRY_RUN="1", PYTHON=sys.executable)
-    e.pop("RUN_GPU_TIMEOUT_info", None)
     e.update(env or {})
     return subprocess.run(["bash", SCRIPT, str(out), *args], cwd=ROOT, env=e, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=timeout)
@@ -96,27 +95,41 @@ def test_dry_run_quick_profile_layout(tmp_path):
 
 def test_step_timeout_is_recorded_and_the_run_still_packs(tmp_path):
     out = tmp_path / "out"
-    r = _run(out, "quick", "info", env={"RUN_GPU_TIMEOUT_info": "0.01"}, timeout=300)
+    r = _run(out, "quick", "info", "plot", env={"RUN_GPU_TIMEOUT_info": "0.01", "RUN_GPU_TIMEOUT_plot": "0.02"},
+             timeout=300)
     assert r.returncode != 0, r.stdout[-3000:]
     assert sorted(os.listdir(out)) == OUT_FILES
     steps = _steps((out / "summary.txt").read_text())
-    assert list(steps) == ["env", "info"]
-    assert steps["env"][0] == "0"
-    assert steps["info"][0] == "124"
-    assert "TIMEOUT" in (out / "summary.txt").read_text()
+    assert {k: v[0] for k, v in steps.items()} == {"info": "124", "plot": "124"}
+    assert (out / "summary.txt").read_text().count("TIMEOUT") == 2
     with tarfile.open(out / "logs.tar.gz") as t:
-        assert {"logs/env.log", "logs/info.log", "logs/env.txt"} <= set(t.getnames())
+        assert {"logs/info.log", "logs/plot.log", "logs/run.log"} <= set(t.getnames())
 
 
 def test_spent_budget_skips_steps(tmp_path):
     out = tmp_path / "out"
-    r = _run(out, "quick", "info", env={"FASTRES_GPU_BUDGET": "1"}, timeout=120)
+    r = _run(out, "quick", "env", "info", env={"FASTRES_GPU_BUDGET": "1"}, timeout=120)
     assert r.returncode != 0
     assert sorted(os.listdir(out)) == OUT_FILES
     text = (out / "summary.txt").read_text()
     steps = _steps(text)
     assert {k: v[0] for k, v in steps.items()} == {"env": "skip", "info": "skip"}, text
     assert text.count("budget spent") == 2
+
+
+def test_real_run_names_the_results_folder_like_fastres_bench(tmp_path):
+    # Not a dry run (no step runs: no budget): the results folder is named by
+    # fastres.bench.device_slug, read from the source before fastres is installed.
+    import torch
+
+    from fastres.bench import device_slug
+    out = tmp_path / "out"
+    r = _run(out, "quick", "env", env={"FASTRES_GPU_DRY_RUN": "0", "FASTRES_GPU_BUDGET": "1"}, timeout=120)
+    assert "budget spent" in r.stdout, r.stdout[-3000:]
+    slug = device_slug(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    assert f"# device: {slug} " in (out / "summary.txt").read_text()
+    with tarfile.open(out / "results.tar.gz") as t:
+        assert t.getnames() == [slug]
 
 
 def test_full_profile_needs_a_known_part(tmp_path):
