@@ -13,7 +13,8 @@ prints a few short lines (no line = nothing to report) read from what the step l
 * ``check``    — ``RESDIR/check_*.json``: PASS / FAIL / ERROR / SKIP and the worst error;
 * ``bench*``   — ``RESDIR/bench_*.json``: img/s per contender and mode, speed-up vs eager;
 * ``bandwidth`` / ``benchmarks*`` — ``RESDIR/benchmarks_*.json`` (pytest-benchmark):
-  effective GB/s (or img/s) per case and implementation.
+  effective GB/s (or img/s) per case and implementation;
+* ``plot``     — how many files the results folder holds.
 
 Only files modified at or after ``--since`` count, so several steps of one run that
 write the same kind of file each report their own. Standard library only: it must
@@ -228,6 +229,10 @@ def figures(step: str, logdir: str, resdir: str, since: Optional[float] = None) 
         return bench_figures(resdir, since)
     if step.startswith("bandwidth") or step.startswith("benchmarks"):
         return benchmark_figures(resdir, since)
+    if step == "plot":
+        files = sorted(os.listdir(resdir)) if os.path.isdir(resdir) else []
+        png = sum(f.endswith(".png") for f in files)
+        return [f"{len(files)} result files ({png} PNG){'; README.md written' if 'README.md' in files else ''}"]
     return []
 
 

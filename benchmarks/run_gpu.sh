@@ -203,7 +203,7 @@ env_report() {  # env_report PY — versions and machine, `key: value` lines (gp
     local PY="$1"
     echo "date: $(date -Is)"
     echo "host: $(uname -srm)"
-    echo "cpus: $(nproc)"
+    echo "cpus: $(env -u OMP_NUM_THREADS nproc)"
     echo "git: $(git rev-parse HEAD 2>/dev/null || echo not a git checkout)"
     echo "nvcc: $(nvcc --version 2>/dev/null | sed -n 's/.*release \([0-9.]*\).*/\1/p' | head -1)"
     "$PY" - <<'EOF'
