@@ -291,10 +291,10 @@ do_check() {
         _ "$PY" "$ck" "${extra[@]}"
 }
 
-do_benchmark() {  # do_benchmark STEP TIMEOUT ROUNDS FILE...  — pytest-benchmark JSON into RES
-    local step="$1" tmo="$2" rounds="$3"; shift 3
+do_benchmark() {  # do_benchmark STEP TIMEOUT ROUNDS DRY_SELECTION FILE...  — pytest-benchmark JSON into RES
+    local step="$1" tmo="$2" rounds="$3" dry_k="$4"; shift 4
     local dt="bf16" b="b256" sel=()
-    [ "$DRY" = 1 ] && { dt="fp32"; b="b8"; rounds=2; sel=(-k "NHWC and bn_act_train and not backward"); }
+    [ "$DRY" = 1 ] && { dt="fp32"; b="b8"; rounds=2; sel=(-k "$dry_k"); }
     local name="benchmarks_${SLUG}_${dt}_${b}_${step}_${DATE}"
     run_step "$step" "$tmo" env FASTRES_BENCH_ROUNDS="$rounds" "$PY" -m pytest "$@" "${sel[@]}" \
         --benchmark-only -q -p no:cacheprovider --benchmark-json="$RES/$name.json" \
@@ -317,7 +317,8 @@ do_plot() {
         --note "Measured by \`bash benchmarks/run_gpu.sh OUT $PROFILE ${PART:-}\` on $DATE ($(git rev-parse --short HEAD 2>/dev/null || echo 'unknown commit'))."
 }
 
-QUICK_BENCH=(--iters 5 --repeats 3 --warmup 3 --compile-modes infer)
+K_KERNELS="NHWC and bn_act_train and not backward"
+QUICK_BENCH=(--iters 5 --repeats 3 --warmup 3 --compile-modes infer --tag quick)
 XDIST=()
 if [ "$DRY" = 0 ] && "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST=(-n "${XDIST_WORKERS:-8}"); fi
 if [ "$DRY" = 1 ]; then
@@ -341,11 +342,15 @@ for step in $STEPS; do
     tests-all)  do_tests tests-all 480 300 "${ALL_TESTS[@]}" ;;
     tests-slow) do_tests tests-slow 480 400 "${SLOW_TESTS[@]}" ;;
     check) do_check ;;
-    bandwidth)         do_benchmark bandwidth 120 10 benchmarks/test_bench_kernels.py ;;
-    bandwidth-kernels) do_benchmark bandwidth-kernels 150 20 benchmarks/test_bench_kernels.py ;;
-    bandwidth-bn-act)  do_benchmark bandwidth-bn-act 300 20 benchmarks/test_bench_bn_act.py ;;
-    benchmarks-blocks) do_benchmark benchmarks-blocks 240 20 benchmarks/test_bench_blocks.py ;;
-    benchmarks-models) do_benchmark benchmarks-models 240 10 benchmarks/test_bench_models.py ;;
+    # (the dry run's tiny selection of each file follows the rounds)
+    bandwidth)         do_benchmark bandwidth 120 10 "$K_KERNELS" benchmarks/test_bench_kernels.py ;;
+    bandwidth-kernels) do_benchmark bandwidth-kernels 150 20 "$K_KERNELS" benchmarks/test_bench_kernels.py ;;
+    bandwidth-bn-act)  do_benchmark bandwidth-bn-act 300 20 "8x64x56x56 and fwd and not fwdbwd and (eager or cpp)" \
+                           benchmarks/test_bench_bn_act.py ;;
+    benchmarks-blocks) do_benchmark benchmarks-blocks 240 20 "basic-id and infer and (torchvision or cpp)" \
+                           benchmarks/test_bench_blocks.py ;;
+    benchmarks-models) do_benchmark benchmarks-models 240 10 "resnet18 and infer and (torchvision or cpp)" \
+                           benchmarks/test_bench_models.py ;;
     bench)          do_bench bench 240 "${QUICK_BENCH[@]}" ;;
     bench-full)     do_bench bench-full 420 ;;
     bench-fp32)     do_bench bench-fp32 150 --dtype fp32 --compile-modes infer ;;
