@@ -147,7 +147,7 @@ pack() {  # (re)write OUT/summary.txt, OUT/results.tar.gz, OUT/logs.tar.gz
         echo "# fastres benchmarks/run_gpu.sh $PROFILE ${PART:-} — $(date '+%F %T %Z')"
         echo "# device: $SLUG   dry_run: $DRY   python: $PY   budget: ${BUDGET}s   elapsed: ${now}s   exit: $FAILED"
         echo "# git: $(git rev-parse --short HEAD 2>/dev/null || echo 'not a git checkout')"
-        echo "# step            rc     seconds  (figures below each step, indented)"
+        echo "# step              rc     seconds  (figures below each step, indented)"
         cat "$SUMMARY"
     } >"$WORK/summary.txt"
     tar -C "$WORK/results" -czf "$WORK/results.tar.gz" "$SLUG" 2>/dev/null
@@ -161,7 +161,7 @@ pack() {  # (re)write OUT/summary.txt, OUT/results.tar.gz, OUT/logs.tar.gz
 record() {  # record NAME RC SECONDS [NOTE]
     local note="${4:-}"
     [ "$2" = 124 ] || [ "$2" = 137 ] && note="TIMEOUT${note:+ $note}"
-    printf '%-16s rc=%-4s %6ss  %s\n' "$1" "$2" "$3" "$note" >>"$SUMMARY"
+    printf '%-18s rc=%-4s %6ss  %s\n' "$1" "$2" "$3" "$note" >>"$SUMMARY"
 }
 
 run_step() {  # run_step NAME TIMEOUT CMD...  — log to LOGS/NAME.log, record rc, seconds, figures
