@@ -8,7 +8,7 @@
 #   FASTRES_GPU_DRY_RUN=1 bash benchmarks/run_gpu.sh OUT quick   # the same steps, tiny, on the CPU
 #
 # quick steps, in this order:
-#   env        versions, GPU, nvcc, CPUs                                     (timeout  60 s)
+#   env        versions, GPU, nvcc, CPUs                                       (timeout 60 s)
 #   build      pip install --no-build-isolation --no-deps -e . for THIS GPU's arch only
 #              (TORCH_CUDA_ARCH_LIST from torch.cuda.get_device_capability, MAX_JOBS=nproc) (300 s)
 #   info       python -m fastres info (+ --json); fails when cuda or triton is unavailable (90 s)
@@ -16,10 +16,12 @@
 #   check      python -m fastres check (GPU default: fp32, bf16, fp16; ops, blocks, models) (150 s)
 #   bandwidth  pytest benchmarks/test_bench_kernels.py --benchmark-only, 10 rounds (GB/s) (120 s)
 #   bench      python -m fastres bench at the GPU defaults (resnet50, b256, 224px, bf16,
-#              channels_last) with 3 warm-up + 3x5 iterations, torch.compile in infer only (240 s)
+#              channels_last) with 3 warm-up + 3x5 iterations, torch.compile in infer only,
+#              files tagged 'quick' (240 s)
 #   plot       python benchmarks/plot.py RESULTS --readme                      (60 s)
-# `quick STEP ...` runs only the named steps, in the order given: e.g. `quick env build tests`
-# to rerun a failed step on a warm machine (the build is then incremental).
+# `quick STEP ...` runs only the named steps, in the order given: e.g. `quick tests check`
+# to rerun failed steps on a warm machine (fastres stays installed there; name `build` first
+# only after changing csrc/ — pip then rebuilds every unit, ~1 min).
 #
 # full PARTs (each starts with env, build, info and ends with plot):
 #   1 | tests       pytest tests -m 'not slow' (the whole suite; -n 8 with pytest-xdist)
@@ -40,11 +42,11 @@
 #   OUT/logs.tar.gz      logs/<step>.log, logs/junit_<step>.xml, logs/env.txt,
 #                        logs/info_<device>_<date>.json, logs/run.log
 #
-# Knobs: PYTHON (default: a python3 that imports torch), FASTRES_GPU_BUDGET (seconds for
+# Knobs: PYTHON (default: ./.venv/bin/python or python3, the first that has torch), FASTRES_GPU_BUDGET (seconds for
 # the whole run: quick 480, full 540, dry run 420), RUN_GPU_TIMEOUT_<STEP> (one step's
 # timeout, e.g. RUN_GPU_TIMEOUT_tests=300; '-' in a step name becomes '_'), MAX_JOBS,
 # TORCH_CUDA_ARCH_LIST (default: the present GPU's), PYTEST_ARGS (extra pytest args
-# for the tests steps). Every step runs under `timeout`; the total budget clips each
+# for the tests steps), XDIST_WORKERS (full 1, default 8). Every step runs under `timeout`; the total budget clips each
 # step's timeout, and a step that gets no time left is recorded as skipped. Exit status:
 # 0 when every step exited 0.
 set -u
