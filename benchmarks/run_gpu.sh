@@ -31,6 +31,7 @@
 #   5 | bench       python -m fastres bench at the full GPU defaults (torch.compile in both modes)
 #   6 | bench-variants  resnet50 fp32, fp16, NCHW (torch.compile in infer only)
 #   7 | bench-models    resnet18, resnet101 (b128), cifar_resnet56 (b512)
+#   8 | conv-bwd    pytest benchmarks/test_bench_conv_bwd.py (Triton conv dgrad/wgrad vs cuDNN, GPU only)
 #
 # Output (nothing else is written to OUT; it is rewritten after every step, so a run cut
 # short still brings back what it did):
@@ -91,8 +92,9 @@ full)
     5|bench)          PART=bench;          MID="bench-full" ;;
     6|bench-variants) PART=bench-variants; MID="bench-fp32 bench-fp16 bench-nchw" ;;
     7|bench-models)   PART=bench-models;   MID="bench-resnet18 bench-resnet101 bench-cifar56" ;;
+    8|conv-bwd)       PART=conv-bwd;       MID="benchmarks-conv-bwd" ;;
     *) echo "run_gpu.sh: full needs a PART: 1|tests 2|slow 3|bandwidth 4|benchmarks 5|bench" \
-            "6|bench-variants 7|bench-models (got '${PART}')" >&2; exit 2 ;;
+            "6|bench-variants 7|bench-models 8|conv-bwd (got '${PART}')" >&2; exit 2 ;;
     esac
     STEPS="env build info $MID plot"
     DEFAULT_BUDGET=540 ;;
@@ -353,6 +355,7 @@ for step in $STEPS; do
                            benchmarks/test_bench_blocks.py ;;
     benchmarks-models) do_benchmark benchmarks-models 240 10 "resnet18 and infer and (torchvision or cpp)" \
                            benchmarks/test_bench_models.py ;;
+    benchmarks-conv-bwd) do_benchmark benchmarks-conv-bwd 480 10 "stem" benchmarks/test_bench_conv_bwd.py ;;
     bench)          do_bench bench 240 "${QUICK_BENCH[@]}" ;;
     bench-full)     do_bench bench-full 420 ;;
     bench-fp32)     do_bench bench-fp32 150 --dtype fp32 --compile-modes infer ;;
