@@ -1,140 +1,378 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: build/install fastres, run the whole test suite on
-# CUDA, `python -m fastres check`, `python -m fastres bench` (defaults: resnet50,
-# batch 256, bf16, channels_last), every pytest-benchmark case, and the plots —
-# logs, CSV/JSON and PNGs into one small output folder.
+# fastres on a GPU machine in ONE bounded run: build, check, test and benchmark, and
+# bring everything back in three files. Made for the lent GPU machine (one H200, 16
+# cores, no network, at most 10 minutes per command, 8 files back): see docs/GPU.md.
 #
-#   bash benchmarks/run_gpu.sh OUT [STEP ...]
+#   bash benchmarks/run_gpu.sh OUT [quick [STEP ...]]      # default: quick, every step (<= 8 min)
+#   bash benchmarks/run_gpu.sh OUT full PART               # one part of the full profile (<= 9 min)
+#   FASTRES_GPU_DRY_RUN=1 bash benchmarks/run_gpu.sh OUT quick   # the same steps, tiny, on the CPU
 #
-# STEPs (default: all but bench-extra, in this order):
-#   env install info tests check bench benchmarks plot      (+ bench-extra: resnet18,
-#   resnet101, cifar_resnet56, fp32/NCHW variants of resnet50)
-# Several calls may share one OUT (e.g. `... OUT install tests` then `... OUT bench`):
-# each step appends its exit code and duration to OUT/summary.txt.
+# quick steps, in this order:
+#   env        versions, GPU, nvcc, CPUs                                       (timeout 60 s)
+#   build      pip install --no-build-isolation --no-deps -e . for THIS GPU's arch only
+#              (TORCH_CUDA_ARCH_LIST from torch.cuda.get_device_capability, MAX_JOBS=nproc) (300 s)
+#   info       python -m fastres info (+ --json); fails when cuda or triton is unavailable (90 s)
+#   tests      pytest tests -m gpu (every test that runs CUDA/Triton kernels on the device) (210 s)
+#   check      python -m fastres check (GPU default: fp32, bf16, fp16; ops, blocks, models) (150 s)
+#   bandwidth  pytest benchmarks/test_bench_kernels.py --benchmark-only, 10 rounds (GB/s) (120 s)
+#   bench      python -m fastres bench at the GPU defaults (resnet50, b256, 224px, bf16,
+#              channels_last) with 3 warm-up + 3x5 iterations, torch.compile in infer only,
+#              files tagged 'quick' (240 s)
+#   plot       python benchmarks/plot.py RESULTS --readme                      (60 s)
+# `quick STEP ...` runs only the named steps, in the order given: e.g. `quick tests check`
+# to rerun failed steps on a warm machine (fastres stays installed there; name `build` first
+# only after changing csrc/ — pip then rebuilds every unit, ~1 min).
 #
-# Output:
-#   OUT/summary.txt                      step, exit code, seconds
-#   OUT/logs/<step>.log                  full log of each step
-#   OUT/results/<device>/                what to commit under benchmarks/results/<device>/:
-#       bench_*.{txt,json,csv,png}       the bench CLI (names carry model, device, dtype, batch, date)
-#       benchmarks_<device>_<dtype>_b<batch>_<date>.{json,csv} + *_bn_act.png   pytest-benchmark
-#       check_<device>_<dtypes>_b8_<date>.{txt,json}   the parity self-check
-#       README.md                        the table of the latest figures
-#   OUT/junit_tests.xml, OUT/env.txt, OUT/info_<device>_<date>.json (fastres.backend_info())
+# full PARTs (each starts with env, build, info and ends with plot):
+#   1 | tests       pytest tests -m 'not slow' (the whole suite; -n 8 with pytest-xdist)
+#   2 | slow        pytest tests -m slow
+#   3 | bandwidth   pytest benchmarks/test_bench_bn_act.py + test_bench_kernels.py (full rounds)
+#   4 | benchmarks  pytest benchmarks/test_bench_blocks.py + test_bench_models.py
+#   5 | bench       python -m fastres bench at the full GPU defaults (torch.compile in both modes)
+#   6 | bench-variants  resnet50 fp32, fp16, NCHW (torch.compile in infer only)
+#   7 | bench-models    resnet18, resnet101 (b128), cifar_resnet56 (b512)
+#   8 | conv-bwd    pytest benchmarks/test_bench_conv_bwd.py (Triton conv dgrad/wgrad vs cuDNN, GPU only)
 #
-# Environment knobs: PYTHON (interpreter to use), STEP_TIMEOUT (seconds per step,
-# default 3600), MAX_JOBS (build parallelism), PYTEST_ARGS (extra args for the tests).
-# Individual failures do not stop the script; the exit status is non-zero if any
-# step failed.
+# Output (nothing else is written to OUT; it is rewritten after every step, so a run cut
+# short still brings back what it did):
+#   OUT/summary.txt      one line per step: name, rc, seconds, then the key figures (test
+#                        counts, check PASS/FAIL, img/s and speed-ups, GB/s, build times)
+#   OUT/results.tar.gz   <device>/...  — what belongs under benchmarks/results/<device>/
+#                        (names carry device, dtype, batch and date); unpack with
+#                        tar xzf OUT/results.tar.gz -C benchmarks/results/
+#   OUT/logs.tar.gz      logs/<step>.log, logs/junit_<step>.xml, logs/env.txt,
+#                        logs/info_<device>_<date>.json, logs/run.log
+#
+# Knobs: PYTHON (default: ./.venv/bin/python or python3, the first that has torch), FASTRES_GPU_BUDGET (seconds for
+# the whole run: quick 480, full 540, dry run 420), RUN_GPU_TIMEOUT_<STEP> (one step's
+# timeout, e.g. RUN_GPU_TIMEOUT_tests=300; '-' in a step name becomes '_'), MAX_JOBS,
+# TORCH_CUDA_ARCH_LIST (default: the present GPU's), PYTEST_ARGS (extra pytest args
+# for the tests steps), XDIST_WORKERS (full 1, default 8). Every step runs under `timeout`; the total budget clips each
+# step's timeout, and a step that gets no time left is recorded as skipped. Exit status:
+# 0 when every step exited 0.
 set -u
+{ # the whole script is one compound command: bash parses it completely before running it,
+  # so editing the file during a run cannot break that run
 
-OUT="${1:?usage: bash benchmarks/run_gpu.sh OUT [STEP ...]}"
-shift
-STEPS="${*:-env install info tests check bench benchmarks plot}"
+usage() { sed -n '2,10p' "$0" >&2; exit 2; }
+[ $# -ge 1 ] || usage
+OUT_ARG="$1"; shift
+PROFILE="${1:-quick}"; [ $# -gt 0 ] && shift
+DRY="${FASTRES_GPU_DRY_RUN:-0}"; case "$DRY" in 1|true|yes|on) DRY=1 ;; *) DRY=0 ;; esac
+
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 1
-mkdir -p "$OUT/logs" || exit 1
-OUT="$(cd "$OUT" && pwd)"
-SUMMARY="$OUT/summary.txt"
-STEP_TIMEOUT="${STEP_TIMEOUT:-3600}"
+mkdir -p "$OUT_ARG" || exit 1
+OUT="$(cd "$OUT_ARG" && pwd)"
+T0=$(date +%s)
 DATE="$(date +%F)"
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/run_gpu.XXXXXX")" || exit 1
+LOGS="$WORK/logs"
+mkdir -p "$LOGS"
+exec > >(tee -a "$LOGS/run.log") 2>&1
+export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_BREAK_SYSTEM_PACKAGES=1
 export MAX_JOBS="${MAX_JOBS:-$(nproc 2>/dev/null || echo 4)}"
-unset TRITON_INTERPRET       # real GPU kernels, never the interpreter
-export PYTHONUNBUFFERED=1
-FAILED=0
+export MPLBACKEND=Agg
 
-log() { echo "[run_gpu $(date +%T)] $*"; }
+log() { echo "[run_gpu $(date +%T) +$(( $(date +%s) - T0 ))s] $*"; }
 
-# ---------------------------------------------------------------------------- python
+# ------------------------------------------------------------------ profile -> steps
+case "$PROFILE" in
+quick)
+    STEPS="env build info tests check bandwidth bench plot"
+    if [ $# -gt 0 ]; then STEPS="$*"; fi
+    DEFAULT_BUDGET=480 ;;
+full)
+    PART="${1:-}"
+    case "$PART" in
+    1|tests)          PART=tests;          MID="tests-all" ;;
+    2|slow)           PART=slow;           MID="tests-slow" ;;
+    3|bandwidth)      PART=bandwidth;      MID="bandwidth-bn-act bandwidth-kernels" ;;
+    4|benchmarks)     PART=benchmarks;     MID="benchmarks-blocks benchmarks-models" ;;
+    5|bench)          PART=bench;          MID="bench-full" ;;
+    6|bench-variants) PART=bench-variants; MID="bench-fp32 bench-fp16 bench-nchw" ;;
+    7|bench-models)   PART=bench-models;   MID="bench-resnet18 bench-resnet101 bench-cifar56" ;;
+    8|conv-bwd)       PART=conv-bwd;       MID="benchmarks-conv-bwd" ;;
+    *) echo "run_gpu.sh: full needs a PART: 1|tests 2|slow 3|bandwidth 4|benchmarks 5|bench" \
+            "6|bench-variants 7|bench-models 8|conv-bwd (got '${PART}')" >&2; exit 2 ;;
+    esac
+    STEPS="env build info $MID plot"
+    DEFAULT_BUDGET=540 ;;
+*) usage ;;
+esac
+[ "$DRY" = 1 ] && DEFAULT_BUDGET=420   # ~2-3 min on a quiet 2-core machine; slack for a busy one
+BUDGET="${FASTRES_GPU_BUDGET:-$DEFAULT_BUDGET}"
+RESERVE=20   # seconds kept for the last kill (timeout --kill-after=10) and packing
+
+# ------------------------------------------------------------------ python
 pick_python() {
     if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; return; fi
-    if [ -x "$ROOT/.venv/bin/python" ] && "$ROOT/.venv/bin/python" -c "import torch" >/dev/null 2>&1; then
-        echo "$ROOT/.venv/bin/python"; return
-    fi
-    for c in python3 python; do
-        if command -v "$c" >/dev/null 2>&1 && "$c" -c "import torch" >/dev/null 2>&1; then
+    for c in "$ROOT/.venv/bin/python" python3 python; do
+        if command -v "$c" >/dev/null 2>&1 &&
+           "$c" -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is None)" >/dev/null 2>&1; then
             command -v "$c"; return
         fi
     done
-    echo ""
+    echo python3
 }
 PY="$(pick_python)"
-if [ -z "$PY" ]; then
-    log "no python with torch found: trying 'make setup' (needs network)"
-    make setup >"$OUT/logs/make_setup.log" 2>&1
-    echo "make-setup rc=$? 0s" >>"$SUMMARY"
-    PY="$ROOT/.venv/bin/python"
-fi
-log "python: $PY"
 
-run_step() {  # run_step NAME CMD...  — log to OUT/logs/NAME.log, record rc and duration
-    local name="$1"; shift
-    local start rc cmd="$*"
+if [ "$DRY" = 1 ]; then
+    SLUG=cpu-dryrun            # never collides with real results (benchmarks/results/cpu)
+    export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"   # tiny sizes: threads only add contention
+else
+    unset TRITON_INTERPRET     # real GPU kernels, never the interpreter
+    # the folder name fastres.bench.device_slug gives (read from the file: fastres is not installed yet)
+    SLUG="$("$PY" - <<'EOF' 2>/dev/null
+import importlib.util, sys, torch
+spec = importlib.util.spec_from_file_location("_fastres_bench", "fastres/bench.py")
+m = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # (dataclasses look it up)
+spec.loader.exec_module(m)
+print(m.device_slug(torch.device("cuda" if torch.cuda.is_available() else "cpu")))
+EOF
+)"
+    [ -n "$SLUG" ] || SLUG=unknown-device
+    # cpp must have built (a skip would hide it); cuda and triton are required by the info step
+    # (and by the gpu tests themselves). Not triton here: on the GPU machine Triton runs on
+    # CUDA only, so its CPU-device cases skip with their reason.
+    export FASTRES_REQUIRE_BACKENDS="${FASTRES_REQUIRE_BACKENDS:-cpp}"
+fi
+RES="$WORK/results/$SLUG"
+mkdir -p "$RES"
+SUMMARY="$WORK/summary.body"
+: >"$SUMMARY"
+FAILED=0
+
+# ------------------------------------------------------------------ packing
+pack() {  # (re)write OUT/summary.txt, OUT/results.tar.gz, OUT/logs.tar.gz
+    local now=$(( $(date +%s) - T0 ))
+    {
+        echo "# fastres benchmarks/run_gpu.sh $PROFILE ${PART:-} — $(date '+%F %T %Z')"
+        echo "# device: $SLUG   dry_run: $DRY   python: $PY   budget: ${BUDGET}s   elapsed: ${now}s   exit: $FAILED"
+        echo "# git: $(git rev-parse --short HEAD 2>/dev/null || echo 'not a git checkout')"
+        echo "# step              rc     seconds  (figures below each step, indented)"
+        cat "$SUMMARY"
+    } >"$WORK/summary.txt"
+    tar -C "$WORK/results" -czf "$WORK/results.tar.gz" "$SLUG" 2>/dev/null
+    tar -C "$WORK" -czf "$WORK/logs.tar.gz" logs 2>/dev/null
+    local f
+    for f in summary.txt results.tar.gz logs.tar.gz; do
+        cp "$WORK/$f" "$OUT/.$f.tmp" && mv -f "$OUT/.$f.tmp" "$OUT/$f"
+    done
+}
+
+record() {  # record NAME RC SECONDS [NOTE]
+    local note="${4:-}"
+    [ "$2" = 124 ] || [ "$2" = 137 ] && note="TIMEOUT${note:+ $note}"
+    printf '%-18s rc=%-4s %6ss  %s\n' "$1" "$2" "$3" "$note" >>"$SUMMARY"
+}
+
+run_step() {  # run_step NAME TIMEOUT CMD...  — log to LOGS/NAME.log, record rc, seconds, figures
+    local name="$1" tmo="$2"; shift 2
+    local var="RUN_GPU_TIMEOUT_${name//-/_}"
+    tmo="${!var:-$tmo}"
+    local left=$(( BUDGET - ($(date +%s) - T0) - RESERVE ))
+    if [ "$left" -lt 5 ]; then
+        log "== $name: skipped, the run's budget (${BUDGET}s) is spent"
+        record "$name" skip 0 "budget spent"
+        FAILED=1; pack; return 0
+    fi
+    if [ "${tmo%%.*}" -ge "$left" ] 2>/dev/null; then tmo="$left"; fi
+    local start rc mark="$WORK/.mark_$name"
+    touch "$mark"
     start=$(date +%s)
-    log "== $name: $*"
-    timeout --kill-after=30 "$STEP_TIMEOUT" "$@" >"$OUT/logs/$name.log" 2>&1
+    local shown="$*"; shown="${shown//$'\n'/ }"
+    log "== $name (timeout ${tmo}s): ${shown:0:240}"
+    timeout --kill-after=10 "$tmo" "$@" >"$LOGS/$name.log" 2>&1 </dev/null
     rc=$?
-    printf '%-14s rc=%-3s %5ss  %s\n' "$name" "$rc" "$(( $(date +%s) - start ))" "${cmd:0:110}" >>"$SUMMARY"
-    tail -n 25 "$OUT/logs/$name.log"
-    log "== $name: exit $rc after $(( $(date +%s) - start ))s"
-    [ "$rc" -eq 0 ] || FAILED=1
+    local secs=$(( $(date +%s) - start ))
+    tail -n 15 "$LOGS/$name.log"
+    log "== $name: exit $rc after ${secs}s"
+    record "$name" "$rc" "$secs"
+    "$PY" "$ROOT/benchmarks/gpu_summary.py" "$name" "$LOGS" "$RES" --since "$mark" 2>&1 | sed 's/^/    /' >>"$SUMMARY"
+    [ "$rc" = 0 ] || FAILED=1
+    pack
     return 0
 }
 
-SLUG="$("$PY" -c "import torch, fastres.bench as b; print(b.device_slug(torch.device('cuda' if torch.cuda.is_available() else 'cpu')))" 2>/dev/null \
-        || "$PY" -c "import torch, re; n=torch.cuda.get_device_name().lower().replace('nvidia',''); print(re.sub(r'[^a-z0-9]+','-',n).strip('-'))" 2>/dev/null \
-        || echo gpu)"
-RES="$OUT/results/$SLUG"
-mkdir -p "$RES"
-log "results -> $RES"
+# ------------------------------------------------------------------ the steps
+pytest_common() {  # junit xml for STEP + per-test timeout where pytest-timeout exists
+    local step="$1" per_test="$2"
+    echo "-q -ra -p no:cacheprovider --durations=15 --junitxml=$LOGS/junit_$step.xml"
+    if "$PY" -c "import pytest_timeout" >/dev/null 2>&1; then echo "--timeout=$per_test"; fi
+}
 
+env_report() {  # env_report PY — versions and machine, `key: value` lines (gpu_summary.py reads them)
+    local PY="$1"
+    echo "date: $(date -Is)"
+    echo "host: $(uname -srm)"
+    echo "cpus: $(env -u OMP_NUM_THREADS nproc)"
+    echo "git: $(git rev-parse HEAD 2>/dev/null || echo not a git checkout)"
+    echo "nvcc: $(nvcc --version 2>/dev/null | sed -n 's/.*release \([0-9.]*\).*/\1/p' | head -1)"
+    "$PY" - <<'EOF'
+import importlib, importlib.metadata as md, platform
+print(f"python: {platform.python_version()}")
+for m in ("torch", "torchvision", "triton", "numpy", "pytest", "pytest_benchmark", "hypothesis", "matplotlib"):
+    try:
+        print(f"{m}: {importlib.import_module(m).__version__}")
+    except Exception as e:
+        print(f"{m}: missing ({type(e).__name__})")
+for d in ("pip", "setuptools", "ninja", "pytest-xdist", "pytest-timeout", "tqdm", "psutil"):
+    try:
+        v = md.version(d)
+    except Exception:
+        v = "missing"
+    print(f"{d.replace('-', '_')}: {v}")
+import torch
+print(f"cuda_runtime: {torch.version.cuda}")
+print(f"cudnn: {torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"gpu: {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB")
+else:
+    print("gpu: none (CUDA not available)")
+EOF
+    echo "free: $(free -g 2>/dev/null | awk '/Mem:/{print $2" GiB total, "$7" GiB available"}')"
+    echo; echo "== nvidia-smi"; nvidia-smi 2>&1 || echo "(no nvidia-smi)"
+}
+export -f env_report
+
+do_env() {
+    run_step env 60 bash -c 'env_report "$1" | tee "$2"; exit ${PIPESTATUS[0]}' _ "$PY" "$LOGS/env.txt"
+}
+
+do_build() {
+    if [ "$DRY" = 1 ]; then
+        # The CI venv already has fastres built; rebuilding it inside a test would take
+        # minutes and touch the installed package. Show what would run and check the import.
+        run_step build 120 bash -c '
+            echo "dry run: no build; on the GPU: TORCH_CUDA_ARCH_LIST=<this GPU, e.g. 9.0> MAX_JOBS=$MAX_JOBS NINJA_STATUS=\"[%f/%t %es] \" $1 -m pip install -v --no-build-isolation --no-deps -e ."
+            "$1" -c "import fastres, fastres._C as C; print(\"fastres\", fastres.__version__, \"from\", fastres.__file__); print(\"_C:\", C.__file__)"' _ "$PY"
+        return
+    fi
+    if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+        TORCH_CUDA_ARCH_LIST="$("$PY" -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')" 2>/dev/null)"
+        [ -n "$TORCH_CUDA_ARCH_LIST" ] && export TORCH_CUDA_ARCH_LIST
+    fi
+    log "building for TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-<setup.py default>} with MAX_JOBS=$MAX_JOBS"
+    # NINJA_STATUS: ninja prints each finished compile with the seconds since the build
+    # started; gpu_summary.py reads the per-file times from it.
+    NINJA_STATUS="[%f/%t %es] " run_step build 300 "$PY" -m pip install -v --no-build-isolation --no-deps -e .
+}
+
+do_info() {
+    # = python -m fastres info, plus its --json into the logs, plus what must be there:
+    # on the GPU the cuda and triton backends, on the CPU (dry run) cpp; one process
+    run_step info 90 "$PY" -c '
+import json, sys
+import fastres
+from fastres.cli import main
+rc = main(["info"])
+info = fastres.backend_info()
+with open(sys.argv[1], "w") as f:
+    json.dump(info, f, indent=2, default=str)
+need = {"cpu": ["cpp"]} if sys.argv[2] == "1" else {"cuda": ["cuda", "triton"]}
+bad = [f"{b} on {d}" for d, bs in need.items() for b in bs
+       if not info.get("devices", {}).get(d, {}).get("available", {}).get(b)]
+if bad:
+    sys.exit("run_gpu: required backend(s) unavailable: " + ", ".join(bad))
+print("run_gpu: required backends available:", need)
+sys.exit(rc)' "$LOGS/info_${SLUG}_${DATE}.json" "$DRY"
+}
+
+do_tests() {  # do_tests STEP TIMEOUT PER_TEST_TIMEOUT SELECTION...
+    local step="$1" tmo="$2" per="$3"; shift 3
+    # shellcheck disable=SC2046
+    run_step "$step" "$tmo" "$PY" -m pytest "$@" $(pytest_common "$step" "$per") ${PYTEST_ARGS:-}
+}
+
+do_check() {
+    local dt="fp32-bf16-fp16" extra=()
+    [ "$DRY" = 1 ] && { dt="fp32"; extra=(--device cpu --cases ops --dtype fp32); }
+    local ck="$RES/check_${SLUG}_${dt}_${DATE}"
+    run_step check 150 bash -c '"$1" -m fastres check --json "$2.json" "${@:3}" | tee "$2.txt"; exit ${PIPESTATUS[0]}' \
+        _ "$PY" "$ck" "${extra[@]}"
+}
+
+do_benchmark() {  # do_benchmark STEP TIMEOUT ROUNDS DRY_SELECTION FILE...  — pytest-benchmark JSON into RES
+    local step="$1" tmo="$2" rounds="$3" dry_k="$4"; shift 4
+    local dt="bf16" b="b256" sel=()
+    [ "$DRY" = 1 ] && { dt="fp32"; b="b8"; rounds=2; sel=(-k "$dry_k"); }
+    local name="benchmarks_${SLUG}_${dt}_${b}_${step}_${DATE}"
+    run_step "$step" "$tmo" env FASTRES_BENCH_ROUNDS="$rounds" "$PY" -m pytest "$@" "${sel[@]}" \
+        --benchmark-only -q -p no:cacheprovider --benchmark-json="$RES/$name.json" \
+        --benchmark-columns=median,iqr,rounds --benchmark-sort=name
+}
+
+do_bench() {  # do_bench STEP TIMEOUT BENCH-ARGS...
+    local step="$1" tmo="$2"; shift 2
+    local args=("$@")
+    if [ "$DRY" = 1 ]; then
+        # tiny: resnet18 at 32 px, batch 2, one iteration, no torch.compile (minutes on a CPU)
+        args=(--device cpu --model resnet18 --batch-size 2 --image-size 32 --iters 1 --repeats 1 --warmup 0
+              --no-compile --dtype fp32)
+    fi
+    run_step "$step" "$tmo" "$PY" -m fastres bench "${args[@]}" --no-progress --out "$RES"
+}
+
+do_plot() {
+    run_step plot 60 "$PY" benchmarks/plot.py "$RES" --readme \
+        --note "Measured by \`bash benchmarks/run_gpu.sh OUT $PROFILE ${PART:-}\` on $DATE ($(git rev-parse --short HEAD 2>/dev/null || echo 'unknown commit'))."
+}
+
+K_KERNELS="NHWC and bn_act_train and not backward"
+QUICK_BENCH=(--iters 5 --repeats 3 --warmup 3 --compile-modes infer --tag quick)
+XDIST=()
+if [ "$DRY" = 0 ] && "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST=(-n "${XDIST_WORKERS:-8}"); fi
+if [ "$DRY" = 1 ]; then
+    # a tiny real selection: exercises pytest, the junit xml and the counts on the CPU
+    GPU_TESTS=(tests/test_validation.py -k "dtype or device")
+    ALL_TESTS=("${GPU_TESTS[@]}"); SLOW_TESTS=("${GPU_TESTS[@]}")
+else
+    GPU_TESTS=(tests -m gpu)
+    ALL_TESTS=(tests -m "not slow" "${XDIST[@]}")
+    SLOW_TESTS=(tests -m slow)
+fi
+
+log "profile $PROFILE ${PART:-}; steps: $STEPS; budget ${BUDGET}s; dry run $DRY; python $PY; device $SLUG; work $WORK"
+pack
 for step in $STEPS; do
     case "$step" in
-    env)
-        run_step env bash -c "date; uname -a; nvidia-smi || true; nvcc --version || true; '$PY' -V; \
-            '$PY' -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else \"no cuda\")'; \
-            '$PY' -m pip list 2>/dev/null | grep -iE 'torch|triton|numpy|pytest|matplotlib|tqdm|hypothesis|psutil' || true"
-        cp "$OUT/logs/env.log" "$OUT/env.txt" ;;
-    install)
-        # optional extras first (no-op without network); then the editable build of fastres._C
-        run_step deps bash -c "'$PY' -m pip install -q -r requirements-test.txt -r requirements-bench.txt || \
-            echo 'pip could not install the extras (offline?): tests/bench degrade gracefully'; exit 0"
-        # build only for this GPU's architecture (unless TORCH_CUDA_ARCH_LIST is set already)
-        CC_ARCH="$("$PY" -c "import torch; c=torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')" 2>/dev/null || true)"
-        if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ] && [ -n "$CC_ARCH" ]; then export TORCH_CUDA_ARCH_LIST="$CC_ARCH"; fi
-        run_step install "$PY" -m pip install -v --no-build-isolation --no-deps -e . ;;
-    info)
-        run_step info "$PY" -m fastres info
-        "$PY" -m fastres info --json >"$OUT/info_${SLUG}_${DATE}.json" 2>/dev/null || true ;;
-    tests)
-        run_step tests "$PY" -m pytest tests -q -ra --durations=30 --junitxml="$OUT/junit_tests.xml" ${PYTEST_ARGS:-} ;;
-    check)
-        CK="$RES/check_${SLUG}_fp32-bf16-fp16_b8_${DATE}"
-        run_step check bash -c "'$PY' -m fastres check --json '$CK.json' | tee '$CK.txt'; exit \${PIPESTATUS[0]}" ;;
-    bench)
-        run_step bench "$PY" -m fastres bench --out "$RES" ;;
-    bench-extra)
-        run_step bench-r18 "$PY" -m fastres bench --model resnet18 --out "$RES"
-        run_step bench-r101 "$PY" -m fastres bench --model resnet101 --batch-size 128 --out "$RES"
-        run_step bench-cifar "$PY" -m fastres bench --model cifar_resnet56 --batch-size 512 --out "$RES"
-        run_step bench-fp32 "$PY" -m fastres bench --dtype fp32 --out "$RES"
-        run_step bench-nchw "$PY" -m fastres bench --no-channels-last --out "$RES" ;;
-    benchmarks)
-        if "$PY" -c "import pytest_benchmark" >/dev/null 2>&1; then
-            run_step benchmarks "$PY" -m pytest benchmarks -q --benchmark-only \
-                --benchmark-json="$RES/benchmarks_${SLUG}_bf16_b256_${DATE}.json" --benchmark-columns=median,iqr,rounds
-        else
-            log "pytest-benchmark is not installed: benchmarks skipped"
-            printf '%-14s rc=%-3s %5ss  %s\n' benchmarks skip 0 "pytest-benchmark not installed" >>"$SUMMARY"
-        fi ;;
-    plot)
-        run_step plot "$PY" benchmarks/plot.py "$RES" --readme \
-            --note "Measured by \`bash benchmarks/run_gpu.sh\` on $DATE ($(git rev-parse --short HEAD 2>/dev/null || echo '?'))." ;;
-    *)
-        log "unknown step '$step'"; FAILED=1 ;;
+    env)   do_env ;;
+    build) do_build ;;
+    info)  do_info ;;
+    tests) do_tests tests 210 120 "${GPU_TESTS[@]}" ;;
+    tests-all)  do_tests tests-all 480 300 "${ALL_TESTS[@]}" ;;
+    tests-slow) do_tests tests-slow 480 400 "${SLOW_TESTS[@]}" ;;
+    check) do_check ;;
+    # (the dry run's tiny selection of each file follows the rounds)
+    bandwidth)         do_benchmark bandwidth 120 10 "$K_KERNELS" benchmarks/test_bench_kernels.py ;;
+    bandwidth-kernels) do_benchmark bandwidth-kernels 150 20 "$K_KERNELS" benchmarks/test_bench_kernels.py ;;
+    bandwidth-bn-act)  do_benchmark bandwidth-bn-act 300 20 "8x64x56x56 and fwd and not fwdbwd and (eager or cpp)" \
+                           benchmarks/test_bench_bn_act.py ;;
+    benchmarks-blocks) do_benchmark benchmarks-blocks 240 20 "basic-id and infer and (torchvision or cpp)" \
+                           benchmarks/test_bench_blocks.py ;;
+    benchmarks-models) do_benchmark benchmarks-models 240 10 "resnet18 and infer and (torchvision or cpp)" \
+                           benchmarks/test_bench_models.py ;;
+    benchmarks-conv-bwd) do_benchmark benchmarks-conv-bwd 480 10 "stem" benchmarks/test_bench_conv_bwd.py ;;
+    bench)          do_bench bench 240 "${QUICK_BENCH[@]}" ;;
+    bench-full)     do_bench bench-full 420 ;;
+    bench-fp32)     do_bench bench-fp32 150 --dtype fp32 --compile-modes infer ;;
+    bench-fp16)     do_bench bench-fp16 150 --dtype fp16 --compile-modes infer ;;
+    bench-nchw)     do_bench bench-nchw 150 --no-channels-last --compile-modes infer ;;
+    bench-resnet18) do_bench bench-resnet18 130 --model resnet18 --compile-modes infer ;;
+    bench-resnet101) do_bench bench-resnet101 200 --model resnet101 --batch-size 128 --compile-modes infer ;;
+    bench-cifar56)  do_bench bench-cifar56 130 --model cifar_resnet56 --batch-size 512 --compile-modes infer ;;
+    plot)  do_plot ;;
+    *) log "unknown step '$step'"; record "$step" unknown 0; FAILED=1 ;;
     esac
 done
 
-du -sh "$OUT" 2>/dev/null | sed 's/^/output size: /'
-log "summary:"; cat "$SUMMARY"
+log "done in $(( $(date +%s) - T0 ))s, exit $FAILED"
+pack
+log "wrote $(cd "$OUT" && ls | tr '\n' ' ')"
+cat "$OUT/summary.txt"
+rm -rf "$WORK"
 exit "$FAILED"
+}
