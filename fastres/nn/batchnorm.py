@@ -139,10 +139,15 @@ def batch_norm_act_module(bn: nn.BatchNorm2d, input: Tensor, residual: Optional[
     else:
         bn_training = (bn.running_mean is None) and (bn.running_var is None)
     use_running = not bn.training or bn.track_running_stats
-    return FF.batch_norm_act(
+    y = FF.batch_norm_act(
         input,
         bn.running_mean if use_running else None,
         bn.running_var if use_running else None,
         bn.weight, bn.bias, bn_training, exponential_average_factor, bn.eps,
         residual=residual, activation=activation,
         num_batches_tracked=bn.num_batches_tracked if exponential_average_factor is None else None)
+    if input.numel() == 0 and y.stride() != input.stride():
+        # elementwise ops give an empty tensor contiguous strides; nn.BatchNorm2d keeps
+        # the input's (a zero-batch channels_last input stays channels_last)
+        y = y.as_strided(input.size(), input.stride())
+    return y
