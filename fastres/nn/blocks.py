@@ -263,15 +263,17 @@ class PadShortcut(nn.Module):
         return f"{self.in_planes}, {self.out_planes}, stride={self.stride}"
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.stride != 1:
-            x = x[:, :, ::self.stride, ::self.stride]
         if torch.jit.is_scripting():  # the same values (memory format aside)
+            if self.stride != 1:
+                x = x[:, :, ::self.stride, ::self.stride]
             return F.pad(x, [0, 0, 0, 0, 0, self.out_planes - x.shape[1]])
         return self._pad(x)
 
     @torch.jit.unused
     def _pad(self, x: Tensor) -> Tensor:
         fmt = memory_format_of(x)  # the block's conv output follows x's memory format
+        if self.stride != 1:
+            x = x[:, :, ::self.stride, ::self.stride]
         extra = self.out_planes - x.shape[1]
         if extra == 0:
             return x
