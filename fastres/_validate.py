@@ -4,6 +4,11 @@ Every public entry point (functional ops, modules) calls these checks before an 
 runs, so a user gets a ``TypeError`` (wrong dtype) or ``ValueError`` (wrong device,
 shape, rank or value) naming the tensor with what was expected and what came,
 instead of a crash deep inside a kernel.
+
+Where PyTorch itself raises ``RuntimeError`` (wrong channel count, wrong weight /
+running-stat size, dtype or device mismatch) or ``NotImplementedError`` (integer
+input), the error classes below are *also* that type, so code written against
+``nn.BatchNorm2d`` / torchvision (``except RuntimeError``) catches fastres's errors too.
 """
 from __future__ import annotations
 
@@ -16,6 +21,28 @@ Tensor = torch.Tensor
 _FLOATING = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 _REDUCED = (torch.bfloat16, torch.float16)
 ACTIVATIONS = ("relu", "none")
+
+
+class ShapeError(ValueError, RuntimeError):
+    """Wrong rank, channel count or per-channel tensor size: a ``ValueError`` that is
+    also the ``RuntimeError`` PyTorch raises for the same mistake."""
+
+
+class DeviceError(ValueError, RuntimeError):
+    """Tensors on different devices (``RuntimeError`` in PyTorch)."""
+
+
+class DTypeError(TypeError, RuntimeError):
+    """Input/parameter dtype mismatch: a ``TypeError`` that is also PyTorch's ``RuntimeError``."""
+
+
+class UnsupportedDTypeError(DTypeError, NotImplementedError):
+    """Integer (or bool, complex) input: PyTorch raises ``NotImplementedError``
+    (``"batch_norm" not implemented for 'Long'``); this is that, a ``TypeError`` and a
+    ``RuntimeError``."""
+
+
+ERRORS = (ShapeError, DeviceError, DTypeError, UnsupportedDTypeError)
 
 
 def _dt(d: torch.dtype) -> str:
@@ -38,15 +65,16 @@ def check_input(x, name: str = "input") -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"fastres: {name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
-        raise ValueError(f"fastres: expected {name} to be 4-D (N, C, H, W), got a {x.dim()}-D tensor "
+        raise ShapeError(f"fastres: expected {name} to be 4-D (N, C, H, W), got a {x.dim()}-D tensor "
                          f"of shape {_shape(x)}")
     if x.dtype not in _FLOATING:
-        raise TypeError(f"fastres: {name} must be float64, float32, bfloat16 or float16, got {_dt(x.dtype)}")
+        raise UnsupportedDTypeError(f"fastres: {name} must be float64, float32, bfloat16 or float16, "
+                                    f"got {_dt(x.dtype)}")
 
 
 def check_channels(x: Tensor, num_features: int, name: str = "input") -> None:
     if x.shape[1] != num_features:
-        raise ValueError(f"fastres: {name} has {x.shape[1]} channels (shape {_shape(x)}), "
+        raise ShapeError(f"fastres: {name} has {x.shape[1]} channels (shape {_shape(x)}), "
                          f"expected num_features={num_features}")
 
 
@@ -57,16 +85,16 @@ def check_per_channel(t: Optional[Tensor], name: str, x: Tensor) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"fastres: {name} must be a torch.Tensor or None, got {type(t).__name__}")
     if t.device != x.device:
-        raise ValueError(f"fastres: {name} is on {t.device} but input is on {x.device}; "
+        raise DeviceError(f"fastres: {name} is on {t.device} but input is on {x.device}; "
                          f"expected both on the same device")
     c = x.shape[1]
     if t.dim() != 1 or t.shape[0] != c:
-        raise ValueError(f"fastres: {name} must have shape ({c},) to match the input's {c} channels, "
+        raise ShapeError(f"fastres: {name} must have shape ({c},) to match the input's {c} channels, "
                          f"got {_shape(t)}")
     allowed = (x.dtype, torch.float32) if x.dtype in _REDUCED else (x.dtype,)
     if t.dtype not in allowed:
         want = " or ".join(_dt(d) for d in allowed)
-        raise TypeError(f"fastres: {name} has dtype {_dt(t.dtype)} but input is {_dt(x.dtype)}; "
+        raise DTypeError(f"fastres: {name} has dtype {_dt(t.dtype)} but input is {_dt(x.dtype)}; "
                         f"expected {want}")
 
 
@@ -76,12 +104,12 @@ def check_residual(residual: Optional[Tensor], x: Tensor, name: str = "residual"
     if not isinstance(residual, Tensor):
         raise TypeError(f"fastres: {name} must be a torch.Tensor or None, got {type(residual).__name__}")
     if residual.device != x.device:
-        raise ValueError(f"fastres: {name} is on {residual.device} but input is on {x.device}; "
+        raise DeviceError(f"fastres: {name} is on {residual.device} but input is on {x.device}; "
                          f"expected both on the same device")
     if residual.shape != x.shape:
-        raise ValueError(f"fastres: {name} must have the output's shape {_shape(x)}, got {_shape(residual)}")
+        raise ShapeError(f"fastres: {name} must have the output's shape {_shape(x)}, got {_shape(residual)}")
     if residual.dtype != x.dtype:
-        raise TypeError(f"fastres: {name} has dtype {_dt(residual.dtype)} but input is {_dt(x.dtype)}; "
+        raise DTypeError(f"fastres: {name} has dtype {_dt(residual.dtype)} but input is {_dt(x.dtype)}; "
                         f"expected {_dt(x.dtype)}")
 
 

@@ -5,16 +5,20 @@ In eval, ``bn(conv(x))`` is ``conv'(x)`` with ``W' = W * s`` and ``b' = (b - rm)
 only then cast to the compute dtype (pytorch#120545: folding in bf16/fp16 loses
 accuracy); the folded bias stays in fp32/fp64.
 
-The cache is never stale. An entry is reused only when every source tensor (conv
-weight and bias, BN weight and bias, running mean and var) is the *same object*, at
-the same storage address and the same ``_version`` counter as when the entry was
-made, with the same eps, device and compute dtype. ``load_state_dict``
-(``param.copy_``), optimizer steps, ``torch.no_grad(): p.mul_(...)`` and the running
-stat updates of a training step all bump ``_version``; ``p.data = t`` changes the
-address; replacing a parameter changes the object. The modules also drop their
-entries on ``train()``/``eval()`` and ``.to()``. The one change no counter sees is an
-in-place write through ``p.data`` (``p.data.mul_(2)``: ``.data`` has its own version
-counter); call :func:`invalidate` after such a write.
+The cache is never stale, and needs no invalidation: an entry is keyed by what the
+fold depends on. It is reused only when every source tensor (conv weight and bias, BN
+weight and bias, running mean and var) is the *same object*, at the same storage
+address, with the same strides (memory format), device, dtype and ``_version``
+counter as when the entry was made, with the same eps and compute dtype. The entry
+holds a detached alias of each source, so a source's storage cannot be freed and its
+address reused while the entry lives. ``load_state_dict`` (``param.copy_``), optimizer
+steps, ``copy_``, ``torch.no_grad(): p.mul_(...)`` and the running-stat updates of a
+training step all bump ``_version``; ``p.data = t`` changes the address; replacing a
+parameter changes the object. Mode switches (``train()``/``eval()``) therefore keep
+the cache: a validation loop or a server calling ``model.eval()`` before every
+forward folds once. ``.to()`` / ``.float()`` drop the module's entries (memory). The
+one change no counter sees is an in-place write through ``p.data`` (``p.data.mul_(2)``:
+``.data`` has its own version counter); call :func:`invalidate` after such a write.
 
 Where gradients can flow into the fold (an eval-mode model whose parameters are
 being trained, e.g. frozen-BN fine-tuning), the cached values are returned through an
@@ -66,10 +70,11 @@ def fold_conv_bn(conv_weight: Tensor, conv_bias: Optional[Tensor], bn_weight: Op
 
 
 class _Entry:
-    __slots__ = ("refs", "stamp", "weight", "bias", "packed")
+    __slots__ = ("refs", "pins", "stamp", "weight", "bias", "packed")
 
-    def __init__(self, refs, stamp, weight, bias):
+    def __init__(self, refs, pins, stamp, weight, bias):
         self.refs, self.stamp, self.weight, self.bias = refs, stamp, weight, bias
+        self.pins = pins  # detached aliases: the sources' storages stay alive, so addresses are never reused
         self.packed: Dict[tuple, Tensor] = {}  # oneDNN-reordered weight per input shape
 
 
@@ -83,7 +88,7 @@ def _sources(conv: nn.Conv2d, bn: nn.BatchNorm2d):
 
 def _stamp(tensors, eps) -> Optional[tuple]:
     try:
-        return (eps,) + tuple(None if t is None else (t._version, t.data_ptr(), t.device, t.dtype)
+        return (eps,) + tuple(None if t is None else (t._version, t.data_ptr(), t.stride(), t.device, t.dtype)
                               for t in tensors)
     except RuntimeError:  # inference tensors have no version counter: never cache them
         return None
@@ -170,7 +175,8 @@ def _cached(conv, bn, dtype, tensors, stamp) -> Tuple[Tensor, Tensor]:
     with torch.inference_mode(False), torch.no_grad():
         weight, bias = fold_conv_bn(*tensors, bn.eps, dtype)
     refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
-    entries[key] = _Entry(refs, stamp, weight, bias)
+    pins = tuple(None if t is None else t.detach() for t in tensors)
+    entries[key] = _Entry(refs, pins, stamp, weight, bias)
     return weight, bias
 
 

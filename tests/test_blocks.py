@@ -175,9 +175,18 @@ def test_autocast_fp32_identity_into_bf16_branch():
         assert rel_err(y_ours, y32) <= 2 * rel_err(y_ref, y32) + 1e-3
 
 
-def test_fx_feature_extraction_and_relu_hooks_see_torchvision_graph():
-    """torchvision's create_feature_extractor (torch.fx) works: tracing runs the
-    torchvision (unfused) forward, so the node names are torchvision's."""
+@pytest.fixture
+def fx_torchvision_graph():
+    from fastres.nn.blocks import fx_torchvision_graph
+    assert fx_torchvision_graph() is False  # the default: blocks are fx leaves (tests/test_dropin.py)
+    fx_torchvision_graph(True)
+    yield
+    fx_torchvision_graph(False)
+
+
+def test_fx_feature_extraction_and_relu_hooks_see_torchvision_graph(fx_torchvision_graph):
+    """With fx_torchvision_graph(True), torchvision's create_feature_extractor (torch.fx)
+    traces the torchvision (unfused) forward, so the node names are torchvision's."""
     from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
     torch.manual_seed(0)
     ref = randomize(tvr.resnet18(num_classes=4)).double().eval()

@@ -12,7 +12,7 @@ from torch import nn
 from torchvision.models import resnet as tvr
 
 import fastres
-from resnet_ref import check_parity, randomize
+from resnet_ref import check_parity, randomize, rel_err
 
 
 def _tensors(m):
@@ -47,6 +47,7 @@ def test_optimizer_built_before_convert_keeps_training():
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
     t = torch.randint(0, 10, (4,))
+    start = [p.detach().clone() for p in model.parameters()]
     for step in range(3):
         if step == 1:
             fastres.convert(model)  # mid-training, optimizer state (momentum) already exists
@@ -56,8 +57,10 @@ def test_optimizer_built_before_convert_keeps_training():
             o.step()
     for (n, p), (_, pr) in zip(model.state_dict().items(), ref.state_dict().items()):
         assert torch.allclose(p, pr, rtol=1e-9, atol=1e-12), n
-    changed = [p for p in model.parameters()]
-    assert any(not torch.equal(p, q) for p, q in zip(changed, randomize(tvr.resnet18(num_classes=10)).parameters()))
+    # the optimizer really trained the converted model: every parameter moved from the
+    # initial weights (the same weights as `ref` before the loop), including after convert()
+    for (n, p), p0 in zip(model.named_parameters(), start):
+        assert not torch.equal(p, p0), f"{n} did not move"
 
 
 def test_inplace_false_deep_copies():
@@ -118,15 +121,30 @@ def test_convert_bare_block_keeps_hooks_and_skips_subclasses():
     assert type(tree[0]) is MyBlock
 
 
-def test_converted_model_saves_and_loads():
-    model = fastres.convert(tvr.resnet18(num_classes=3))
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_converted_model_saves_and_loads(train):
+    """A converted model pickled whole, and its state_dict loaded into a fresh fastres
+    model, both give the converted model's outputs (and torchvision's)."""
+    tv = randomize(tvr.resnet18(num_classes=3)).double()
+    model = fastres.convert(copy.deepcopy(tv))
     buf = io.BytesIO()
     torch.save(model, buf)
     buf.seek(0)
     again = torch.load(buf, weights_only=False)
-    assert type(again) is fastres.ResNet
-    fresh = fastres.resnet18(num_classes=3)
+    assert type(again) is fastres.ResNet and type(again.layer1[0]) is fastres.BasicBlock
+    fresh = fastres.resnet18(num_classes=3).double()
     fresh.load_state_dict(model.state_dict(), strict=True)
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    outs = []
+    for m in (tv, model, again, fresh):
+        m.train(train)
+        outs.append(m(x))
+    for y, name in zip(outs[1:], ("converted", "reloaded", "fresh + state_dict")):
+        assert rel_err(y, outs[0]) < 1e-12, name
+    if train:  # the running statistics moved the same way in every copy
+        for m in (model, again, fresh):
+            for (n, a), (_, b) in zip(m.state_dict().items(), tv.state_dict().items()):
+                assert torch.allclose(a.double(), b.double(), rtol=1e-12, atol=1e-14), n
 
 
 def test_convert_rejects_non_modules():

@@ -1,7 +1,9 @@
 """Eval-mode folding (fastres.fold): folded in fp32 (fp64 for fp64) then cast; cached
-under no_grad / inference_mode; never stale — train(), load_state_dict, an optimizer
-step, any in-place change of a parameter or buffer, a swapped parameter, a dtype
-change each give the fresh result; differentiable (uncached) when gradients flow."""
+under no_grad / inference_mode and across train()/eval() switches (keyed by what the
+fold depends on, so mode switches refold nothing); never stale — load_state_dict, an
+optimizer step, any in-place change of a parameter or buffer, a swapped parameter, a
+dtype / memory-format / device move each give the fresh result; differentiable when
+gradients flow."""
 from __future__ import annotations
 
 import copy
@@ -74,12 +76,98 @@ MUTATIONS = {
 }
 
 
+@pytest.mark.parametrize("toggle", [False, True], ids=["eval", "eval-train-eval"])
 @pytest.mark.parametrize("what", list(MUTATIONS))
-def test_inplace_changes_invalidate(pair, what):
+def test_inplace_changes_invalidate(pair, what, toggle):
     ref, ours, x = pair
+    if toggle:  # a mode switch between the cached forward and the change keeps the entries
+        ours.train()
+        assert fold.cache_size(ours) == 3
     with torch.no_grad():
         MUTATIONS[what](ours)
+    if toggle:
+        ours.eval()
     _check_fresh(ref, ours, x, what)
+
+
+def _count_folds(monkeypatch):
+    n = []
+    real = fold.fold_conv_bn
+    monkeypatch.setattr(fold, "fold_conv_bn", lambda *a: n.append(1) or real(*a))
+    return n
+
+
+def test_mode_switches_do_not_refold(pair, monkeypatch):
+    """model.eval() before every forward (validation loops, servers) and train()/eval()
+    toggles without a training step reuse the fold."""
+    ref, ours, x = pair
+    n = _count_folds(monkeypatch)
+    with torch.no_grad():
+        y0 = ours(x)
+        for _ in range(3):
+            ours.eval()
+            assert torch.equal(ours(x), y0)
+            ours.train()
+            ours.eval()
+            assert torch.equal(ours(x), y0)
+    assert n == [] and fold.cache_size(ours) == 3
+    ours.train()
+    ours(x)  # a training forward moves every BN's running statistics in place
+    ours.eval()
+    with torch.no_grad():
+        ours(x)
+    assert len(n) == 3  # each conv+BN refolded once
+    with torch.no_grad():
+        ours.eval()
+        ours(x)
+    assert len(n) == 3
+    _check_fresh(ref, ours, x, "a training forward between eval()s")
+
+
+def test_mode_switches_keep_onednn_packed_weights(monkeypatch):
+    ref, ours = _pair()
+    ref.float(), ours.float()
+    x = torch.randn(2, 8, 10, 10).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ours(x)
+    packed = [e.packed for entries in fold._CACHE.values() for e in entries.values()]
+    if not any(packed):
+        pytest.skip("oneDNN's fused convolution is not available in this torch build")
+    reorders = []
+    real = torch._C._nn.mkldnn_reorder_conv2d_weight
+    monkeypatch.setattr(torch._C._nn, "mkldnn_reorder_conv2d_weight", lambda *a: reorders.append(1) or real(*a))
+    with torch.no_grad():
+        for _ in range(3):
+            ours.train()
+            ours.eval()
+            assert rel_err(ours(x), ref(x)) < 1e-5
+    assert reorders == []
+
+
+@pytest.mark.parametrize("how", ["optimizer.step", "load_state_dict", "copy_", "no_grad mul_"])
+def test_train_eval_loop_never_serves_a_stale_fold(pair, how):
+    """Each in-place update kind, made in train mode between two eval() forwards."""
+    ref, ours, x = pair
+    opt = torch.optim.SGD(ours.parameters(), lr=0.1)
+    for step in range(2):
+        ours.train()
+        if how == "optimizer.step":
+            opt.zero_grad()
+            ours(x).square().mean().backward()  # also moves the running statistics
+            opt.step()
+        elif how == "load_state_dict":
+            sd = {k: (v * 1.5 if v.is_floating_point() else v) for k, v in ours.state_dict().items()}
+            ours.load_state_dict(sd)
+        elif how == "copy_":
+            with torch.no_grad():
+                ours.conv2.weight.copy_(torch.randn_like(ours.conv2.weight))
+                ours.bn2.running_mean.copy_(torch.randn_like(ours.bn2.running_mean))
+        else:
+            with torch.no_grad():
+                ours.conv1.weight.mul_(0.5)
+                ours.downsample[1].weight.mul_(-1.0)
+        ours.eval()
+        _check_fresh(ref, ours, x, f"{how} (step {step})")
 
 
 def test_load_state_dict_invalidates(pair):
@@ -90,10 +178,10 @@ def test_load_state_dict_invalidates(pair):
     _check_fresh(ref, ours, x, "load_state_dict")
 
 
-def test_train_invalidates_and_training_step_is_seen(pair):
+def test_train_keeps_cache_and_training_step_is_seen(pair):
     ref, ours, x = pair
     ours.train()
-    assert fold.cache_size(ours) == 0
+    assert fold.cache_size(ours) == 3  # a mode switch drops nothing
     ours(x)  # running statistics move (in place)
     ours.eval()
     _check_fresh(ref, ours, x, "train() + a training forward")
@@ -109,14 +197,46 @@ def test_optimizer_step_invalidates(pair):
         _check_fresh(ref, ours, x, "optimizer step")
 
 
-def test_dtype_and_device_moves(pair):
-    ref, ours, x = pair
-    ours.float()
-    ref.float()
+def _moved_pair(ref, ours, x, **to):
+    ours.to(**to)
+    ref.to(**to)
+    xm = x.to(device=to.get("device", x.device), dtype=to.get("dtype", x.dtype))
+    if "memory_format" in to:
+        xm = xm.contiguous(memory_format=to["memory_format"])
     with torch.no_grad():
-        y = ours(x.float())
-        assert y.dtype == torch.float32
-        assert rel_err(y, ref(x.float())) < 1e-5
+        y, y_ref = ours(xm), ref(xm)
+    return xm, y, y_ref
+
+
+def test_dtype_and_memory_format_moves(pair, monkeypatch):
+    """A real move of the parameters (new tensors: dtype, then memory format), after
+    which the cache must serve the moved fold, not the old one."""
+    ref, ours, x = pair
+    with torch.no_grad():
+        y64 = ours(x)
+    n = _count_folds(monkeypatch)
+    xm, y, y_ref = _moved_pair(ref, ours, x, dtype=torch.float32)
+    assert y.dtype == torch.float32 and ours.conv1.weight.dtype == torch.float32
+    assert len(n) == 3 and rel_err(y, y_ref) < 1e-5 and rel_err(y, y64) < 1e-5
+    xm, y, y_ref = _moved_pair(ref, ours, xm, memory_format=torch.channels_last)
+    assert ours.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert len(n) == 6 and rel_err(y, y_ref) < 1e-5
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    for e in (e for entries in fold._CACHE.values() for e in entries.values()):
+        assert e.weight.dtype == torch.float32
+    xm, y, y_ref = _moved_pair(ref, ours, xm, dtype=torch.float64)  # back: folds again, nothing stale
+    assert len(n) == 9 and rel_err(y, y_ref) < 1e-12
+
+
+@pytest.mark.gpu
+def test_device_move_cuda(pair):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (moves the model CPU -> CUDA -> CPU)")
+    ref, ours, x = pair
+    for dev in ("cuda", "cpu", "cuda"):
+        xm, y, y_ref = _moved_pair(ref, ours, x, device=dev, dtype=torch.float32)
+        assert y.device.type == dev and rel_err(y, y_ref) < 1e-5
+        assert ours.conv1.weight.device.type == dev
 
 
 @pytest.mark.parametrize("conv_bias", [False, True], ids=["no_conv_bias", "conv_bias"])
@@ -188,15 +308,15 @@ def test_autocast_dtype_is_part_of_the_key():
 
 def test_data_inplace_writes_need_invalidate(pair):
     """Documented limit: an in-place write through ``.data`` bypasses the version
-    counter (``p.data`` has its own); ``fold.invalidate(model)`` (or train()/eval())
-    makes it visible."""
+    counter (``p.data`` has its own); ``fold.invalidate(model)`` (or of the conv)
+    makes it visible. Mode switches no longer drop the cache."""
     ref, ours, x = pair
     ours.conv1.weight.data.mul_(3.0)
     fold.invalidate(ours)
     _check_fresh(ref, ours, x, ".data write + invalidate")
     ours.bn1.running_var.data.mul_(2.0)
-    ours.eval()  # eval() (train(False)) also drops the cache
-    _check_fresh(ref, ours, x, ".data write + eval()")
+    fold.invalidate(ours.conv1)  # entries live with the conv
+    _check_fresh(ref, ours, x, ".data write + invalidate(conv)")
 
 
 def test_cache_freed_with_model():

@@ -6,7 +6,6 @@ a person would accept."""
 from __future__ import annotations
 
 import copy
-import time
 
 import pytest
 import torch
@@ -104,9 +103,8 @@ def test_digits_convergence_matches_torchvision():
     (Without the final lr drop, eval accuracy swings between 88 % and 97 % from one
     batch order to the next for torchvision itself: the running statistics lag the
     still-moving weights.)
-    Takes ~10-25 s on 2 idle CPU cores (the bound below is the 2-minute CI budget).
+    Takes ~10-25 s on 2 idle CPU cores.
     """
-    t0 = time.perf_counter()
     xtr, ytr, xte, yte = _digits()
     torch.manual_seed(0)
     ref = tvr.ResNet(tvr.BasicBlock, [1, 1, 1, 1], num_classes=10)
@@ -121,4 +119,3 @@ def test_digits_convergence_matches_torchvision():
     assert curve[-1] < curve[0] / 3, curve
     assert acc >= 0.93 and acc_ref >= 0.93, (acc, acc_ref)
     assert abs(acc - acc_ref) <= 0.03, (acc, acc_ref)
-    assert time.perf_counter() - t0 < 120

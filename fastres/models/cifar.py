@@ -13,8 +13,6 @@ Module names follow torchvision (``conv1, bn1, layer1..3, fc``; projections unde
 ``downsample.0/1``). Parameter counts (option A): 20 → 0.27M, 32 → 0.46M,
 44 → 0.66M, 56 → 0.85M, 110 → 1.7M, 1202 → 19.4M (Table 6).
 """
-from __future__ import annotations
-
 from typing import Callable, Optional
 
 import torch

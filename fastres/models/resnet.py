@@ -9,9 +9,11 @@ Extension (keyword-only): ``shortcut`` = ``"B"`` (torchvision's, the default:
 projection when dimensions grow), ``"A"`` (zero-padding identity, no parameters),
 ``"C"`` (projection in every block) or ``None`` (the plain net of He et al. Fig. 3:
 same layers, no shortcut).
-"""
-from __future__ import annotations
 
+Scriptable (``torch.jit.script`` compiles torchvision's unfused forward) and traceable
+(``torch.fx``: each block is one node running the fused forward; the stem is
+torchvision's ``conv1 → bn1 → relu``, see :meth:`ResNet._stem_conv`).
+"""
 import os
 from collections.abc import Mapping
 from typing import Any, Callable, List, Optional, Type, Union
@@ -124,10 +126,26 @@ class ResNet(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def _stem_conv(self, x: Tensor) -> Tensor:
-        """conv1 → fused BN + ReLU (folded in eval), after the input checks."""
-        if unfused_requested(self.relu):  # fx tracing, or hooks on self.relu: torchvision's stem
+        """conv1 → BN + ReLU, after the input checks.
+
+        Training: conv1, then one fused BN + ReLU. Eval: torchvision's unfused
+        ``relu(bn1(conv1(x)))`` — the stem is deliberately not folded, so the graph
+        ``torch.fx`` records for the stem (its ``conv1``/``bn1``/``relu`` nodes, which
+        a feature extractor can return) computes exactly what eager runs and the two
+        agree bit for bit (the blocks are single fx nodes running the fused forward).
+        TorchScript: torchvision's stem."""
+        if torch.jit.is_scripting():
+            return self.relu(self.bn1(self.conv1(x)))
+        return self._fused_stem_conv(x)
+
+    @torch.jit.unused
+    def _fused_stem_conv(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing():
             return self.relu(self.bn1(self.conv1(x)))
         check_input(self, x, self.conv1)
+        folds = not self.bn1.training and getattr(self.bn1, "running_mean", None) is not None
+        if folds or unfused_requested(self.relu):
+            return self.relu(self.bn1(self.conv1(x)))
         try:
             return conv_bn_act(self.conv1, self.bn1, x, None, "relu")
         except (RuntimeError, ValueError, TypeError) as e:
@@ -151,12 +169,8 @@ class ResNet(nn.Module):
         return self._forward_impl(x)
 
     # ---------------------------------------------------------------- fold cache
-    def train(self, mode: bool = True):
-        fold.invalidate(self)
-        return super().train(mode)
-
     def _apply(self, *args, **kwargs):
-        fold.invalidate(self)
+        fold.invalidate(self)  # frees the old device's / dtype's folds at once
         return super()._apply(*args, **kwargs)
 
 

@@ -1,7 +1,6 @@
 """``BatchNormAct2d``: an ``nn.BatchNorm2d`` whose forward fuses ``+ residual`` and ReLU."""
-from __future__ import annotations
-
-from typing import Optional
+import inspect
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -11,18 +10,34 @@ from .. import _validate as V
 
 Tensor = torch.Tensor
 
+# nn.BatchNorm2d's keyword-only constructor arguments in the installed torch (``bias=``
+# since torch 2.14; none in 2.11): BatchNormAct2d accepts exactly these besides its own.
+_BN_KWONLY = tuple(p.name for p in inspect.signature(nn.BatchNorm2d.__init__).parameters.values()
+                   if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
 
 class BatchNormAct2d(nn.BatchNorm2d):
-    """Drop-in ``nn.BatchNorm2d`` (same parameters, buffers and state_dict keys) that
-    computes ``act(bn(x) + residual)`` in one fused op.
+    """Drop-in ``nn.BatchNorm2d`` (same constructor, parameters, buffers, state_dict
+    keys, repr and errors) that computes ``act(bn(x) + residual)`` in one fused op.
 
     ``activation``: ``"relu"`` (default) or ``"none"``. ``forward(x, residual=None)``.
+    Every argument of the installed ``nn.BatchNorm2d`` is accepted (keyword-only ones
+    such as torch 2.14's ``bias=`` by keyword). With ``activation="none"`` the module
+    is an ``nn.BatchNorm2d`` in every observable way but its type name.
+    TorchScript compiles the unfused ``F.batch_norm`` (+ residual, ReLU) forward;
+    torch.fx records it as one ``call_module`` node.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
-                 activation: Optional[str] = "relu") -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+                 activation: Optional[str] = "relu", **kwargs: Any) -> None:
+        for name in kwargs:
+            if name not in _BN_KWONLY:
+                raise TypeError(f"BatchNormAct2d.__init__() got an unexpected keyword argument '{name}' "
+                                f"(nn.BatchNorm2d of torch {torch.__version__} takes "
+                                f"{', '.join(_BN_KWONLY) or 'no other keyword arguments'})")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                         **kwargs)
         self.activation = V.normalize_activation(activation)
 
     @classmethod
@@ -47,11 +62,52 @@ class BatchNormAct2d(nn.BatchNorm2d):
             raise ValueError(f"expected 4D input (got {input.dim()}D input)")
 
     def extra_repr(self) -> str:
+        if self.activation == "none":  # an nn.BatchNorm2d, also in its repr
+            return super().extra_repr()
         return super().extra_repr() + f", activation={self.activation}"
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
+        if torch.jit.is_scripting():
+            return self._scripted_forward(input, residual)
+        return self._fused_forward(input, residual)
+
+    @torch.jit.unused
+    def _fused_forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if isinstance(input, torch.fx.Proxy) or isinstance(residual, torch.fx.Proxy):
+            from .blocks import fx_leaf  # blocks imports this module
+            if residual is None:
+                leaf = fx_leaf(self, input)
+                if leaf is not None:
+                    return leaf
+            return self._scripted_forward(input, residual)
+        if torch.jit.is_tracing():  # a portable trace of aten ops
+            return self._scripted_forward(input, residual)
         self._check_input_dim(input)
         return batch_norm_act_module(self, input, residual, self.activation)
+
+    def _scripted_forward(self, input: Tensor, residual: Optional[Tensor]) -> Tensor:
+        """``nn.BatchNorm2d.forward`` (+ residual, + ReLU), unfused and scriptable."""
+        if input.dim() != 4:
+            raise ValueError("expected 4D input")
+        exponential_average_factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            num_batches_tracked = self.num_batches_tracked
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+                if self.momentum is None:
+                    exponential_average_factor = 1.0 / float(num_batches_tracked)
+                else:
+                    exponential_average_factor = self.momentum
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        use_running = not self.training or self.track_running_stats
+        y = torch.nn.functional.batch_norm(
+            input, self.running_mean if use_running else None, self.running_var if use_running else None,
+            self.weight, self.bias, bn_training, exponential_average_factor, self.eps)
+        if residual is not None:
+            y = y + residual
+        if self.activation == "relu":
+            y = torch.relu(y)
+        return y
 
 
 def batch_norm_act_module(bn: nn.BatchNorm2d, input: Tensor, residual: Optional[Tensor] = None,
@@ -83,10 +139,15 @@ def batch_norm_act_module(bn: nn.BatchNorm2d, input: Tensor, residual: Optional[
     else:
         bn_training = (bn.running_mean is None) and (bn.running_var is None)
     use_running = not bn.training or bn.track_running_stats
-    return FF.batch_norm_act(
+    y = FF.batch_norm_act(
         input,
         bn.running_mean if use_running else None,
         bn.running_var if use_running else None,
         bn.weight, bn.bias, bn_training, exponential_average_factor, bn.eps,
         residual=residual, activation=activation,
         num_batches_tracked=bn.num_batches_tracked if exponential_average_factor is None else None)
+    if input.numel() == 0 and y.stride() != input.stride():
+        # elementwise ops give an empty tensor contiguous strides; nn.BatchNorm2d keeps
+        # the input's (a zero-batch channels_last input stays channels_last)
+        y = y.as_strided(input.size(), input.stride())
+    return y

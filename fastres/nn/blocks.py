@@ -12,20 +12,29 @@ optimizer sees the same parameters. Only the forward differs:
 
 A norm layer that is not a plain ``nn.BatchNorm2d`` (GroupNorm, FrozenBatchNorm2d,
 SyncBatchNorm, a subclass with its own forward) or a module with hooks falls back to
-the unfused ``bn(conv(x)) (+ residual) → relu``, so the block stays correct. Under
-torch.fx symbolic tracing, or with hooks on the block's ``relu`` module, the block
-runs torchvision's own forward (so ``create_feature_extractor`` sees torchvision's
-graph).
-"""
-from __future__ import annotations
+the unfused ``bn(conv(x)) (+ residual) → relu``, so the block stays correct. With
+hooks on the block's ``relu`` module the block runs torchvision's own forward.
 
-from typing import Callable, Optional
+Tracers and compilers:
+
+* ``torch.fx`` symbolic tracing (``create_feature_extractor``): each block is one
+  ``call_module`` node (a leaf), so the traced graph runs exactly the eager forward
+  and agrees with it bit for bit. :func:`fx_torchvision_graph` (``True``) traces
+  torchvision's fine-grained graph instead (node names ``layer1.0.relu_2`` …, FX
+  quantization), which runs unfused and so agrees with eager only to rounding.
+* ``torch.jit.script``: the scripted forward is torchvision's (unfused); the fused
+  path is ``@torch.jit.unused``.
+* ``torch.jit.trace``: records torchvision's unfused forward (a trace that runs and
+  saves without fastres).
+"""
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
 
+from .. import _validate as V
 from .. import fold
 from .. import functional as FF
 from .._reference import memory_format_of
@@ -34,17 +43,13 @@ from .batchnorm import BatchNormAct2d, batch_norm_act_module
 Tensor = torch.Tensor
 
 __all__ = ["BasicBlock", "Bottleneck", "PadShortcut", "conv_bn_act", "conv3x3", "conv1x1",
-           "InputShapeError", "InputDTypeError", "unfused_requested"]
+           "InputShapeError", "InputDTypeError", "unfused_requested", "fx_torchvision_graph"]
 
-
-class InputShapeError(ValueError, RuntimeError):
-    """Wrong rank / channel count. A ``ValueError`` that is also a ``RuntimeError``, the
-    type torchvision's convolution raises for the same mistake."""
-
-
-class InputDTypeError(TypeError, RuntimeError):
-    """Integer input, or input/parameter dtype mismatch. A ``TypeError`` that is also a
-    ``RuntimeError`` (what torchvision raises for the same mistake)."""
+# Wrong rank / channel count: a ValueError that is also the RuntimeError torchvision's
+# convolution raises for the same mistake. Input/parameter dtype mismatch: a TypeError
+# that is also a RuntimeError; integer input additionally a NotImplementedError.
+InputShapeError = V.ShapeError
+InputDTypeError = V.DTypeError
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -144,16 +149,50 @@ def conv_bn_act(conv: nn.Module, bn: nn.Module, x: Tensor, residual: Optional[Te
 
 
 def unfused_requested(relu: nn.Module) -> bool:
-    """Run torchvision's own (unfused) forward instead: under torch.fx symbolic tracing
-    (so ``create_feature_extractor`` and FX quantization see torchvision's graph), or
-    when the ``relu`` module the fused forward never calls has hooks."""
-    return _is_fx_tracing() or _has_hooks(relu)
+    """Run torchvision's own (unfused) forward instead: when the ``relu`` module the
+    fused forward never calls has hooks, under ``torch.jit.trace`` (a portable trace of
+    aten ops), or under torch.fx symbolic tracing when :func:`fx_torchvision_graph` is on."""
+    return _has_hooks(relu) or torch.jit.is_tracing() or (_FX_TORCHVISION[0] and _is_fx_tracing())
 
 
 def _is_fx_tracing() -> bool:
     st = torch.fx._symbolic_trace
     fn = getattr(st, "is_fx_symbolic_tracing", None)  # fx.symbolic_trace only, not export/compile
     return fn() if fn is not None else st._get_is_fx_tracing()
+
+
+_FX_TORCHVISION = [False]
+
+
+def fx_torchvision_graph(enabled: Optional[bool] = None) -> bool:
+    """Get (or set) what ``torch.fx`` symbolic tracing records for a fused block.
+
+    ``False`` (default): the block is one ``call_module`` node running the fused eager
+    forward, so the graph (``symbolic_trace``, ``create_feature_extractor``) agrees
+    with the eager model bit for bit; node names stop at the block (``layer1.0``).
+    ``True``: torchvision's fine-grained unfused graph (``layer1.0.conv1`` …
+    ``layer1.0.relu_2``, what FX quantization needs), equal to eager up to the
+    rounding of the folded convolutions. Returns the setting."""
+    if enabled is not None:
+        _FX_TORCHVISION[0] = bool(enabled)
+    return _FX_TORCHVISION[0]
+
+
+def fx_leaf(module: nn.Module, x) -> Optional[Tensor]:
+    """Under torch.fx symbolic tracing (``x`` is a Proxy): a ``call_module`` node for
+    ``module`` itself, so the traced graph calls the module's eager (fused) forward.
+    ``None`` otherwise, and for the traced root (a node cannot call its own graph) or
+    a module the tracer cannot name."""
+    if not isinstance(x, torch.fx.Proxy) or _FX_TORCHVISION[0]:
+        return None
+    tracer = x.tracer
+    try:
+        path = tracer.path_of_module(module)
+    except (NameError, AttributeError):
+        return None
+    if not path:
+        return None
+    return tracer.create_proxy("call_module", path, (x,), {})
 
 
 # ----------------------------------------------------------------------------- input checks / names
@@ -175,7 +214,7 @@ def check_input(owner: nn.Module, x, conv: nn.Module) -> None:
         raise InputShapeError(f"{where}: expected 4D input (N, C, H, W) (got {x.dim()}D input of shape "
                               f"{tuple(x.shape)})")
     if not x.is_floating_point():
-        raise InputDTypeError(f"{where}: input must be a floating-point tensor (float64, float32, bfloat16 or "
+        raise V.UnsupportedDTypeError(f"{where}: input must be a floating-point tensor (float64, float32, bfloat16 or "
                               f"float16), got {_dt(x.dtype)}")
     w = getattr(conv, "weight", None)
     if isinstance(w, Tensor):
@@ -188,7 +227,7 @@ def check_input(owner: nn.Module, x, conv: nn.Module) -> None:
                                   f"{_dt(w.dtype)}; convert the model (.to({_dt(x.dtype)})) or the input, "
                                   f"or run under torch.autocast")
         if x.device != w.device:
-            raise RuntimeError(f"{where}: input is on {x.device} but the parameters are on {w.device}")
+            raise V.DeviceError(f"{where}: input is on {x.device} but the parameters are on {w.device}")
 
 
 def rename_error(owner: nn.Module, e: BaseException) -> BaseException:
@@ -197,8 +236,7 @@ def rename_error(owner: nn.Module, e: BaseException) -> BaseException:
     if getattr(e, "_fastres_named", False):
         return e
     where = block_name(owner)
-    if type(e) in (RuntimeError, ValueError, TypeError, NotImplementedError, InputShapeError, InputDTypeError) \
-            and len(e.args) <= 1:
+    if type(e) in (RuntimeError, ValueError, TypeError, NotImplementedError) + V.ERRORS and len(e.args) <= 1:
         msg = str(e)
         new = type(e)(msg if msg.startswith(where) else f"{where}: {msg}")
         new = new.with_traceback(e.__traceback__)
@@ -225,6 +263,14 @@ class PadShortcut(nn.Module):
         return f"{self.in_planes}, {self.out_planes}, stride={self.stride}"
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # the same values (memory format aside)
+            if self.stride != 1:
+                x = x[:, :, ::self.stride, ::self.stride]
+            return F.pad(x, [0, 0, 0, 0, 0, self.out_planes - x.shape[1]])
+        return self._pad(x)
+
+    @torch.jit.unused
+    def _pad(self, x: Tensor) -> Tensor:
         fmt = memory_format_of(x)  # the block's conv output follows x's memory format
         if self.stride != 1:
             x = x[:, :, ::self.stride, ::self.stride]
@@ -241,11 +287,15 @@ class PadShortcut(nn.Module):
 
 # ----------------------------------------------------------------------------- blocks
 class _FusedBlock(nn.Module):
-    """Shared forward machinery of the fused blocks."""
+    """Shared forward machinery of the fused blocks: a subclass lists its
+    ``(conv, bn)`` pairs in :meth:`_units` (the last one takes the identity)."""
 
     expansion: int = 1
     shortcut: bool = True
     _fastres_name: Optional[str] = None
+
+    def _units(self) -> List[Tuple[nn.Module, nn.Module]]:
+        raise NotImplementedError
 
     def _identity(self, x: Tensor) -> Optional[Tensor]:
         if not self.shortcut:
@@ -268,8 +318,39 @@ class _FusedBlock(nn.Module):
             return torch.relu(y.add_(identity))
         return conv_bn_act(conv, bn, out, identity, "relu")
 
+    def _forward(self, x: Tensor) -> Tensor:
+        """The fused forward: conv → BN → ReLU for every unit but the last, then the
+        fused tail (:meth:`_finish`)."""
+        units = self._units()
+        out = x
+        for conv, bn in units[:-1]:
+            out = conv_bn_act(conv, bn, out, None, "relu")
+        conv, bn = units[-1]
+        return self._finish(conv, bn, out, x)
+
+    def _reference_tail(self, out: Tensor, x: Tensor) -> Tensor:
+        """torchvision's ``out += identity; relu(out)`` (scriptable)."""
+        if self.shortcut:
+            identity = x
+            if self.downsample is not None:
+                identity = self.downsample(x)
+            out += identity
+        return self.relu(out)
+
+    def _reference_forward(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
     def forward(self, x: Tensor) -> Tensor:
-        if unfused_requested(self.relu):
+        if torch.jit.is_scripting():  # TorchScript: torchvision's (unfused) forward
+            return self._reference_forward(x)
+        return self._fused_forward(x)
+
+    @torch.jit.unused
+    def _fused_forward(self, x: Tensor) -> Tensor:
+        leaf = fx_leaf(self, x)
+        if leaf is not None:
+            return leaf
+        if unfused_requested(self.relu) or isinstance(x, torch.fx.Proxy):
             return self._reference_forward(x)
         check_input(self, x, self.conv1)
         try:
@@ -277,12 +358,8 @@ class _FusedBlock(nn.Module):
         except (RuntimeError, ValueError, TypeError) as e:
             raise rename_error(self, e) from None
 
-    def train(self, mode: bool = True):
-        fold.invalidate(self)
-        return super().train(mode)
-
     def _apply(self, *args, **kwargs):
-        fold.invalidate(self)
+        fold.invalidate(self)  # frees the old device's / dtype's folds at once
         return super()._apply(*args, **kwargs)
 
 
@@ -319,20 +396,14 @@ class BasicBlock(_FusedBlock):
         self.stride = stride
         self.shortcut = _check_shortcut(shortcut, downsample)
 
-    def _forward(self, x: Tensor) -> Tensor:
-        out = conv_bn_act(self.conv1, self.bn1, x, None, "relu")
-        return self._finish(self.conv2, self.bn2, out, x)
+    @torch.jit.unused
+    def _units(self) -> List[Tuple[nn.Module, nn.Module]]:
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
 
     def _reference_forward(self, x: Tensor) -> Tensor:
         """torchvision's BasicBlock.forward, unfused."""
-        identity = x
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.shortcut:
-            if self.downsample is not None:
-                identity = self.downsample(x)
-            out += identity
-        return self.relu(out)
+        return self._reference_tail(self.bn2(self.conv2(out)), x)
 
 
 class Bottleneck(_FusedBlock):
@@ -359,19 +430,12 @@ class Bottleneck(_FusedBlock):
         self.stride = stride
         self.shortcut = _check_shortcut(shortcut, downsample)
 
-    def _forward(self, x: Tensor) -> Tensor:
-        out = conv_bn_act(self.conv1, self.bn1, x, None, "relu")
-        out = conv_bn_act(self.conv2, self.bn2, out, None, "relu")
-        return self._finish(self.conv3, self.bn3, out, x)
+    @torch.jit.unused
+    def _units(self) -> List[Tuple[nn.Module, nn.Module]]:
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
 
     def _reference_forward(self, x: Tensor) -> Tensor:
         """torchvision's Bottleneck.forward, unfused."""
-        identity = x
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.shortcut:
-            if self.downsample is not None:
-                identity = self.downsample(x)
-            out += identity
-        return self.relu(out)
+        return self._reference_tail(self.bn3(self.conv3(out)), x)
