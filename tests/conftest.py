@@ -27,11 +27,30 @@ import fastres  # noqa: E402
 from fastres import backends  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
+_JIT = {"n": 0, "s": 0.0}
 if HAS_CUDA:
     # fp32 convolutions (blocks, models, the compile test) must be fp32 on the GPU too:
     # cuDNN's default TF32 differs from fp32 by ~1e-3, beyond the fp32 tolerances.
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
+    try:  # count the Triton JIT's compilations and their time (reported at the end)
+        import time as _time
+
+        import triton.compiler as _tc
+
+        _compile = _tc.compile
+
+        def _timed_compile(*args, **kwargs):
+            t0 = _time.perf_counter()
+            try:
+                return _compile(*args, **kwargs)
+            finally:
+                _JIT["n"] += 1
+                _JIT["s"] += _time.perf_counter() - t0
+
+        _tc.compile = _timed_compile
+    except Exception:  # no triton, or another layout of it: nothing to report
+        pass
 NO_CUDA = "no CUDA device"  # the one skip reason of every gpu-marked case on a CPU machine
 GPU_BACKENDS = ("cuda", "triton")  # what runs fastres's own kernels on a CUDA device
 GPU_MARKS = (pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA))
@@ -175,5 +194,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if any("test_fuzz.py" in r.nodeid for rs in terminalreporter.stats.values() for r in rs
            if hasattr(r, "nodeid")):
         terminalreporter.write_line(_fuzz_line())
+    if _JIT["n"]:  # on a GPU: what the Triton JIT cost (the gpu selection's largest share)
+        terminalreporter.write_line(f"fastres: Triton JIT compiled {_JIT['n']} kernel specializations "
+                                    f"in {_JIT['s']:.1f} s (cold cache: ~every distinct shape/dtype/flags)")
 # END hypothesis profiles
 # ============================================================================

@@ -56,19 +56,43 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
-def make_input(shape, dtype, layout, device="cpu", scale=1.0, offset=0.0, gen=None):
-    """A dense input of ``shape`` in ``layout``: 'contiguous', 'channels_last' or
-    'noncontig' (a permuted view that is neither contiguous nor channels_last). Drawn
-    on the CPU (``gen`` or the global generator), then moved to ``device``."""
+def make_input(shape, dtype, layout, device="cpu", scale=1.0, offset=0.0):
+    """layout: 'contiguous', 'channels_last' or 'noncontig' (a permuted view that is
+    neither contiguous nor channels_last). Drawn on the CPU (the global generator: the
+    same values on every device), then moved to ``device``."""
     n, c, h, w = shape
-    bshape, fn = view_spec(shape, "permuted" if layout == "noncontig" else layout)
-    x = fn(make_base(bshape, dtype, gen, scale, offset, device))
     if layout == "noncontig":
+        base = torch.randn(n, h, c, w, dtype=torch.float64) * scale + offset
+        x = base.to(device=device, dtype=dtype).permute(0, 2, 1, 3)
         assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last) or h * w == 1 or c == 1
+        return x
+    x = (torch.randn(n, c, h, w, dtype=torch.float64) * scale + offset).to(device=device, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
     return x
 
 
-# ----------------------------------------------------------------------------- layouts
+def _low_rule(ours_t, theirs_t, hi, dtype, name, floor_unit):
+    """bf16 / fp16: ours' error against the fp32 result ``hi`` at most 2x PyTorch's own
+    low-precision result's (+ ``floor_unit`` x max(1, |hi|))."""
+    ours, theirs = max_err(ours_t, hi), max_err(theirs_t, hi)
+    scale = max(1.0, hi.double().abs().max().item()) if hi.numel() else 1.0
+    floor = floor_unit * scale
+    assert ours <= 2 * theirs + floor, (f"{name}: error {ours:.3g} vs the fp32 run > 2 x PyTorch's "
+                                        f"{theirs:.3g} (+{floor:.2g})")
+
+
+def assert_close_dtype(actual, expected, dtype, name="", ref_low=None, ref_hi=None):
+    """fp64/fp32: assert_close with the dtype's tolerance. bf16/fp16: actual's error
+    against the fp32 reference ``ref_hi`` must be <= 2x (+ a floor of 1e-3 x max(1, |ref_hi|))
+    PyTorch's own low-precision result ``ref_low`` against the same reference."""
+    if dtype in TOL:
+        torch.testing.assert_close(actual, expected, **TOL[dtype], msg=lambda m: f"{name}: {m}")
+        return
+    assert ref_low is not None and ref_hi is not None
+    _low_rule(actual, ref_low, ref_hi, dtype, name, 1e-3)
+
+
 def view_spec(shape, layout: str) -> Tuple[Tuple[int, ...], Callable[[torch.Tensor], torch.Tensor]]:
     """(shape of the dense base tensor, function base -> (N, C, H, W) view in ``layout``)."""
     n, c, h, w = shape
@@ -159,11 +183,7 @@ def assert_parity(actual, expected, dtype, name, hi=None, equal_nan=False, extra
         assert_close_slack(actual, expected, TOL[dtype]["rtol"], TOL[dtype]["atol"], extra_atol, name)
         return
     assert hi is not None, name
-    ours, theirs = max_err(actual, hi), max_err(expected, hi)
-    scale = max(1.0, hi.double().abs().max().item()) if hi.numel() else 1.0
-    floor = (FINITE_LOW_FLOOR[dtype] if low_floor is None else low_floor) * scale
-    assert ours <= 2 * theirs + floor, (f"{name}: error {ours:.3g} vs the fp32 run > 2 x PyTorch's "
-                                        f"{theirs:.3g} (+{floor:.2g})")
+    _low_rule(actual, expected, hi, dtype, name, FINITE_LOW_FLOOR[dtype] if low_floor is None else low_floor)
 
 
 def assert_buffer(actual, expected, name, hi=None, equal_nan=False, slack=(0.0, 0.0)):
@@ -312,12 +332,14 @@ def check_module_case(backend: str, case: Case, device: str = "cpu", equal_nan: 
     """Run ``case`` on ``backend`` on ``device`` and compare everything with
     nn.BatchNorm2d + add + ReLU, run on ``ref_device`` (default: the same device).
     ``xbase``/``rbase`` (dense base tensors for the layouts, on ``device``) override the
-    random data."""
+    random data. (``ref_device`` is for cases that run: a case where both must raise
+    runs the reference on ``device``.)"""
     gen = torch.Generator().manual_seed(case.seed)
     n, c, h, w = case.shape
     ref, ours = make_pair(case, gen, device)
     rdev = torch.device(ref_device or device)
     ref = ref.to(rdev)
+    assert rdev == torch.device(device) or not (n * h * w == 1 or case.eps <= 0), "ref_device: a raising case"
 
     def on_ref(t):
         return None if t is None else t.to(rdev)
@@ -335,7 +357,7 @@ def check_module_case(backend: str, case: Case, device: str = "cpu", equal_nan: 
         for i, mode in enumerate(steps):
             if mode == "eval":
                 ref.eval(), ours.eval()
-            tag = f"[{backend} {case.short()} seed={case.seed} step {i} {mode}]"
+            tag = f"[{backend} on {device}: {case.short()} seed={case.seed} step {i} {mode}]"
             xb = xbase if xbase is not None else make_base(xshape, case.dtype, gen, case.scale, case.offset, device)
             rb = None
             if case.res_layout is not None:
@@ -349,7 +371,7 @@ def check_module_case(backend: str, case: Case, device: str = "cpu", equal_nan: 
                 # counted the batch in num_batches_tracked)
                 before = _stats(ours)
                 with pytest.raises(ValueError) as e_ref:
-                    run_step(ref, False, case.activation, on_ref(xb), xfn, on_ref(rb), rfn, on_ref(g))
+                    run_step(ref, False, case.activation, xb, xfn, rb, rfn, g)
                 with pytest.raises(ValueError) as e_ours:
                     run_step(ours, True, case.activation, xb, xfn, rb, rfn, g)
                 assert str(e_ours.value) == str(e_ref.value), tag

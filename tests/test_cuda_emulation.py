@@ -191,11 +191,11 @@ def test_emulated_cuda_other_memory_formats(E):
 
 # Several partials per channel: NCHW split over space (2,3,64,64: Jh=4) and over the
 # batch (4,2,32,32: Jn=2); rows split into many row parts (8,5,32,32: J=16). More than
-# 32 partials (2112,2,4,8: J=33 in both layouts): the finalize loop's second pass.
+# 32 partials (NCHW 2112,1,4,8 and rows 2112,2,4,8: J=33): the finalize loop's second pass.
 # The element-wise grid is capped (1 x 2 blocks) so the grid-stride loops iterate: H*W
 # (600 > 256 threads), NCHW planes and rows.
 PARTIAL_CASES = [((2, 3, 64, 64), False, True), ((2, 3, 64, 64), True, False), ((4, 2, 32, 32), False, False),
-                 ((8, 5, 32, 32), True, True), ((2112, 2, 4, 8), False, True), ((2112, 2, 4, 8), True, False),
+                 ((8, 5, 32, 32), True, True), ((2112, 1, 4, 8), False, True), ((2112, 2, 4, 8), True, False),
                  ((2, 3, 20, 30), False, False), ((2, 3, 20, 30), True, True)]
 
 
@@ -218,7 +218,7 @@ def test_partial_cases_reach_the_branches():
     P = {(s, cl): _plan_parts(s, cl) for s, cl, _ in PARTIAL_CASES}
     assert P[(2, 3, 64, 64), False]["Jh"] > 1 and P[(4, 2, 32, 32), False]["Jn"] > 1
     assert P[(8, 5, 32, 32), True]["J"] > 1
-    assert P[(2112, 2, 4, 8), False]["J"] > 32 and P[(2112, 2, 4, 8), True]["J"] > 32
+    assert P[(2112, 1, 4, 8), False]["J"] > 32 and P[(2112, 2, 4, 8), True]["J"] > 32
     assert P[(2, 3, 20, 30), False]["ew"][0] > 1  # H*W needs 3 column blocks: the cap of 1 loops
 
 
