@@ -170,6 +170,24 @@ def test_unavailable_backend_warns_once_and_falls_back():
     assert len(msgs) == 1 and "'cuda'" in msgs[0], msgs
 
 
+def test_missing_gpu_backend_fails_on_a_gpu_machine(monkeypatch):
+    """On a machine with a CUDA device, a cuda / triton backend that cannot run there
+    FAILS the test (a GPU run must never pass by skipping its kernels); without a device
+    the case skips with the one reason NO_CUDA; other unavailable backends skip."""
+    import conftest
+    monkeypatch.setattr(backends, "available", lambda name, dev: (False, "not built"))
+    monkeypatch.setattr(conftest, "HAS_CUDA", True)
+    for name in conftest.GPU_BACKENDS:
+        with pytest.raises(pytest.fail.Exception, match=f"backend '{name}' is unavailable on this CUDA machine"):
+            require_backend(name, "cuda")
+    with pytest.raises(pytest.skip.Exception, match="backend 'torch' unavailable on cuda"):
+        require_backend("torch", "cuda")
+    monkeypatch.setattr(conftest, "HAS_CUDA", False)
+    for name in conftest.GPU_BACKENDS:
+        with pytest.raises(pytest.skip.Exception, match=f"^{conftest.NO_CUDA}$"):
+            require_backend(name, "cuda")
+
+
 def test_backend_info_shape():
     info = fastres.backend_info()
     assert set(info["built"]) >= {"_C", "_C_cuda_kernels", "triton"}
