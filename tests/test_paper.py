@@ -178,8 +178,8 @@ def test_degradation_command_end_to_end(tmp_path, capsys):
     pytest.importorskip("matplotlib", reason="the figure needs matplotlib (fastres[paper])")
     out = tmp_path / "deg"
     rc = cli.main(["paper", "degradation", "--depths", "8,14", "--epochs", "2", "--limit", "64",
-                   "--batch-size", "16", "--out", str(out), "--device", "cpu", "--seed", "3", "--threads", "1",
-                   "--no-progress"])
+                   "--batch-size", "16", "--lr", "0.1", "--out", str(out), "--device", "cpu", "--seed", "3",
+                   "--threads", "1", "--no-progress"])
     assert rc == 0
     stdout = capsys.readouterr().out
     assert "summary: plain: the deeper plain-14 ended with training error" in stdout
@@ -257,12 +257,13 @@ def test_defaults(tmp_path):
     args = cli.build_parser().parse_args(["paper", "degradation", "--device", "cpu"])
     cfg = paper.resolve_config(args)
     assert cfg.nets == [(20, None), (56, None), (20, "A"), (56, "A")]
-    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay) == (6, 64, 0.1, 0.9, 1e-4)
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay) == (6, 64, 0.02, 0.9, 1e-4)
     assert cfg.out == os.path.join("benchmarks", "results", "cpu", "paper")
     args = cli.build_parser().parse_args(["paper", "shortcuts", "--data", "cifar10:/x", "--device", "cpu"])
     cfg = paper.resolve_config(args)
     assert cfg.nets == [(20, "A"), (20, "B"), (20, "C"), (20, None)]
-    assert (cfg.epochs, cfg.batch_size) == (164, 128)  # the paper's 64k iterations of batch 128
+    assert (cfg.epochs, cfg.batch_size, cfg.lr) == (164, 128, 0.1)  # the paper's 64k iterations of batch 128
+    assert paper.resolve_config(cli.build_parser().parse_args(["paper", "shortcuts", "--lr", "0.05"])).lr == 0.05
 
 
 def test_missing_extras_name_the_extra(tmp_path, monkeypatch):
