@@ -710,8 +710,8 @@ def plot(result: Dict[str, object], path: str) -> None:
     axes[0].set_ylabel("error (%)")
     kind, _ = parse_data(s["data"])
     fig.suptitle(f"fastres paper {s['experiment']} — {kind}, {s['epochs']} epochs, batch {s['batch_size']}, "
-                 f"lr {s['lr']} (/10 at 50%, 75%) — {meta['device_name']}, {meta['date']}, {meta.get('wall_s', '?')} s",
-                 fontsize=8)
+                 f"lr {s['lr']} (/10 at 50%, 75%)\n{meta['device_name']}, {meta['date']}, "
+                 f"wall time {meta.get('wall_s', '?')} s", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
 
