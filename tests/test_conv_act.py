@@ -1,0 +1,516 @@
+"""fastres.functional.conv2d_act: the fused convolution (issue 10).
+
+Parity against an independent reference built from F.conv2d (+ a BatchNorm-style
+scale/shift + ReLU prologue, + bias / residual / ReLU epilogue) for every shape family
+of a ResNet (1x1 s1/s2, 3x3 s1/s2, dilation 2, the 7x7 s2 stem with C=3, grouped, odd
+channel counts, batch 1), NCHW / NHWC / non-contiguous inputs, fp64 / fp32 / bf16,
+forward, every gradient, and the statistics against a float64 reference. The three
+families are checked: ``torch`` (aten's autograd), ``ops`` (``fastres::conv2d_act``:
+the custom-op fakes and autograd formula with aten inside) and ``triton`` (the Triton
+kernel; under TRITON_INTERPRET=1 on the CPU with one small fixed tiling).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastres
+from fastres import backends, conv_backend, conv_ops
+from fastres.functional import conv2d_act
+from parity import assert_close_dtype, make_input, max_err
+
+FAMILIES = ["torch", "ops", "triton"]
+
+# name: (x shape, weight shape, stride, padding, dilation, groups)
+SHAPES = {
+    "1x1s1": ((2, 8, 5, 5), (12, 8, 1, 1), 1, 0, 1, 1),
+    "1x1s2": ((2, 8, 6, 6), (12, 8, 1, 1), 2, 0, 1, 1),
+    "3x3s1": ((2, 6, 6, 6), (8, 6, 3, 3), 1, 1, 1, 1),
+    "3x3s2": ((2, 6, 7, 7), (8, 6, 3, 3), 2, 1, 1, 1),
+    "3x3d2": ((2, 6, 7, 7), (8, 6, 3, 3), 1, 2, 2, 1),
+    "7x7s2c3": ((2, 3, 8, 8), (8, 3, 7, 7), 2, 3, 1, 1),
+    "grouped": ((2, 8, 5, 5), (8, 2, 3, 3), 1, 1, 1, 4),
+    "c65b1": ((1, 65, 4, 4), (17, 65, 3, 3), 1, 1, 1, 1),
+}
+
+
+def _use(name):
+    """Context: run conv2d_act on family ``name``."""
+    class _Ctx:
+        def __enter__(self):
+            self.orig = conv_ops.family
+            if name == "triton":
+                ok, why = backends.available("triton", "cpu")
+                if not ok:
+                    pytest.skip(f"triton unavailable on cpu: {why}")
+            self.prev = conv_backend.set_conv("fused" if name == "triton" else "aten")
+            if name == "ops":
+                orig = self.orig
+                conv_ops.family = lambda n: orig("ops")
+            return self
+
+        def __exit__(self, *exc):
+            conv_ops.family = self.orig
+            conv_backend.set_conv(self.prev)
+    return _Ctx()
+
+
+def _reference(x, w, b, s, t, in_relu, r, relu, stride, padding, dilation, groups):
+    """Independent composition: BN-style affine (+ReLU), zero padding of the transformed
+    input by F.conv2d, bias, residual, ReLU; in x's dtype (fp32 math for bf16 pieces)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    u = x
+    if s is not None or t is not None or in_relu:
+        u = x.to(acc)
+        if s is not None:
+            u = u * s.to(acc).view(1, -1, 1, 1)
+        if t is not None:
+            u = u + t.to(acc).view(1, -1, 1, 1)
+        if in_relu:
+            u = torch.relu(u)
+        u = u.to(x.dtype)
+    z = F.conv2d(u, w, None, stride, padding, dilation, groups).to(acc)
+    if b is not None:
+        z = z + b.to(acc).view(1, -1, 1, 1)
+    if r is not None:
+        z = z + r.to(acc)
+    if relu:
+        z = torch.relu(z)
+    return z.to(x.dtype)
+
+
+def _make(shape_name, dtype, layout="channels_last", pro=True, epi=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xs, ws, stride, padding, dilation, groups = SHAPES[shape_name]
+    torch.manual_seed(seed)
+    x = make_input(xs, dtype, layout)
+    fan = ws[1] * ws[2] * ws[3]
+    w = (torch.randn(ws, generator=g, dtype=torch.float64) / fan ** 0.5).to(dtype)
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+    c = xs[1]
+    s = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(pdt) if pro else None
+    t = (torch.randn(c, generator=g, dtype=torch.float64) * 0.5).to(pdt) if pro else None
+    k = ws[0]
+    n, _, h, wd = xs
+    p = (h + 2 * padding - dilation * (ws[2] - 1) - 1) // stride + 1
+    q = (wd + 2 * padding - dilation * (ws[3] - 1) - 1) // stride + 1
+    b = (torch.randn(k, generator=g, dtype=torch.float64) * 0.1).to(dtype) if epi else None
+    r = torch.randn((n, k, p, q), generator=g, dtype=torch.float64).to(dtype) if epi else None
+    if r is not None and layout == "channels_last":
+        r = r.contiguous(memory_format=torch.channels_last)
+    return dict(x=x, w=w, b=b, s=s, t=t, r=r, stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
+def _run(case, in_relu, relu, stats, hi=None):
+    """conv2d_act on ``case``, or (``hi`` = a dtype) the reference on copies cast to ``hi``."""
+    c = case
+    if hi is not None:
+        same = hi == c["x"].dtype  # keep the graph (reference gradients); else a detached copy
+
+        def cv(v):
+            return v if v is None or same else v.detach().to(hi)
+        y = _reference(cv(c["x"]), cv(c["w"]), cv(c["b"]), cv(c["s"]), cv(c["t"]), in_relu, cv(c["r"]), relu,
+                       c["stride"], c["padding"], c["dilation"], c["groups"])
+        return y
+    return conv2d_act(c["x"], c["w"], c["b"], c["stride"], c["padding"], c["dilation"], c["groups"],
+                      in_scale=c["s"], in_shift=c["t"], in_relu=in_relu, residual=c["r"],
+                      activation="relu" if relu else "none", stats=stats)
+
+
+def _leaves(case):
+    return {k: v for k, v in case.items() if isinstance(v, torch.Tensor)}
+
+
+def _grads(case, out_fn):
+    leaves = _leaves(case)
+    for v in leaves.values():
+        v.grad = None
+        v.requires_grad_(True)
+    loss = out_fn()
+    loss.backward()
+    return {k: v.grad for k, v in leaves.items()}
+
+
+def _loss(y, sums=None, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype)
+    loss = (y * gy).sum().double()
+    if sums is not None:
+        s, ss = sums
+        ws = torch.randn(s.shape, generator=g, dtype=torch.float64)
+        loss = loss + (s.double() * ws).sum() * 0.1 + (ss.double() * ws.flip(0)).sum() * 0.01
+    return loss
+
+
+# ----------------------------------------------------------------------------- fp64 parity, every shape
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_fp64_forward_backward_stats_every_shape(family, shape):
+    """Prologue + epilogue + stats together, output, stats and all six gradients, fp64 at 1e-9."""
+    case = _make(shape, torch.float64)
+    with _use(family):
+        got = _grads(case, lambda: _loss(*_split(_run(case, True, True, "sums"))))
+        y, s, ss = _run(case, True, True, "sums")
+    ref = _grads(case, lambda: _loss(*_split_ref(_run(case, True, True, None, hi=torch.float64))))
+    y_ref = _run(case, True, True, None, hi=torch.float64)
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(s, y_ref.sum(dim=(0, 2, 3)), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(ss, y_ref.square().sum(dim=(0, 2, 3)), rtol=1e-9, atol=1e-9)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {k}: {m}")
+
+
+def _split(out):
+    y, s, ss = out
+    return y, (s, ss)
+
+
+def _split_ref(y):
+    return y, (y.sum(dim=(0, 2, 3)), y.square().sum(dim=(0, 2, 3)))
+
+
+# ----------------------------------------------------------------------------- prologue / epilogue separately
+@pytest.mark.parametrize("family", ["ops", "triton"])
+@pytest.mark.parametrize("pro,in_relu,epi,relu", [
+    (False, False, False, False),   # a plain convolution
+    (True, False, False, False),    # scale/shift only
+    (True, True, False, False),     # prologue only
+    (False, True, False, True),     # ReLU in, ReLU out, nothing else
+    (False, False, True, False),    # bias + residual, no ReLU
+    (False, False, True, True),     # epilogue only
+])
+def test_prologue_and_epilogue_separately(family, pro, in_relu, epi, relu):
+    case = _make("3x3s2", torch.float64, pro=pro, epi=epi)
+    with _use(family):
+        got = _grads(case, lambda: _loss(_run(case, in_relu, relu, False)))
+        y = _run(case, in_relu, relu, False)
+    ref = _grads(case, lambda: _loss(_run(case, in_relu, relu, None, hi=torch.float64)))
+    torch.testing.assert_close(y, _run(case, in_relu, relu, None, hi=torch.float64), rtol=1e-9, atol=1e-9)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {k}: {m}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zero_padding_stays_zero_after_the_transform(family):
+    """x = 0 and in_shift = 1: inside the image the transformed input is 1, in the padding 0.
+    With all-ones 3x3 weights each output counts its in-image taps: 4 at a corner, 6 on an
+    edge, 9 inside. Transforming the padding would give 9 everywhere."""
+    x = torch.zeros(1, 2, 4, 4, dtype=torch.float64)
+    w = torch.ones(1, 2, 3, 3, dtype=torch.float64)
+    shift = torch.ones(2, dtype=torch.float64)
+    with _use(family):
+        y = conv2d_act(x, w, padding=1, in_shift=shift, in_relu=True)
+    taps = torch.tensor([[4, 6, 6, 4], [6, 9, 9, 6], [6, 9, 9, 6], [4, 6, 6, 4]], dtype=torch.float64) * 2
+    torch.testing.assert_close(y[0, 0], taps, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- layouts, batch 1
+@pytest.mark.parametrize("family", ["ops", "triton"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontig"])
+def test_input_layouts(family, layout):
+    case = _make("1x1s2", torch.float64, layout=layout)
+    with _use(family):
+        got = _grads(case, lambda: _loss(*_split(_run(case, True, True, True))))
+        y, s, ss = _run(case, True, True, True)
+    ref = _grads(case, lambda: _loss(*_split_ref(_run(case, True, True, None, hi=torch.float64))))
+    y_ref = _run(case, True, True, None, hi=torch.float64)
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
+    want_cl = layout == "channels_last"
+    assert y.is_contiguous(memory_format=torch.channels_last if want_cl else torch.contiguous_format)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {k}: {m}")
+
+
+# ----------------------------------------------------------------------------- fp32 / bf16
+@pytest.mark.parametrize("family", ["ops", "triton"])
+@pytest.mark.parametrize("shape", ["3x3s1", "1x1s2", "7x7s2c3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_forward_backward(family, shape, dtype):
+    """fp32 at 1e-5 against fp32 aten; bf16: error vs the fp32 reference <= 2x aten's own bf16 error."""
+    case = _make(shape, dtype)
+    with _use(family):
+        got = _grads(case, lambda: _loss(*_split(_run(case, True, True, True))))
+        y, s, ss = _run(case, True, True, True)
+    # the fp32 reference from the same (rounded) inputs, and aten's own result in dtype
+    hi_case = {k: (v.detach().float() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+    ref_hi = _grads(hi_case, lambda: _loss(*_split_ref(_run(hi_case, True, True, None, hi=torch.float32))))
+    y_hi = _run(hi_case, True, True, None, hi=torch.float32).detach()
+    ref_low = _grads(case, lambda: _loss(*_split_ref(_run(case, True, True, None, hi=dtype))))
+    y_low = _run(case, True, True, None, hi=dtype).detach()
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, y_hi, rtol=1e-5, atol=1e-5)
+        tol = dict(rtol=1e-4, atol=1e-4)  # gradients sum over N*P*Q positions in another order
+        torch.testing.assert_close(s, y_hi.sum(dim=(0, 2, 3)), **tol)
+        torch.testing.assert_close(ss, y_hi.square().sum(dim=(0, 2, 3)), **tol)
+        for k in ref_hi:
+            torch.testing.assert_close(got[k].float(), ref_hi[k], **tol, msg=lambda m: f"grad {k}: {m}")
+        return
+    assert_close_dtype(y, None, dtype, "y", ref_low=y_low, ref_hi=y_hi)
+    # the statistics are of the returned (rounded) y: compare with an fp64 sum of that y
+    yd = y.double()
+    torch.testing.assert_close(s.double(), yd.sum(dim=(0, 2, 3)), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ss.double(), yd.square().sum(dim=(0, 2, 3)), rtol=1e-5, atol=1e-4)
+    for k in ref_hi:
+        assert got[k].dtype == case[k].dtype, k
+        assert_close_dtype(got[k], None, dtype, f"grad {k}", ref_low=ref_low[k], ref_hi=ref_hi[k])
+
+
+# ----------------------------------------------------------------------------- statistics
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stats_stable_with_a_large_mean(family):
+    """Output ~ 1e4 + N(0, 1) in fp32: the moments must come out with var ~ 1 to fp32
+    accuracy. E[y^2] - E[y]^2 in fp32 would lose every digit (y^2 ~ 1e8, ulp ~ 8)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 5, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(6, 4, 1, 1, generator=g) * 0.5
+    b = torch.full((6,), 1e4)
+    with _use(family):
+        y, mean, var = conv2d_act(x, w, b, stats="moments")
+    yd = y.double()
+    mean_ref = yd.mean(dim=(0, 2, 3))
+    var_ref = yd.var(dim=(0, 2, 3), unbiased=False)
+    assert mean.dtype == var.dtype == torch.float32
+    torch.testing.assert_close(mean.double(), mean_ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), var_ref, rtol=1e-3, atol=1e-3)  # y itself is rounded to ~1e-3
+    naive = (yd.float().square().mean(dim=(0, 2, 3)) - yd.float().mean(dim=(0, 2, 3)).square())
+    assert max_err(naive, var_ref) > 10 * max_err(var, var_ref)  # the test can tell the difference
+
+
+@pytest.mark.parametrize("family", ["ops", "triton"])
+def test_stats_gradients_moments(family):
+    """mean and var are differentiable outputs (a BatchNorm after the conv needs it)."""
+    case = _make("3x3s1", torch.float64)
+
+    def ours():
+        y, m, v = _run(case, True, True, "moments")
+        return _loss(y, (m, v))
+
+    def ref():
+        y = _run(case, True, True, None, hi=torch.float64)
+        return _loss(y, (y.mean(dim=(0, 2, 3)), y.var(dim=(0, 2, 3), unbiased=False)))
+
+    with _use(family):
+        got = _grads(case, ours)
+    want = _grads(case, ref)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {k}: {m}")
+
+
+def test_multi_tile_stats_merge_interpreter():
+    """Stats over several BLOCK_M tiles and a ragged last tile (M = 2*9*9 = 162 rows over
+    16-row tiles): the Chan merge of the tile moments against fp64."""
+    case = _make("3x3s1", torch.float64)
+    case["x"] = make_input((2, 6, 9, 9), torch.float64, "channels_last")
+    case["r"] = None
+    with _use("triton"):
+        y, mean, var = conv2d_act(case["x"], case["w"], case["b"], 1, 1, in_scale=case["s"], in_shift=case["t"],
+                                  stats="moments")
+    torch.testing.assert_close(mean, y.mean(dim=(0, 2, 3)), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(var, y.var(dim=(0, 2, 3), unbiased=False), rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- registration
+def _op_args(dtype=torch.float64, stats=True):
+    case = _make("3x3s2", dtype)
+    return (case["x"], case["w"], case["b"], case["s"], case["t"], case["r"], [2, 2], [1, 1], [1, 1], 1, True, True,
+            stats)
+
+
+@pytest.mark.parametrize("family", ["ops", "triton"])
+def test_opcheck_forward(family):
+    if family == "triton":
+        ok, why = backends.available("triton", "cpu")
+        if not ok:
+            pytest.skip(f"triton unavailable on cpu: {why}")
+    op = conv_ops.family(family).conv2d_act
+    args = list(_op_args())
+    for i in (0, 1, 2, 3, 4, 5):
+        args[i] = args[i].requires_grad_(True)
+    torch.library.opcheck(op, tuple(args))
+    args2 = list(_op_args(stats=False))
+    args2[2] = args2[3] = args2[4] = args2[5] = None
+    torch.library.opcheck(op, tuple(args2))
+
+
+def test_opcheck_backward():
+    x, w, b, s, t, r, stride, padding, dilation, groups, in_relu, relu, _ = _op_args()
+    y, mean, var = conv_ops.conv2d_act_reference(x, w, b, s, t, r, stride, padding, dilation, groups, in_relu, relu,
+                                                 True)
+    gy = torch.randn_like(y)
+    gm, gv = torch.randn_like(mean), torch.randn_like(var)
+    op = conv_ops.family("ops").conv2d_act_backward
+    torch.library.opcheck(op, (gy, gm, gv, x, w, s, t, y, mean, stride, padding, dilation, groups, in_relu, relu,
+                               [True] * 6))
+    torch.library.opcheck(op, (gy, None, None, x, w, None, None, None, None, stride, padding, dilation, groups, False,
+                               False, [True, False, True, False, False, False]))
+
+
+@pytest.mark.parametrize("family", ["torch", "ops", "triton"])
+def test_compile_fullgraph(family):
+    case = _make("3x3s1", torch.float64)
+
+    def f(x, w, b, s, t, r):
+        y, m, v = conv2d_act(x, w, b, 1, 1, in_scale=s, in_shift=t, in_relu=True, residual=r, activation="relu",
+                             stats="moments")
+        return (y * 2).sum() + m.sum() + v.sum()
+
+    args = [case[k] for k in ("x", "w", "b", "s", "t", "r")]
+    with _use(family):
+        torch._dynamo.reset()
+        cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+        a1 = [a.detach().clone().requires_grad_(True) for a in args]
+        a2 = [a.detach().clone().requires_grad_(True) for a in args]
+        out = cf(*a1)
+        out.backward()
+        ref = f(*a2)
+        ref.backward()
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+    for p, q in zip(a1, a2):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- choice
+def test_conv_choice_env_switch_and_info(monkeypatch):
+    monkeypatch.setenv("FASTRES_CONV", "aten")
+    conv_backend._resolve.cache_clear()
+    assert conv_backend.conv_for(torch.device("cpu")) == "aten"
+    monkeypatch.setenv("FASTRES_CONV", "auto")
+    assert conv_backend.conv_for(torch.device("cpu")) == "aten"  # auto: aten on the CPU
+    assert "aten on the CPU" in conv_backend.conv_info("cpu")["reason"]
+    assert "unmeasured" in conv_backend.AUTO_REASON["cuda"]
+    with fastres.use_conv("fused"):
+        want = "fused" if backends.available("triton", "cpu")[0] else "aten"
+        assert conv_backend.conv_for(torch.device("cpu")) == want
+        info = fastres.backend_info()
+        assert info["devices"]["cpu"]["conv"]["path"] == want
+        assert info["devices"]["cpu"]["conv"]["requested"] == "fused"
+    assert fastres.backend_info()["devices"]["cpu"]["conv"]["path"] == "aten"
+    with pytest.raises(ValueError, match="unknown conv path 'cudnn'"):
+        fastres.set_conv("cudnn")
+    monkeypatch.setenv("FASTRES_CONV", "nope")
+    with pytest.raises(ValueError, match="unknown conv path 'nope'"):
+        conv_backend.conv_for(torch.device("cpu"))
+
+
+def test_fused_unavailable_warns_once_and_falls_back(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # triton cannot run on the CPU then
+    conv_backend._resolve.cache_clear()
+    conv_backend._warned.clear()
+    try:
+        with fastres.use_conv("fused"):
+            with warnings.catch_warnings(record=True) as rec:
+                warnings.simplefilter("always")
+                x = torch.randn(1, 2, 3, 3)
+                y = conv2d_act(x, torch.randn(2, 2, 1, 1))
+                conv2d_act(x, torch.randn(2, 2, 1, 1))
+    finally:
+        monkeypatch.undo()
+        conv_backend._resolve.cache_clear()
+    msgs = [str(w.message) for w in rec if "fused conv is unavailable" in str(w.message)]
+    assert len(msgs) == 1, msgs
+    assert y.shape == (1, 2, 3, 3)
+
+
+# ----------------------------------------------------------------------------- errors
+def _bad(**over):
+    x = torch.randn(2, 4, 5, 5)
+    args = dict(x=x, weight=torch.randn(6, 4, 3, 3), bias=None, stride=1, padding=1, dilation=1, groups=1)
+    kw = {}
+    for k, v in over.items():
+        if k in args:
+            args[k] = v
+        else:
+            kw[k] = v
+    return lambda: conv2d_act(args["x"], args["weight"], args["bias"], args["stride"], args["padding"],
+                              args["dilation"], args["groups"], **kw)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (_bad(x=torch.randn(4, 5, 5)), ValueError, r"expected input to be 4-D .* got a 3-D tensor of shape \(4, 5, 5\)"),
+    (_bad(x=torch.ones(2, 4, 5, 5, dtype=torch.int64)), TypeError, "input must be float64, float32, bfloat16 or "
+                                                                   "float16, got int64"),
+    (_bad(weight=torch.randn(6, 4, 3)), ValueError, r"expected weight to be 4-D .* got a 3-D tensor of shape"),
+    (_bad(weight=torch.randn(6, 4, 3, 3, dtype=torch.float64)), TypeError,
+     "weight has dtype float64 but input is float32; expected float32"),
+    (_bad(weight=torch.randn(6, 3, 3, 3)), ValueError, r"expects 3 input channels .* but input has 4"),
+    (_bad(weight=torch.randn(6, 2, 3, 3), groups=3), ValueError, r"input channels \(4\) must be divisible by "
+                                                                 r"groups \(3\)"),
+    (_bad(weight=torch.randn(5, 2, 3, 3), groups=2), ValueError, r"out_channels \(5\) must be divisible by "
+                                                                 r"groups \(2\)"),
+    (_bad(groups=0), ValueError, "groups must be a positive int, got 0"),
+    (_bad(stride=0), ValueError, "stride must be >= 1, got 0"),
+    (_bad(padding=-1), ValueError, "padding must be >= 0, got -1"),
+    (_bad(padding="same"), TypeError, "padding must be an int or a pair of ints, got 'same'"),
+    (_bad(dilation=(1, 2, 3)), TypeError, "dilation must be an int or a pair of ints"),
+    (_bad(padding=0, weight=torch.randn(6, 4, 7, 7)), ValueError, "kernel .* is larger than the padded input 5x5"),
+    (_bad(bias=torch.randn(5)), ValueError, r"bias must have shape \(6,\) to match weight's 6 output channels, "
+                                            r"got \(5,\)"),
+    (_bad(bias=torch.randn(6, dtype=torch.float64)), TypeError, "bias has dtype float64 but input is float32"),
+    (_bad(in_scale=torch.randn(3)), ValueError, r"in_scale must have shape \(4,\) to match the input's 4 channels"),
+    (_bad(in_shift=torch.randn(4, dtype=torch.float64)), TypeError, "in_shift has dtype float64"),
+    (_bad(residual=torch.randn(2, 6, 4, 4)), ValueError, r"residual must have the output's shape "
+                                                         r"\(2, 6, 5, 5\), got \(2, 6, 4, 4\)"),
+    (_bad(residual=torch.randn(2, 6, 5, 5, dtype=torch.float64)), TypeError, "residual has dtype float64"),
+    (_bad(activation="gelu"), ValueError, "activation must be one of"),
+    (_bad(stats="yes"), ValueError, "stats must be False, True, 'sums' or 'moments', got 'yes'"),
+    (_bad(in_relu=1), TypeError, "in_relu must be a bool, got 1"),
+    (_bad(x=torch.randn(0, 4, 5, 5), stats=True), ValueError, "stats need a non-empty output"),
+])
+def test_errors_name_the_tensor_expected_and_actual(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_errors_device_mismatch():
+    x = torch.randn(2, 4, 5, 5, device="cuda")
+    with pytest.raises(ValueError, match="weight is on cpu but input is on cuda:0"):
+        conv2d_act(x, torch.randn(6, 4, 3, 3))
+
+
+def test_empty_batch_without_stats():
+    with _use("triton"):
+        y = conv2d_act(torch.randn(0, 4, 5, 5), torch.randn(6, 4, 3, 3), padding=1)
+    assert y.shape == (0, 6, 5, 5)
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the Triton conv compiled for it)")
+@pytest.mark.parametrize("shape", [
+    ((8, 64, 56, 56), (64, 64, 1, 1), 1, 0, 1, 1), ((8, 64, 56, 56), (64, 64, 3, 3), 1, 1, 1, 1),
+    ((8, 256, 56, 56), (128, 256, 1, 1), 2, 0, 1, 1), ((8, 128, 28, 28), (128, 128, 3, 3), 2, 1, 1, 1),
+    ((8, 3, 64, 64), (64, 3, 7, 7), 2, 3, 1, 1), ((4, 256, 14, 14), (256, 8, 3, 3), 1, 1, 1, 32),
+    ((4, 65, 9, 9), (33, 65, 3, 3), 1, 2, 2, 1),
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_gpu_parity_resnet_shapes(shape, dtype):
+    xs, ws, stride, padding, dilation, groups = shape
+    SHAPES["_gpu"] = shape
+    try:
+        case = _make("_gpu", dtype)
+    finally:
+        del SHAPES["_gpu"]
+    case = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+    with fastres.use_conv("fused"):
+        got = _grads(case, lambda: _loss(*_split(_run(case, True, True, True))).cpu())
+        y, s, ss = _run(case, True, True, True)
+    hi = torch.float64
+    hi_case = {k: (v.detach().to(hi) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+    y_hi = _run(hi_case, True, True, None, hi=hi)
+    yd = y.double()
+    torch.testing.assert_close(s.double(), yd.sum(dim=(0, 2, 3)), rtol=1e-4, atol=1e-2)
+    torch.testing.assert_close(ss.double(), yd.square().sum(dim=(0, 2, 3)), rtol=1e-4, atol=1e-2)
+    if dtype == torch.float64:
+        torch.testing.assert_close(y, y_hi, rtol=1e-9, atol=1e-9)
+        return
+    y_low = _run(case, True, True, None, hi=dtype)
+    floor = {torch.float32: 1e-5}.get(dtype, 0.0)
+    err, ref_err = max_err(y, y_hi), max_err(y_low, y_hi)
+    assert err <= 2 * ref_err + floor + 1e-3 * y_hi.abs().max().item() * (dtype != torch.float32), (err, ref_err)
+    assert torch.isfinite(torch.stack([g.float().abs().max() for g in got.values()])).all()
