@@ -276,8 +276,7 @@ class ConvFamily(NamedTuple):
 
 
 def _triton_forward(*args):
-    from . import kernels  # fastres.kernels (the top-level kernels/ folder)
-    from .kernels import _conv
+    from .kernels import _conv  # fastres.kernels (the top-level kernels/ folder)
     return _conv.conv2d_act(*args)
 
 

@@ -44,8 +44,8 @@ Tensor = torch.Tensor
 
 # ----------------------------------------------------------------------------- kernel helpers
 @triton.jit
-def _cast(z, dtype: tl.constexpr, RNE_BF16: tl.constexpr):
-    """z converted to ``dtype``. RNE_BF16 (only under the interpreter, whose fp32 ->
+def _cast(z, ptr, RNE_BF16: tl.constexpr):
+    """z converted to ptr's element type. RNE_BF16 (only under the interpreter, whose fp32 ->
     bf16 cast truncates): round to nearest even by hand, as the GPU's cvt.rn does."""
     if RNE_BF16:
         bits = z.to(tl.uint32, bitcast=True)
@@ -53,7 +53,7 @@ def _cast(z, dtype: tl.constexpr, RNE_BF16: tl.constexpr):
         rne = tl.where(z != z, bits | 0x400000, rne)  # NaN stays a (quiet) NaN
         return (rne >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
-        return z.to(dtype)
+        return z.to(ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -75,7 +75,8 @@ def _conv_fwd_kernel(
     KH: tl.constexpr, KW: tl.constexpr, CHECK_HW: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr,
     HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
-    DOT: tl.constexpr, DOT_UPCAST: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr, RNE_BF16: tl.constexpr,
+    HAS_PRO: tl.constexpr, DOT: tl.constexpr, DOT_UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    RNE_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -106,7 +107,7 @@ def _conv_fwd_kernel(
     w_col = kk.to(tl.int64) * swk
     c_first = g * CG
 
-    HAS_PRO: tl.constexpr = HAS_SCALE or HAS_SHIFT or IN_RELU
+    ACC = pmean_ptr.dtype.element_ty  # the accumulation dtype (the partials' buffer is always passed)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     num_cb = tl.cdiv(CG, BLOCK_K)
     for it in range(0, KH * KW * num_cb):
@@ -138,7 +139,7 @@ def _conv_fwd_kernel(
             if IN_RELU:
                 af = _relu(af)
             af = tl.where(a_mask, af, 0.0)  # the padding is zero *after* the transform
-            a = _cast(af, x_ptr.dtype.element_ty, RNE_BF16)
+            a = _cast(af, x_ptr, RNE_BF16)
         b_ptrs = w_ptr + w_col[None, :] + (c_in.to(tl.int64) * swc)[:, None] + r * swh + s * sww
         b = tl.load(b_ptrs, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
         if DOT:
@@ -165,7 +166,7 @@ def _conv_fwd_kernel(
         z += tl.load(r_ptr + r_offs, mask=out_mask, other=0.0).to(ACC)
     if RELU:
         z = _relu(z)
-    yq = _cast(z, y_ptr.dtype.element_ty, RNE_BF16)
+    yq = _cast(z, y_ptr, RNE_BF16)
     y_offs = (n64 * syn + p64 * syh + q64 * syw)[:, None] + (k64 * syc)[None, :]
     tl.store(y_ptr + y_offs, yq, mask=out_mask)
     if STATS:
@@ -320,8 +321,8 @@ def conv2d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Opti
         return y, empty, empty.clone()
     if m >= 2 ** 31 - 2 ** 16:
         raise ValueError(f"fastres: conv2d_act supports N*P*Q < 2^31 output positions, got {m}")
-    weight = weight if weight.is_contiguous() or weight.is_contiguous(memory_format=torch.channels_last) \
-        else weight.contiguous()
+    # (K, R, S, C) order: the B tile's channel axis contiguous (a no-op for channels_last models)
+    weight = weight.contiguous(memory_format=torch.channels_last)
     bias, in_scale, in_shift = (None if t is None else t.contiguous() for t in (bias, in_scale, in_shift))
     if residual is not None:
         rs = residual.stride()
@@ -331,8 +332,9 @@ def conv2d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Opti
     meta = dict(KH=kh, KW=kw, CHECK_HW=check_hw, HAS_BIAS=bias is not None, HAS_SCALE=in_scale is not None,
                 HAS_SHIFT=in_shift is not None, IN_RELU=bool(in_relu), HAS_RES=residual is not None,
                 RELU=bool(relu), STATS=bool(stats), DOT=x.dtype != torch.float64,
+                HAS_PRO=in_scale is not None or in_shift is not None or bool(in_relu),
                 DOT_UPCAST=INTERPRETED and x.dtype in (torch.bfloat16, torch.float16),
-                IEEE=x.dtype == torch.float32, ACC=tl.float64 if acc == torch.float64 else tl.float32,
+                IEEE=x.dtype == torch.float32,
                 RNE_BF16=INTERPRETED and x.dtype == torch.bfloat16)
     dummy = y  # never read when its flag is off
     key = (x.device.index, x.dtype, n, c, h, w, k, cg, kh, kw, stride, padding, dilation, groups,
@@ -344,7 +346,7 @@ def conv2d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Opti
             pmean = torch.empty((tiles, k), dtype=acc, device=x.device)
             pm2 = torch.empty((tiles, k), dtype=acc, device=x.device)
         else:
-            pmean = pm2 = empty
+            pmean = pm2 = torch.empty((1,), dtype=acc, device=x.device)  # types ACC; never written
         args = (x, weight, bias if bias is not None else dummy, in_scale if in_scale is not None else dummy,
                 in_shift if in_shift is not None else dummy, residual if residual is not None else dummy,
                 y, pmean, pm2, h, w, k, p, q, m, cg, kg, *x.stride(), *weight.stride(), *rs, *y.stride(),
