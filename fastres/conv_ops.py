@@ -33,6 +33,7 @@ Fakes and autograd are registered once for every family by :func:`_register`.
 """
 from __future__ import annotations
 
+import os
 import threading
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
@@ -107,17 +108,11 @@ def conv2d_act_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_s
     return y, mean, var
 
 
-def conv2d_act_backward_aten(grad_y: Tensor, grad_mean: Optional[Tensor], grad_var: Optional[Tensor],
-                             x: Tensor, weight: Tensor, in_scale: Optional[Tensor], in_shift: Optional[Tensor],
-                             y: Optional[Tensor], mean: Optional[Tensor], stride: List[int], padding: List[int],
-                             dilation: List[int], groups: int, in_relu: bool, relu: bool,
-                             need: List[bool]) -> Tuple[Tensor, ...]:
-    """The backward of the schema with aten's convolution_backward (any device)."""
-    need_x, need_w, need_b, need_s, need_t, need_r = need
+def _grad_conv_out(grad_y: Tensor, grad_mean: Optional[Tensor], grad_var: Optional[Tensor], x: Tensor,
+                   y: Optional[Tensor], mean: Optional[Tensor], relu: bool) -> Tensor:
+    """dz = dL/d(conv + bias + residual): grad_y plus the statistics' gradients, through
+    the output ReLU's mask; x's dtype, x's memory format."""
     acc = acc_dtype(x.dtype)
-    fmt = memory_format_of(x)
-    empty = x.new_empty((0,))
-    empty_acc = x.new_empty((0,), dtype=acc)
     g = grad_y
     if grad_mean is not None or grad_var is not None:  # the statistics are outputs too
         m = y.numel() // y.shape[1]
@@ -129,7 +124,21 @@ def conv2d_act_backward_aten(grad_y: Tensor, grad_mean: Optional[Tensor], grad_v
         g = ga.to(x.dtype)
     if relu:
         g = torch.ops.aten.threshold_backward(g, y, 0)
-    dz = g.contiguous(memory_format=fmt)
+    return g.contiguous(memory_format=memory_format_of(x))
+
+
+def conv2d_act_backward_aten(grad_y: Tensor, grad_mean: Optional[Tensor], grad_var: Optional[Tensor],
+                             x: Tensor, weight: Tensor, in_scale: Optional[Tensor], in_shift: Optional[Tensor],
+                             y: Optional[Tensor], mean: Optional[Tensor], stride: List[int], padding: List[int],
+                             dilation: List[int], groups: int, in_relu: bool, relu: bool,
+                             need: List[bool]) -> Tuple[Tensor, ...]:
+    """The backward of the schema with aten's convolution_backward (any device)."""
+    need_x, need_w, need_b, need_s, need_t, need_r = need
+    acc = acc_dtype(x.dtype)
+    fmt = memory_format_of(x)
+    empty = x.new_empty((0,))
+    empty_acc = x.new_empty((0,), dtype=acc)
+    dz = _grad_conv_out(grad_y, grad_mean, grad_var, x, y, mean, relu)
     grad_res = dz if need_r else empty
     grad_bias = dz.to(acc).sum(dim=(0, 2, 3)) if need_b else empty_acc
     has_pro = in_scale is not None or in_shift is not None or in_relu
@@ -159,6 +168,63 @@ def conv2d_act_backward_aten(grad_y: Tensor, grad_mean: Optional[Tensor], grad_v
                     grad_s = (dv * x.to(acc)).sum(dim=(0, 2, 3))
                 if need_t and in_shift is not None:
                     grad_t = dv.sum(dim=(0, 2, 3))
+    return grad_x, grad_w, grad_bias, grad_s, grad_t, grad_res
+
+
+def _conv_bwd_kernels():
+    """``fastres.kernels._conv_bwd`` (the Triton dgrad/wgrad kernels), or None where it
+    does not exist or ``FASTRES_CONV_BWD=aten`` asks for aten's convolution_backward."""
+    if os.environ.get("FASTRES_CONV_BWD", "auto").strip().lower() == "aten":
+        return None
+    try:
+        from .kernels import _conv_bwd
+    except ModuleNotFoundError as e:  # the file is absent; any other import error is raised
+        if e.name != "fastres.kernels._conv_bwd":
+            raise
+        return None
+    if not (hasattr(_conv_bwd, "conv2d_act_dgrad") and hasattr(_conv_bwd, "conv2d_act_wgrad")):
+        return None
+    return _conv_bwd
+
+
+def conv2d_act_backward_triton(grad_y: Tensor, grad_mean: Optional[Tensor], grad_var: Optional[Tensor],
+                               x: Tensor, weight: Tensor, in_scale: Optional[Tensor], in_shift: Optional[Tensor],
+                               y: Optional[Tensor], mean: Optional[Tensor], stride: List[int], padding: List[int],
+                               dilation: List[int], groups: int, in_relu: bool, relu: bool,
+                               need: List[bool]) -> Tuple[Tensor, ...]:
+    """The backward with the Triton data-gradient kernel (prologue ReLU mask recomputed,
+    Σdv·x and Σdv reduced in its epilogue) and weight-gradient kernel (prologue recomputed
+    as it loads); the elementwise part (statistics' gradient, output ReLU mask) in aten.
+    Falls back to :func:`conv2d_act_backward_aten` where the kernels are absent."""
+    kb = _conv_bwd_kernels()
+    if kb is None:
+        return conv2d_act_backward_aten(grad_y, grad_mean, grad_var, x, weight, in_scale, in_shift, y, mean,
+                                        stride, padding, dilation, groups, in_relu, relu, need)
+    need_x, need_w, need_b, need_s, need_t, need_r = need
+    acc = acc_dtype(x.dtype)
+    empty = x.new_empty((0,))
+    dz = _grad_conv_out(grad_y, grad_mean, grad_var, x, y, mean, relu)
+    grad_res = dz if need_r else empty
+    grad_x = empty
+    grad_s, grad_t = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
+    if need_x or need_s or need_t:
+        need_in = bool((need_s and in_scale is not None) or (need_t and in_shift is not None))
+        gx, gs, gt = kb.conv2d_act_dgrad(dz, weight, x, in_scale, in_shift, in_relu, stride, padding, dilation,
+                                         groups, need_in)
+        if need_x:
+            grad_x = gx
+        if need_s and in_scale is not None:
+            grad_s = gs
+        if need_t and in_shift is not None:
+            grad_t = gt
+    grad_w = weight.new_empty((0,))
+    if need_w:
+        gw, gb = kb.conv2d_act_wgrad(dz, x, in_scale, in_shift, in_relu, tuple(weight.shape), stride, padding,
+                                     dilation, groups, bool(need_b))
+        grad_w = gw.to(weight.dtype).contiguous()
+        grad_bias = gb if need_b else x.new_empty((0,), dtype=acc)
+    else:
+        grad_bias = dz.to(acc).sum(dim=(0, 2, 3)) if need_b else x.new_empty((0,), dtype=acc)
     return grad_x, grad_w, grad_bias, grad_s, grad_t, grad_res
 
 
@@ -303,9 +369,9 @@ def family(name: str) -> ConvFamily:
         ok, msg = backends._triton_installed()
         if not ok:
             raise RuntimeError(f"fastres: the triton conv is unavailable: {msg}")
-        # the backward: aten's convolution_backward + the elementwise prologue/epilogue
-        # derivatives (the Triton dgrad/wgrad kernels plug in here once they exist)
-        _families[name] = ConvFamily(name, *_define("triton_", _triton_forward, conv2d_act_backward_aten))
+        # the backward: the Triton dgrad/wgrad kernels of kernels/_conv_bwd.py where they
+        # exist (FASTRES_CONV_BWD=aten forces aten), else aten's convolution_backward
+        _families[name] = ConvFamily(name, *_define("triton_", _triton_forward, conv2d_act_backward_triton))
         return _families[name]
 
 

@@ -533,3 +533,28 @@ def test_kernel_compiles_for_hopper_and_ampere():
     r = subprocess.run([sys.executable, tool, "--quick"], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("ok  ") == 4, r.stdout
+
+
+# ----------------------------------------------------------------------------- backward wiring
+@pytest.mark.parametrize("force_aten", [False, True])
+def test_triton_family_backward_uses_the_triton_kernels(monkeypatch, force_aten):
+    """With kernels/_conv_bwd.py present the triton family's backward runs its dgrad/wgrad
+    launchers (FASTRES_CONV_BWD=aten: aten's convolution_backward instead); gradients
+    match the fp64 reference either way."""
+    monkeypatch.delenv("FASTRES_CONV_BWD", raising=False)
+    kb = conv_ops._conv_bwd_kernels()
+    if kb is None:
+        pytest.skip("kernels/_conv_bwd.py (the Triton dgrad/wgrad kernels) is not in this tree")
+    calls = []
+    for name in ("conv2d_act_dgrad", "conv2d_act_wgrad"):
+        orig = getattr(kb, name)
+        monkeypatch.setattr(kb, name, lambda *a, _o=orig, _n=name, **k: calls.append(_n) or _o(*a, **k))
+    if force_aten:
+        monkeypatch.setenv("FASTRES_CONV_BWD", "aten")
+    case = _make("3x3s2", torch.float64)
+    with _use("triton"):
+        got = _grads(case, lambda: _loss(*_split(_run(case, True, True, True))))
+    ref = _grads(case, lambda: _loss(*_split_ref(_run(case, True, True, None, hi=torch.float64))))
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {k}: {m}")
+    assert sorted(calls) == ([] if force_aten else ["conv2d_act_dgrad", "conv2d_act_wgrad"])
