@@ -33,6 +33,7 @@ Fakes and autograd are registered once for every family by :func:`_register`.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import threading
 from typing import Dict, List, NamedTuple, Optional, Tuple
@@ -176,12 +177,9 @@ def _conv_bwd_kernels():
     does not exist or ``FASTRES_CONV_BWD=aten`` asks for aten's convolution_backward."""
     if os.environ.get("FASTRES_CONV_BWD", "auto").strip().lower() == "aten":
         return None
-    try:
-        from .kernels import _conv_bwd
-    except ModuleNotFoundError as e:  # the file is absent; any other import error is raised
-        if e.name != "fastres.kernels._conv_bwd":
-            raise
+    if importlib.util.find_spec("fastres.kernels._conv_bwd") is None:  # the file is absent
         return None
+    from .kernels import _conv_bwd  # any import error in an existing file is raised
     if not (hasattr(_conv_bwd, "conv2d_act_dgrad") and hasattr(_conv_bwd, "conv2d_act_wgrad")):
         return None
     return _conv_bwd
