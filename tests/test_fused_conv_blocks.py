@@ -1,0 +1,124 @@
+"""Blocks with FASTRES_CONV=fused: the convs run through conv2d_act with the BN statistics
+from the conv's epilogue and the BN+ReLU applied in the next conv's prologue
+(fastres/nn/_fused_conv_block.py). fp64 parity against torchvision's blocks in training
+(output, input and every parameter gradient, running stats, num_batches_tracked, two
+steps) and eval (folded convs), with the conv family ``ops`` (the aten composition behind
+the custom op: the block logic on any machine) and ``triton`` (the kernel, interpreted)."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models import resnet as tvr
+
+import fastres
+from fastres import backends, conv_backend, conv_ops
+from fastres import functional as FF
+from resnet_ref import check_parity, randomize
+
+
+@contextlib.contextmanager
+def fused_conv(family):
+    """FASTRES_CONV=fused, with conv2d_act running on ``family``."""
+    if family == "triton":
+        ok, why = backends.available("triton", "cpu")
+        if not ok:
+            pytest.skip(f"triton unavailable on cpu: {why}")
+    orig = conv_ops.family
+    if family == "ops":
+        conv_ops.family = lambda n: orig("ops")
+    try:
+        with fastres.use_conv("fused"):
+            yield
+    finally:
+        conv_ops.family = orig
+
+
+def _blocks(kind, dtype=torch.float64, momentum=0.1):
+    if kind == "basic":
+        args = dict(inplanes=8, planes=8, stride=1)
+        ref = tvr.BasicBlock(**args)
+        ours = fastres.BasicBlock(**args)
+    else:  # grouped bottleneck with a stride-2 projection
+        args = dict(inplanes=12, planes=4, stride=2, groups=2, base_width=64)
+        ds = lambda: nn.Sequential(tvr.conv1x1(12, 16, 2), nn.BatchNorm2d(16, momentum=momentum))  # noqa: E731
+        ref = tvr.Bottleneck(downsample=ds(), **args)
+        ours = fastres.Bottleneck(downsample=ds(), **args)
+    for m in (ref, ours):
+        for bn in m.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.momentum = momentum
+    randomize(ref)
+    ref, ours = ref.to(dtype), ours.to(dtype)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours
+
+
+@pytest.mark.parametrize("family", ["ops", "triton"])
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_fused_conv_block_parity_fp64(kind, family):
+    ref, ours = _blocks(kind)
+    cin = ref.conv1.in_channels
+    x = torch.randn(2, cin, 6, 5, dtype=torch.float64)
+    with fused_conv(family):
+        check_parity(ref, ours, x.contiguous(memory_format=torch.channels_last), train=True, tol=1e-9, steps=2,
+                     what=f"{kind} {family} train channels_last")
+        check_parity(ref, ours, x, train=False, tol=1e-9, what=f"{kind} {family} eval")
+
+
+@pytest.mark.parametrize("family", ["ops"])
+def test_fused_conv_block_momentum_none_and_frozen_bn(family):
+    """momentum=None (cumulative average via num_batches_tracked) and a training block
+    whose bn2 is in eval (running statistics in the prologue), against torchvision."""
+    ref, ours = _blocks("bottleneck", momentum=None)
+    x = torch.randn(2, 12, 6, 6, dtype=torch.float64)
+    with fused_conv(family):
+        check_parity(ref, ours, x, train=True, tol=1e-9, steps=3, what="momentum None")
+        ref.train(), ours.train()
+        ref.bn2.eval(), ours.bn2.eval()
+        xs = [x.clone().requires_grad_(True) for _ in range(2)]
+        ys = [ref(xs[0]), ours(xs[1])]
+        torch.testing.assert_close(ys[1], ys[0], rtol=1e-9, atol=1e-9)
+        ys[0].sum().backward(), ys[1].sum().backward()
+        torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-9, atol=1e-9)
+        for (n, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-9, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(ours.bn1.running_var, ref.bn1.running_var, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_fused_conv_block_runs_conv2d_act_with_stats_and_prologue(monkeypatch, train):
+    ref, ours = _blocks("bottleneck")
+    ours.train(train)
+    calls = []
+    real = FF.conv2d_act
+
+    def spy(x, w, *a, **k):
+        calls.append(dict(k, weight=tuple(w.shape)))
+        return real(x, w, *a, **k)
+
+    monkeypatch.setattr(FF, "conv2d_act", spy)
+    x = torch.randn(2, 12, 6, 6, dtype=torch.float64)
+    with fused_conv("ops"):
+        ours(x)
+    assert len(calls) == 4, calls  # conv1, conv2, conv3, downsample
+    if train:
+        assert all(c["stats"] == "moments" for c in calls)
+        assert [c.get("in_scale") is not None for c in calls] == [False, True, True, False]
+        assert [c.get("in_relu") for c in calls] == [False, True, True, False]
+    else:  # folded: bias + (residual) + ReLU in the epilogue, no statistics
+        assert all(c.get("stats", False) is False for c in calls)
+        assert [c["activation"] for c in calls] == ["relu", "relu", "none", "relu"]
+        assert calls[-1]["residual"] is not None
+
+
+def test_aten_conv_keeps_the_usual_block_forward(monkeypatch):
+    ref, ours = _blocks("basic")
+    calls = []
+    monkeypatch.setattr(FF, "conv2d_act", lambda *a, **k: calls.append(1))
+    with fastres.use_conv("aten"):
+        ours(torch.randn(2, 8, 5, 5, dtype=torch.float64))
+    assert calls == []
+    assert conv_backend.conv_for(torch.device("cpu")) == "aten"
