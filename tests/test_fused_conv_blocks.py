@@ -122,3 +122,63 @@ def test_aten_conv_keeps_the_usual_block_forward(monkeypatch):
         ours(torch.randn(2, 8, 5, 5, dtype=torch.float64))
     assert calls == []
     assert conv_backend.conv_for(torch.device("cpu")) == "aten"
+
+
+# ----------------------------------------------------------------------------- whole models
+def _model_pair(arch, dtype=torch.float64, fmt=torch.contiguous_format):
+    import torchvision
+    from resnet_ref import twin
+    ref = getattr(torchvision.models, arch)(num_classes=10)
+    ref = randomize(ref, margin=dtype != torch.float64).to(dtype).to(memory_format=fmt)
+    return ref, twin(ref, lambda: getattr(fastres, arch)(num_classes=10), dtype, fmt)
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "resnext50_32x4d"])
+def test_fused_conv_model_fp64_train_and_eval(arch):
+    ref, ours = _model_pair(arch)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    with fused_conv("ops"):
+        check_parity(ref, ours, x, train=True, tol=1e-9, steps=2, what=f"{arch} fused-conv train")
+        check_parity(ref, ours, x[:2], train=False, tol=1e-9, what=f"{arch} fused-conv eval")
+
+
+def test_fused_conv_small_model_triton_interpreted():
+    """A whole CIFAR ResNet-8 (option A shortcuts: PadShortcut identities) with every block
+    conv in the Triton kernel (interpreted), fp64, training and eval, channels_last."""
+    from resnet_ref import RefCifar, twin
+    ref = randomize(RefCifar(8, "A")).double()
+    ours = twin(ref, lambda: fastres.cifar_resnet(8), torch.float64)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    with fused_conv("triton"):
+        check_parity(ref, ours, x, train=True, tol=1e-9, steps=2, what="cifar8 triton train")
+        check_parity(ref, ours, x, train=False, tol=1e-9, what="cifar8 triton eval")
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_fused_conv_bf16_autocast_within_2x_of_torchvision(train, monkeypatch):
+    """Under torch.autocast(bfloat16) the fused blocks compute in bf16 (inputs and weights
+    cast once): error against fp32 at most 2x torchvision's own bf16 error (+1e-3),
+    running statistics too."""
+    import copy
+    from resnet_ref import rel_err
+    ref, ours = _model_pair("resnet18", torch.float32, torch.channels_last)
+    fp32 = copy.deepcopy(ref)
+    for m in (ref, ours, fp32):
+        m.train(train)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    y32 = fp32(x)
+    dtypes = []
+    real = FF.conv2d_act
+    monkeypatch.setattr(FF, "conv2d_act", lambda x, *a, **k: dtypes.append(x.dtype) or real(x, *a, **k))
+    with fused_conv("ops"), torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref, y_ours = ref(x), ours(x)
+    assert dtypes == [torch.bfloat16] * 19  # every block conv of resnet18 (16 + 3 downsamples), in bf16
+    assert y_ours.dtype == y_ref.dtype == torch.bfloat16
+    theirs, mine = rel_err(y_ref, y32), rel_err(y_ours, y32)
+    assert mine <= 2 * theirs + 1e-3, f"bf16 error {mine:.3g} > 2 x torchvision's {theirs:.3g}"
+    if train:
+        b32, bref = dict(fp32.named_buffers()), dict(ref.named_buffers())
+        for n, b in ours.named_buffers():
+            assert b.dtype == bref[n].dtype
+            if b.is_floating_point():
+                assert rel_err(b, b32[n]) <= 2 * rel_err(bref[n], b32[n]) + 1e-3, n
