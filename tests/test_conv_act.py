@@ -32,6 +32,7 @@ SHAPES = {
     "3x3s1": ((2, 6, 6, 6), (8, 6, 3, 3), 1, 1, 1, 1),
     "3x3s2": ((2, 6, 7, 7), (8, 6, 3, 3), 2, 1, 1, 1),
     "3x3d2": ((2, 6, 7, 7), (8, 6, 3, 3), 1, 2, 2, 1),
+    "3x3s2d2": ((2, 6, 9, 9), (8, 6, 3, 3), 2, 2, 2, 1),
     "7x7s2c3": ((2, 3, 8, 8), (8, 3, 7, 7), 2, 3, 1, 1),
     "grouped": ((2, 8, 5, 5), (8, 2, 3, 3), 1, 1, 1, 4),
     "c65b1": ((1, 65, 4, 4), (17, 65, 3, 3), 1, 1, 1, 1),
@@ -229,7 +230,7 @@ def test_input_layouts(family, layout):
 # ----------------------------------------------------------------------------- fp32 / bf16
 @pytest.mark.parametrize("family", ["ops", "triton"])
 @pytest.mark.parametrize("shape", ["3x3s1", "1x1s2", "7x7s2c3"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_low_precision_forward_backward(family, shape, dtype):
     """fp32 at 1e-5 against fp32 aten; bf16: error vs the fp32 reference <= 2x aten's own bf16 error."""
     case = _make(shape, dtype)
