@@ -167,8 +167,8 @@ def _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residua
     stride = _pair(stride, "stride", 1)
     padding = _pair(padding, "padding", 0)
     dilation = _pair(dilation, "dilation", 1)
-    p = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    q = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    from .conv_ops import out_size
+    p, q = out_size(h, w, kh, kw, stride, padding, dilation)
     if p < 1 or q < 1:
         raise ValueError(f"fastres: the {kh}x{kw} kernel (dilation {tuple(dilation)}) is larger than the padded "
                          f"input {h}x{w} (padding {tuple(padding)}): the output would be {p}x{q}")

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import fastres
 from fastres import backends, conv_backend, conv_ops
 from fastres.functional import conv2d_act
+from conv_helpers import conv_family
 from parity import assert_close_dtype, make_input, max_err
 
 FAMILIES = ["torch", "ops", "triton"]
@@ -37,27 +38,6 @@ SHAPES = {
     "grouped": ((2, 8, 5, 5), (8, 2, 3, 3), 1, 1, 1, 4),
     "c65b1": ((1, 65, 4, 4), (17, 65, 3, 3), 1, 1, 1, 1),
 }
-
-
-def _use(name):
-    """Context: run conv2d_act on family ``name``."""
-    class _Ctx:
-        def __enter__(self):
-            self.orig = conv_ops.family
-            if name == "triton":
-                ok, why = backends.available("triton", "cpu")
-                if not ok:
-                    pytest.skip(f"triton unavailable on cpu: {why}")
-            self.prev = conv_backend.set_conv("fused" if name == "triton" else "aten")
-            if name == "ops":
-                orig = self.orig
-                conv_ops.family = lambda n: orig("ops")
-            return self
-
-        def __exit__(self, *exc):
-            conv_ops.family = self.orig
-            conv_backend.set_conv(self.prev)
-    return _Ctx()
 
 
 def _reference(x, w, b, s, t, in_relu, r, relu, stride, padding, dilation, groups):
@@ -153,7 +133,7 @@ def _loss(y, sums=None, seed=1):
 def test_fp64_forward_backward_stats_every_shape(family, shape):
     """Prologue + epilogue + stats together, output, stats and all six gradients, fp64 at 1e-9."""
     case = _make(shape, torch.float64)
-    with _use(family):
+    with conv_family(family):
         got = _grads(case, lambda: _loss(*_split(_run(case, True, True, "sums"))))
         y, s, ss = _run(case, True, True, "sums")
     ref = _grads(case, lambda: _loss(*_split_ref(_run(case, True, True, None, hi=torch.float64))))
@@ -187,7 +167,7 @@ def _split_ref(y):
 ])
 def test_prologue_and_epilogue_separately(family, pro, in_relu, epi, relu):
     case = _make("3x3s2", torch.float64, pro=pro, epi=epi)
-    with _use(family):
+    with conv_family(family):
         got = _grads(case, lambda: _loss(_run(case, in_relu, relu, False)))
         y = _run(case, in_relu, relu, False)
     ref = _grads(case, lambda: _loss(_run(case, in_relu, relu, None, hi=torch.float64)))
@@ -204,7 +184,7 @@ def test_zero_padding_stays_zero_after_the_transform(family):
     x = torch.zeros(1, 2, 4, 4, dtype=torch.float64)
     w = torch.ones(1, 2, 3, 3, dtype=torch.float64)
     shift = torch.ones(2, dtype=torch.float64)
-    with _use(family):
+    with conv_family(family):
         y = conv2d_act(x, w, padding=1, in_shift=shift, in_relu=True)
     taps = torch.tensor([[4, 6, 6, 4], [6, 9, 9, 6], [6, 9, 9, 6], [4, 6, 6, 4]], dtype=torch.float64) * 2
     torch.testing.assert_close(y[0, 0], taps, rtol=0, atol=0)
@@ -215,7 +195,7 @@ def test_zero_padding_stays_zero_after_the_transform(family):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontig"])
 def test_input_layouts(family, layout):
     case = _make("1x1s2", torch.float64, layout=layout)
-    with _use(family):
+    with conv_family(family):
         got = _grads(case, lambda: _loss(*_split(_run(case, True, True, True))))
         y, s, ss = _run(case, True, True, True)
     ref = _grads(case, lambda: _loss(*_split_ref(_run(case, True, True, None, hi=torch.float64))))
@@ -234,7 +214,7 @@ def test_input_layouts(family, layout):
 def test_low_precision_forward_backward(family, shape, dtype):
     """fp32 at 1e-5 against fp32 aten; bf16: error vs the fp32 reference <= 2x aten's own bf16 error."""
     case = _make(shape, dtype)
-    with _use(family):
+    with conv_family(family):
         got = _grads(case, lambda: _loss(*_split(_run(case, True, True, True))))
         y, s, ss = _run(case, True, True, True)
     # the fp32 reference from the same (rounded) inputs, and aten's own result in dtype
@@ -270,7 +250,7 @@ def test_stats_stable_with_a_large_mean(family):
     x = torch.randn(2, 4, 5, 5, generator=g).contiguous(memory_format=torch.channels_last)
     w = torch.randn(6, 4, 1, 1, generator=g) * 0.5
     b = torch.full((6,), 1e4)
-    with _use(family):
+    with conv_family(family):
         y, mean, var = conv2d_act(x, w, b, stats="moments")
     yd = y.double()
     mean_ref = yd.mean(dim=(0, 2, 3))
@@ -295,7 +275,7 @@ def test_stats_gradients_moments(family):
         y = _run(case, True, True, None, hi=torch.float64)
         return _loss(y, (y.mean(dim=(0, 2, 3)), y.var(dim=(0, 2, 3), unbiased=False)))
 
-    with _use(family):
+    with conv_family(family):
         got = _grads(case, ours)
     want = _grads(case, ref)
     for k in want:
@@ -308,7 +288,7 @@ def test_multi_tile_stats_merge_interpreter():
     case = _make("3x3s1", torch.float64)
     case["x"] = make_input((2, 6, 9, 9), torch.float64, "channels_last")
     case["r"] = None
-    with _use("triton"):
+    with conv_family("triton"):
         y, mean, var = conv2d_act(case["x"], case["w"], case["b"], 1, 1, in_scale=case["s"], in_shift=case["t"],
                                   stats="moments")
     torch.testing.assert_close(mean, y.mean(dim=(0, 2, 3)), rtol=1e-12, atol=1e-12)
@@ -361,7 +341,7 @@ def test_compile_fullgraph(family):
         return (y * 2).sum() + m.sum() + v.sum()
 
     args = [case[k] for k in ("x", "w", "b", "s", "t", "r")]
-    with _use(family):
+    with conv_family(family):
         torch._dynamo.reset()
         cf = torch.compile(f, fullgraph=True, backend="aot_eager")
         a1 = [a.detach().clone().requires_grad_(True) for a in args]
@@ -475,7 +455,7 @@ def test_errors_device_mismatch():
 
 
 def test_empty_batch_without_stats():
-    with _use("triton"):
+    with conv_family("triton"):
         y = conv2d_act(torch.randn(0, 4, 5, 5), torch.randn(6, 4, 3, 3), padding=1)
     assert y.shape == (0, 6, 5, 5)
 
@@ -553,7 +533,7 @@ def test_triton_family_backward_uses_the_triton_kernels(monkeypatch, force_aten)
     if force_aten:
         monkeypatch.setenv("FASTRES_CONV_BWD", "aten")
     case = _make("3x3s2", torch.float64)
-    with _use("triton"):
+    with conv_family("triton"):
         got = _grads(case, lambda: _loss(*_split(_run(case, True, True, True))))
     ref = _grads(case, lambda: _loss(*_split_ref(_run(case, True, True, None, hi=torch.float64))))
     for k in ref:

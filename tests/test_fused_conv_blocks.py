@@ -6,34 +6,16 @@ steps) and eval (folded convs), with the conv family ``ops`` (the aten compositi
 the custom op: the block logic on any machine) and ``triton`` (the kernel, interpreted)."""
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from torch import nn
 from torchvision.models import resnet as tvr
 
 import fastres
-from fastres import backends, conv_backend, conv_ops
+from fastres import conv_backend
 from fastres import functional as FF
+from conv_helpers import conv_family
 from resnet_ref import check_parity, randomize
-
-
-@contextlib.contextmanager
-def fused_conv(family):
-    """FASTRES_CONV=fused, with conv2d_act running on ``family``."""
-    if family == "triton":
-        ok, why = backends.available("triton", "cpu")
-        if not ok:
-            pytest.skip(f"triton unavailable on cpu: {why}")
-    orig = conv_ops.family
-    if family == "ops":
-        conv_ops.family = lambda n: orig("ops")
-    try:
-        with fastres.use_conv("fused"):
-            yield
-    finally:
-        conv_ops.family = orig
 
 
 def _blocks(kind, dtype=torch.float64, momentum=0.1):
@@ -62,7 +44,7 @@ def test_fused_conv_block_parity_fp64(kind, family):
     ref, ours = _blocks(kind)
     cin = ref.conv1.in_channels
     x = torch.randn(2, cin, 6, 5, dtype=torch.float64)
-    with fused_conv(family):
+    with conv_family(family):
         check_parity(ref, ours, x.contiguous(memory_format=torch.channels_last), train=True, tol=1e-9, steps=2,
                      what=f"{kind} {family} train channels_last")
         check_parity(ref, ours, x, train=False, tol=1e-9, what=f"{kind} {family} eval")
@@ -74,7 +56,7 @@ def test_fused_conv_block_momentum_none_and_frozen_bn(family):
     whose bn2 is in eval (running statistics in the prologue), against torchvision."""
     ref, ours = _blocks("bottleneck", momentum=None)
     x = torch.randn(2, 12, 6, 6, dtype=torch.float64)
-    with fused_conv(family):
+    with conv_family(family):
         check_parity(ref, ours, x, train=True, tol=1e-9, steps=3, what="momentum None")
         ref.train(), ours.train()
         ref.bn2.eval(), ours.bn2.eval()
@@ -101,7 +83,7 @@ def test_fused_conv_block_runs_conv2d_act_with_stats_and_prologue(monkeypatch, t
 
     monkeypatch.setattr(FF, "conv2d_act", spy)
     x = torch.randn(2, 12, 6, 6, dtype=torch.float64)
-    with fused_conv("ops"):
+    with conv_family("ops"):
         ours(x)
     assert len(calls) == 4, calls  # conv1, conv2, conv3, downsample
     if train:
@@ -137,7 +119,7 @@ def _model_pair(arch, dtype=torch.float64, fmt=torch.contiguous_format):
 def test_fused_conv_model_fp64_train_and_eval(arch):
     ref, ours = _model_pair(arch)
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
-    with fused_conv("ops"):
+    with conv_family("ops"):
         check_parity(ref, ours, x, train=True, tol=1e-9, steps=2, what=f"{arch} fused-conv train")
         check_parity(ref, ours, x[:2], train=False, tol=1e-9, what=f"{arch} fused-conv eval")
 
@@ -149,7 +131,7 @@ def test_fused_conv_small_model_triton_interpreted():
     ref = randomize(RefCifar(8, "A")).double()
     ours = twin(ref, lambda: fastres.cifar_resnet(8), torch.float64)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    with fused_conv("triton"):
+    with conv_family("triton"):
         check_parity(ref, ours, x, train=True, tol=1e-9, steps=2, what="cifar8 triton train")
         check_parity(ref, ours, x, train=False, tol=1e-9, what="cifar8 triton eval")
 
@@ -170,7 +152,7 @@ def test_fused_conv_bf16_autocast_within_2x_of_torchvision(train, monkeypatch):
     dtypes = []
     real = FF.conv2d_act
     monkeypatch.setattr(FF, "conv2d_act", lambda x, *a, **k: dtypes.append(x.dtype) or real(x, *a, **k))
-    with fused_conv("ops"), torch.autocast("cpu", dtype=torch.bfloat16):
+    with conv_family("ops"), torch.autocast("cpu", dtype=torch.bfloat16):
         y_ref, y_ours = ref(x), ours(x)
     assert dtypes == [torch.bfloat16] * 19  # every block conv of resnet18 (16 + 3 downsamples), in bf16
     assert y_ours.dtype == y_ref.dtype == torch.bfloat16
@@ -215,3 +197,23 @@ def test_gpu_fused_conv_resnet50_bf16_autocast(train):
     with fastres.use_conv("fused"):
         check_parity(ref64.cuda(), ours64.cuda(), torch.randn(2, 3, 32, 32, dtype=torch.float64, device="cuda"),
                      train=train, tol=1e-9, what="resnet50 fp64 cuda fused conv")
+
+
+@pytest.mark.parametrize("family", ["ops", "triton"])
+def test_fused_conv_block_compile_fullgraph(family):
+    """torch.compile(fullgraph=True) traces a fused Bottleneck (training: stats, running
+    statistics update, prologues) without a graph break; output and gradients as eager."""
+    import torch._dynamo
+    ref, ours = _blocks("bottleneck")
+    x = torch.randn(2, 12, 6, 6, dtype=torch.float64)
+    with conv_family(family):
+        torch._dynamo.reset()
+        cmod = torch.compile(ours, fullgraph=True, backend="aot_eager")
+        x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        y = cmod(x1)
+        y_ref = ref(x2)
+        torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
+        y.sum().backward(), y_ref.sum().backward()
+        torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(ours.bn2.running_var, ref.bn2.running_var, rtol=1e-12, atol=1e-12)
+        assert torch.equal(ours.bn1.num_batches_tracked, ref.bn1.num_batches_tracked)
