@@ -441,6 +441,12 @@ def _bad(**over):
     (_bad(stats="yes"), ValueError, "stats must be False, True, 'sums' or 'moments', got 'yes'"),
     (_bad(in_relu=1), TypeError, "in_relu must be a bool, got 1"),
     (_bad(x=torch.randn(0, 4, 5, 5), stats=True), ValueError, "stats need a non-empty output"),
+    # device mismatches (a meta tensor stands in for another device on a CPU-only machine)
+    (_bad(weight=torch.empty(6, 4, 3, 3, device="meta")), ValueError,
+     "weight is on meta but input is on cpu; expected both on the same device"),
+    (_bad(bias=torch.empty(6, device="meta")), ValueError, "bias is on meta but input is on cpu"),
+    (_bad(in_scale=torch.empty(4, device="meta")), ValueError, "in_scale is on meta but input is on cpu"),
+    (_bad(residual=torch.empty(2, 6, 5, 5, device="meta")), ValueError, "residual is on meta but input is on cpu"),
 ])
 def test_errors_name_the_tensor_expected_and_actual(call, exc, match):
     with pytest.raises(exc, match=match):
