@@ -111,10 +111,15 @@ def _conv_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     num_cb = tl.cdiv(CG, BLOCK_K)
     for it in range(0, KH * KW * num_cb):
-        cb = it % num_cb
-        rs = it // num_cb
-        r = rs // KW
-        s = rs % KW
+        if KH * KW == 1:  # a 1x1 conv is a plain GEMM over the channels
+            cb = it
+            r = 0
+            s = 0
+        else:
+            cb = it % num_cb
+            rs = it // num_cb
+            r = rs // KW
+            s = rs % KW
         c_in = cb * BLOCK_K + offs_k  # channel within the group
         c_ok = c_in < CG
         c_abs = c_first + c_in

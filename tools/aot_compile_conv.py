@@ -37,6 +37,7 @@ GEMM = dict(FULL, KH=1, KW=1, CHECK_HW=False, HAS_SCALE=False, HAS_SHIFT=False, 
 CASES = [
     ("bf16", (128, 128, 64, 8, 3), FULL, True),
     ("fp16", (128, 256, 64, 8, 3), GEMM, False),
+    ("bf16", (128, 128, 64, 8, 3), dict(FULL, KH=1, KW=1, CHECK_HW=False), False),
     ("bf16", (64, 64, 16, 4, 3), dict(FULL, KH=7, KW=7), False),
     ("fp32", (64, 64, 32, 4, 3), dict(FULL, IEEE=True), False),
     ("fp64", (32, 32, 8, 4, 2), dict(FULL, DOT=False), True),
