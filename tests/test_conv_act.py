@@ -545,3 +545,23 @@ def test_triton_family_backward_uses_the_triton_kernels(monkeypatch, force_aten)
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {k}: {m}")
     assert sorted(calls) == ([] if force_aten else ["conv2d_act_dgrad", "conv2d_act_wgrad"])
+
+
+@pytest.mark.parametrize("cfg", [(16, 16, 16, 4), (32, 16, 16, 8), (64, 32, 32, 3)],
+                         ids=["16x16x16-g4", "32x16x16-g8", "64x32x32-g3"])
+def test_tilings_and_program_order_interpreter(monkeypatch, cfg):
+    """Other tilings than the interpreter's default, with the GROUP_M band ordering of the
+    GPU configurations (several row and column tiles, ragged edges, two groups): fp64
+    output and statistics."""
+    with conv_family("triton"):
+        from fastres.kernels import _conv
+        monkeypatch.setattr(_conv, "INTERPRETER_CONFIG", _conv.Config(*cfg, 1, 1))
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(2, 12, 9, 9, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(40, 6, 3, 3, generator=g, dtype=torch.float64)
+        s, t = torch.rand(12, generator=g, dtype=torch.float64) + 0.5, torch.randn(12, generator=g, dtype=torch.float64)
+        y, mean, var = conv2d_act(x, w, None, 1, 1, 1, 2, in_scale=s, in_shift=t, in_relu=True, stats="moments")
+    y_ref = _reference(x, w, None, s, t, True, None, False, 1, 1, 1, 2)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mean, y_ref.mean(dim=(0, 2, 3)), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(var, y_ref.var(dim=(0, 2, 3), unbiased=False), rtol=1e-12, atol=1e-12)
