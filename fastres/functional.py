@@ -224,9 +224,22 @@ def conv2d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
     Differentiable w.r.t. ``x``, ``weight``, ``bias``, ``in_scale``, ``in_shift`` and
     ``residual``. ``y`` keeps x's memory format (channels_last in, channels_last out).
     The convolution is aten's or the fused Triton kernel: see
-    :mod:`fastres.conv_backend` (``FASTRES_CONV``, ``fastres.set_conv``).
+    :mod:`fastres.conv_backend` (``FASTRES_CONV``, ``fastres.set_conv``). Under
+    ``torch.autocast`` (non-fp64 input) x, weight and residual are cast to autocast's
+    dtype first, as ``F.conv2d`` does.
     """
     from . import conv_backend, conv_ops
+    if isinstance(x, Tensor) and x.is_floating_point() and x.dtype != torch.float64 \
+            and torch.is_autocast_enabled(x.device.type):
+        # autocast: compute in its dtype, as F.conv2d would (the custom ops do not autocast);
+        # an fp32 bias stays fp32 (added in the fp32 accumulator)
+        dt = torch.get_autocast_dtype(x.device.type)
+        x = x.to(dt)
+        weight = weight.to(dt) if isinstance(weight, Tensor) and weight.is_floating_point() else weight
+        if isinstance(bias, Tensor) and bias.dtype not in (dt, torch.float32):
+            bias = bias.to(dt)
+        if isinstance(residual, Tensor) and residual.is_floating_point():
+            residual = residual.to(dt)
     if stats not in (False, True, "sums", "moments"):
         raise ValueError(f"fastres: stats must be False, True, 'sums' or 'moments', got {stats!r}")
     act = V.normalize_activation(activation)

@@ -565,3 +565,17 @@ def test_tilings_and_program_order_interpreter(monkeypatch, cfg):
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(mean, y_ref.mean(dim=(0, 2, 3)), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(var, y_ref.var(dim=(0, 2, 3), unbiased=False), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", ["torch", "triton"])
+def test_autocast_computes_in_autocast_dtype(family):
+    """Under torch.autocast(bfloat16) fp32 inputs/weights are cast as F.conv2d's autocast
+    does: a bf16 result, within 2x of aten's own autocast error against fp32."""
+    case = _make("3x3s1", torch.float32)
+    hi = _run(case, True, True, None, hi=torch.float32).detach()
+    with conv_family(family), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = _run(case, True, True, False)
+        y_low = _reference(case["x"], case["w"], case["b"], case["s"], case["t"], True, case["r"], True, 1, 1, 1,
+                           1)  # F.conv2d autocasts; the rest follows its bf16 output
+    assert y.dtype == torch.bfloat16
+    assert_close_dtype(y, None, torch.bfloat16, "y", ref_low=y_low, ref_hi=hi)
