@@ -169,6 +169,9 @@ def backend_info() -> Dict[str, object]:
             "available": {b: available(b, dev)[0] for b in BACKENDS},
             "fallback_warning": warning,
         }
+    from .conv_backend import conv_info  # the conv path (FASTRES_CONV), issue 10
+    for dev in per_device:
+        per_device[dev]["conv"] = conv_info(dev)
     return {
         "requested": requested_backend(),
         "built": {"_C": loaded, "_C_cuda_kernels": has_cuda, "_C_message": c_msg,

@@ -178,6 +178,9 @@ def format_info(info: dict) -> str:
             lines.append("  ops: " + ", ".join(f"{k}={v}" for k, v in ops.items()))
         if d.get("fallback_warning"):
             lines.append(f"  WARNING: {d['fallback_warning']}")
+        conv = d.get("conv")
+        if conv:  # issue 10: which convolution conv2d_act runs (FASTRES_CONV / fastres.set_conv)
+            lines.append(f"  conv: {conv['path']}  (requested {conv['requested']}; {conv['reason']})")
     return "\n".join(lines)
 
 
