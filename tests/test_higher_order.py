@@ -15,7 +15,6 @@ fast mode (one random projection instead of the full second-order Jacobian).
 """
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -266,25 +265,41 @@ def _cifar_pair(train):
     return ref.train(train), ours.train(train)
 
 
+MODEL_PARAMS = ["conv1.weight", "layer2.0.bn2.weight", "layer3.0.downsample.1.bias", "fc.weight"]
+
+
+def _model_fn(m):
+    def f(x, *p):
+        fastres.fold.invalidate(m)  # gradcheck perturbs through .data (see test_block_gradgradcheck)
+        return functional_call(m, dict(zip(MODEL_PARAMS, p)), (x,))
+    return f
+
+
+# Triton is left out here only for time: one training forward of this 9-BN model costs
+# ~10 s under the interpreter and gradgradcheck needs dozens. Triton's double backward is
+# gradgradcheck'ed on BatchNormAct2d and both blocks above, and on this model by the
+# Hessian-vector-product comparison below.
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_model_gradgradcheck(backend, train):
+    _, ours = _cifar_pair(train)
+    x = torch.randn(2, 3, 6, 6, dtype=F64, requires_grad=True)
+    with run_on(backend):
+        assert torch.autograd.gradgradcheck(_model_fn(ours), (x, *_params(ours, MODEL_PARAMS)), fast_mode=True)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_model_gradgradcheck_and_hvp(backend, train):
+def test_model_hvp_matches_torchvision(backend, train):
     ref, ours = _cifar_pair(train)
     x = torch.randn(2, 3, 6, 6, dtype=F64)
-    names = ["conv1.weight", "layer2.0.bn2.weight", "layer3.0.downsample.1.bias", "fc.weight"]
-
-    def fn(m):
-        def f(x, *p):
-            fastres.fold.invalidate(m)  # gradcheck perturbs through .data (see test_block_gradgradcheck)
-            return functional_call(m, dict(zip(names, p)), (x,))
-        return f
+    inputs = lambda: [x.clone().requires_grad_(), *_params(ref, MODEL_PARAMS)]  # noqa: E731
     with run_on(backend):
-        assert torch.autograd.gradgradcheck(fn(ours), (x.clone().requires_grad_(), *_params(ours, names)),
-                                            fast_mode=True)
-        g_ours, h_ours = _hvp(fn(ours), [x.clone().requires_grad_(), *_params(ref, names)])
-    g_ref, h_ref = _hvp(fn(ref), [x.clone().requires_grad_(), *_params(ref, names)])
+        g_ours, h_ours = _hvp(_model_fn(ours), inputs())
+    g_ref, h_ref = _hvp(_model_fn(ref), inputs())
     _assert_all_close(g_ours, g_ref, "gradient")
     _assert_all_close(h_ours, h_ref, "Hessian-vector product")
+    assert any(h.abs().max() > 1e-3 for h in h_ref)
 
 
 # ----------------------------------------------------------------------------- forward-mode AD
@@ -454,10 +469,9 @@ def test_vmap_training_without_running_stats(backend):
 def test_functional_call_train_replaced_params_and_buffers(backend):
     """functional_call in training with replaced parameters and buffers: the same output,
     gradients and in-place running-stat updates of the *passed* buffers as torchvision;
-    the module's own buffers untouched."""
-    ref, ours = _cifar_pair(True)
+    the module's own buffers untouched. (A block with a projection: three BNs.)"""
+    ref, ours = _block_pair("basic", True)
     own = {n: b.clone() for n, b in ours.named_buffers()}
-    g = torch.Generator().manual_seed(7)
 
     def replaced(model):
         params = {n: (p.detach() * 1.1 + 0.01).requires_grad_() for n, p in model.named_parameters()}
@@ -465,7 +479,7 @@ def test_functional_call_train_replaced_params_and_buffers(backend):
         return params, buffers
     p_ref, b_ref = replaced(ref)
     p_ours, b_ours = replaced(ours)
-    x = torch.randn(2, 3, 6, 6, dtype=F64, generator=g)
+    x = torch.randn(2, 2, 5, 5, dtype=F64)
     y_ref = functional_call(ref, (p_ref, b_ref), (x,))
     y_ref.square().sum().backward()
     with run_on(backend):
@@ -478,7 +492,7 @@ def test_functional_call_train_replaced_params_and_buffers(backend):
         torch.testing.assert_close(b_ours[n], b_ref[n], **TOL, msg=lambda m: f"buffer {n}: {m}")
     for n, b in ours.named_buffers():
         assert torch.equal(b, own[n]), f"module buffer {n} changed"
-    assert int(b_ours["bn1.num_batches_tracked"]) == 8
+    assert int(b_ours["bn1.num_batches_tracked"]) == int(own["bn1.num_batches_tracked"]) + 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
