@@ -132,10 +132,11 @@ def test_bn_no_act_no_residual_gradgradcheck(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_bn_act_hvp_matches_batchnorm2d(backend, train):
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_bn_act_hvp_matches_batchnorm2d(backend, train, fmt):
     ref, ours = _bn_pair(train, True, c=5)
-    x = torch.randn(3, 5, 4, 3, dtype=F64)
-    r = torch.randn(3, 5, 4, 3, dtype=F64)
+    x = torch.randn(3, 5, 4, 3, dtype=F64).contiguous(memory_format=fmt)
+    r = torch.randn(3, 5, 4, 3, dtype=F64).contiguous(memory_format=fmt)
     names = ["weight", "bias"]
 
     def make(m, act):
@@ -516,3 +517,21 @@ def test_torch_func_grad_model(backend, mode, stats):
     with run_on(backend):
         assert _same_behaviour(lambda: g(ref), lambda: g(ours), compare) == (not (train and stats))
 
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode,stats", MODES[1:], ids=MODE_IDS[1:])
+def test_jacrev_and_hessian_match_batchnorm2d(backend, mode, stats):
+    """torch.func.jacrev and torch.func.hessian (forward-over-reverse) of a BN + residual +
+    ReLU w.r.t. its input equal nn.BatchNorm2d's."""
+    ref, ours = _bn_pair(mode == "train", True)
+    if not stats:
+        _drop_running_stats(ref, ours)
+    x, r = torch.randn(2, 3, 2, 2, dtype=F64), torch.randn(2, 3, 2, 2, dtype=F64)
+    ref_f = lambda x: _ref_bn_act(ref, x, r).sin().sum()  # noqa: E731
+    our_f = lambda x: ours(x, r).sin().sum()  # noqa: E731
+    with run_on(backend):
+        actual = (torch.func.jacrev(our_f)(x), torch.func.hessian(our_f)(x))
+    expected = (torch.func.jacrev(ref_f)(x), torch.func.hessian(ref_f)(x))
+    _assert_all_close(actual, expected, "(jacrev, hessian)")
+    assert expected[1].abs().max() > 1e-3
