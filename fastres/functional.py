@@ -4,21 +4,40 @@
 plus ``residual`` and ``activation`` and computes ``act(batch_norm(x) + residual)``
 with exactly its semantics (biased variance to normalise, unbiased variance into
 ``running_var``, eval uses the running statistics).
+
+Under a functorch transform (``torch.func.vmap``, ``grad``, ``jvp``, ``jacrev`` …) or
+inside a forward-mode AD level (``torch.autograd.forward_ad.dual_level``), both
+functions run the aten composition (``F.batch_norm`` (+ add) (+ ReLU)) instead of the
+fused custom ops, which have neither batching rules nor forward-mode formulas: the
+composition has both, so each transform behaves exactly as over ``nn.BatchNorm2d``
+(including the error functorch raises for running statistics under ``vmap`` in
+training). See :func:`transforms_active`.
 """
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as _fwAD
 import torch.nn.functional as F
 
 from . import _validate as V
 from . import backends, ops
-from ._reference import acc_dtype, memory_format_of
+from ._reference import acc_dtype, affine_act_composite, memory_format_of
 
 Tensor = torch.Tensor
 
-__all__ = ["batch_norm_act", "affine_act", "fold_scale_shift"]
+__all__ = ["batch_norm_act", "affine_act", "fold_scale_shift", "transforms_active"]
+
+
+def transforms_active() -> bool:
+    """Whether a functorch transform is running (vmap, grad, jvp, jacrev, …) or a
+    forward-mode AD level is open, outside ``torch.compile``: then the fused ops give way
+    to the aten composition (see the module docstring). Two cheap global reads; under
+    ``torch.compile`` always ``False`` (the fused ops are traced, as before)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.peek_interpreter_stack() is not None or _fwAD._current_level >= 0
 
 
 def _canonical(t: Tensor) -> Tensor:
@@ -38,10 +57,14 @@ def _canonical_grad(g: Optional[Tensor]) -> Optional[Tensor]:
     return None if g is None else _canonical(g)
 
 
-def _torch_batch_norm_act(x, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu):
-    x = _canonical(x)
+def _torch_batch_norm_act(x, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu,
+                          canonical=True):
+    """The aten composition. ``canonical=False`` under functorch transforms, whose batched
+    tensors answer no stride query (and whose gradients take no hooks)."""
+    if canonical:
+        x = _canonical(x)
     y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
-    if y.requires_grad:
+    if canonical and y.requires_grad:
         y.register_hook(_canonical_grad)  # the incoming gradient can carry such strides too
     if residual is not None:
         y = y + residual
@@ -81,11 +104,12 @@ def batch_norm_act(input: Tensor, running_mean: Optional[Tensor], running_var: O
     if cumulative and num_batches_tracked is None:
         raise ValueError("fastres: momentum=None (cumulative average) needs num_batches_tracked")
     backend = backends.backend_for(input.device)
-    if backend == "torch" or input.numel() == 0:
+    composite = transforms_active()
+    if composite or backend == "torch" or input.numel() == 0:
         if cumulative:
             momentum = 1.0 / float(num_batches_tracked)
         return _torch_batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                                     residual, relu)
+                                     residual, relu, canonical=not composite)
     fam = ops.family(backend)
     if training:
         y, mean, var = fam.bn_act_train(input, weight, bias, residual, float(eps), relu)
@@ -115,6 +139,8 @@ def affine_act(input: Tensor, scale: Optional[Tensor] = None, shift: Optional[Te
     acc = acc_dtype(input.dtype)
     scale = scale.to(acc) if scale is not None else None
     shift = shift.to(acc) if shift is not None else None
+    if transforms_active():
+        return affine_act_composite(input, scale, shift, residual, relu)
     backend = backends.backend_for(input.device)
     if input.numel() == 0:
         backend = "torch"
