@@ -168,6 +168,71 @@ def _one_bn_act_case(rank, parts, momentum, layout, device, shape, tag):
         ref.weight.grad = ref.bias.grad = None
 
 
+def _low_precision_cases(rank, world, backend_names):
+    """bf16 input (fp32 parameters, as under autocast), 3+5: error against the fp64 whole
+    batch <= 2x that of PyTorch's own bf16 BatchNorm (+ a floor), tests/parity.py's rule."""
+    from parity import assert_close_dtype
+    g = torch.Generator().manual_seed(7)
+    n, c, h, w = 8, 6, 5, 3
+    parts = (3, 5)
+    sl = _part(parts, rank)
+    x64 = torch.randn(n, c, h, w, generator=g, dtype=F64) * 2 + 1
+    res64 = torch.randn(n, c, h, w, generator=g, dtype=F64)
+    gy64 = torch.randn(n, c, h, w, generator=g, dtype=F64)
+    results = {}
+    for dtype, label in ((torch.float64, "hi"), (torch.bfloat16, "low")):  # PyTorch's own, whole batch
+        bn = nn.BatchNorm2d(c, dtype=F64 if dtype == F64 else torch.float32)
+        xf, rf = x64.to(dtype).clone().requires_grad_(), res64.to(dtype).clone().requires_grad_()
+        y = torch.relu(bn(xf) + rf)
+        (y * gy64.to(dtype)).sum().backward()
+        results[label] = dict(y=y[sl], gx=xf.grad[sl], gr=rf.grad[sl], gw=bn.weight.grad, gb=bn.bias.grad,
+                              rv=bn.running_var, rm=bn.running_mean)
+    for backend in backend_names:
+        with _use(backend):
+            ours = SyncBatchNormAct2d(c)
+            xr, rr = x64[sl].to(torch.bfloat16).requires_grad_(), res64[sl].to(torch.bfloat16).requires_grad_()
+            y = ours(xr, rr)
+            (y * gy64[sl].to(torch.bfloat16)).sum().backward()
+            got = dict(y=y, gx=xr.grad, gr=rr.grad, gw=_summed(ours.weight.grad), gb=_summed(ours.bias.grad),
+                       rv=ours.running_var, rm=ours.running_mean)
+            for k, v in got.items():
+                try:
+                    assert_close_dtype(v, None, torch.bfloat16, f"bf16 {backend}: {k}",
+                                       ref_low=results["low"][k], ref_hi=results["hi"][k])
+                except AssertionError as e:
+                    _ERRORS.append(str(e))
+
+
+def test_sync_bn_act_bf16(dist_results):
+    _check(dist_results, "bf16")
+
+
+def _compile_case(rank, world):
+    """torch.compile(fullgraph=True, aot_eager) of a converted block traces the collectives
+    and gives the eager results."""
+    torch.manual_seed(0)
+    m = convert_sync_batchnorm(fastres.BasicBlock(4, 4)).train().to(F64)
+    m2 = copy.deepcopy(m)
+    x = torch.randn(2 + rank, 4, 6, 6, dtype=F64)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = m(xa)
+    ya.sum().backward()
+    try:
+        yb = torch.compile(m2, backend="aot_eager", fullgraph=True)(xb)
+        yb.sum().backward()
+    except Exception:  # noqa: BLE001
+        _ERRORS.append("torch.compile(fullgraph=True) failed:\n" + traceback.format_exc()[-2000:])
+        return
+    _close(yb, ya, "compiled output")
+    _close(xb.grad, xa.grad, "compiled grad input")
+    for (k, a), b in zip(m.named_buffers(), m2.buffers()):
+        _close(b, a, f"compiled {k}")
+
+
+def test_sync_bn_compiles_fullgraph(dist_results):
+    _check(dist_results, "compile")
+
+
 def test_sync_bn_act_matches_whole_batch(dist_results):
     """SyncBatchNormAct2d (+residual, ReLU) on 4+4, 3+5 and 0+8 samples, every CPU backend,
     NCHW and channels_last, momentum 0.1 and None: outputs, input/residual/weight/bias
@@ -298,6 +363,9 @@ def test_ddp_step_matches_torchvision(dist_results, parts):
 # ============================================================================ one spawn for all the CPU cases
 _CASES = {
     "bn_act": lambda rank, world: _bn_act_cases(rank, world, _cpu_backends(), "cpu"),
+    "bf16": lambda rank, world: _low_precision_cases(rank, world, [b for b in _cpu_backends()
+                                                                   if b != "reference_ops"]),
+    "compile": _compile_case,
     "subgroup": _subgroup_case,
     "models": _model_cases,
     "ddp 4+4": lambda rank, world: _ddp_case(rank, world, (4, 4)),
