@@ -254,6 +254,10 @@ def _subgroup_case(rank, world):
     _close(yb, ya, "output", 0.0)
     _close(xb.grad, xa.grad, "grad input", 0.0)
     _close(ours.running_var, plain.running_var, "running_var", 0.0)
+    # eval mode without running statistics normalises with the local batch, unsynchronised (nn.SyncBatchNorm's rule)
+    local = BatchNormAct2d(3, track_running_stats=False, dtype=F64).eval()
+    world_bn = SyncBatchNormAct2d.from_batchnorm(copy.deepcopy(local), "relu").eval()
+    _close(world_bn(x), local(x), "eval without running stats", 0.0)
 
 
 def test_single_rank_group_is_batch_norm_act(dist_results):

@@ -28,8 +28,10 @@ Communication (one collective each way, no host synchronisation):
 Without an initialised process group, with a world size of 1, in eval mode (or with
 ``track_running_stats=False`` … in eval) the module is exactly :class:`BatchNormAct2d`
 — ``nn.SyncBatchNorm``'s rule (``need_sync = training and dist.is_initialized() and
-world_size > 1``). Under ``torch.compile`` the collectives make dynamo graph-break
-around the synchronised op (the rest of the model still compiles).
+world_size > 1``; identical in torch 2.11 and 2.14). ``torch.compile`` traces the
+synchronised op, collectives included (``fullgraph=True`` checked with aot_eager and
+inductor on gloo, torch 2.14.1); where a torch version cannot trace a collective, dynamo
+graph-breaks around it and the rest of the model still compiles.
 """
 from __future__ import annotations
 
@@ -57,13 +59,12 @@ def _world(group) -> int:
     return dist.get_world_size(group if group is not None else dist.group.WORLD)
 
 
-def _backend_name(group) -> str:
-    return str(dist.get_backend(group)).lower()
-
-
 def _gather_moments(packed: Tensor, group, world: int) -> Tensor:
-    """``(world, K)``: every rank's ``packed`` (K,) row, with ONE collective."""
-    if _backend_name(group) == "gloo":  # gloo: all-reduce works on CPU and CUDA tensors, all-gather does not
+    """``(world, K)``: every rank's ``packed`` (K,) row, with ONE collective:
+    ``all_gather_into_tensor`` for CUDA tensors on NCCL; elsewhere (gloo, which has no
+    ``all_gather_into_tensor`` and gathers no CUDA tensors; a "cpu:gloo,cuda:nccl" group
+    with CPU tensors) an all-reduce of a zero-filled table in which each rank fills its row."""
+    if not (packed.is_cuda and "nccl" in str(dist.get_backend(group)).lower()):
         table = packed.new_zeros(world, packed.numel())
         table[dist.get_rank(group)] = packed
         dist.all_reduce(table, group=group)
@@ -212,6 +213,8 @@ class SyncBatchNormAct2d(BatchNormAct2d):
     # called by fastres.nn.batchnorm.batch_norm_act_module (BatchNormAct2d.forward and the
     # fused conv → BN paths of the blocks) in place of fastres.functional.batch_norm_act
     def _fused_batch_norm_act(self, *args, **kwargs) -> Tensor:
+        if not self.training:  # eval, even on batch statistics (no running stats): local, as nn.SyncBatchNorm
+            return FF.batch_norm_act(*args, **kwargs)
         return sync_batch_norm_act(*args, process_group=self.process_group, **kwargs)
 
     def extra_repr(self) -> str:
