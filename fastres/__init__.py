@@ -26,3 +26,8 @@ from .conv_backend import set_conv, use_conv  # noqa: E402,F401
 
 conv_ops.preload()
 __all__ += ["set_conv", "use_conv"]
+
+# --- distributed: fused SyncBatchNorm (issue #12) ---------------------------------------
+from .nn.syncbn import SyncBatchNormAct2d, convert_sync_batchnorm  # noqa: E402,F401
+
+__all__ += ["SyncBatchNormAct2d", "convert_sync_batchnorm"]
