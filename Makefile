@@ -75,7 +75,11 @@ GP              := $(GPUSTACK_VENV)/bin/python
 GPUSTACK_TESTS  ?= tests/test_compat.py tests/test_batchnorm_parity.py tests/test_triton_kernels.py \
                    tests/test_blocks.py tests/test_models.py tests/test_fold.py tests/test_validation.py \
                    tests/test_ops_registration.py
-GPUSTACK_PYTEST ?= -m "not slow" -k "not inductor"
+# Left out (the main leg runs them on 2.14): inductor compiles, the Triton gradchecks
+# (test_triton_kernels checks those gradients in fp64), the big archs in fp64 / fp32.
+GPUSTACK_PYTEST ?= -m "not slow" -k "not inductor and not (gradcheck_functional and triton) \
+                   and not (arch_fp64_eval_and_train and not resnet18) and not (fp32_layouts and not resnet18) \
+                   and not (bf16_autocast and resnet50) and not (same_init and resnet50) and not (imagenet_twins and resnet34)"
 
 $(GPUSTACK_VENV)/.deps: requirements-test.txt
 	@test -n "$(GPUSTACK_PYTHON)" || { echo "test-gpustack: no Python 3.12 (looked for ~/.pyenv/versions/3.12*/bin/python; set GPUSTACK_PYTHON)"; exit 1; }
