@@ -3,6 +3,10 @@ C++/CUDA extension `fastres._C`.
 
     pip install --no-build-isolation -e .
 
+Supported: Python 3.10-3.12, torch 2.11 through 2.14 (with the Triton each ships).
+The Makefile installs the pinned torch 2.14.1 for reproducible results; CI also builds
+and tests against torch 2.11 / Python 3.12 (`make test-gpustack`).
+
 Environment:
     FASTRES_SKIP_CUDA=1     build the CPU kernels only, even when nvcc is found
     TORCH_CUDA_ARCH_LIST    CUDA archs (default "8.0;9.0"), e.g. "9.0" or "8.0;9.0+PTX"
@@ -22,6 +26,7 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 VERSION = "0.1.0"
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
+TORCH_REQUIREMENT = "torch>=2.11,<2.15"  # tested: 2.11.0 (CI's gpustack leg) and 2.14.1 (main leg)
 
 
 def _log(msg: str) -> None:
@@ -169,8 +174,8 @@ setup(
     name="fastres",
     version=VERSION,
     description="Fused BatchNorm(+residual add)+ReLU ops for ResNets (Triton, C++/CUDA)",
-    python_requires=">=3.10",
-    install_requires=["torch==2.14.1"],
+    python_requires=">=3.10,<3.13",
+    install_requires=[TORCH_REQUIREMENT],
     extras_require={"paper": ["scikit-learn", "matplotlib", "tqdm"]},  # python -m fastres paper (issue 14)
     packages=packages,
     package_dir={"fastres.kernels": "kernels"},

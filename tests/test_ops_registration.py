@@ -145,7 +145,6 @@ def test_compile_fullgraph_no_graph_break(name, device, compiler):
 
 def test_backend_choice_env_and_override(monkeypatch):
     monkeypatch.setenv("FASTRES_BACKEND", "torch")
-    backends._resolve.cache_clear()
     assert fastres.backend_for(torch.device("cpu")) == "torch"
     with fastres.use_backend("auto"):
         want = "cpp" if backends.available("cpp", "cpu")[0] else "torch"
