@@ -6,13 +6,15 @@ op family. They follow docs/DESIGN.md exactly, including dtypes and memory forma
 Every function here is a composition of differentiable aten operations, so the two
 backward formulas double as the *differentiable* backward of the fused ops (used by
 ``fastres.ops`` when a backward is itself differentiated, ``create_graph=True``), and
-:func:`affine_act_composite` is the epilogue under functorch transforms.
+:func:`affine_act_composite` is the epilogue under functorch transforms
+(:func:`conv2d_act_composite` the fused convolution's).
 """
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
@@ -133,3 +135,43 @@ def affine_act_backward(grad_y: Tensor, x: Tensor, y: Tensor, scale: Optional[Te
         grad_scale = torch.empty((0,), dtype=acc, device=x.device)
         grad_shift = torch.empty((0,), dtype=acc, device=x.device)
     return grad_x, grad_z, grad_scale, grad_shift
+
+
+def conv2d_act_composite(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
+                         in_shift: Optional[Tensor], residual: Optional[Tensor], stride, padding, dilation,
+                         groups: int, in_relu: bool, relu: bool, stats: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """``fastres::conv2d_act``'s schema as plain aten ops with no memory-format query
+    (which functorch's batched tensors do not answer): the route of
+    :func:`fastres.functional.conv2d_act` under vmap / grad / jvp and forward AD.
+
+    ``u = in_act(x*in_scale + in_shift)`` in acc, rounded to x's dtype; ``y = act(conv2d(u,
+    weight) + bias + residual)`` summed in acc, rounded once; with ``stats`` the
+    per-output-channel mean and biased variance of the returned ``y`` (:func:`batch_stats`),
+    else two empty tensors. Every output is differentiable in every input (forward and
+    reverse mode, to any order), with the same values as the fused op to rounding."""
+    acc = acc_dtype(x.dtype)
+    u = x
+    if in_scale is not None or in_shift is not None or in_relu:
+        v = x.to(acc)
+        if in_scale is not None:
+            v = v * _bc(in_scale.to(acc))
+        if in_shift is not None:
+            v = v + _bc(in_shift.to(acc))
+        if in_relu:
+            v = torch.relu(v)
+        u = v.to(x.dtype)
+    y = F.conv2d(u, weight, None, list(stride), list(padding), list(dilation), groups)
+    if bias is not None or residual is not None or relu:
+        z = y.to(acc)
+        if bias is not None:
+            z = z + _bc(bias.to(acc))
+        if residual is not None:
+            z = z + residual.to(acc)
+        if relu:
+            z = torch.relu(z)
+        y = z.to(x.dtype)
+    if not stats:
+        empty = torch.empty((0,), dtype=acc, device=x.device)
+        return y, empty, empty.clone()
+    mean, var = batch_stats(y)
+    return y, mean, var

@@ -255,6 +255,25 @@ def _fake_bwd(grad_y, grad_mean, grad_var, x, weight, in_scale, in_shift, y, mea
 
 
 # ----------------------------------------------------------------------------- autograd
+def conv2d_act_backward_differentiable(grad_y: Tensor, grad_mean: Optional[Tensor], grad_var: Optional[Tensor],
+                                       x: Tensor, weight: Tensor, in_scale: Optional[Tensor],
+                                       in_shift: Optional[Tensor], y: Optional[Tensor], mean: Optional[Tensor],
+                                       stride: List[int], padding: List[int], dilation: List[int], groups: int,
+                                       in_relu: bool, relu: bool, need: List[bool]) -> Tuple[Tensor, ...]:
+    """The backward when it must itself be differentiated (``create_graph=True``:
+    gradient penalties, Hessian-vector products, MAML; the engine then runs the backward
+    with grad mode on). The fused backward ops have no derivative of their own, so the
+    same formulas run as differentiable aten ops, called directly (not as a custom op):
+    the statistics' gradient and the output ReLU mask (``threshold_backward``, whose
+    derivative aten defines), ``convolution_backward`` (twice differentiable in aten)
+    on the prologue ``u`` recomputed from ``x``, and the prologue's own gradient. ``y``
+    and ``mean`` are the op's saved *outputs*: unpacked under grad mode they carry this
+    op's node, so their own dependence on every input is differentiated through it
+    (as aten's built-in ops do with their saved results)."""
+    return conv2d_act_backward_aten(grad_y, grad_mean, grad_var, x, weight, in_scale, in_shift, y, mean, stride,
+                                    padding, dilation, groups, in_relu, relu, need)
+
+
 def _make_autograd(bwd_op):
     def setup_context(ctx, inputs, output):
         (x, weight, bias, in_scale, in_shift, residual, stride, padding, dilation, groups, in_relu, relu,
@@ -272,8 +291,11 @@ def _make_autograd(bwd_op):
         stride, padding, dilation, groups, in_relu, relu = ctx.conf
         if grad_y is None:
             grad_y = torch.zeros_like(y if y is not None else x.new_empty(0))
-        gx, gw, gb, gs, gt, gr = bwd_op(grad_y, grad_mean, grad_var, x, weight, in_scale, in_shift, y, mean,
-                                        stride, padding, dilation, groups, in_relu, relu, need)
+        # create_graph=True (grad mode on in the backward): differentiable aten formulas;
+        # an ordinary backward (also AOTAutograd's traced one) runs the fused op as before
+        bwd = conv2d_act_backward_differentiable if torch.is_grad_enabled() else bwd_op
+        gx, gw, gb, gs, gt, gr = bwd(grad_y, grad_mean, grad_var, x, weight, in_scale, in_shift, y, mean,
+                                     stride, padding, dilation, groups, in_relu, relu, need)
         b_dt, s_dt, t_dt = ctx.dtypes
         return (gx if need[0] else None, gw if need[1] else None, gb.to(b_dt) if need[2] else None,
                 gs.to(s_dt) if need[3] else None, gt.to(t_dt) if need[4] else None, gr if need[5] else None,

@@ -250,11 +250,14 @@ def conv2d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
     Differentiable w.r.t. ``x``, ``weight``, ``bias``, ``in_scale``, ``in_shift`` and
     ``residual``. ``y`` keeps x's memory format (channels_last in, channels_last out).
     The convolution is aten's or the fused Triton kernel: see
-    :mod:`fastres.conv_backend` (``FASTRES_CONV``, ``fastres.set_conv``). Under
+    :mod:`fastres.conv_backend` (``FASTRES_CONV``, ``fastres.set_conv``). Twice (and more)
+    differentiable; under functorch transforms and forward AD (:func:`transforms_active`)
+    it runs the aten composition :func:`fastres._reference.conv2d_act_composite`. Under
     ``torch.autocast`` (non-fp64 input) x, weight and residual are cast to autocast's
     dtype first, as ``F.conv2d`` does.
     """
     from . import conv_backend, conv_ops
+    from ._reference import conv2d_act_composite as composite_conv2d_act
     if isinstance(x, Tensor) and x.is_floating_point() and x.dtype != torch.float64 \
             and torch.is_autocast_enabled(x.device.type):
         # autocast: compute in its dtype, as F.conv2d would (the custom ops do not autocast);
@@ -278,10 +281,13 @@ def conv2d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
     want_stats = stats is not False
     if want_stats and out_shape[0] * out_shape[2] * out_shape[3] == 0:
         raise ValueError(f"fastres: conv2d_act stats need a non-empty output, got output shape {out_shape}")
-    path = conv_backend.conv_for(x.device)
-    fam = conv_ops.family("triton" if path == "fused" and x.numel() > 0 else "torch")
-    y, mean, var = fam.conv2d_act(x, weight, bias, in_scale, in_shift, residual, stride, padding, dilation,
-                                  groups, in_relu, act == "relu", want_stats)
+    if transforms_active():  # vmap/grad/jvp, forward AD: the aten composition (see the module docstring)
+        conv = composite_conv2d_act
+    else:
+        path = conv_backend.conv_for(x.device)
+        conv = conv_ops.family("triton" if path == "fused" and x.numel() > 0 else "torch").conv2d_act
+    y, mean, var = conv(x, weight, bias, in_scale, in_shift, residual, stride, padding, dilation, groups, in_relu,
+                        act == "relu", want_stats)
     if not want_stats:
         return y
     if stats == "moments":

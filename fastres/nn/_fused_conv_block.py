@@ -74,6 +74,8 @@ def _eligible(block: nn.Module, x: Tensor) -> bool:
     for conv, bn in pairs:
         if not (_foldable_conv(conv) and _fusable_bn(bn)):
             return False
+        if bn.training and bn.running_mean is not None and FF.transforms_active():
+            return False  # vmap/jvp: the usual forward raises F.batch_norm's (functorch's) error for the update
         if conv.weight.dtype != block.conv1.weight.dtype:
             return False
     dt = fold.compute_dtype(x, block.conv1.weight)
