@@ -252,7 +252,7 @@ def conv2d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
     want_stats = stats is not False
     if want_stats and out_shape[0] * out_shape[2] * out_shape[3] == 0:
         raise ValueError(f"fastres: conv2d_act stats need a non-empty output, got output shape {out_shape}")
-    path = conv_backend.conv_for(x.device)
+    path = conv_backend.conv_for_key(x.device, conv_backend.conv_key(x, weight, stride, dilation, groups))
     fam = conv_ops.family("triton" if path == "fused" and x.numel() > 0 else "torch")
     y, mean, var = fam.conv2d_act(x, weight, bias, in_scale, in_shift, residual, stride, padding, dilation,
                                   groups, in_relu, act == "relu", want_stats)

@@ -63,7 +63,8 @@ def _downsample_pair(block: nn.Module):
 
 def _eligible(block: nn.Module, x: Tensor) -> bool:
     from .blocks import _foldable_conv, _fusable_bn
-    if conv_backend.conv_for(x.device) != "fused":
+    from .._reference import memory_format_of
+    if conv_backend.requested_conv() == "aten":
         return False
     pairs = _pairs(block)
     ds = _downsample_pair(block) if block.shortcut else None
@@ -76,7 +77,12 @@ def _eligible(block: nn.Module, x: Tensor) -> bool:
             return False
         if conv.weight.dtype != block.conv1.weight.dtype:
             return False
+    # FASTRES_CONV=fused, or auto with every conv's shape class measured faster fused
+    cl = memory_format_of(x) == torch.channels_last
     dt = fold.compute_dtype(x, block.conv1.weight)
+    keys = [conv_backend.shape_key(dt, cl, c.weight.shape, c.stride, c.dilation, c.groups) for c, _ in pairs]
+    if conv_backend.convs_for(x.device, keys) != "fused":
+        return False
     if block.shortcut and ds is None or ds == "pad":
         if x.dtype != dt:  # autocast with an fp32 identity: the unfused rounding order applies
             return False
