@@ -232,3 +232,37 @@ def test_auto_choice_under_compile(cpu_table):
     torch._dynamo.reset()
     assert "triton_conv2d_act" in graphs[0]
     assert "triton_conv2d_act" not in graphs[-1] and "conv" in graphs[-1]
+
+
+# ----------------------------------------------------------------------------- python -m fastres check: conv cases
+def test_check_conv_cases_pass_on_cpu(capsys):
+    from fastres import cli
+    rc = cli.main(["check", "--cases", "convs", "--device", "cpu", "--dtype", "fp64,fp32", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    fams = ["aten"] + (["triton"] if backends.available("triton", "cpu")[0] else [])
+    for fam in fams:
+        for case in ("1x1 prologue", "3x3 s2 prologue+bias+relu", "7x7 s2 stem C=3"):
+            for dt in ("fp64", "fp32"):
+                assert any(line.split()[:1] == [fam] and f"conv2d_act {case}" in line and f" {dt} " in line
+                           and "PASS" in line for line in out.splitlines()), (fam, case, dt, out)
+
+
+def test_check_conv_cases_fail_when_the_conv_is_wrong(monkeypatch, capsys):
+    """A conv family whose output is 0.1% off fails its rows (the check can fail)."""
+    from fastres import cli
+
+    def wrong(*args):
+        y, mean, var = conv_ops.conv2d_act_reference(*args)
+        return y * 1.001, mean, var
+
+    monkeypatch.setitem(conv_ops._families, "torch", conv_ops.ConvFamily("torch", wrong, None))
+    monkeypatch.setattr(check_mod(), "conv_families", lambda device: (["aten"], []))
+    rc = cli.main(["check", "--cases", "convs", "--device", "cpu", "--dtype", "fp64"])
+    out = capsys.readouterr().out
+    assert rc == 1 and out.count("FAIL ") == 3 and "out:y" in out, out
+
+
+def check_mod():
+    from fastres import check
+    return check
