@@ -233,6 +233,27 @@ def auto_choice(device_type: str, device_index: int, key: str, part: str) -> str
     return want if entry.get(part) == want else "aten"
 
 
+@torch.compiler.assume_constant_result
+def _auto_fuses_any(device_type: str, device_index: int) -> bool:
+    """Whether the table makes any forward on this device fused (and Triton runs there)."""
+    if not backends.available("triton", device_type)[0]:
+        return False
+    sk = (device_type, device_index)
+    if sk not in _slug_cache:
+        dev = torch.device(device_type) if device_index < 0 else torch.device(device_type, device_index)
+        _slug_cache[sk] = device_slug(dev)
+    return any(e.get("fwd") == "fused" for e in _device_classes(_slug_cache[sk]).values())
+
+
+def may_fuse(device: torch.device) -> bool:
+    """False when no convolution on ``device`` can take the fused path (``aten``, or
+    ``auto`` with no measured-faster class there): callers skip building shape keys."""
+    req = requested_conv()
+    if req == "aten":
+        return False
+    return req == "fused" or _auto_fuses_any(device.type, _index(device))
+
+
 def _index(device: torch.device) -> int:
     return -1 if device.index is None else int(device.index)
 

@@ -138,6 +138,7 @@ def test_no_table_auto_is_aten(monkeypatch):
             with fastres.use_conv("auto"):
                 assert CB.conv_for_key(cpu, K_A) == "aten"
                 assert CB.convs_for(cpu, [K_A]) == "aten"
+                assert not CB.may_fuse(cpu)
                 x, w = torch.randn(1, 64, 2, 2), torch.randn(64, 64, 1, 1)
                 assert CB.backward_parts(x, w, (1, 1), (1, 1), 1) == (False, False)
             assert CB.conv_info("cpu")["path"] == "aten"
@@ -152,6 +153,7 @@ def test_table_drives_auto(cpu_table, monkeypatch):
     assert CB.conv_for_key(cpu, K_C) == "aten" and CB.conv_for_key(cpu, "fp32/nchw/k1x1/s1x1/d1x1/g1/cin64/cout64") \
         == "aten"
     assert CB.convs_for(cpu, [K_A, K_D]) == "fused" and CB.convs_for(cpu, [K_A, K_B]) == "aten"
+    assert CB.may_fuse(cpu)
     info = CB.conv_info("cpu")
     assert info["table_device"] == "cpu" and K_A in info["auto_fused_classes"] and "fused on" in info["reason"]
     x = torch.randn(1, 64, 3, 3, dtype=torch.float64)
@@ -266,3 +268,32 @@ def test_check_conv_cases_fail_when_the_conv_is_wrong(monkeypatch, capsys):
 def check_mod():
     from fastres import check
     return check
+
+
+@needs_triton
+def test_auto_routes_a_block_and_the_stem_by_the_table(cpu_table, monkeypatch):
+    """Under auto a block goes through conv2d_act only when every conv's class is fused
+    in the table; the stem when conv1's is."""
+    from fastres import functional as FF
+    calls = []
+    real = FF.conv2d_act
+    monkeypatch.setattr(FF, "conv2d_act", lambda x, w, *a, **k: calls.append(tuple(w.shape)) or real(x, w, *a, **k))
+    blk = fastres.BasicBlock(64, 64).double().eval()  # two 3x3 convs: K_B's class is aten
+    x = torch.randn(1, 64, 3, 3, dtype=torch.float64)
+    blk(x)
+    assert calls == []
+    cpu_table[K_B.replace("bf16/nhwc", "fp64/nchw")]["fwd"] = "fused"
+    CB.set_choice_table(CB.load_table())  # (clears the caches)
+    monkeypatch.setattr(conv_ops, "family", lambda name: conv_ops._families["ops"] if name == "triton"
+                        else conv_ops._families[name])  # the block logic, without the slow interpreter
+    blk(x)
+    assert calls == [(64, 64, 3, 3)] * 2
+    calls.clear()
+    model = fastres.resnet18(num_classes=2).double().eval()
+    model._stem(torch.randn(1, 3, 8, 8, dtype=torch.float64))
+    assert calls == [(64, 3, 7, 7)]  # the stem's class (fp64 7x7 s2 C=3: K_D's twin) is fused
+    calls.clear()
+    cpu_table["fp64/nchw/k7x7/s2x2/d1x1/g1/cin4/cout64"]["fwd"] = "aten"
+    CB.set_choice_table(CB.load_table())
+    model._stem(torch.randn(1, 3, 8, 8, dtype=torch.float64))
+    assert calls == []

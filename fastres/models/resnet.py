@@ -177,7 +177,7 @@ class ResNet(nn.Module):
         """The stem through conv2d_act (see :meth:`_stem_conv`), or None when the fused
         conv is not selected for conv1 or conv1/bn1 are not the plain modules."""
         conv, bn = self.conv1, self.bn1
-        if conv_backend.requested_conv() == "aten":
+        if not conv_backend.may_fuse(x.device):
             return None
         from ..nn.blocks import _foldable_conv, _fusable_bn
         if not (_foldable_conv(conv) and _fusable_bn(bn)):

@@ -64,7 +64,7 @@ def _downsample_pair(block: nn.Module):
 def _eligible(block: nn.Module, x: Tensor) -> bool:
     from .blocks import _foldable_conv, _fusable_bn
     from .._reference import memory_format_of
-    if conv_backend.requested_conv() == "aten":
+    if not conv_backend.may_fuse(x.device):
         return False
     pairs = _pairs(block)
     ds = _downsample_pair(block) if block.shortcut else None
