@@ -203,6 +203,7 @@ def set_choice_table(table: Optional[dict]) -> Optional[dict]:
     prev = _table_override
     _table_override = table
     _slug_cache.clear()
+    _fuses_any_cache.clear()
     _resolve.cache_clear()
     return prev
 
@@ -212,6 +213,7 @@ def _device_classes(slug: str) -> dict:
 
 
 _slug_cache: Dict[Tuple[str, int], str] = {}
+_fuses_any_cache: Dict[Tuple[str, int], bool] = {}  # cleared with the table (set_choice_table)
 
 
 @torch.compiler.assume_constant_result
@@ -236,13 +238,17 @@ def auto_choice(device_type: str, device_index: int, key: str, part: str) -> str
 @torch.compiler.assume_constant_result
 def _auto_fuses_any(device_type: str, device_index: int) -> bool:
     """Whether the table makes any forward on this device fused (and Triton runs there)."""
-    if not backends.available("triton", device_type)[0]:
-        return False
     sk = (device_type, device_index)
-    if sk not in _slug_cache:
-        dev = torch.device(device_type) if device_index < 0 else torch.device(device_type, device_index)
-        _slug_cache[sk] = device_slug(dev)
-    return any(e.get("fwd") == "fused" for e in _device_classes(_slug_cache[sk]).values())
+    hit = _fuses_any_cache.get(sk)
+    if hit is None:
+        hit = False
+        if backends.available("triton", device_type)[0]:
+            if sk not in _slug_cache:
+                dev = torch.device(device_type) if device_index < 0 else torch.device(device_type, device_index)
+                _slug_cache[sk] = device_slug(dev)
+            hit = any(e.get("fwd") == "fused" for e in _device_classes(_slug_cache[sk]).values())
+        _fuses_any_cache[sk] = hit
+    return hit
 
 
 def may_fuse(device: torch.device) -> bool:

@@ -36,7 +36,7 @@ from torch import nn
 from .. import conv_backend, fold
 from .. import functional as FF
 from .. import _validate as V
-from .._reference import acc_dtype
+from .._reference import acc_dtype, memory_format_of
 
 Tensor = torch.Tensor
 
@@ -62,10 +62,9 @@ def _downsample_pair(block: nn.Module):
 
 
 def _eligible(block: nn.Module, x: Tensor) -> bool:
-    from .blocks import _foldable_conv, _fusable_bn
-    from .._reference import memory_format_of
     if not conv_backend.may_fuse(x.device):
         return False
+    from .blocks import _foldable_conv, _fusable_bn
     pairs = _pairs(block)
     ds = _downsample_pair(block) if block.shortcut else None
     if ds is False:
