@@ -119,9 +119,12 @@ def test_conv_act(benchmark, name, mode, impl):
             with torch.no_grad():
                 fwd()
 
-    c, h, k, r, _, _ = SHAPES[name]
+    c, h, k, r, _, pad = SHAPES[name]
     flops = 2 * BATCH * p * p * k * c * r * r * (3 if grad else 1)
     benchmark.group = f"conv2d_act {mode} {name} b{BATCH} bf16 NHWC"
     run_benchmark(benchmark, step, info=dict(
         op=f"conv2d_act_{mode}", impl=impl, backend="triton" if impl == "fastres" else "aten",
-        shape=[BATCH, c, h, h, k, r, stride], dtype="bf16", layout="NHWC", bytes=None, flops=flops))
+        shape=[BATCH, c, h, h, k, r, stride], dtype="bf16", layout="NHWC", bytes=None, flops=flops,
+        # the convolution, for benchmarks/conv_choice.py (FASTRES_CONV=auto's decision table)
+        conv=dict(name=name, mode=mode, cin=c, cout=k, kernel=[r, r], stride=[stride, stride],
+                  padding=[pad, pad], dilation=[1, 1], groups=1)))

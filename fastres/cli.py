@@ -126,14 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     # ------------------------------------------------------------------ check
     pc = sub.add_parser(
         "check", help="parity self-check of every available backend (exit 1 on failure)",
-        description="Run the core parity cases (fused ops, residual blocks, resnet50 in train and eval) "
+        description="Run the core parity cases (fused ops, residual blocks, resnet50 in train and eval, "
+                    "conv2d_act per conv family) "
                     "for every backend available on the device, in every dtype it supports, against "
                     "torch reference modules, and print a pass/fail table with the worst relative error.")
     pc.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     pc.add_argument("--backend", type=_backend_list, default="all",
                     help="all available (default), auto, or a comma list of torch,triton,cpp,cuda")
-    pc.add_argument("--cases", default="ops,blocks,models",
-                    help="comma list of ops, blocks, models (default all three)")
+    pc.add_argument("--cases", default="ops,blocks,models,convs",
+                    help="comma list of ops, blocks, models, convs (conv2d_act per conv family; default all four)")
     pc.add_argument("--dtype", default=None,
                     help="comma list of fp64,fp32,bf16,fp16 (default: CPU fp64,fp32,bf16; GPU fp32,bf16,fp16)")
     pc.add_argument("--json", dest="json_out", default=None, metavar="PATH",

@@ -34,7 +34,6 @@ Fakes and autograd are registered once for every family by :func:`_register`.
 from __future__ import annotations
 
 import importlib.util
-import os
 import threading
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
@@ -175,7 +174,8 @@ def conv2d_act_backward_aten(grad_y: Tensor, grad_mean: Optional[Tensor], grad_v
 def _conv_bwd_kernels():
     """``fastres.kernels._conv_bwd`` (the Triton dgrad/wgrad kernels), or None where it
     does not exist or ``FASTRES_CONV_BWD=aten`` asks for aten's convolution_backward."""
-    if os.environ.get("FASTRES_CONV_BWD", "auto").strip().lower() == "aten":
+    from . import conv_backend
+    if conv_backend.requested_conv_bwd() == "aten":
         return None
     if importlib.util.find_spec("fastres.kernels._conv_bwd") is None:  # the file is absent
         return None
@@ -193,9 +193,14 @@ def conv2d_act_backward_triton(grad_y: Tensor, grad_mean: Optional[Tensor], grad
     """The backward with the Triton data-gradient kernel (prologue ReLU mask recomputed,
     Σdv·x and Σdv reduced in its epilogue) and weight-gradient kernel (prologue recomputed
     as it loads); the elementwise part (statistics' gradient, output ReLU mask) in aten.
-    Falls back to :func:`conv2d_act_backward_aten` where the kernels are absent."""
+    Each of dgrad and wgrad is Triton's or aten's as :func:`fastres.conv_backend.backward_parts`
+    chooses (by measurement under ``FASTRES_CONV=auto``); falls back to
+    :func:`conv2d_act_backward_aten` where the kernels are absent."""
     kb = _conv_bwd_kernels()
-    if kb is None:
+    from . import conv_backend
+    tri_d, tri_w = (False, False) if kb is None else conv_backend.backward_parts(x, weight, stride, dilation,
+                                                                                  groups)
+    if not (tri_d or tri_w):
         return conv2d_act_backward_aten(grad_y, grad_mean, grad_var, x, weight, in_scale, in_shift, y, mean,
                                         stride, padding, dilation, groups, in_relu, relu, need)
     need_x, need_w, need_b, need_s, need_t, need_r = need
@@ -205,7 +210,11 @@ def conv2d_act_backward_triton(grad_y: Tensor, grad_mean: Optional[Tensor], grad
     grad_res = dz if need_r else empty
     grad_x = empty
     grad_s, grad_t = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
-    if need_x or need_s or need_t:
+    if (need_x or need_s or need_t) and not tri_d:  # aten's dgrad on dz (no output ReLU left to mask)
+        grad_x, _, _, grad_s, grad_t, _ = conv2d_act_backward_aten(
+            dz, None, None, x, weight, in_scale, in_shift, None, None, stride, padding, dilation, groups, in_relu,
+            False, [need_x, False, False, need_s, need_t, False])
+    elif need_x or need_s or need_t:
         need_in = bool((need_s and in_scale is not None) or (need_t and in_shift is not None))
         gx, gs, gt = kb.conv2d_act_dgrad(dz, weight, x, in_scale, in_shift, in_relu, stride, padding, dilation,
                                          groups, need_in)
@@ -216,7 +225,11 @@ def conv2d_act_backward_triton(grad_y: Tensor, grad_mean: Optional[Tensor], grad
         if need_t and in_shift is not None:
             grad_t = gt
     grad_w = weight.new_empty((0,))
-    if need_w:
+    if need_w and not tri_w:  # aten's wgrad (+ grad_bias) on dz
+        _, grad_w, grad_bias, _, _, _ = conv2d_act_backward_aten(
+            dz, None, None, x, weight, in_scale, in_shift, None, None, stride, padding, dilation, groups, in_relu,
+            False, [False, True, need_b, False, False, False])
+    elif need_w:
         gw, gb = kb.conv2d_act_wgrad(dz, x, in_scale, in_shift, in_relu, tuple(weight.shape), stride, padding,
                                      dilation, groups, bool(need_b))
         grad_w = gw.to(weight.dtype).contiguous()
@@ -390,7 +403,8 @@ def family(name: str) -> ConvFamily:
         if not ok:
             raise RuntimeError(f"fastres: the triton conv is unavailable: {msg}")
         # the backward: the Triton dgrad/wgrad kernels of kernels/_conv_bwd.py where they
-        # exist (FASTRES_CONV_BWD=aten forces aten), else aten's convolution_backward
+        # exist (FASTRES_CONV_BWD=aten forces aten; under FASTRES_CONV=auto the measured choice per
+        # shape class, conv_backend.backward_parts), else aten's convolution_backward
         _families[name] = ConvFamily(name, *_define("triton_", _triton_forward, conv2d_act_backward_triton))
         return _families[name]
 

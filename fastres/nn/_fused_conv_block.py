@@ -36,7 +36,7 @@ from torch import nn
 from .. import conv_backend, fold
 from .. import functional as FF
 from .. import _validate as V
-from .._reference import acc_dtype
+from .._reference import acc_dtype, memory_format_of
 
 Tensor = torch.Tensor
 
@@ -62,9 +62,9 @@ def _downsample_pair(block: nn.Module):
 
 
 def _eligible(block: nn.Module, x: Tensor) -> bool:
-    from .blocks import _foldable_conv, _fusable_bn
-    if conv_backend.conv_for(x.device) != "fused":
+    if not conv_backend.may_fuse(x.device):
         return False
+    from .blocks import _foldable_conv, _fusable_bn
     pairs = _pairs(block)
     ds = _downsample_pair(block) if block.shortcut else None
     if ds is False:
@@ -78,7 +78,12 @@ def _eligible(block: nn.Module, x: Tensor) -> bool:
             return False  # vmap/jvp: the usual forward raises F.batch_norm's (functorch's) error for the update
         if conv.weight.dtype != block.conv1.weight.dtype:
             return False
+    # FASTRES_CONV=fused, or auto with every conv's shape class measured faster fused
+    cl = memory_format_of(x) == torch.channels_last
     dt = fold.compute_dtype(x, block.conv1.weight)
+    keys = [conv_backend.shape_key(dt, cl, c.weight.shape, c.stride, c.dilation, c.groups) for c, _ in pairs]
+    if conv_backend.convs_for(x.device, keys) != "fused":
+        return False
     if block.shortcut and ds is None or ds == "pad":
         if x.dtype != dt:  # autocast with an fp32 identity: the unfused rounding order applies
             return False
