@@ -173,16 +173,31 @@ def _setup_bias_act(ctx, inputs, output):
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
+def _fused_ops(device: torch.device):
+    """The BN+ReLU op family that runs on ``device`` (fastres.ops: cuda/triton/cpp/torch):
+    its affine_act / affine_act_backward are the existing fused elementwise kernels used
+    around cuDNN's unfused dgrad/wgrad."""
+    from . import ops
+    return ops.family(backends.backend_for(device))
+
+
 def _backward_bias_act(ctx, grad_y):
     x, w, y = ctx.saved_tensors
     stride, padding, dilation, groups, relu = ctx.conf
-    dz = torch.where(y > 0, grad_y, torch.zeros_like(grad_y)) if relu else grad_y
     need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+    gb = gr = None
+    if relu or need_b:
+        # ReLU mask, grad_residual and grad_bias (= sum of dz) in one fused pass
+        ref_y = y if y is not None else grad_y
+        dz, gz, _, gshift = _fused_ops(x.device).affine_act_backward(grad_y, ref_y, ref_y, None, relu, need_r, need_b)
+        gr = gz if need_r else None
+        gb = gshift.to(ctx.bias_dtype) if need_b else None
+    else:
+        dz = grad_y
+        gr = grad_y.contiguous(memory_format=memory_format_of(x)) if need_r else None
     gx = gw = None
     if need_x or need_w:
         gx, gw = _conv_bwd(dz, x, w, stride, padding, dilation, groups, need_x, need_w)
-    gb = dz.to(acc_dtype(x.dtype)).sum(dim=(0, 2, 3)).to(ctx.bias_dtype) if need_b else None
-    gr = dz.contiguous(memory_format=memory_format_of(x)) if need_r else None
     return gx if need_x else None, gw if need_w else None, gb, gr, None, None, None, None, None
 
 
@@ -206,21 +221,22 @@ def _backward_act_stats(ctx, grad_y, grad_sum, grad_sumsq):
         dz = dz + 2.0 * y.to(acc) * _bc(grad_sumsq.to(acc))
     dz = dz.to(x.dtype)
     need_x, need_w, need_s, need_t = ctx.needs_input_grad[:4]
-    u, v = _prologue(x, scale, shift, in_relu)
+    prologue = scale is not None or shift is not None or in_relu
+    fam = _fused_ops(x.device) if prologue else None
+    # the prologue output u is recomputed (never stored), by the fused affine_act kernel
+    u = fam.affine_act(x, scale, shift, None, in_relu) if prologue else x
     need_u = need_x or need_s or need_t
     gu, gw = _conv_bwd(dz, u, w, stride, padding, dilation, groups, need_u, need_w)
     gx = gs = gt = None
     if need_u:
-        dv = gu.to(acc)
-        if in_relu:
-            dv = torch.where(v > 0, dv, torch.zeros_like(dv))
-        if need_x:
-            gx = (dv * _bc(scale.to(acc)) if scale is not None else dv).to(x.dtype)
-            gx = gx.contiguous(memory_format=memory_format_of(x))
-        if need_s and scale is not None:
-            gs = (dv * x.to(acc)).sum(dim=(0, 2, 3)).to(ctx.dtypes[0])
-        if need_t and shift is not None:
-            gt = dv.sum(dim=(0, 2, 3)).to(ctx.dtypes[1])
+        if prologue:
+            # ReLU mask on u, grad_x = du*scale, grad_scale = sum du*x, grad_shift = sum du: one fused pass
+            gx, _, gs_, gt_ = fam.affine_act_backward(gu, x, u, scale, in_relu, False, need_s or need_t)
+            gs = gs_.to(ctx.dtypes[0]) if need_s and scale is not None else None
+            gt = gt_.to(ctx.dtypes[1]) if need_t and shift is not None else None
+        else:
+            gx = gu
+        gx = gx.contiguous(memory_format=memory_format_of(x)) if need_x else None
     return gx, gw if need_w else None, gs, gt, None, None, None, None, None
 
 
@@ -338,6 +354,25 @@ def conv2d_act_forward(x, weight, bias, in_scale, in_shift, residual, stride, pa
     return y, mean, var
 
 
+def family_forward(fallback: Callable) -> Callable:
+    """The ``fwd_impl`` for ``fastres.conv_ops._define("cudnn_", ...)``: this module's
+    graphs where a pattern applies, ``fallback`` (the aten family's forward,
+    ``conv_ops.conv2d_act_reference``) elsewhere. Wiring (branch ``tconv``)::
+
+        # conv_ops.family():  name == "cudnn"
+        _families["cudnn"] = ConvFamily("cudnn", *_define(
+            "cudnn_", cudnn.family_forward(conv2d_act_reference), conv2d_act_backward_aten))
+        # conv_backend: CONV_CHOICES += ("cudnn",); _resolve("cudnn", dev) ->
+        #     ("cudnn", why, None) if cudnn.available(dev)[0] else ("aten", warning, warning)
+        # functional.conv2d_act: family({"fused": "triton", "cudnn": "cudnn"}.get(path, "torch"))
+    """
+    def fwd(x, weight, bias, in_scale, in_shift, residual, stride, padding, dilation, groups, in_relu, relu,
+            stats):
+        return conv2d_act_forward(x, weight, bias, in_scale, in_shift, residual, stride, padding, dilation, groups,
+                                  in_relu, relu, stats, fallback=fallback)
+    return fwd
+
+
 def conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, residual: Optional[Tensor] = None,
                   stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1, relu: bool = True) -> Tensor:
     """Inference helper: ``relu(conv2d(x, weight) + bias + residual)`` through the cuDNN
@@ -360,4 +395,4 @@ def conv_act_stats(x: Tensor, weight: Tensor, in_scale: Optional[Tensor] = None,
 
 
 __all__: List[str] = ["available", "built", "pattern_for", "info", "register", "conv2d_act_forward",
-                      "reference_forward", "conv_bias_act", "conv_act_stats", "PATTERNS", "FALLBACK"]
+                      "reference_forward", "family_forward", "conv_bias_act", "conv_act_stats", "PATTERNS", "FALLBACK"]

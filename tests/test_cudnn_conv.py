@@ -123,6 +123,66 @@ def test_fallback_forward_parity_cpu(layout):
     assert y.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
 
 
+class _Ctx:
+    """A stand-in for autograd's ctx: the registered backward formulas run on the CPU
+    (float64) against autograd of the reference composition."""
+
+    def __init__(self, saved, conf, needs, **extra):
+        self.saved_tensors = saved
+        self.conf = conf
+        self.needs_input_grad = needs
+        self.__dict__.update(extra)
+
+
+@pytest.mark.parametrize("prologue", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_act_stats_backward_formula_cpu(prologue, layout):
+    """The backward registered for cudnn_conv_act_stats (genstats terms -> aten
+    convolution_backward on the recomputed prologue -> fused affine_act_backward)."""
+    torch.manual_seed(1)
+    x = make_input((2, 6, 7, 7), torch.float64, layout).requires_grad_()
+    w = torch.randn(5, 6, 3, 3, dtype=torch.float64, requires_grad=True)
+    s = (torch.rand(6, dtype=torch.float64) + 0.5).requires_grad_()
+    t = torch.randn(6, dtype=torch.float64).requires_grad_()
+    sc, sh = (s, t) if prologue else (None, None)
+    y = _reference64(x, w, None, sc, sh, None, [2, 2], [1, 1], prologue, False)
+    leaves = [x, w] + ([s, t] if prologue else [])
+    gy, gsum, gsq = torch.randn_like(y), torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    expect = torch.autograd.grad((y * gy).sum() + (y.sum((0, 2, 3)) * gsum).sum()
+                                 + (y.square().sum((0, 2, 3)) * gsq).sum(), leaves)
+    ctx = _Ctx((x.detach(), w.detach(), None if sc is None else s.detach(), None if sh is None else t.detach(),
+                y.detach()), ([2, 2], [1, 1], [1, 1], 1, prologue), (True, True, prologue, prologue),
+               dtypes=(torch.float64, torch.float64))
+    got = cudnn._backward_act_stats(ctx, gy, gsum, gsq)
+    got = [g for g in got[:4] if g is not None]
+    assert len(got) == len(expect)
+    for a, e in zip(got, expect):
+        torch.testing.assert_close(a, e)
+    assert got[0].is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+
+
+@pytest.mark.parametrize("variant", ["bias_add_relu", "bias", "relu", "plain"])
+def test_bias_act_backward_formula_cpu(variant):
+    """The backward registered for cudnn_conv_bias_act (fused ReLU mask + bias/residual
+    grads, then aten convolution_backward)."""
+    torch.manual_seed(2)
+    use_b, use_r, relu = "bias" in variant, "add" in variant, "relu" in variant
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 4, 1, 1, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    y = _reference64(x, w, b if use_b else None, None, None, r if use_r else None, [1, 1], [0, 0], False, relu)
+    leaves = [x, w] + ([b] if use_b else []) + ([r] if use_r else [])
+    gy = torch.randn_like(y)
+    expect = torch.autograd.grad(y, leaves, gy)
+    ctx = _Ctx((x.detach(), w.detach(), y.detach() if relu else None), ([1, 1], [0, 0], [1, 1], 1, relu),
+               (True, True, use_b, use_r), bias_dtype=torch.float64)
+    got = [g for g in cudnn._backward_bias_act(ctx, gy)[:4] if g is not None]
+    assert len(got) == len(expect)
+    for a, e in zip(got, expect):
+        torch.testing.assert_close(a, e)
+
+
 def test_fake_kernels():
     assert cudnn.register()
     with FakeTensorMode():
@@ -163,6 +223,12 @@ def test_bad_input_messages_without_cuda():
 gpu = pytest.mark.gpu
 
 
+@pytest.fixture
+def no_tf32(monkeypatch):
+    """fp32 parity against float64: no TF32 in cuDNN (restored after the test)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
 def _need_gpu():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device (the cuDNN graphs run on GPUs only)")
@@ -195,15 +261,20 @@ def _grads(out, inputs, gy):
     return torch.autograd.grad(out, inputs, gy, allow_unused=True)
 
 
+# each distinct graph builds a plan (runtime-compiled kernels: ~1 s each), so the
+# grid is kept small: every variant and every shape once, per dtype
+BIAS_ACT_CASES = [(SHAPES[0], "bias_add_relu"), (SHAPES[1], "bias_relu"), (SHAPES[2], "bias_add_relu"),
+                  (SHAPES[3], "plain")]
+STATS_CASES = [(SHAPES[0], True), (SHAPES[1], False), (SHAPES[2], True)]
+
+
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32] + LOW_DT)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("variant", ["bias_add_relu", "bias_relu", "plain"])
-def test_conv_bias_act_parity(shape, dtype, variant):
+@pytest.mark.parametrize("shape,variant", BIAS_ACT_CASES)
+def test_conv_bias_act_parity(shape, dtype, variant, no_tf32):
     """conv + bias (+ residual) + ReLU through the graph (or its run-time fallback for
     fp32 where cuDNN has no fused engine), outputs and every gradient."""
     _need_gpu()
-    torch.backends.cudnn.allow_tf32 = False
     x32, w32, b32, r32, _, _, stride, pad = _data(shape, torch.float32)
     use_b = variant != "plain"
     use_r = variant == "bias_add_relu"
@@ -271,8 +342,7 @@ def _bn_train_reference(x, w, s, t, stride, pad, in_relu, gamma, beta, rm, rv, e
 
 @gpu
 @pytest.mark.parametrize("dtype", LOW_DT)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("prologue", [True, False])
+@pytest.mark.parametrize("shape,prologue", STATS_CASES)
 def test_conv_act_stats_bn_parity(shape, dtype, prologue):
     """Training forward: [scale, shift, ReLU] -> conv -> genstats, then the BN finalize
     (mean, biased var for the normalisation, unbiased var for the running stats) and
@@ -329,10 +399,9 @@ def test_conv_act_stats_bn_parity(shape, dtype, prologue):
 
 
 @gpu
-def test_conv_act_stats_fp32_falls_back_with_parity():
+def test_conv_act_stats_fp32_falls_back_with_parity(no_tf32):
     """fp32 has no genstats engine in the table: the aten fallback, exact semantics."""
     _need_gpu()
-    torch.backends.cudnn.allow_tf32 = False
     x, w, _, _, s, t, stride, pad = _data(SHAPES[0], torch.float32)
     assert cudnn.choose(x, w, None, s, t, None, stride, pad, [1, 1], 1, True, False, True)[0] is None
     y, mean, var = cudnn.conv_act_stats(x, w, s, t, stride, pad, in_relu=True)

@@ -111,8 +111,10 @@ cudnnDataType_t cudnn_dtype(at::ScalarType t) {
     case at::kFloat: return CUDNN_DATA_FLOAT;
     case at::kHalf: return CUDNN_DATA_HALF;
     case at::kBFloat16: return CUDNN_DATA_BFLOAT16;
-    default: TORCH_CHECK(false, "fastres cudnn: unsupported dtype ", t, " (float32, float16, bfloat16)");
+    default: break;
   }
+  TORCH_CHECK(false, "fastres cudnn: unsupported dtype ", t, " (float32, float16, bfloat16)");
+  return CUDNN_DATA_FLOAT;
 }
 
 int64_t alignment_of(const void* p) {
@@ -477,7 +479,10 @@ at::Tensor cudnn_conv_bias_act(const at::Tensor& x_in, const at::Tensor& w_in,
   }
   at::Tensor y = at::empty(ys, x.options().memory_format(at::MemoryFormat::ChannelsLast));
 
-  std::vector<int64_t> key = {kConvBiasAct, x.get_device(), groups, relu ? 1 : 0,
+  cudnnHandle_t handle = at::native::getCudnnHandle();  // this thread's, set to the current stream
+  // plans are built for one handle: the handle is part of the key (as torch's own
+  // cuDNN v8 plan cache is thread-local)
+  std::vector<int64_t> key = {kConvBiasAct, reinterpret_cast<int64_t>(handle), x.get_device(), groups, relu ? 1 : 0,
                               at::globalContext().allowTF32CuDNN() ? 1 : 0};
   for (auto v : {stride, padding, dilation}) key.insert(key.end(), v.begin(), v.end());
   for (const auto* t : {&x, &w, &bias, &res, &y}) push_tensor_key(key, *t);
@@ -488,7 +493,6 @@ at::Tensor cudnn_conv_bias_act(const at::Tensor& x_in, const at::Tensor& w_in,
   if (res.defined()) ptrs.push_back(res.data_ptr());
   ptrs.push_back(y.data_ptr());
 
-  cudnnHandle_t handle = at::native::getCudnnHandle();
   auto plan = lookup(key);
   if (!plan) {
     Graph g;
@@ -555,7 +559,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cudnn_conv_act_stats(
   at::Tensor sum = at::empty({1, K, 1, 1}, x.options().dtype(at::kFloat));
   at::Tensor sumsq = at::empty({1, K, 1, 1}, x.options().dtype(at::kFloat));
 
-  std::vector<int64_t> key = {kConvActStats, x.get_device(), groups, in_relu ? 1 : 0,
+  cudnnHandle_t handle = at::native::getCudnnHandle();  // this thread's, set to the current stream
+  // plans are built for one handle: the handle is part of the key (as torch's own
+  // cuDNN v8 plan cache is thread-local)
+  std::vector<int64_t> key = {kConvActStats, reinterpret_cast<int64_t>(handle), x.get_device(), groups, in_relu ? 1 : 0,
                               at::globalContext().allowTF32CuDNN() ? 1 : 0};
   for (auto v : {stride, padding, dilation}) key.insert(key.end(), v.begin(), v.end());
   for (const auto* t : {&x, &w, &scale, &shift, &y, &sum, &sumsq}) push_tensor_key(key, *t);
@@ -568,7 +575,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cudnn_conv_act_stats(
   ptrs.push_back(sum.data_ptr());
   ptrs.push_back(sumsq.data_ptr());
 
-  cudnnHandle_t handle = at::native::getCudnnHandle();
   auto plan = lookup(key);
   if (!plan) {
     Graph g;
