@@ -384,13 +384,19 @@ void push_tensor_key(std::vector<int64_t>& key, const at::Tensor& t) {
 }
 
 std::vector<int64_t> dims4(const at::Tensor& t) { return t.sizes().vec(); }
-std::vector<int64_t> strides4(const at::Tensor& t) { return t.strides().vec(); }
 // (K) per-channel vector as a [1, K, 1, 1] tensor.
 std::vector<int64_t> chan_dims(int64_t k) { return {1, k, 1, 1}; }
 std::vector<int64_t> chan_strides(int64_t k) { return {k, 1, k, k}; }
-// An fp32 intermediate in y's (NHWC) layout.
+// The canonical NHWC strides of dims [N, C, H, W]: for every (dense channels_last)
+// I/O tensor and the fp32 intermediates. torch's strides of size-1 dimensions can be
+// anything (a 1x1 filter made channels_last keeps [C, 1, 1, 1]); cuDNN infers the
+// layout from the strides, so they are normalised here (same memory, same addresses).
 std::vector<int64_t> nhwc_strides(const std::vector<int64_t>& d) {
   return {d[1] * d[2] * d[3], 1, d[3] * d[1], d[1]};
+}
+std::vector<int64_t> strides4(const at::Tensor& t) {
+  TORCH_INTERNAL_ASSERT(t.is_contiguous(at::MemoryFormat::ChannelsLast));
+  return nhwc_strides(t.sizes().vec());
 }
 
 void check_conv_args(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
@@ -506,7 +512,7 @@ at::Tensor cudnn_conv_bias_act(const at::Tensor& x_in, const at::Tensor& w_in,
     int left = n_pw;
     // the tensor produced by the next op: y itself for the last op, else a virtual fp32
     auto next = [&](int64_t vuid) {
-      if (left == 0) return g.tensor(kY, cdt, ys, strides4(y), false, alignment_of(y.data_ptr()));
+      if (left == 0) return g.tensor(kY, cdt, ys, nhwc_strides(ys), false, alignment_of(y.data_ptr()));
       return g.tensor(vuid, CUDNN_DATA_FLOAT, ys, nhwc_strides(ys), true, 16);
     };
     DescP cur = next(kVConv);
@@ -601,7 +607,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cudnn_conv_act_stats(
       g.pointwise(CUDNN_POINTWISE_RELU_FWD, cur, nullptr, o);
       cur = o;
     }
-    auto ty = g.tensor(kY, cdt, ys, strides4(y), false, alignment_of(y.data_ptr()));
+    auto ty = g.tensor(kY, cdt, ys, nhwc_strides(ys), false, alignment_of(y.data_ptr()));
     g.conv_fprop(cur, tw, ty, stride.vec(), padding.vec(), dilation.vec());
     auto tsum = g.tensor(kSum, CUDNN_DATA_FLOAT, chan_dims(K), chan_strides(K), false,
                          alignment_of(sum.data_ptr()));
