@@ -107,7 +107,7 @@ def pattern_for(dtype: torch.dtype, in_channels: int, out_channels: int, groups:
 def info(device_type: str) -> dict:
     """For :func:`fastres.backend_info`: availability, the patterns and their fallback."""
     ok, why = available(device_type)
-    cap = torch.cuda.get_device_capability() if ok else None
+    cap = _capability(None) if ok else None  # the current device
     b_ok, b_why = built()
     return {
         "built": b_ok,
@@ -300,7 +300,9 @@ def choose(x: Tensor, weight: Tensor, bias, in_scale, in_shift, residual, stride
     ok, why = available(x.device.type)
     if not ok:
         return None, why
-    cap = torch.cuda.get_device_capability(x.device)
+    if x.numel() == 0:
+        return None, "empty input (no kernel to run)"
+    cap = _capability(x.device)
     pattern, why = pattern_for(x.dtype, x.shape[1], weight.shape[0], groups,
                                prologue=in_scale is not None or in_shift is not None or in_relu,
                                residual=residual is not None, bias=bias is not None, relu=relu, stats=stats,
@@ -308,6 +310,20 @@ def choose(x: Tensor, weight: Tensor, bias, in_scale, in_shift, residual, stride
     if pattern is not None and _key(x, weight, stride, padding, dilation, groups, pattern) in _no_engine:
         return None, "cuDNN found no engine for this graph earlier"
     return pattern, why
+
+
+def _capability(device: Optional[torch.device]) -> Tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _run_graph(pattern: str, x, weight, bias, in_scale, in_shift, residual, stride, padding, dilation, groups,
+               in_relu, relu):
+    """One call of the C++ op for ``pattern``: y, or (y, sum, sumsq)."""
+    if pattern == "conv_bias_add_relu":
+        return torch.ops.fastres.cudnn_conv_bias_act(x, weight, bias, residual, list(stride), list(padding),
+                                                     list(dilation), groups, relu)
+    return torch.ops.fastres.cudnn_conv_act_stats(x, weight, in_scale, in_shift, list(stride), list(padding),
+                                                  list(dilation), groups, in_relu)
 
 
 def _warn_once(msg: str) -> None:
@@ -331,13 +347,7 @@ def conv2d_act_forward(x, weight, bias, in_scale, in_shift, residual, stride, pa
         return fallback(*args)
     acc = acc_dtype(x.dtype)
     try:
-        if pattern == "conv_bias_add_relu":
-            y = torch.ops.fastres.cudnn_conv_bias_act(x, weight, bias, residual, list(stride), list(padding),
-                                                      list(dilation), groups, relu)
-            e = x.new_empty((0,), dtype=acc)
-            return y, e, e.clone()
-        y, s, sq = torch.ops.fastres.cudnn_conv_act_stats(x, weight, in_scale, in_shift, list(stride),
-                                                          list(padding), list(dilation), groups, in_relu)
+        out = _run_graph(pattern, *args[:-1])
     except RuntimeError as e:
         if NO_ENGINE not in str(e):
             raise
@@ -347,6 +357,10 @@ def conv2d_act_forward(x, weight, bias, in_scale, in_shift, residual, stride, pa
         _no_engine[key] = msg
         _warn_once(msg)
         return fallback(*args)
+    if pattern == "conv_bias_add_relu":
+        e = x.new_empty((0,), dtype=acc)
+        return out, e, e.clone()
+    y, s, sq = out
     m = y.shape[0] * y.shape[2] * y.shape[3]
     mean = s / m
     # genstats gives sum and sum of squares (fp32); the biased variance follows

@@ -183,6 +183,41 @@ def test_bias_act_backward_formula_cpu(variant):
         torch.testing.assert_close(a, e)
 
 
+def test_no_engine_falls_back_once(monkeypatch):
+    """cuDNN finding no engine for a graph at run time: one warning, the aten fallback
+    (same result), the key remembered (the graph is not tried again) and reported in
+    backend_info; any other error propagates."""
+    calls = []
+
+    def no_engine(pattern, *args):
+        calls.append(pattern)
+        raise RuntimeError(cudnn.NO_ENGINE + " (test)")
+
+    monkeypatch.setattr(cudnn, "available", lambda dev: (True, "test"))
+    monkeypatch.setattr(cudnn, "_capability", lambda dev: (9, 0))
+    monkeypatch.setattr(cudnn, "_run_graph", no_engine)
+    monkeypatch.setattr(cudnn, "_no_engine", {})
+    monkeypatch.setattr(cudnn, "_warned", set())
+    torch.manual_seed(3)
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    w = torch.randn(16, 8, 3, 3, dtype=torch.float64)
+    b = torch.randn(16, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="no engine for the conv_bias_add_relu graph"):
+        y = cudnn.conv2d_act_forward(x.float(), w.float(), b.float(), None, None, None, [1, 1], [1, 1], [1, 1], 1,
+                                     False, True, False)[0]
+    torch.testing.assert_close(y.double(), _reference64(x, w, b, None, None, None, 1, 1, False, True),
+                               rtol=1e-5, atol=1e-5)
+    assert calls == ["conv_bias_add_relu"]
+    y2 = cudnn.conv2d_act_forward(x.float(), w.float(), b.float(), None, None, None, [1, 1], [1, 1], [1, 1], 1,
+                                  False, True, False)[0]
+    assert calls == ["conv_bias_add_relu"] and torch.equal(y, y2)  # remembered: not tried again
+    assert len(cudnn.info("cpu")["no_engine"]) == 1
+    # another graph (bf16 genstats) is tried; an unrelated error is not swallowed
+    monkeypatch.setattr(cudnn, "_run_graph", lambda *a: (_ for _ in ()).throw(RuntimeError("CUDA error: boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        cudnn.conv_act_stats(x.bfloat16(), w.bfloat16())
+
+
 def test_fake_kernels():
     assert cudnn.register()
     with FakeTensorMode():
