@@ -219,6 +219,7 @@ setup(
     description="Fused BatchNorm(+residual add)+ReLU ops for ResNets (Triton, C++/CUDA)",
     python_requires=">=3.10",
     install_requires=["torch==2.14.1"],
+    extras_require={"paper": ["scikit-learn", "matplotlib", "tqdm"]},  # python -m fastres paper (issue 14)
     packages=packages,
     package_dir={"fastres.kernels": "kernels"},
     ext_modules=[ext],

@@ -2,6 +2,11 @@
 
 These are the oracle for kernel unit tests and the body of the ``torch`` backend's
 op family. They follow docs/DESIGN.md exactly, including dtypes and memory format.
+
+Every function here is a composition of differentiable aten operations, so the two
+backward formulas double as the *differentiable* backward of the fused ops (used by
+``fastres.ops`` when a backward is itself differentiated, ``create_graph=True``), and
+:func:`affine_act_composite` is the epilogue under functorch transforms.
 """
 from __future__ import annotations
 
@@ -33,13 +38,21 @@ def _mask(y: Tensor) -> Tensor:
     return ~(y <= 0)
 
 
+def batch_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-channel batch mean and biased variance of ``x``, in the accumulation dtype
+    (differentiable: the double backward recomputes them as functions of ``x``)."""
+    xa = x.to(acc_dtype(x.dtype))
+    mean = xa.mean(dim=(0, 2, 3))
+    var = (xa - _bc(mean)).square().mean(dim=(0, 2, 3))
+    return mean, var
+
+
 def bn_act_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                  residual: Optional[Tensor], eps: float, relu: bool) -> Tuple[Tensor, Tensor, Tensor]:
     fmt = memory_format_of(x)
     acc = acc_dtype(x.dtype)
     xa = x.to(acc)
-    mean = xa.mean(dim=(0, 2, 3))
-    var = (xa - _bc(mean)).square().mean(dim=(0, 2, 3))
+    mean, var = batch_stats(x)
     invstd = torch.rsqrt(var + eps)
     z = (xa - _bc(mean)) * _bc(invstd)
     if weight is not None:
@@ -82,7 +95,14 @@ def bn_act_train_backward(grad_y: Tensor, x: Tensor, y: Tensor, weight: Optional
 
 def affine_act(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
                residual: Optional[Tensor], relu: bool) -> Tensor:
-    fmt = memory_format_of(x)
+    return affine_act_composite(x, scale, shift, residual, relu).contiguous(memory_format=memory_format_of(x))
+
+
+def affine_act_composite(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+                         residual: Optional[Tensor], relu: bool) -> Tensor:
+    """``act(x * scale[c] + shift[c] + residual)`` in the accumulation dtype, with no
+    memory-format query (which functorch's batched tensors do not answer): the form
+    used under vmap / grad / jvp."""
     acc = acc_dtype(x.dtype)
     z = x.to(acc)
     if scale is not None:
@@ -93,7 +113,7 @@ def affine_act(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
         z = z + residual.to(acc)
     if relu:
         z = torch.relu(z)
-    return z.to(x.dtype).contiguous(memory_format=fmt)
+    return z.to(x.dtype)
 
 
 def affine_act_backward(grad_y: Tensor, x: Tensor, y: Tensor, scale: Optional[Tensor], relu: bool,

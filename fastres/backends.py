@@ -172,6 +172,9 @@ def backend_info() -> Dict[str, object]:
     from . import cudnn  # the cuDNN fused-conv graphs (issue 11)
     for dev in devices:
         per_device[dev]["cudnn_conv"] = cudnn.info(dev)
+    from .conv_backend import conv_info  # the conv path (FASTRES_CONV), issue 10
+    for dev in per_device:
+        per_device[dev]["conv"] = conv_info(dev)
     return {
         "requested": requested_backend(),
         "built": {"_C": loaded, "_C_cuda_kernels": has_cuda, "_C_message": c_msg,

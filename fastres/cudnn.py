@@ -369,17 +369,9 @@ def conv2d_act_forward(x, weight, bias, in_scale, in_shift, residual, stride, pa
 
 
 def family_forward(fallback: Callable) -> Callable:
-    """The ``fwd_impl`` for ``fastres.conv_ops._define("cudnn_", ...)``: this module's
-    graphs where a pattern applies, ``fallback`` (the aten family's forward,
-    ``conv_ops.conv2d_act_reference``) elsewhere. Wiring (branch ``tconv``)::
-
-        # conv_ops.family():  name == "cudnn"
-        _families["cudnn"] = ConvFamily("cudnn", *_define(
-            "cudnn_", cudnn.family_forward(conv2d_act_reference), conv2d_act_backward_aten))
-        # conv_backend: CONV_CHOICES += ("cudnn",); _resolve("cudnn", dev) ->
-        #     ("cudnn", why, None) if cudnn.available(dev)[0] else ("aten", warning, warning)
-        # functional.conv2d_act: family({"fused": "triton", "cudnn": "cudnn"}.get(path, "torch"))
-    """
+    """The ``fwd_impl`` of the ``cudnn`` conv family (``fastres.conv_ops.family("cudnn")``,
+    ``FASTRES_CONV=cudnn``): this module's graphs where a pattern applies, ``fallback``
+    (the aten family's forward, ``conv_ops.conv2d_act_reference``) elsewhere."""
     def fwd(x, weight, bias, in_scale, in_shift, residual, stride, padding, dilation, groups, in_relu, relu,
             stats):
         return conv2d_act_forward(x, weight, bias, in_scale, in_shift, residual, stride, padding, dilation, groups,

@@ -149,7 +149,7 @@ def folded_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> T
     so an eval-mode model being fine-tuned neither recomputes the fold each forward nor
     loses any gradient."""
     tensors = _sources(conv, bn)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or FF.transforms_active():  # vmap/grad/jvp, forward AD: uncached aten fold
         return fold_conv_bn(*tensors, bn.eps, dtype)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     stamp = _stamp(tensors, bn.eps)
@@ -267,7 +267,8 @@ def onednn_conv_act(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor, re
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad
                                     or (residual is not None and residual.requires_grad)):
         return None
-    if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu") or x.numel() == 0:
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu") or x.numel() == 0 \
+            or FF.transforms_active():  # the primitive has no batching rule nor forward-AD formula
         return None
     op = _onednn_op()
     if not op:

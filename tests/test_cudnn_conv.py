@@ -218,6 +218,37 @@ def test_no_engine_falls_back_once(monkeypatch):
         cudnn.conv_act_stats(x.bfloat16(), w.bfloat16())
 
 
+def test_conv_backend_cudnn_on_cpu_falls_back():
+    """FASTRES_CONV=cudnn on the CPU: aten's conv with one warning, same results; the
+    ``cudnn`` conv family (fastres::cudnn_conv2d_act, the graphs' forward with the aten
+    fallback inside) matches the aten family, gradients included, and passes opcheck."""
+    from fastres import conv_backend, conv_ops, functional as Fn
+    torch.manual_seed(4)
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(16, 8, 3, 3, dtype=torch.float64, requires_grad=True)
+    s = (torch.rand(8, dtype=torch.float64) + 0.5).requires_grad_()
+    t = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    ref = Fn.conv2d_act(x, w, None, 1, 1, in_scale=s, in_shift=t, in_relu=True, stats="moments")
+    conv_backend._warned.clear()
+    with conv_backend.use_conv("cudnn"):
+        assert conv_backend.conv_info("cpu")["path"] == "aten"
+        with pytest.warns(RuntimeWarning, match="cuDNN conv graphs are unavailable on cpu"):
+            out = Fn.conv2d_act(x, w, None, 1, 1, in_scale=s, in_shift=t, in_relu=True, stats="moments")
+    for a, e in zip(out, ref):
+        torch.testing.assert_close(a, e)
+    fam = conv_ops.family("cudnn")
+    y, m, v = fam.conv2d_act(x, w, None, s, t, None, [1, 1], [1, 1], [1, 1], 1, True, False, True)
+    for a, e in zip((y, m, v), ref):
+        torch.testing.assert_close(a, e)
+    g = torch.autograd.grad(y.sum() + m.sum() + v.square().sum(), [x, w, s, t])
+    g_ref = torch.autograd.grad(ref[0].sum() + ref[1].sum() + ref[2].square().sum(), [x, w, s, t])
+    for a, e in zip(g, g_ref):
+        torch.testing.assert_close(a, e)
+    torch.library.opcheck(torch.ops.fastres.cudnn_conv2d_act.default,
+                          (x.detach(), w.detach(), None, s.detach(), t.detach(), None, [1, 1], [1, 1], [1, 1], 1,
+                           True, False, True))
+
+
 def test_fake_kernels():
     assert cudnn.register()
     with FakeTensorMode():
@@ -505,6 +536,26 @@ def test_cuda_graph_training_step():
     eager = step()
     for a, e in zip(grads, eager):
         torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-4)
+
+
+@gpu
+def test_conv2d_act_with_the_cudnn_conv_backend():
+    """FASTRES_CONV=cudnn on a GPU: conv2d_act's training forward (prologue + stats) and
+    inference epilogue run through the graphs, matching the aten conv path."""
+    _need_gpu()
+    from fastres import conv_backend, functional as Fn
+    x, w, b, r, s, t, stride, pad = _data(SHAPES[0], torch.float32)
+    x, w, b, r = (v.to(torch.bfloat16) for v in (x, w, b, r))
+    with conv_backend.use_conv("cudnn"):
+        assert conv_backend.conv_info("cuda")["path"] == "cudnn"
+        got_t = Fn.conv2d_act(x, w, None, stride, pad, in_scale=s, in_shift=t, in_relu=True, stats="moments")
+        got_i = Fn.conv2d_act(x, w, b, stride, pad, residual=r, activation="relu")
+    with conv_backend.use_conv("aten"):
+        ref_t = Fn.conv2d_act(x, w, None, stride, pad, in_scale=s, in_shift=t, in_relu=True, stats="moments")
+        ref_i = Fn.conv2d_act(x, w, b, stride, pad, residual=r, activation="relu")
+    for a, e in zip(list(got_t) + [got_i], list(ref_t) + [ref_i]):
+        torch.testing.assert_close(a.float(), e.float(), rtol=3e-2, atol=3e-2)
+    assert not cudnn._no_engine, cudnn._no_engine
 
 
 @gpu

@@ -139,7 +139,9 @@ def batch_norm_act_module(bn: nn.BatchNorm2d, input: Tensor, residual: Optional[
     else:
         bn_training = (bn.running_mean is None) and (bn.running_var is None)
     use_running = not bn.training or bn.track_running_stats
-    y = FF.batch_norm_act(
+    # a SyncBatchNormAct2d (fastres.nn.syncbn) brings its synchronised variant of the op
+    batch_norm_act = getattr(bn, "_fused_batch_norm_act", None) or FF.batch_norm_act
+    y = batch_norm_act(
         input,
         bn.running_mean if use_running else None,
         bn.running_var if use_running else None,
