@@ -9,6 +9,9 @@ and tests against torch 2.11 / Python 3.12 (`make test-gpustack`).
 
 Environment:
     FASTRES_SKIP_CUDA=1     build the CPU kernels only, even when nvcc is found
+    FASTRES_SKIP_CUDNN=1    leave the cuDNN fused-conv graphs out (csrc/cudnn/)
+    CUDNN_INCLUDE_DIR / CUDNN_LIB_DIR   cuDNN headers / library (default: the toolkit,
+                            then site-packages/nvidia/cudnn of the nvidia-cudnn wheel)
     TORCH_CUDA_ARCH_LIST    CUDA archs (default "8.0;9.0"), e.g. "9.0" or "8.0;9.0+PTX"
     CUDA_HOME / CUDA_PATH   CUDA toolkit root (default: found from nvcc, see below)
     MAX_JOBS                parallel compile jobs (ninja)
@@ -85,6 +88,35 @@ def _nvidia_include_dirs(cuda_home: str) -> list[str]:
     return dirs
 
 
+def _find_cudnn(cuda_home: str) -> tuple[str | None, str | None, str, str]:
+    """(include dir, lib dir, library file name, why not) of the installed cuDNN 9:
+    CUDNN_INCLUDE_DIR/CUDNN_LIB_DIR, else the toolkit, else the nvidia-cudnn wheel in
+    site-packages/nvidia/cudnn (the one torch loads). The graph API (cudnn_graph.h of
+    cuDNN 9, or cudnn_backend.h of cuDNN 8) is required."""
+    incs = [os.environ.get("CUDNN_INCLUDE_DIR"), os.path.join(cuda_home, "include")]
+    for p in sys.path:
+        if p:
+            incs.append(os.path.join(p, "nvidia", "cudnn", "include"))
+    for inc in incs:
+        if not inc or not os.path.isfile(os.path.join(inc, "cudnn.h")):
+            continue
+        if not os.path.isfile(os.path.join(inc, "cudnn_graph.h")):
+            return None, None, "", f"{inc}/cudnn.h is not cuDNN 9 (no cudnn_graph.h)"
+        libdirs = [os.environ.get("CUDNN_LIB_DIR"), os.path.join(os.path.dirname(inc), "lib"),
+                   os.path.join(os.path.dirname(inc), "lib64"), os.path.join(cuda_home, "lib64"),
+                   "/usr/lib/x86_64-linux-gnu"]
+        for d in libdirs:
+            if not d:
+                continue
+            if os.path.isfile(os.path.join(d, "libcudnn.so")):
+                return inc, d, "libcudnn.so", ""
+            libs = sorted(glob.glob(os.path.join(d, "libcudnn.so.[0-9]*")), key=len)
+            if libs:
+                return inc, d, os.path.basename(libs[0]), ""
+        return None, None, "", f"found {inc}/cudnn.h but no libcudnn.so* next to it (set CUDNN_LIB_DIR)"
+    return None, None, "", "cudnn.h not found (install nvidia-cudnn-cu13 or set CUDNN_INCLUDE_DIR)"
+
+
 def _arch_names(arch_list: str) -> list[str]:
     names = []
     for a in arch_list.replace(" ", ";").split(";"):
@@ -147,9 +179,25 @@ if with_cuda:
     for d in _nvidia_include_dirs(cuda_home):
         cxx_flags += ["-isystem", d]
         nvcc_flags += ["-isystem", d]
+    # cuDNN fused-conv graphs (csrc/cudnn/*.cpp, host compiler only): built where the
+    # cuDNN headers are found; otherwise left out with a message, never a failed build.
+    cudnn_sources: list[str] = []
+    if os.environ.get("FASTRES_SKIP_CUDNN", "0").lower() in ("1", "true", "yes", "on"):
+        _log("cuDNN fused-conv graphs left out (FASTRES_SKIP_CUDNN=1)")
+    else:
+        cudnn_inc, cudnn_lib, cudnn_file, cudnn_why = _find_cudnn(cuda_home)
+        if cudnn_inc is None:
+            _log(f"cuDNN fused-conv graphs left out: {cudnn_why}")
+        else:
+            cudnn_sources = sorted(glob.glob(os.path.join(csrc, "cudnn", "*.cpp")))
+            # host-compiler flags only: no .cu file includes cuDNN (keeps nvcc objects reusable)
+            cxx_flags += ["-DFASTRES_WITH_CUDNN", "-isystem", cudnn_inc]
+            lib_flag = "-lcudnn" if cudnn_file == "libcudnn.so" else f"-l:{cudnn_file}"
+            link_flags += [f"-L{cudnn_lib}", lib_flag, f"-Wl,-rpath,{cudnn_lib}"]
+            _log(f"cuDNN fused-conv graphs: {cudnn_inc} ({cudnn_lib}/{cudnn_file})")
     ext = CUDAExtension(
         "fastres._C",
-        sources=cpp_sources + cu_sources,
+        sources=cpp_sources + cu_sources + cudnn_sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         extra_link_args=link_flags,

@@ -4,6 +4,9 @@ from .backends import backend_info, set_backend, use_backend, backend_for  # noq
 
 ops.preload()
 
+from . import cudnn  # noqa: E402  (cuDNN fused-conv graphs: fakes + autograd of fastres::cudnn_*)
+cudnn.register()
+
 __version__ = "0.1.0"
 
 __all__ = ["functional", "nn", "backend_info", "set_backend", "use_backend", "backend_for", "__version__"]

@@ -203,6 +203,9 @@ def backend_info() -> Dict[str, object]:
             "available": {b: available(b, dev)[0] for b in BACKENDS},
             "fallback_warning": warning,
         }
+    from . import cudnn  # the cuDNN fused-conv graphs (issue 11)
+    for dev in devices:
+        per_device[dev]["cudnn_conv"] = cudnn.info(dev)
     from .conv_backend import conv_info  # the conv path (FASTRES_CONV), issue 10
     for dev in per_device:
         per_device[dev]["conv"] = conv_info(dev)
@@ -210,7 +213,7 @@ def backend_info() -> Dict[str, object]:
         "requested": requested_backend(),
         "built": {"_C": loaded, "_C_cuda_kernels": has_cuda, "_C_message": c_msg,
                   "triton": t_ok, "triton_message": t_msg,
-                  "triton_interpret": triton_interpret()},
+                  "triton_interpret": triton_interpret(), "_C_cudnn": cudnn.built()[0]},
         "torch": torch.__version__,
         "cuda_available": torch.cuda.is_available(),
         "devices": per_device,

@@ -182,6 +182,12 @@ def format_info(info: dict) -> str:
         conv = d.get("conv")
         if conv:  # issue 10: which convolution conv2d_act runs (FASTRES_CONV / fastres.set_conv)
             lines.append(f"  conv: {conv['path']}  (requested {conv['requested']}; {conv['reason']})")
+        cd = d.get("cudnn_conv")
+        if cd:  # issue 11: cuDNN fused-conv graphs (FASTRES_CONV=cudnn)
+            state = "available" if cd["available"] else "unavailable"
+            pats = ", ".join(cd["patterns"]) or "none"
+            lines.append(f"  cudnn conv graphs: {state} ({cd['reason']}); patterns: {pats}; "
+                         f"fallback: {cd['fallback']}")
     return "\n".join(lines)
 
 

@@ -5,6 +5,10 @@
   prologue and epilogue inside (``fastres::triton_conv2d_act``); on a device where
   Triton cannot run (the CPU without ``TRITON_INTERPRET=1``) it falls back to ``aten``
   with one warning;
+* ``cudnn`` — cuDNN's fused-conv graphs (``fastres.cudnn``, issue 11: conv + bias + add +
+  ReLU for inference, scale/shift/ReLU + conv + genstats for training) where a pattern
+  applies, the aten composition elsewhere (``fastres::cudnn_conv2d_act``); where the graphs
+  cannot run (the CPU, a build without cuDNN) it falls back to ``aten`` with one warning;
 * ``auto``  — the fused conv only where committed measurements show it faster on that
   device, dtype and shape class, else ``aten`` ("chosen by measurement, never by
   guess"). The measurements are the decision table ``fastres/conv_choice_table.py``
@@ -22,7 +26,8 @@ plus the elementwise prologue backward (:func:`backward_parts`).
 ``FASTRES_CONV_BWD=auto|triton|aten`` overrides that choice (``aten``: always aten's,
 ``triton``: always the Triton kernels).
 
-Order: :func:`set_conv` / :func:`use_conv`, then ``FASTRES_CONV=auto|fused|aten``,
+
+Order: :func:`set_conv` / :func:`use_conv`, then ``FASTRES_CONV=auto|fused|aten|cudnn``,
 then ``auto``. Independent of ``FASTRES_BACKEND`` (which picks the BN+ReLU ops).
 The ``auto`` look-up is one pure function of strings marked
 ``torch.compiler.assume_constant_result``: ``torch.compile`` calls it while tracing and
@@ -41,7 +46,7 @@ import torch
 
 from . import backends
 
-CONV_CHOICES = ("auto", "fused", "aten")
+CONV_CHOICES = ("auto", "fused", "aten", "cudnn")
 BWD_CHOICES = ("auto", "triton", "aten")
 TABLE_SCHEMA = 1
 AUTO_REASON = {
@@ -90,9 +95,16 @@ def requested_conv() -> str:
 
 @lru_cache(maxsize=None)
 def _resolve(requested: str, device_type: str) -> Tuple[str, str, Optional[str]]:
-    """(path, reason, fallback warning or None); path is ``aten`` or ``fused``."""
+    """(path, reason, fallback warning or None); path is ``aten``, ``fused`` or ``cudnn``."""
     if requested == "aten":
         return "aten", "FASTRES_CONV/set_conv: aten", None
+    if requested == "cudnn":  # issue 11: cuDNN's fused-conv graphs (fastres/cudnn.py)
+        from . import cudnn
+        ok, why = cudnn.available(device_type)
+        if ok:
+            return "cudnn", f"cuDNN fused-conv graphs ({why})", None
+        warning = f"fastres: the cuDNN conv graphs are unavailable on {device_type} ({why}); using aten's convolution"
+        return "aten", warning, warning
     if requested == "auto":
         return "aten", AUTO_REASON.get(device_type, f"auto: aten on {device_type}"), None
     ok, why = backends.available("triton", device_type)
@@ -103,7 +115,7 @@ def _resolve(requested: str, device_type: str) -> Tuple[str, str, Optional[str]]
 
 
 def conv_for(device: torch.device) -> str:
-    """``"fused"`` or ``"aten"`` for tensors on ``device`` (warns once on a fallback)."""
+    """``"fused"``, ``"cudnn"`` or ``"aten"`` for tensors on ``device`` (warns once on a fallback)."""
     path, _, warning = _resolve(requested_conv(), device.type)
     if warning is not None and warning not in _warned:
         _warned.add(warning)

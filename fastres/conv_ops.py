@@ -397,6 +397,11 @@ def family(name: str) -> ConvFamily:
     with _lock:
         if name in _families:
             return _families[name]
+        if name == "cudnn":  # issue 11: cuDNN graphs where a pattern applies, the aten forward elsewhere
+            from . import cudnn
+            _families[name] = ConvFamily(name, *_define("cudnn_", cudnn.family_forward(conv2d_act_reference),
+                                                        conv2d_act_backward_aten))
+            return _families[name]
         if name != "triton":
             raise ValueError(f"fastres: unknown conv op family {name!r}")
         ok, msg = backends._triton_installed()
@@ -414,3 +419,6 @@ def preload() -> None:
     device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if any(backends.available("triton", d)[0] for d in device_types):
         family("triton")
+    from . import cudnn
+    if cudnn.built()[0]:  # the cudnn family's ops (their fakes are needed by torch.compile on any device)
+        family("cudnn")

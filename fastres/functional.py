@@ -285,7 +285,8 @@ def conv2d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
         conv = composite_conv2d_act
     else:
         path = conv_backend.conv_for_key(x.device, conv_backend.conv_key(x, weight, stride, dilation, groups))
-        conv = conv_ops.family("triton" if path == "fused" and x.numel() > 0 else "torch").conv2d_act
+        fam = {"fused": "triton", "cudnn": "cudnn"}.get(path, "torch") if x.numel() > 0 else "torch"
+        conv = conv_ops.family(fam).conv2d_act
     y, mean, var = conv(x, weight, bias, in_scale, in_shift, residual, stride, padding, dilation, groups, in_relu,
                         act == "relu", want_stats)
     if not want_stats:

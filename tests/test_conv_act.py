@@ -380,8 +380,8 @@ def test_conv_choice_env_switch_and_info(monkeypatch):
         assert info["devices"]["cpu"]["conv"]["path"] == want
         assert info["devices"]["cpu"]["conv"]["requested"] == "fused"
     assert fastres.backend_info()["devices"]["cpu"]["conv"]["path"] == "aten"
-    with pytest.raises(ValueError, match="unknown conv path 'cudnn'"):
-        fastres.set_conv("cudnn")
+    with pytest.raises(ValueError, match="unknown conv path 'cuda'"):  # (cudnn is a path: issue 11)
+        fastres.set_conv("cuda")
     monkeypatch.setenv("FASTRES_CONV", "nope")
     with pytest.raises(ValueError, match="unknown conv path 'nope'"):
         conv_backend.conv_for(torch.device("cpu"))
