@@ -32,6 +32,9 @@
 #   6 | bench-variants  resnet50 fp32, fp16, NCHW (torch.compile in infer only)
 #   7 | bench-models    resnet18, resnet101 (b128), cifar_resnet56 (b512)
 #   8 | conv-bwd    pytest benchmarks/test_bench_conv_bwd.py (Triton conv dgrad/wgrad vs cuDNN, GPU only)
+#   9 | infer       resnet50 inference at batch 1, 32, 256, bf16: eager, torch.compile max-autotune and
+#                   reduce-overhead (CUDA graphs), fastres and fastres.cuda_graph_inference; p50/p90 latency
+#  10 | infer-fp16  the same in fp16
 #
 # Output (nothing else is written to OUT; it is rewritten after every step, so a run cut
 # short still brings back what it did):
@@ -93,8 +96,10 @@ full)
     6|bench-variants) PART=bench-variants; MID="bench-fp32 bench-fp16 bench-nchw" ;;
     7|bench-models)   PART=bench-models;   MID="bench-resnet18 bench-resnet101 bench-cifar56" ;;
     8|conv-bwd)       PART=conv-bwd;       MID="benchmarks-conv-bwd" ;;
+    9|infer)          PART=infer;          MID="infer-b1 infer-b32 infer-b256" ;;
+    10|infer-fp16)    PART=infer-fp16;     MID="infer-fp16-b1 infer-fp16-b32 infer-fp16-b256" ;;
     *) echo "run_gpu.sh: full needs a PART: 1|tests 2|slow 3|bandwidth 4|benchmarks 5|bench" \
-            "6|bench-variants 7|bench-models 8|conv-bwd (got '${PART}')" >&2; exit 2 ;;
+            "6|bench-variants 7|bench-models 8|conv-bwd 9|infer 10|infer-fp16 (got '${PART}')" >&2; exit 2 ;;
     esac
     STEPS="env build info $MID plot"
     DEFAULT_BUDGET=540 ;;
@@ -364,6 +369,9 @@ for step in $STEPS; do
     bench-resnet18) do_bench bench-resnet18 130 --model resnet18 --compile-modes infer ;;
     bench-resnet101) do_bench bench-resnet101 200 --model resnet101 --batch-size 128 --compile-modes infer ;;
     bench-cifar56)  do_bench bench-cifar56 130 --model cifar_resnet56 --batch-size 512 --compile-modes infer ;;
+    infer-b1|infer-b32|infer-b256|infer-fp16-b1|infer-fp16-b32|infer-fp16-b256)
+        b="${step##*-b}"; dt=bf16; case "$step" in infer-fp16-*) dt=fp16 ;; esac
+        do_bench "$step" 170 --mode infer --batch-size "$b" --dtype "$dt" --backend auto --tag "infer" ;;
     plot)  do_plot ;;
     *) log "unknown step '$step'"; record "$step" unknown 0; FAILED=1 ;;
     esac

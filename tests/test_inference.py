@@ -293,3 +293,28 @@ def test_bench_batch1_latency_fields(tmp_path, capsys):
         assert r["compile_s"] is None
     header = next(tmp_path.glob("*.csv")).read_text().splitlines()[0].split(",")
     assert {"lat_p50_ms", "lat_p90_ms", "compile_s"} <= set(header)
+
+
+def test_fold_stem_option(plan_calls):
+    """fold_stem(True): the stem's BN folded into conv1 in the plan (parity to fp32
+    rounding); off (default): the plan's stem is the module path's, bit for bit."""
+    tv, fr = _pair("resnet50")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ref64 = tv.double()(x.double())
+        tv.float()
+        ref32 = tv(x)
+        default = fr(x)
+    assert fold._PLANS[fr].stem is None
+    assert not fold.fold_stem()
+    try:
+        assert fold.fold_stem(True)
+        assert fold._PLANS.get(fr) is None  # switching drops the plans
+        with torch.no_grad():
+            got = fr(x)
+        assert fold._PLANS[fr].stem is not None
+    finally:
+        fold.fold_stem(False)
+    ours, theirs = (got.double() - ref64).abs().max().item(), (ref32.double() - ref64).abs().max().item()
+    assert ours <= 2 * theirs + 1e-5 * max(1.0, ref64.abs().max().item()), (ours, theirs)
+    assert not torch.equal(got, default)  # the stem really was folded (a different rounding)
