@@ -327,7 +327,9 @@ do_plot() {
 }
 
 K_KERNELS="NHWC and bn_act_train and not backward"
-QUICK_BENCH=(--iters 5 --repeats 3 --warmup 3 --compile-modes infer --tag quick)
+# (--infer-compile reduce-overhead: max-autotune's autotuning would not fit the 240 s; full 5, 9, 10 run it)
+QUICK_BENCH=(--iters 5 --repeats 3 --warmup 3 --compile-modes infer --infer-compile reduce-overhead --tag quick)
+RO=(--infer-compile reduce-overhead)
 XDIST=()
 if [ "$DRY" = 0 ] && "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST=(-n "${XDIST_WORKERS:-8}"); fi
 if [ "$DRY" = 1 ]; then
@@ -363,12 +365,12 @@ for step in $STEPS; do
     benchmarks-conv-bwd) do_benchmark benchmarks-conv-bwd 480 10 "stem" benchmarks/test_bench_conv_bwd.py ;;
     bench)          do_bench bench 240 "${QUICK_BENCH[@]}" ;;
     bench-full)     do_bench bench-full 420 ;;
-    bench-fp32)     do_bench bench-fp32 150 --dtype fp32 --compile-modes infer ;;
-    bench-fp16)     do_bench bench-fp16 150 --dtype fp16 --compile-modes infer ;;
-    bench-nchw)     do_bench bench-nchw 150 --no-channels-last --compile-modes infer ;;
-    bench-resnet18) do_bench bench-resnet18 130 --model resnet18 --compile-modes infer ;;
-    bench-resnet101) do_bench bench-resnet101 200 --model resnet101 --batch-size 128 --compile-modes infer ;;
-    bench-cifar56)  do_bench bench-cifar56 130 --model cifar_resnet56 --batch-size 512 --compile-modes infer ;;
+    bench-fp32)     do_bench bench-fp32 150 --dtype fp32 --compile-modes infer "${RO[@]}" ;;
+    bench-fp16)     do_bench bench-fp16 150 --dtype fp16 --compile-modes infer "${RO[@]}" ;;
+    bench-nchw)     do_bench bench-nchw 150 --no-channels-last --compile-modes infer "${RO[@]}" ;;
+    bench-resnet18) do_bench bench-resnet18 130 --model resnet18 --compile-modes infer "${RO[@]}" ;;
+    bench-resnet101) do_bench bench-resnet101 200 --model resnet101 --batch-size 128 --compile-modes infer "${RO[@]}" ;;
+    bench-cifar56)  do_bench bench-cifar56 130 --model cifar_resnet56 --batch-size 512 --compile-modes infer "${RO[@]}" ;;
     infer-b1|infer-b32|infer-b256|infer-fp16-b1|infer-fp16-b32|infer-fp16-b256)
         b="${step##*-b}"; dt=bf16; case "$step" in infer-fp16-*) dt=fp16 ;; esac
         do_bench "$step" 170 --mode infer --batch-size "$b" --dtype "$dt" --backend auto --tag "infer" ;;

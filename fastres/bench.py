@@ -63,6 +63,12 @@ DEFAULTS = {
                 compile=True, compile_modes="both", iters=2, repeats=5, warmup=3),
 }
 
+# The compiled inference contenders per device type (``--infer-compile`` overrides):
+# "freezing" is torch.compile with inductor freezing, "default" plain torch.compile,
+# others are torch.compile modes.
+INFER_COMPILE = {"cpu": ["freezing"], "cuda": ["max-autotune", "reduce-overhead"]}
+INFER_COMPILE_CHOICES = ("freezing", "default", "max-autotune", "reduce-overhead", "max-autotune-no-cudagraphs")
+
 CSV_FIELDS = ("model", "contender", "backend", "compiled", "mode", "status", "img_per_s", "ms_per_iter",
               "ms_min", "ms_max", "spread_pct", "lat_p50_ms", "lat_p90_ms", "compile_s", "peak_mem_mib", "mem_kind", "speedup_vs_eager",
               "tflops", "device", "device_name", "dtype", "batch_size", "image_size", "channels_last",
@@ -145,6 +151,7 @@ class BenchConfig:
     progress: bool = True
     tag: str = ""
     notes: List[str] = field(default_factory=list)
+    infer_compile: Optional[List[str]] = None  # None: the device's strongest (INFER_COMPILE)
 
 
 def default_device() -> str:
@@ -200,7 +207,8 @@ def resolve_config(args) -> BenchConfig:
                       compile_fastres=bool(getattr(args, "compile_fastres", False)),
                       iters=pick("iters"), repeats=pick("repeats"), warmup=pick("warmup"), device=str(dev),
                       num_classes=num_classes, seed=args.seed, out=out, plot=not args.no_plot,
-                      progress=not args.no_progress, tag=args.tag or "")
+                      progress=not args.no_progress, tag=args.tag or "",
+                      infer_compile=getattr(args, "infer_compile", None))
     if cfg.dtype == "fp16" and dev.type == "cpu":
         cfg.notes.append("fp16 autocast on the CPU is slow in PyTorch; bf16 is the CPU's low precision")
     return cfg
@@ -250,14 +258,12 @@ def contenders(cfg: BenchConfig) -> Tuple[List[Contender], List[str]]:
     out = [Contender(ref_name, "reference", None, False)]
     if cfg.compile:
         out.append(Contender(ref_name + "+compile", "reference", None, True, modes=("train",)))
-        if on_gpu:  # the strongest compiled alternatives for GPU inference
-            out.append(Contender(ref_name + "+compile(max-autotune)", "reference", None, True, modes=("infer",),
-                                 compile_mode="max-autotune"))
-            out.append(Contender(ref_name + "+compile(reduce-overhead)", "reference", None, True,
-                                 modes=("infer",), compile_mode="reduce-overhead"))
-        else:  # ... and for CPU inference: BN folded, oneDNN weights prepacked, epilogues fused
-            out.append(Contender(ref_name + "+compile(freezing)", "reference", None, True, modes=("infer",),
-                                 freezing=True))
+        # the strongest compiled alternatives for inference: on a GPU max-autotune and CUDA graphs
+        # (reduce-overhead), on the CPU freezing (BN folded, oneDNN weights prepacked, epilogues fused)
+        wanted = cfg.infer_compile if cfg.infer_compile is not None else INFER_COMPILE["cuda" if on_gpu else "cpu"]
+        for m in wanted:
+            out.append(Contender(f"{ref_name}+compile({m})", "reference", None, True, modes=("infer",),
+                                 compile_mode=None if m in ("freezing", "default") else m, freezing=m == "freezing"))
     run, notes = fastres_backends(cfg)
     for b in run:
         out.append(Contender(f"fastres[{b}]", "fastres", b, False))

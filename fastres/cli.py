@@ -65,6 +65,16 @@ def _backend_list(text: str) -> str:
     return ",".join(names)
 
 
+def _infer_compile_list(text: str) -> List[str]:
+    from .bench import INFER_COMPILE_CHOICES
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in INFER_COMPILE_CHOICES]
+    if bad or not modes:
+        raise argparse.ArgumentTypeError(f"unknown compile mode(s) {', '.join(bad) or repr(text)}; choose from "
+                                         + ", ".join(INFER_COMPILE_CHOICES))
+    return list(dict.fromkeys(modes))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastres",
                                 description="fastres: fused conv + BatchNorm + ReLU + residual-add ResNets")
@@ -107,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "torch.compile with inductor freezing, on a GPU mode='max-autotune' and "
                          "mode='reduce-overhead' (CUDA graphs). Compile time is reported apart (compile_s). "
                          "--no-compile skips them all")
+    pb.add_argument("--infer-compile", type=_infer_compile_list, default=None, metavar="MODES",
+                    help="the compiled inference contenders, a comma list of freezing, default, max-autotune, "
+                         "reduce-overhead, max-autotune-no-cudagraphs (default: CPU freezing; GPU "
+                         "max-autotune,reduce-overhead)")
     pb.add_argument("--compile-modes", choices=MODES, default=None,
                     help="which modes get the torch.compile contender (default both)")
     pb.add_argument("--compile-fastres", action="store_true",

@@ -318,3 +318,16 @@ def test_fold_stem_option(plan_calls):
     ours, theirs = (got.double() - ref64).abs().max().item(), (ref32.double() - ref64).abs().max().item()
     assert ours <= 2 * theirs + 1e-5 * max(1.0, ref64.abs().max().item()), (ours, theirs)
     assert not torch.equal(got, default)  # the stem really was folded (a different rounding)
+
+
+def test_bench_infer_compile_option(capsys):
+    args = cli.build_parser().parse_args(["bench", "--infer-compile", "default,reduce-overhead,default"])
+    assert args.infer_compile == ["default", "reduce-overhead"]
+    cfg = bench.resolve_config(cli.build_parser().parse_args(
+        ["bench", "--device", "cpu", "--mode", "infer", "--infer-compile", "default,freezing"]))
+    infer = [c for c in bench.contenders(cfg)[0] if c.compiled and c.modes == ("infer",)]
+    assert [(c.name, c.compile_mode, c.freezing) for c in infer] == [
+        ("torchvision+compile(default)", None, False), ("torchvision+compile(freezing)", None, True)]
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["bench", "--infer-compile", "turbo"])
+    assert "unknown compile mode(s) turbo" in capsys.readouterr().err
