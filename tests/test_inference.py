@@ -331,3 +331,39 @@ def test_bench_infer_compile_option(capsys):
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["bench", "--infer-compile", "turbo"])
     assert "unknown compile mode(s) turbo" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_eval_conv_has_at_most_one_epilogue(name, autocast, monkeypatch):
+    """The module path's eval forward (what a GPU runs): with the BNs folded, every
+    convolution of the blocks is followed by at most one op, the fused epilogue
+    (bias (+ residual) + ReLU), and no op of the forward synchronises with the host
+    (the whole forward is capturable in a CUDA graph)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(fold, "_use_onednn", [False])  # the generic (GPU) path on the CPU
+    _, fr = _pair(name)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        fr(x)
+        with Log() as log:
+            fr(x)
+    ops = log.ops
+    body = ops[ops.index("max_pool2d_with_indices") + 1:ops.index("mean")]
+    convs = [i for i, op in enumerate(body) if op == "convolution"]
+    blocks = [b for layer in (fr.layer1, fr.layer2, fr.layer3, fr.layer4) for b in layer]
+    assert len(convs) == sum(len(b._units()) + (b.downsample is not None) for b in blocks)
+    for i, j in zip(convs, convs[1:] + [len(body)]):
+        between = body[i + 1:j]
+        assert between in ([], ["affine_act"]), body
+    assert "item" not in ops and "_local_scalar_dense" not in ops
