@@ -314,12 +314,27 @@ class _PlanUnit:
         return p
 
     def __call__(self, x: Tensor, act: str) -> Tensor:
-        return _ONEDNN(x, self.w(x), self.bias, self.pad, self.stride, self.dil, self.groups, act, [], "")
+        return _CONV_ACT(x, self.w(x), self.bias, self.pad, self.stride, self.dil, self.groups, act, [], "")
 
     def add_relu_into(self, x: Tensor, other: Tensor) -> Tensor:
         """``relu(conv(x) + bias + other)`` written into ``other`` (a buffer the plan owns)."""
-        return torch.ops.mkldnn._convolution_pointwise_.binary(
-            other, x, self.w(x), self.bias, self.pad, self.stride, self.dil, self.groups, "add", 1.0, "relu", [], "")
+        return _CONV_ADD_RELU_(other, x, self.w(x), self.bias, self.pad, self.stride, self.dil, self.groups,
+                               "add", 1.0, "relu", [], "")
+
+
+_CONV_ACT = _CONV_ADD_RELU_ = None
+
+
+def _plan_ops() -> bool:
+    """Resolve the oneDNN overloads once (calling an overload packet resolves it per call)."""
+    global _CONV_ACT, _CONV_ADD_RELU_
+    if _CONV_ACT is None:
+        try:
+            _CONV_ACT = torch.ops.mkldnn._convolution_pointwise.default
+            _CONV_ADD_RELU_ = torch.ops.mkldnn._convolution_pointwise_.binary
+        except (AttributeError, RuntimeError):
+            _CONV_ACT = False
+    return bool(_CONV_ACT)
 
 
 class _EvalPlan:
@@ -355,33 +370,26 @@ def use_eval_plan(enabled: Optional[bool] = None) -> bool:
 def _model_stamp(model: nn.Module):
     """(stamp, pins) of everything the plan depends on: every submodule (object,
     training flag, no hooks), every parameter and buffer (object, ``_version``,
-    address, strides, dtype, requires_grad). ``None`` when the model cannot use a plan
+    address, strides; dtype and device are checked when the plan is built). ``None`` when the model cannot use a plan
     (a module in training mode or with hooks, an inference tensor, a non-fp32 or
     non-CPU parameter)."""
     items = []
     pins = []
-    for m in model.modules():
-        if m.training or m._forward_hooks or m._forward_pre_hooks:
-            return None
-        items.append(id(m))
-        for t in m._parameters.values():
-            if t is None:
-                items.append(None)
-                continue
-            try:
-                items.append((id(t), t._version, t.data_ptr(), t.stride(), t.dtype, t.device.type, t.requires_grad))
-            except RuntimeError:  # inference tensor: no version counter
+    add, pin = items.append, pins.append
+    try:
+        for m in model.modules():
+            if m.training or m._forward_hooks or m._forward_pre_hooks:
                 return None
-            pins.append(t)
-        for t in m._buffers.values():
-            if t is None:
-                items.append(None)
-                continue
-            try:
-                items.append((id(t), t._version, t.data_ptr(), t.stride(), t.dtype, t.device.type))
-            except RuntimeError:
-                return None
-            pins.append(t)
+            add(id(m))
+            for d in (m._parameters, m._buffers):
+                for t in d.values():
+                    if t is None:
+                        add(None)
+                    else:  # (a new dtype or device is a new storage: data_ptr changes)
+                        add((id(t), t._version, t.data_ptr(), t.stride()))
+                        pin(t)
+    except RuntimeError:  # an inference tensor has no version counter: no plan
+        return None
     return tuple(items), pins
 
 
@@ -453,7 +461,7 @@ def eval_plan_forward(model: nn.Module, x: Tensor) -> Optional[Tensor]:
     if (_module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
             or getattr(_module, "_global_backward_pre_hooks", None)):
         return None
-    if not _onednn_op():
+    if not _onednn_op() or not _plan_ops():
         return None
     got = _model_stamp(model)
     if got is None:
