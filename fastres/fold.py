@@ -463,6 +463,8 @@ def eval_plan_forward(model: nn.Module, x: Tensor) -> Optional[Tensor]:
         return None
     if not _onednn_op() or not _plan_ops():
         return None
+    if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
+        return None  # gradients wanted: the differentiable module path (no plan built)
     got = _model_stamp(model)
     if got is None:
         return None
@@ -474,8 +476,6 @@ def eval_plan_forward(model: nn.Module, x: Tensor) -> Optional[Tensor]:
             _PLANS.pop(model, None)
             return None
         _PLANS[model] = plan
-    if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
-        return None
     w = model.conv1.weight
     if x.shape[1] != w.shape[1] * model.conv1.groups:
         return None  # the module path raises the clear error
