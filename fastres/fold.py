@@ -24,6 +24,10 @@ Where gradients can flow into the fold (an eval-mode model whose parameters are
 being trained, e.g. frozen-BN fine-tuning), the cached values are returned through an
 autograd function whose backward is the fold's, so gradients match
 ``nn.BatchNorm2d`` in eval mode; under ``torch.compile`` the fold is traced inline.
+
+A fastres ``ResNet`` doing fp32 CPU inference runs a whole-model *eval plan* built from
+these folds (:func:`eval_plan_forward`): cached per model, keyed by a stamp of every
+submodule, parameter and buffer under the same rules, dropped by :func:`invalidate`.
 """
 from __future__ import annotations
 
