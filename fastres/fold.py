@@ -402,6 +402,8 @@ def _build_plan(model: nn.Module, stamp, pins) -> Optional[_EvalPlan]:
     for t in pins:
         if t.dtype not in (torch.float32, torch.int64) or t.device.type != "cpu":
             return None
+    if not all(hasattr(model, n) for n in ("conv1", "bn1", "relu", "maxpool", "avgpool", "fc")):
+        return None  # (e.g. CifarResNet: no max-pool)
     if not (_fusable_bn(model.bn1) and _foldable_conv(model.conv1) and type(model.maxpool) is nn.MaxPool2d
             and type(model.avgpool) is nn.AdaptiveAvgPool2d and tuple(_pair(model.avgpool.output_size)) == (1, 1)
             and type(model.fc) is nn.Linear and type(model.relu) is nn.ReLU):

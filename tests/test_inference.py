@@ -367,3 +367,12 @@ def test_eval_conv_has_at_most_one_epilogue(name, autocast, monkeypatch):
         between = body[i + 1:j]
         assert between in ([], ["affine_act"]), body
     assert "item" not in ops and "_local_scalar_dense" not in ops
+
+
+def test_cifar_resnet_eval_takes_the_module_path(plan_calls):
+    """CifarResNet (no max-pool, option-A shortcut) is not planned; eval still works."""
+    model = fastres.cifar_resnet(20, shortcut="A", num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        y = model(x)
+    assert y.shape == (2, 10) and plan_calls[0] == 0 and fold._PLANS.get(model) is None
