@@ -15,12 +15,9 @@ from .models import (ResNet, ResNet50, resnet18, resnet34, resnet50, resnet101, 
                      wide_resnet50_2, wide_resnet101_2, resnext50_32x4d, resnext101_32x8d, resnext101_64x4d,
                      CifarResNet, cifar_resnet)
 from .convert import convert  # noqa: E402,F401
+from .inference import cuda_graph_inference  # noqa: E402,F401  (issue #13)
 
 __all__ += ["fold", "models", "BasicBlock", "Bottleneck", "ResNet", "ResNet50", "resnet18", "resnet34",
             "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2", "resnext50_32x4d",
-            "resnext101_32x8d", "resnext101_64x4d", "CifarResNet", "cifar_resnet", "convert"]
-
-# --- inference helpers (issue #13) -------------------------------------------------
-from .inference import cuda_graph_inference  # noqa: E402,F401
-
-__all__ += ["cuda_graph_inference"]
+            "resnext101_32x8d", "resnext101_64x4d", "CifarResNet", "cifar_resnet", "convert",
+            "cuda_graph_inference"]
