@@ -327,6 +327,18 @@ class _PlanUnit:
 
 
 _CONV_ACT = _CONV_ADD_RELU_ = None
+_CONV_BACKEND = []
+
+
+def _conv_backend():
+    """fastres.conv_backend (the conv selection, ``FASTRES_CONV``) where this fastres has it."""
+    if not _CONV_BACKEND:
+        try:
+            from . import conv_backend as cb  # type: ignore[attr-defined]
+        except ImportError:
+            cb = None
+        _CONV_BACKEND.append(cb)
+    return _CONV_BACKEND[0]
 
 
 def _plan_ops() -> bool:
@@ -468,6 +480,12 @@ def eval_plan_forward(model: nn.Module, x: Tensor) -> Optional[Tensor]:
             or getattr(_module, "_global_backward_pre_hooks", None)):
         return None
     if not _onednn_op() or not _plan_ops():
+        return None
+    ta = getattr(FF, "transforms_active", None)  # vmap/grad/jvp, forward AD (where fastres has them)
+    if ta is not None and ta():
+        return None
+    cb = _conv_backend()
+    if cb is not None and cb.conv_for(x.device) != "aten":  # FASTRES_CONV=fused asks for fastres's conv
         return None
     if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
         return None  # gradients wanted: the differentiable module path (no plan built)
