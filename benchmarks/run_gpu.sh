@@ -35,6 +35,9 @@
 #   9 | conv-fwd    pytest benchmarks/test_bench_conv.py -k 'not bwd' (fused conv forward vs cuDNN, GPU only)
 #   (8 and 9 end with conv-choice: benchmarks/conv_choice.py turns the measurements into
 #   results/<device>/conv_choice_<device>_<date>.json, FASTRES_CONV=auto's table; docs/GPU.md)
+#  10 | infer       resnet50 inference at batch 1, 32, 256, bf16: eager, torch.compile max-autotune and
+#                   reduce-overhead (CUDA graphs), fastres and fastres.cuda_graph_inference; p50/p90 latency
+#  11 | infer-fp16  the same in fp16
 #
 # Output (nothing else is written to OUT; it is rewritten after every step, so a run cut
 # short still brings back what it did):
@@ -97,8 +100,10 @@ full)
     7|bench-models)   PART=bench-models;   MID="bench-resnet18 bench-resnet101 bench-cifar56" ;;
     8|conv-bwd)       PART=conv-bwd;       MID="benchmarks-conv-bwd conv-choice" ;;
     9|conv-fwd)       PART=conv-fwd;       MID="benchmarks-conv conv-choice" ;;
+    10|infer)         PART=infer;          MID="infer-b1 infer-b32 infer-b256" ;;
+    11|infer-fp16)    PART=infer-fp16;     MID="infer-fp16-b1 infer-fp16-b32 infer-fp16-b256" ;;
     *) echo "run_gpu.sh: full needs a PART: 1|tests 2|slow 3|bandwidth 4|benchmarks 5|bench" \
-            "6|bench-variants 7|bench-models 8|conv-bwd 9|conv-fwd (got '${PART}')" >&2; exit 2 ;;
+            "6|bench-variants 7|bench-models 8|conv-bwd 9|conv-fwd 10|infer 11|infer-fp16 (got '${PART}')" >&2; exit 2 ;;
     esac
     STEPS="env build info $MID plot"
     DEFAULT_BUDGET=540 ;;
@@ -335,7 +340,9 @@ do_plot() {
 }
 
 K_KERNELS="NHWC and bn_act_train and not backward"
-QUICK_BENCH=(--iters 5 --repeats 3 --warmup 3 --compile-modes infer --tag quick)
+# (--infer-compile reduce-overhead: max-autotune's autotuning would not fit the 240 s; full 5, 9, 10 run it)
+QUICK_BENCH=(--iters 5 --repeats 3 --warmup 3 --compile-modes infer --infer-compile reduce-overhead --tag quick)
+RO=(--infer-compile reduce-overhead)
 XDIST=()
 if [ "$DRY" = 0 ] && "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST=(-n "${XDIST_WORKERS:-8}"); fi
 if [ "$DRY" = 1 ]; then
@@ -373,12 +380,15 @@ for step in $STEPS; do
     conv-choice)       do_conv_choice ;;
     bench)          do_bench bench 240 "${QUICK_BENCH[@]}" ;;
     bench-full)     do_bench bench-full 420 ;;
-    bench-fp32)     do_bench bench-fp32 150 --dtype fp32 --compile-modes infer ;;
-    bench-fp16)     do_bench bench-fp16 150 --dtype fp16 --compile-modes infer ;;
-    bench-nchw)     do_bench bench-nchw 150 --no-channels-last --compile-modes infer ;;
-    bench-resnet18) do_bench bench-resnet18 130 --model resnet18 --compile-modes infer ;;
-    bench-resnet101) do_bench bench-resnet101 200 --model resnet101 --batch-size 128 --compile-modes infer ;;
-    bench-cifar56)  do_bench bench-cifar56 130 --model cifar_resnet56 --batch-size 512 --compile-modes infer ;;
+    bench-fp32)     do_bench bench-fp32 150 --dtype fp32 --compile-modes infer "${RO[@]}" ;;
+    bench-fp16)     do_bench bench-fp16 150 --dtype fp16 --compile-modes infer "${RO[@]}" ;;
+    bench-nchw)     do_bench bench-nchw 150 --no-channels-last --compile-modes infer "${RO[@]}" ;;
+    bench-resnet18) do_bench bench-resnet18 130 --model resnet18 --compile-modes infer "${RO[@]}" ;;
+    bench-resnet101) do_bench bench-resnet101 200 --model resnet101 --batch-size 128 --compile-modes infer "${RO[@]}" ;;
+    bench-cifar56)  do_bench bench-cifar56 130 --model cifar_resnet56 --batch-size 512 --compile-modes infer "${RO[@]}" ;;
+    infer-b1|infer-b32|infer-b256|infer-fp16-b1|infer-fp16-b32|infer-fp16-b256)
+        b="${step##*-b}"; dt=bf16; case "$step" in infer-fp16-*) dt=fp16 ;; esac
+        do_bench "$step" 170 --mode infer --batch-size "$b" --dtype "$dt" --backend auto --tag "infer" ;;
     plot)  do_plot ;;
     *) log "unknown step '$step'"; record "$step" unknown 0; FAILED=1 ;;
     esac

@@ -9,7 +9,8 @@ cudnn.register()
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "nn", "backend_info", "set_backend", "use_backend", "backend_for", "__version__"]
+__all__ = ["functional", "nn", "backend_info", "set_backend", "use_backend", "backend_for", "__version__",
+           "cuda_graph_inference"]
 
 # --- drop-in ResNets (issue #3): blocks, models, convert(), eval folding --------------
 from . import fold, models  # noqa: E402,F401
@@ -18,6 +19,7 @@ from .models import (ResNet, ResNet50, resnet18, resnet34, resnet50, resnet101, 
                      wide_resnet50_2, wide_resnet101_2, resnext50_32x4d, resnext101_32x8d, resnext101_64x4d,
                      CifarResNet, cifar_resnet)
 from .convert import convert  # noqa: E402,F401
+from .inference import cuda_graph_inference  # noqa: E402,F401  (issue #13)
 
 __all__ += ["fold", "models", "BasicBlock", "Bottleneck", "ResNet", "ResNet50", "resnet18", "resnet34",
             "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2", "resnext50_32x4d",

@@ -3,7 +3,14 @@
 Contenders (each in training — forward + backward + SGD step — and/or inference):
 
 * ``torchvision``            eager torchvision model (the baseline of the speed-up column)
-* ``torchvision+compile``    the same under ``torch.compile`` (default inductor mode)
+* ``torchvision+compile``    training: the same under ``torch.compile`` (default inductor mode)
+* the strongest compiled alternative in inference: on the CPU
+  ``torchvision+compile(freezing)`` (``torch._inductor.config.freezing = True`` under
+  ``torch.no_grad``: BN folded, oneDNN weights prepacked, epilogues fused); on a GPU
+  ``torchvision+compile(max-autotune)`` and ``torchvision+compile(reduce-overhead)``
+  (CUDA graphs). ``--no-compile`` skips every compiled contender.
+* ``fastres[<backend>]+cudagraph`` GPU inference: the fastres model replayed as one CUDA
+  graph (:func:`fastres.cuda_graph_inference`)
 * ``fastres[<backend>]``     the fastres model, one row per backend available on the device
   (Triton's CPU interpreter is left out: it is a correctness tool, not a fast path)
 * ``fastres[<backend>]+compile`` with ``--compile-fastres``
@@ -11,7 +18,11 @@ Contenders (each in training — forward + backward + SGD step — and/or infere
 Every contender starts from the same state_dict and sees the same input batch and
 labels. Timing: ``warmup`` untimed iterations, then ``repeats`` × ``iters`` timed
 iterations (CUDA events around each repeat on a GPU, ``perf_counter`` on the CPU,
-synchronised), reported as the median ms/iteration over repeats with min–max.
+synchronised), reported as the median ms/iteration over repeats with min–max. A
+compiled contender's first call (compilation, freezing, CUDA-graph capture) is timed
+on its own and reported as ``compile_s``, outside the timed region. Inference also
+times every timed iteration on its own (CUDA events per iteration on a GPU): the
+latency percentiles ``lat_p50_ms`` / ``lat_p90_ms`` (batch 1: the per-image latency).
 Peak memory: ``torch.cuda.max_memory_allocated`` on a GPU (reset after warm-up), the
 peak resident set size (VmHWM, reset through ``/proc/self/clear_refs``) on the CPU.
 
@@ -52,8 +63,14 @@ DEFAULTS = {
                 compile=True, compile_modes="both", iters=2, repeats=5, warmup=3),
 }
 
+# The compiled inference contenders per device type (``--infer-compile`` overrides):
+# "freezing" is torch.compile with inductor freezing, "default" plain torch.compile,
+# others are torch.compile modes.
+INFER_COMPILE = {"cpu": ["freezing"], "cuda": ["max-autotune", "reduce-overhead"]}
+INFER_COMPILE_CHOICES = ("freezing", "default", "max-autotune", "reduce-overhead", "max-autotune-no-cudagraphs")
+
 CSV_FIELDS = ("model", "contender", "backend", "compiled", "mode", "status", "img_per_s", "ms_per_iter",
-              "ms_min", "ms_max", "spread_pct", "peak_mem_mib", "mem_kind", "speedup_vs_eager",
+              "ms_min", "ms_max", "spread_pct", "lat_p50_ms", "lat_p90_ms", "compile_s", "peak_mem_mib", "mem_kind", "speedup_vs_eager",
               "tflops", "device", "device_name", "dtype", "batch_size", "image_size", "channels_last",
               "iters", "repeats", "warmup", "date")
 
@@ -134,6 +151,7 @@ class BenchConfig:
     progress: bool = True
     tag: str = ""
     notes: List[str] = field(default_factory=list)
+    infer_compile: Optional[List[str]] = None  # None: the device's strongest (INFER_COMPILE)
 
 
 def default_device() -> str:
@@ -189,7 +207,8 @@ def resolve_config(args) -> BenchConfig:
                       compile_fastres=bool(getattr(args, "compile_fastres", False)),
                       iters=pick("iters"), repeats=pick("repeats"), warmup=pick("warmup"), device=str(dev),
                       num_classes=num_classes, seed=args.seed, out=out, plot=not args.no_plot,
-                      progress=not args.no_progress, tag=args.tag or "")
+                      progress=not args.no_progress, tag=args.tag or "",
+                      infer_compile=getattr(args, "infer_compile", None))
     if cfg.dtype == "fp16" and dev.type == "cpu":
         cfg.notes.append("fp16 autocast on the CPU is slow in PyTorch; bf16 is the CPU's low precision")
     return cfg
@@ -203,6 +222,10 @@ class Contender:
     backend: Optional[str]    # fastres backend (None for torchvision)
     compiled: bool
     skip: Optional[str] = None  # reason when it cannot run here
+    modes: Optional[Tuple[str, ...]] = None  # the modes it runs in (None: every mode)
+    compile_mode: Optional[str] = None  # torch.compile(mode=...)
+    freezing: bool = False    # torch._inductor.config.freezing (CPU inference)
+    cuda_graph: bool = False  # fastres.cuda_graph_inference (GPU inference)
 
 
 def fastres_backends(cfg: BenchConfig) -> Tuple[List[str], List[str]]:
@@ -231,12 +254,29 @@ def fastres_backends(cfg: BenchConfig) -> Tuple[List[str], List[str]]:
 def contenders(cfg: BenchConfig) -> Tuple[List[Contender], List[str]]:
     kind, _ = parse_model(cfg.model)
     ref_name = "torchvision" if kind == "tv" else "eager"
+    on_gpu = torch.device(cfg.device).type == "cuda"
+    notes: List[str] = []
     out = [Contender(ref_name, "reference", None, False)]
     if cfg.compile:
-        out.append(Contender(ref_name + "+compile", "reference", None, True))
-    run, notes = fastres_backends(cfg)
+        out.append(Contender(ref_name + "+compile", "reference", None, True, modes=("train",)))
+        # the strongest compiled alternatives for inference: on a GPU max-autotune and CUDA graphs
+        # (reduce-overhead), on the CPU freezing (BN folded, oneDNN weights prepacked, epilogues fused)
+        wanted = cfg.infer_compile if cfg.infer_compile is not None else INFER_COMPILE["cuda" if on_gpu else "cpu"]
+        if kind == "cifar" and cfg.infer_compile is None and wanted == ["freezing"]:
+            # the CIFAR baseline is the fastres model: inductor's freezing passes fail on its
+            # option-A shortcut (a scatter into the mkldnn fusion; torch 2.14), plain compile works
+            wanted = ["default"]
+            notes.append("CIFAR: the compiled inference contender is plain torch.compile (inductor's "
+                         "freezing fails on the fastres model's option-A shortcut)")
+        for m in wanted:
+            out.append(Contender(f"{ref_name}+compile({m})", "reference", None, True, modes=("infer",),
+                                 compile_mode=None if m in ("freezing", "default") else m, freezing=m == "freezing"))
+    run, more = fastres_backends(cfg)
+    notes += more
     for b in run:
         out.append(Contender(f"fastres[{b}]", "fastres", b, False))
+        if on_gpu and b != "torch":
+            out.append(Contender(f"fastres[{b}]+cudagraph", "fastres", b, False, modes=("infer",), cuda_graph=True))
         if cfg.compile_fastres:
             out.append(Contender(f"fastres[{b}]+compile", "fastres", b, True))
     if kind == "cifar":
@@ -314,7 +354,7 @@ def forward_gflop_per_image(builder: Callable[[], torch.nn.Module], image_size: 
 
 
 def make_step(model: torch.nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor, cfg: BenchConfig,
-              device: torch.device) -> Callable[[], None]:
+              device: torch.device, no_grad: bool = False) -> Callable[[], None]:
     if mode == "train":
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
@@ -334,6 +374,12 @@ def make_step(model: torch.nn.Module, mode: str, x: torch.Tensor, y: torch.Tenso
         return step
 
     model.eval()
+    if no_grad:  # torch.compile's freezing folds parameters only under no_grad
+
+        def infer_no_grad():
+            with torch.no_grad(), _autocast(cfg, device):
+                model(x)
+        return infer_no_grad
 
     def infer():
         with torch.inference_mode(), _autocast(cfg, device):
@@ -341,10 +387,34 @@ def make_step(model: torch.nn.Module, mode: str, x: torch.Tensor, y: torch.Tenso
     return infer
 
 
+def first_call_s(step: Callable[[], None], device: torch.device) -> float:
+    """Seconds of one synchronised call: a compiled contender's compilation (and
+    freezing / CUDA-graph capture), kept out of the timed region."""
+    _sync(device)
+    t0 = time.perf_counter()
+    step()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def percentile(values: Sequence[float], q: float) -> Optional[float]:
+    """The ``q``-quantile (0..1) of ``values``, linearly interpolated; None when empty."""
+    v = sorted(values)
+    if not v:
+        return None
+    pos = q * (len(v) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
 def time_step(step: Callable[[], None], cfg: BenchConfig, device: torch.device,
-              tick: Callable[[int], None]) -> Tuple[List[float], Optional[float], str]:
+              tick: Callable[[int], None], per_iter: Optional[List[float]] = None
+              ) -> Tuple[List[float], Optional[float], str]:
     """Warm up, then ``repeats`` timed blocks of ``iters`` iterations: (ms/iter of each
-    repeat, peak memory MiB, memory kind)."""
+    repeat, peak memory MiB, memory kind). With ``per_iter`` (a list), every timed
+    iteration's own ms are appended to it as well (latency percentiles): CUDA events
+    around each iteration on a GPU (no extra synchronisation), ``perf_counter`` on the CPU."""
     for _ in range(cfg.warmup):
         step()
         tick(1)
@@ -353,23 +423,61 @@ def time_step(step: Callable[[], None], cfg: BenchConfig, device: torch.device,
     times = []
     for _ in range(cfg.repeats):
         if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(cfg.iters):
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(cfg.iters + 1)]
+            ev[0].record()
+            for i in range(cfg.iters):
                 step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / cfg.iters)
+                if per_iter is not None:
+                    ev[i + 1].record()
+            ev[-1].record()
+            ev[-1].synchronize()
+            times.append(ev[0].elapsed_time(ev[-1]) / cfg.iters)
+            if per_iter is not None:
+                per_iter.extend(ev[i].elapsed_time(ev[i + 1]) for i in range(cfg.iters))
         else:
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = t_prev = time.perf_counter()
             for _ in range(cfg.iters):
                 step()
+                if per_iter is not None:
+                    t = time.perf_counter()
+                    per_iter.append((t - t_prev) * 1e3)
+                    t_prev = t
             _sync(device)
             times.append((time.perf_counter() - t0) * 1e3 / cfg.iters)
         tick(cfg.iters)
     _sync(device)
     return times, _read_peak_mib(device), mem_kind
+
+
+def _runner(c: Contender, model: torch.nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor,
+            cfg: BenchConfig, device: torch.device):
+    """(the callable model, its step, compile seconds or None). A compiled contender
+    (or a CUDA graph) is compiled/captured by one untimed first call."""
+    if c.cuda_graph:
+        import fastres
+        model.eval()
+        with _autocast(cfg, device):
+            t0 = time.perf_counter()
+            runner = fastres.cuda_graph_inference(model, x)
+            _sync(device)
+            compile_s = time.perf_counter() - t0
+
+        def graph_step():
+            runner(x)
+        return runner, graph_step, compile_s
+    if not c.compiled:
+        return model, make_step(model, mode, x, y, cfg, device), None
+    # (a compiled module shares the parameters: the optimizer steps the originals)
+    runner = torch.compile(model, mode=c.compile_mode) if c.compile_mode else torch.compile(model)
+    step = make_step(runner, mode, x, y, cfg, device, no_grad=mode == "infer")
+    if c.freezing:
+        import torch._inductor.config as inductor_config
+        with inductor_config.patch(freezing=True):
+            compile_s = first_call_s(step, device)  # the graph is frozen at its first compilation
+    else:
+        compile_s = first_call_s(step, device)
+    return runner, step, compile_s
 
 
 # ============================================================================ the run
@@ -476,7 +584,8 @@ def run(cfg: BenchConfig) -> Dict[str, object]:
     gflop = forward_gflop_per_image(ref_build, cfg.image_size)
 
     per_run = cfg.warmup + cfg.repeats * cfg.iters
-    jobs = [(c, m) for c in conts for m in cfg.modes if not (c.compiled and m not in cfg.compile_modes)]
+    jobs = [(c, m) for c in conts for m in cfg.modes if not (c.compiled and m not in cfg.compile_modes)
+            and (c.modes is None or m in c.modes)]
     prog = _Progress(total=per_run * sum(1 for c, _ in jobs if c.skip is None), enabled=cfg.progress)
     rows: List[Dict[str, object]] = []
     failures = 0
@@ -484,6 +593,7 @@ def run(cfg: BenchConfig) -> Dict[str, object]:
         for c, mode in jobs:
             row = dict(model=cfg.model, contender=c.name, backend=c.backend or "", compiled=c.compiled, mode=mode,
                        status="ok", img_per_s=None, ms_per_iter=None, ms_min=None, ms_max=None, spread_pct=None,
+                       lat_p50_ms=None, lat_p90_ms=None, compile_s=None,
                        peak_mem_mib=None, mem_kind="", speedup_vs_eager=None, tflops=None,
                        device=str(device), device_name=device_name(device), dtype=cfg.dtype,
                        batch_size=cfg.batch_size, image_size=cfg.image_size, channels_last=cfg.channels_last,
@@ -494,18 +604,19 @@ def run(cfg: BenchConfig) -> Dict[str, object]:
                 continue
             prog.describe(f"{c.name} {mode}")
             ctx = fastres.use_backend(c.backend) if c.backend else contextlib.nullcontext()
-            model = step = None
+            model = step = runner = None
             try:
                 with ctx:
                     model = (fr_build if c.kind == "fastres" else ref_build)()
                     model.load_state_dict(state, strict=True)
                     model = model.to(device=device, memory_format=fmt)
-                    runner = torch.compile(model) if c.compiled else model
-                    # (a compiled module shares the parameters: the optimizer steps the originals)
-                    step = make_step(runner, mode, x, y, cfg, device)
-                    times, peak, mem_kind = time_step(step, cfg, device, prog.update)
+                    runner, step, compile_s = _runner(c, model, mode, x, y, cfg, device)
+                    lat: Optional[List[float]] = [] if mode == "infer" else None
+                    times, peak, mem_kind = time_step(step, cfg, device, prog.update, lat)
                 med = statistics.median(times)
-                row.update(ms_per_iter=med, ms_min=min(times), ms_max=max(times),
+                if lat:
+                    row.update(lat_p50_ms=percentile(lat, 0.5), lat_p90_ms=percentile(lat, 0.9))
+                row.update(ms_per_iter=med, ms_min=min(times), ms_max=max(times), compile_s=compile_s,
                            spread_pct=100.0 * (max(times) - min(times)) / med if med > 0 else None,
                            img_per_s=cfg.batch_size * 1e3 / med if med > 0 else None,
                            peak_mem_mib=peak, mem_kind=mem_kind)
@@ -520,7 +631,7 @@ def run(cfg: BenchConfig) -> Dict[str, object]:
                 print(f"\nfastres bench: {c.name} {mode} failed:\n{traceback.format_exc(limit=6)}",
                       file=sys.stderr)
             finally:
-                del model, step
+                del model, step, runner
                 if c.compiled:
                     torch._dynamo.reset()
                 _trim_host_memory()
@@ -569,22 +680,26 @@ def format_table(result: Dict[str, object]) -> str:
         f"timing: warm-up {s['warmup']}, {s['repeats']} repeats x {s['iters']} iters, median (min-max); "
         f"{meta['timing']}",
         f"memory: {meta['memory']}",
-        "train = forward + backward + SGD(momentum) step; infer = forward under inference_mode"
+        "train = forward + backward + SGD(momentum) step; infer = forward under inference_mode "
+        "(compiled: no_grad); p50/p90: latency of single timed iterations; compile s: the first call, untimed"
         + ("; cudnn.benchmark on" if meta["device"].startswith("cuda") else ""),
     ]
     if meta.get("forward_gflop_per_image"):
         lines.append(f"forward GFLOP/img: {meta['forward_gflop_per_image']:.2f} (train counted as 3x)")
-    hdr = (f"{'contender':<26} {'mode':<6} {'img/s':>9} {'ms/iter':>9} {'(min-max)':>17} "
-           f"{'peak MiB':>9} {'TFLOP/s':>8} {'vs ' + meta['baseline']:>16}")
+    hdr = (f"{'contender':<34} {'mode':<6} {'img/s':>9} {'ms/iter':>9} {'(min-max)':>17} "
+           f"{'p50 ms':>8} {'p90 ms':>8} {'peak MiB':>9} {'TFLOP/s':>8} {'vs ' + meta['baseline']:>16} "
+           f"{'compile s':>9}")
     lines += ["", hdr, "-" * len(hdr)]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"{r['contender']:<26} {r['mode']:<6} {r['status']}")
+            lines.append(f"{r['contender']:<34} {r['mode']:<6} {r['status']}")
             continue
         rng = f"({r['ms_min']:.2f}-{r['ms_max']:.2f})"
-        lines.append(f"{r['contender']:<26} {r['mode']:<6} {_fmt(r['img_per_s'], '9.1f'):>9} "
-                     f"{_fmt(r['ms_per_iter'], '9.2f'):>9} {rng:>17} {_fmt(r['peak_mem_mib'], '9.0f'):>9} "
-                     f"{_fmt(r['tflops'], '8.3g'):>8} {_fmt(r['speedup_vs_eager'], '15.2f') + 'x':>16}")
+        lines.append(f"{r['contender']:<34} {r['mode']:<6} {_fmt(r['img_per_s'], '9.1f'):>9} "
+                     f"{_fmt(r['ms_per_iter'], '9.2f'):>9} {rng:>17} {_fmt(r.get('lat_p50_ms'), '8.2f'):>8} "
+                     f"{_fmt(r.get('lat_p90_ms'), '8.2f'):>8} {_fmt(r['peak_mem_mib'], '9.0f'):>9} "
+                     f"{_fmt(r['tflops'], '8.3g'):>8} {_fmt(r['speedup_vs_eager'], '15.2f') + 'x':>16} "
+                     f"{_fmt(r.get('compile_s'), '9.1f'):>9}")
     for n in meta.get("notes", []):
         lines.append(f"note: {n}")
     return "\n".join(lines)

@@ -67,6 +67,16 @@ def _backend_list(text: str) -> str:
     return ",".join(names)
 
 
+def _infer_compile_list(text: str) -> List[str]:
+    from .bench import INFER_COMPILE_CHOICES
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in INFER_COMPILE_CHOICES]
+    if bad or not modes:
+        raise argparse.ArgumentTypeError(f"unknown compile mode(s) {', '.join(bad) or repr(text)}; choose from "
+                                         + ", ".join(INFER_COMPILE_CHOICES))
+    return list(dict.fromkeys(modes))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastres",
                                 description="fastres: fused conv + BatchNorm + ReLU + residual-add ResNets")
@@ -83,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "available backend, in training (forward + backward + SGD step) and inference, on the "
                     "same inputs and weights. Defaults: GPU resnet50, batch 256, 224x224, bf16, "
                     "channels_last, 10 warm-up + 5x20 timed iterations; CPU resnet50, batch 8, 128x128, "
-                    "fp32, channels_last, 3 warm-up + 5x2 timed iterations. torch.compile of torchvision "
-                    "runs in both modes by default (on the CPU: ~1 minute of inductor C++ codegen; "
+                    "fp32, channels_last, 3 warm-up + 5x2 timed iterations. Inference rows carry the "
+                    "p50/p90 latency of single iterations (--batch-size 1: per-image latency). torch.compile of "
+                    "torchvision runs in both modes by default (on the CPU: ~1 minute of inductor C++ codegen; "
                     "--compile-modes infer or --no-compile shorten it).")
     pb.add_argument("--model", type=_model_name, default=None,
                     help="resnet18/34/50/101/152, wide_resnet50_2, wide_resnet101_2, resnext50_32x4d, "
@@ -103,7 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fastres backends to run: all available (default), auto (the one fastres picks), "
                          "none, or a comma list of torch,triton,cpp,cuda")
     pb.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                    help="include torchvision under torch.compile (default on)")
+                    help="include the compiled contenders (default on): torchvision under torch.compile in "
+                         "training; in inference the strongest compiled alternative, on the CPU "
+                         "torch.compile with inductor freezing, on a GPU mode='max-autotune' and "
+                         "mode='reduce-overhead' (CUDA graphs). Compile time is reported apart (compile_s). "
+                         "--no-compile skips them all")
+    pb.add_argument("--infer-compile", type=_infer_compile_list, default=None, metavar="MODES",
+                    help="the compiled inference contenders, a comma list of freezing, default, max-autotune, "
+                         "reduce-overhead, max-autotune-no-cudagraphs (default: CPU freezing; GPU "
+                         "max-autotune,reduce-overhead)")
     pb.add_argument("--compile-modes", choices=MODES, default=None,
                     help="which modes get the torch.compile contender (default both)")
     pb.add_argument("--compile-fastres", action="store_true",

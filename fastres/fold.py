@@ -24,6 +24,10 @@ Where gradients can flow into the fold (an eval-mode model whose parameters are
 being trained, e.g. frozen-BN fine-tuning), the cached values are returned through an
 autograd function whose backward is the fold's, so gradients match
 ``nn.BatchNorm2d`` in eval mode; under ``torch.compile`` the fold is traced inline.
+
+A fastres ``ResNet`` doing fp32 CPU inference runs a whole-model *eval plan* built from
+these folds (:func:`eval_plan_forward`): cached per model, keyed by a stamp of every
+submodule, parameter and buffer under the same rules, dropped by :func:`invalidate`.
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ from ._validate import check_eps
 Tensor = torch.Tensor
 
 __all__ = ["fold_conv_bn", "folded_conv_bn", "invalidate", "clear_cache", "cache_size", "compute_dtype",
-           "onednn_conv_act", "use_onednn"]
+           "onednn_conv_act", "use_onednn", "use_eval_plan", "eval_plan_forward", "fold_stem"]
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -186,11 +190,13 @@ def invalidate(module: nn.Module) -> None:
     """Drop the cached folds of every convolution in ``module`` (and ``module`` itself)."""
     for m in module.modules():
         _CACHE.pop(m, None)
+        _PLANS.pop(m, None)
 
 
 def clear_cache() -> None:
-    """Drop every cached fold."""
+    """Drop every cached fold (and eval plan)."""
     _CACHE.clear()
+    _PLANS.clear()
 
 
 def cache_size(module: Optional[nn.Module] = None) -> int:
@@ -297,3 +303,235 @@ def onednn_conv_act(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor, re
         return op.binary(x, residual, packed, bias, pad, stride, dil, conv.groups, "add", 1.0,
                          activation or "none", [], "")
     return op(x, packed, bias, pad, stride, dil, conv.groups, activation or "none", [], "")
+
+
+# --------------------------------------------------------------------------- whole-model CPU eval plan
+class _PlanUnit:
+    """One folded conv of an eval plan: its oneDNN-packed weight per input shape."""
+    __slots__ = ("conv", "bn", "weight", "bias", "pad", "stride", "dil", "groups", "packed")
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.Module):
+        self.conv, self.bn = conv, bn
+        self.weight, self.bias = folded_conv_bn(conv, bn, torch.float32)
+        self.pad, self.stride, self.dil = list(conv.padding), list(conv.stride), list(conv.dilation)
+        self.groups = conv.groups
+        self.packed: Dict[tuple, Tensor] = {}
+
+    def w(self, x: Tensor) -> Tensor:
+        key = tuple(x.shape)
+        p = self.packed.get(key)
+        if p is None:
+            p = _packed_weight(self.conv, self.bn, self.weight, x, self.pad, self.stride, self.dil)
+            if len(self.packed) >= _MAX_PACKED:
+                self.packed.pop(next(iter(self.packed)))
+            self.packed[key] = p
+        return p
+
+    def __call__(self, x: Tensor, act: str) -> Tensor:
+        return _CONV_ACT(x, self.w(x), self.bias, self.pad, self.stride, self.dil, self.groups, act, [], "")
+
+    def add_relu_into(self, x: Tensor, other: Tensor) -> Tensor:
+        """``relu(conv(x) + bias + other)`` written into ``other`` (a buffer the plan owns)."""
+        return _CONV_ADD_RELU_(other, x, self.w(x), self.bias, self.pad, self.stride, self.dil, self.groups,
+                               "add", 1.0, "relu", [], "")
+
+
+_CONV_ACT = _CONV_ADD_RELU_ = None
+_CONV_BACKEND = []
+
+
+def _conv_backend():
+    """fastres.conv_backend (the conv selection, ``FASTRES_CONV``) where this fastres has it."""
+    if not _CONV_BACKEND:
+        try:
+            from . import conv_backend as cb  # type: ignore[attr-defined]
+        except ImportError:
+            cb = None
+        _CONV_BACKEND.append(cb)
+    return _CONV_BACKEND[0]
+
+
+def _plan_ops() -> bool:
+    """Resolve the oneDNN overloads once (calling an overload packet resolves it per call)."""
+    global _CONV_ACT, _CONV_ADD_RELU_
+    if _CONV_ACT is None:
+        try:
+            _CONV_ACT = torch.ops.mkldnn._convolution_pointwise.default
+            _CONV_ADD_RELU_ = torch.ops.mkldnn._convolution_pointwise_.binary
+        except (AttributeError, RuntimeError):
+            _CONV_ACT = False
+    return bool(_CONV_ACT)
+
+
+class _EvalPlan:
+    __slots__ = ("stamp", "pins", "stem", "blocks", "__weakref__")
+
+
+# model -> _EvalPlan; weak, and dropped by invalidate() like the folds.
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, _EvalPlan]" = weakref.WeakKeyDictionary()
+_use_plan = [True]
+_fold_stem = [False]
+
+
+def fold_stem(enabled: Optional[bool] = None) -> bool:
+    """Get (or set) whether the eval plan also folds the stem's BN into ``conv1`` (one
+    oneDNN conv+ReLU instead of conv, BN, ReLU: ~2 % of resnet50's CPU inference).
+    Off by default: with it, eager eval differs from the ``torch.fx`` graph of the
+    model (whose stem runs ``conv1``/``bn1``/``relu`` unfused) by rounding, no longer
+    bit for bit. Returns the setting; changing it drops every plan."""
+    if enabled is not None and bool(enabled) != _fold_stem[0]:
+        _fold_stem[0] = bool(enabled)
+        _PLANS.clear()
+    return _fold_stem[0]
+
+
+def use_eval_plan(enabled: Optional[bool] = None) -> bool:
+    """Get (or set) whether a fastres ResNet in eval mode runs fp32 CPU inference through
+    its cached whole-model plan (:func:`eval_plan_forward`). On by default."""
+    if enabled is not None:
+        _use_plan[0] = bool(enabled)
+    return _use_plan[0]
+
+
+def _model_stamp(model: nn.Module):
+    """(stamp, pins) of everything the plan depends on: every submodule (object,
+    training flag, no hooks), every parameter and buffer (object, ``_version``,
+    address, strides; dtype and device are checked when the plan is built). ``None`` when the model cannot use a plan
+    (a module in training mode or with hooks, an inference tensor, a non-fp32 or
+    non-CPU parameter)."""
+    items = []
+    pins = []
+    add, pin = items.append, pins.append
+    try:
+        for m in model.modules():
+            if m.training or m._forward_hooks or m._forward_pre_hooks:
+                return None
+            add(id(m))
+            for d in (m._parameters, m._buffers):
+                for t in d.values():
+                    if t is None:
+                        add(None)
+                    else:  # (a new dtype or device is a new storage: data_ptr changes)
+                        add((id(t), t._version, t.data_ptr(), t.stride()))
+                        pin(t)
+    except RuntimeError:  # an inference tensor has no version counter: no plan
+        return None
+    return tuple(items), pins
+
+
+def _build_plan(model: nn.Module, stamp, pins) -> Optional[_EvalPlan]:
+    from .nn.blocks import _FusedBlock, _fusable_bn, _foldable_conv  # models -> nn -> fold: imported lazily
+    for t in pins:
+        if t.dtype not in (torch.float32, torch.int64) or t.device.type != "cpu":
+            return None
+    if not all(hasattr(model, n) for n in ("conv1", "bn1", "relu", "maxpool", "avgpool", "fc")):
+        return None  # (e.g. CifarResNet: no max-pool)
+    if not (_fusable_bn(model.bn1) and _foldable_conv(model.conv1) and type(model.maxpool) is nn.MaxPool2d
+            and type(model.avgpool) is nn.AdaptiveAvgPool2d and tuple(_pair(model.avgpool.output_size)) == (1, 1)
+            and type(model.fc) is nn.Linear and type(model.relu) is nn.ReLU):
+        return None
+    blocks = []
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        layer = getattr(model, name, None)
+        if type(layer) is not nn.Sequential:
+            return None
+        for blk in layer:
+            if not isinstance(blk, _FusedBlock) or not blk.shortcut or type(blk.relu) is not nn.ReLU:
+                return None
+            units = blk._units()
+            ds = blk.downsample
+            if ds is not None:
+                if type(ds) is not nn.Sequential or len(ds) != 2:
+                    return None
+                units = units + [(ds[0], ds[1])]
+            for conv, bn in units:
+                if not (_foldable_conv(conv) and _fusable_bn(bn) and bn.running_mean is not None
+                        and bn.running_var is not None):
+                    return None
+            with torch.no_grad():
+                pu = [_PlanUnit(c, b) for c, b in units]
+            blocks.append((pu[:-1], pu[-1]) if ds is not None else (pu, None))
+    plan = _EvalPlan()
+    plan.stamp, plan.pins, plan.blocks = stamp, pins, blocks
+    plan.stem = None
+    if _fold_stem[0]:
+        with torch.no_grad():
+            plan.stem = _PlanUnit(model.conv1, model.bn1)
+    return plan
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else v
+
+
+def eval_plan_forward(model: nn.Module, x: Tensor) -> Optional[Tensor]:
+    """The whole eval forward of a fastres ``ResNet`` on fp32 CPU tensors without any
+    gradient, or ``None`` where the plan does not apply (then the caller runs the
+    module-by-module forward, which raises the clear errors).
+
+    The plan (built on the first call, cached per model) holds every block's folded,
+    oneDNN-packed convolutions; a call walks them without the per-block and per-conv
+    checks: one bias+ReLU-fused primitive per conv, the last conv of each block adding
+    the identity and the ReLU in place into the identity buffer (which the plan owns),
+    the pools and the classifier as modules. The stem runs as the module-by-module forward does
+    (unfolded), so ``torch.fx`` graphs stay bit-identical to eager (:func:`fold_stem` folds it). Validity: the plan
+    is rebuilt whenever the model stamp changes — any submodule replaced, put in
+    training mode or given hooks, any parameter or buffer replaced, written in place
+    (``_version``), moved or re-laid-out — the same rules as the fold cache;
+    :func:`invalidate` drops it.
+    """
+    if (not _use_plan[0] or not _use_onednn[0] or type(x) is not torch.Tensor or x.device.type != "cpu"
+            or x.dtype != torch.float32 or x.dim() != 4 or x.numel() == 0 or x.requires_grad):
+        return None
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.is_autocast_enabled("cpu"):
+        return None
+    from torch.nn.modules import module as _module
+    if (_module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
+            or getattr(_module, "_global_backward_pre_hooks", None)):
+        return None
+    if not _onednn_op() or not _plan_ops():
+        return None
+    ta = getattr(FF, "transforms_active", None)  # vmap/grad/jvp, forward AD (where fastres has them)
+    if ta is not None and ta():
+        return None
+    cb = _conv_backend()
+    if cb is not None and cb.conv_for(x.device) != "aten":  # FASTRES_CONV=fused asks for fastres's conv
+        return None
+    if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
+        return None  # gradients wanted: the differentiable module path (no plan built)
+    got = _model_stamp(model)
+    if got is None:
+        return None
+    stamp, pins = got
+    plan = _PLANS.get(model)
+    if plan is None or plan.stamp != stamp:
+        plan = _build_plan(model, stamp, pins)
+        if plan is None:
+            _PLANS.pop(model, None)
+            return None
+        _PLANS[model] = plan
+    w = model.conv1.weight
+    if x.shape[1] != w.shape[1] * model.conv1.groups:
+        return None  # the module path raises the clear error
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        x = x.contiguous()
+    if plan.stem is not None:
+        y = model.maxpool(plan.stem(x, "relu"))
+    else:  # as the module path: the fx graph's stem nodes compute exactly this
+        y = model.maxpool(torch.relu_(model.bn1(model.conv1(x))))
+    for units, ds in plan.blocks:
+        out = y
+        for u in units[:-1]:
+            out = u(out, "relu")
+        idn = y if ds is None else ds(y, "none")  # y: the previous block's output, owned by the plan
+        if idn.stride() != out.stride():
+            idn = idn.contiguous(memory_format=_fmt(out))
+        y = units[-1].add_relu_into(out, idn)
+    y = torch.flatten(model.avgpool(y), 1)
+    return model.fc(y)
+
+
+def _fmt(t: Tensor):
+    return torch.channels_last if (t.is_contiguous(memory_format=torch.channels_last)
+                                   and not t.is_contiguous()) else torch.contiguous_format
+

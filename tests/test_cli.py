@@ -200,7 +200,8 @@ def test_bench_cifar_with_compile(tmp_path, capsys):
             "--no-progress", "--no-plot", "--threads", "1", "--out", str(tmp_path)]
     assert cli.main(argv) == 0
     rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
-    assert [(r["contender"], r["status"]) for r in rows] == [("eager", "ok"), ("eager+compile", "ok")]
+    assert [(r["contender"], r["status"]) for r in rows] == [("eager", "ok"), ("eager+compile(default)", "ok")]
+    assert rows[1]["compile_s"] > 0 and rows[1]["lat_p50_ms"] > 0 and rows[0]["compile_s"] is None
 
 
 def test_benchmark_suite_runs(tmp_path):

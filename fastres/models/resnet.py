@@ -209,7 +209,19 @@ class ResNet(nn.Module):
         return x
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            y = self._eval_plan(x)
+            if y is not None:
+                return y
         return self._forward_impl(x)
+
+    @torch.jit.unused
+    def _eval_plan(self, x: Tensor) -> Optional[Tensor]:
+        """fp32 CPU inference: the cached whole-model plan (:func:`fastres.fold.eval_plan_forward`),
+        or ``None`` (training, grads, hooks, tracing, other dtypes/devices ...)."""
+        if self.training or isinstance(x, torch.fx.Proxy):
+            return None
+        return fold.eval_plan_forward(self, x)
 
     # ---------------------------------------------------------------- fold cache
     def _apply(self, *args, **kwargs):
