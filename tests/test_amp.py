@@ -29,17 +29,37 @@ ARCHS = {"basic": tvr.BasicBlock, "bottleneck": tvr.Bottleneck}
 
 
 def _pair(kind: str, device="cpu"):
+    """(torchvision, fastres) twins: a one-block-per-stage ResNet, or (``"blocks"``) a
+    BasicBlock followed by a Bottleneck with a downsample — the small case the
+    interpreted Triton backend can afford."""
     torch.manual_seed(0)
-    block = ARCHS[kind]
-    ref = randomize(tvr.ResNet(block, [1, 1, 1, 1], num_classes=7, width_per_group=64 if kind == "basic" else 16))
-    fr_block = fastres.BasicBlock if kind == "basic" else fastres.Bottleneck
-    ours = twin(ref, lambda: fastres.ResNet(fr_block, [1, 1, 1, 1], num_classes=7,
-                                            width_per_group=64 if kind == "basic" else 16), torch.float32)
+    if kind == "blocks":
+        def seq(basic, bottle):
+            ds = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
+            return nn.Sequential(basic(8, 8), bottle(8, 4, stride=2, downsample=ds))
+        ref = randomize(seq(tvr.BasicBlock, tvr.Bottleneck))
+        ours = twin(ref, lambda: seq(fastres.BasicBlock, fastres.Bottleneck), torch.float32)
+    else:
+        block = ARCHS[kind]
+        width = 64 if kind == "basic" else 16
+        ref = randomize(tvr.ResNet(block, [1, 1, 1, 1], num_classes=7, width_per_group=width))
+        fr_block = fastres.BasicBlock if kind == "basic" else fastres.Bottleneck
+        ours = twin(ref, lambda: fastres.ResNet(fr_block, [1, 1, 1, 1], num_classes=7, width_per_group=width),
+                    torch.float32)
     fmt = torch.channels_last
     return ref.to(device, memory_format=fmt), ours.to(device, memory_format=fmt)
 
 
-BOUNDARIES = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc"]
+def _input(model, device):
+    if isinstance(model, nn.Sequential):
+        return torch.randn(4, 8, 8, 8, device=device).contiguous(memory_format=torch.channels_last)
+    # 32x32: layer4 sees 2x2 maps. (With 1x1 maps PyTorch's own CPU bf16 convolution
+    # backward — oneDNN, torchvision as much as fastres — intermittently returns inf/NaN
+    # weight gradients from finite inputs: a PyTorch issue, kept out of these tests.)
+    return torch.randn(4, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+
+
+BOUNDARIES = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc", "0", "1"]
 
 
 def _boundary_dtypes(model, x, device_type, dtype):
@@ -61,15 +81,19 @@ def _boundary_dtypes(model, x, device_type, dtype):
 
 
 def _check_amp_like_torchvision(ref, ours, device_type, dtype, train):
-    x = torch.randn(4, 3, 32, 32, device=ref.fc.weight.device).contiguous(memory_format=torch.channels_last)
+    x = _input(ref, next(ref.parameters()).device)
     ref.train(train), ours.train(train)
     ref_dt, ref_out = _boundary_dtypes(ref, x, device_type, dtype)
     our_dt, our_out = _boundary_dtypes(ours, x, device_type, dtype)
     # fused stems/blocks do not call bn1/relu modules: compare what both report
     common = {k: v for k, v in ref_dt.items() if k in our_dt}
     assert {k: our_dt[k] for k in common} == common
-    assert {"layer1", "layer4", "layer1.0", "layer4.0", "logits"} <= common.keys()
-    assert our_dt["layer1.0"] == dtype  # the conv ran in the low dtype
+    if isinstance(ref, nn.Sequential):
+        assert {"0", "1", "logits"} <= common.keys()
+        assert our_dt["0"] == dtype  # the convolutions ran in the low dtype
+    else:
+        assert {"layer1", "layer4", "layer1.0", "layer4.0", "logits"} <= common.keys()
+        assert our_dt["layer1.0"] == dtype
     # parameters and statistics stay fp32; gradients of parameters are fp32
     for (n, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters()):
         assert p.dtype == q.dtype == torch.float32, n
@@ -94,11 +118,11 @@ def _check_amp_like_torchvision(ref, ours, device_type, dtype, train):
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("kind", list(ARCHS))
+@pytest.mark.parametrize("kind", list(ARCHS) + ["blocks"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_cpu_bf16_autocast_dtypes_like_torchvision(backend, kind, train):
-    if backend == "triton" and kind == "bottleneck":
-        pytest.skip("interpreted Triton: the basic-block model covers the backend (CI time)")
+    if backend == "triton" and kind != "blocks":
+        pytest.skip("interpreted Triton (slow under bf16): the 'blocks' case covers the backend")
     with run_on(backend):
         ref, ours = _pair(kind)
         _check_amp_like_torchvision(ref, ours, "cpu", torch.bfloat16, train)
@@ -116,13 +140,13 @@ def test_cuda_autocast_dtypes_like_torchvision(backend, dtype, train):
 
 
 # ----------------------------------------------------------------------------- GradScaler
-def _scaler_steps(model, x, y, device_type, dtype, init_scale, steps=2):
+def _scaler_steps(model, x, y, device_type, dtype, init_scale, steps=2, loss_mult=1.0):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     scaler = torch.amp.GradScaler(device_type, init_scale=init_scale)
     scales = []
     for _ in range(steps):
         with torch.autocast(device_type, dtype=dtype):
-            loss = F.cross_entropy(model(x), y)
+            loss = model(x).float().square().mean() * loss_mult
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -132,16 +156,15 @@ def _scaler_steps(model, x, y, device_type, dtype, init_scale, steps=2):
 
 
 def _check_grad_scaler(ref, ours, device_type, dtype):
-    dev = ref.fc.weight.device
-    x = torch.randn(4, 3, 32, 32, device=dev).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 7, (4,), device=dev)
+    dev = next(ref.parameters()).device
+    x, y = _input(ref, dev), torch.randint(0, 7, (4,), device=dev)
     start = copy.deepcopy(ours.state_dict())
-    # an absurd initial scale makes the scaled gradients inf: step 1 is skipped, the scale
-    # backs off; step 2 (scale halved, still inf) is skipped too
+    # the scaled loss overflows (2^127 x 64 x loss > fp32 max): every gradient is inf/NaN,
+    # both steps are skipped and the scale backs off twice
     huge = 2.0 ** 127
-    s_ref = _scaler_steps(ref, x, y, device_type, dtype, huge)
-    s_our = _scaler_steps(ours, x, y, device_type, dtype, huge)
-    assert s_our == s_ref and s_our[-1] < huge
+    s_ref = _scaler_steps(ref, x, y, device_type, dtype, huge, loss_mult=64.0)
+    s_our = _scaler_steps(ours, x, y, device_type, dtype, huge, loss_mult=64.0)
+    assert s_our == s_ref == [huge / 2, huge / 4]
     for n, p in ours.named_parameters():
         assert torch.equal(p.detach(), start[n]), f"{n}: a skipped step changed a parameter"
     # the forwards of the skipped steps did update the running statistics — as torchvision's
@@ -164,12 +187,13 @@ def _check_nonfinite_forward(ref, ours, device_type, dtype):
     """pytorch#88474: a forward that overflows (here an inf in the input) writes non-finite
     values into BatchNorm running statistics. fastres's statistics are non-finite exactly
     where torchvision's are — never NaN/inf where torchvision's stay finite."""
-    dev = ref.fc.weight.device
-    x = torch.randn(4, 3, 32, 32, device=dev).contiguous(memory_format=torch.channels_last)
+    dev = next(ref.parameters()).device
+    x, y = _input(ref, dev), torch.randint(0, 7, (4,), device=dev)
     x[0, 0, 3, 3] = float("inf")
-    y = torch.randint(0, 7, (4,), device=dev)
     _scaler_steps(ref, x, y, device_type, dtype, 2.0 ** 8, steps=1)
     _scaler_steps(ours, x, y, device_type, dtype, 2.0 ** 8, steps=1)
+    assert any(not torch.isfinite(c).all() for c in ref.buffers() if c.is_floating_point()), \
+        "the inf input no longer reaches torchvision's statistics: the check below would be vacuous"
     for (n, b), (_, c) in zip(ours.named_buffers(), ref.named_buffers()):
         if b.is_floating_point():
             assert torch.equal(torch.isfinite(b), torch.isfinite(c)), n
@@ -188,14 +212,14 @@ def test_cpu_grad_scaler_exists():
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_cpu_grad_scaler_overflow_skips_like_torchvision(backend):
     with run_on(backend):
-        ref, ours = _pair("basic")
+        ref, ours = _pair("blocks" if backend == "triton" else "basic")
         _check_grad_scaler(ref, ours, "cpu", torch.bfloat16)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_cpu_nonfinite_forward_stats_like_torchvision(backend):
     with run_on(backend):
-        ref, ours = _pair("basic")
+        ref, ours = _pair("blocks" if backend == "triton" else "basic")
         _check_nonfinite_forward(ref, ours, "cpu", torch.bfloat16)
 
 

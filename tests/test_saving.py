@@ -119,6 +119,10 @@ def test_torch_export_eval_matches_eager(name):
     with torch.no_grad():
         want = m(x)
     ep = torch.export.export(m, (x,))
+    # a portable program: torchvision's aten ops, no fastres op (it loads without fastres)
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not any("fastres" in t for t in targets), targets
+    assert any("conv" in t for t in targets), targets
     got = ep.module()(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # the program is self-contained: a different batch agrees too (shapes as exported)
@@ -150,3 +154,13 @@ def test_onnx_export_runs_in_onnxruntime(name, tmp_path):
     # the graph holds standard ONNX ops only (no fastres custom domain)
     domains = {n.domain for n in prog.model_proto.graph.node}
     assert not any("fastres" in d for d in domains), domains
+
+
+def test_batchnormact_exports_portably():
+    bn = BatchNormAct2d(3).eval()
+    bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+    x, r = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    ep = torch.export.export(bn, (x, r))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not any("fastres" in t for t in targets), targets
+    torch.testing.assert_close(ep.module()(x, r), bn(x, r))

@@ -80,7 +80,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
                 if leaf is not None:
                     return leaf
             return self._scripted_forward(input, residual)
-        if torch.jit.is_tracing():  # a portable trace of aten ops
+        if portable_trace():  # a portable trace of aten ops
             return self._scripted_forward(input, residual)
         self._check_input_dim(input)
         return batch_norm_act_module(self, input, residual, self.activation)
@@ -108,6 +108,13 @@ class BatchNormAct2d(nn.BatchNorm2d):
         if self.activation == "relu":
             y = torch.relu(y)
         return y
+
+
+def portable_trace() -> bool:
+    """Record plain aten ops (torchvision's unfused forward) instead of the fastres ops:
+    under ``torch.jit.trace`` and ``torch.export`` (so the ONNX exporter, AOTInductor or
+    a machine without fastres can use the program)."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
 
 
 def _in_backward() -> bool:
