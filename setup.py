@@ -3,8 +3,15 @@ C++/CUDA extension `fastres._C`.
 
     pip install --no-build-isolation -e .
 
+Supported: Python 3.10-3.12, torch 2.11 through 2.14 (with the Triton each ships).
+The Makefile installs the pinned torch 2.14.1 for reproducible results; CI also builds
+and tests against torch 2.11 / Python 3.12 (`make test-gpustack`).
+
 Environment:
     FASTRES_SKIP_CUDA=1     build the CPU kernels only, even when nvcc is found
+    FASTRES_SKIP_CUDNN=1    leave the cuDNN fused-conv graphs out (csrc/cudnn/)
+    CUDNN_INCLUDE_DIR / CUDNN_LIB_DIR   cuDNN headers / library (default: the toolkit,
+                            then site-packages/nvidia/cudnn of the nvidia-cudnn wheel)
     TORCH_CUDA_ARCH_LIST    CUDA archs (default "8.0;9.0"), e.g. "9.0" or "8.0;9.0+PTX"
     CUDA_HOME / CUDA_PATH   CUDA toolkit root (default: found from nvcc, see below)
     MAX_JOBS                parallel compile jobs (ninja)
@@ -22,6 +29,7 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 VERSION = "0.1.0"
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
+TORCH_REQUIREMENT = "torch>=2.11,<2.15"  # tested: 2.11.0 (CI's gpustack leg) and 2.14.1 (main leg)
 
 
 def _log(msg: str) -> None:
@@ -78,6 +86,35 @@ def _nvidia_include_dirs(cuda_home: str) -> list[str]:
             if any(os.path.isfile(os.path.join(inc, h)) for h in missing) and inc not in dirs:
                 dirs.append(inc)
     return dirs
+
+
+def _find_cudnn(cuda_home: str) -> tuple[str | None, str | None, str, str]:
+    """(include dir, lib dir, library file name, why not) of the installed cuDNN 9:
+    CUDNN_INCLUDE_DIR/CUDNN_LIB_DIR, else the toolkit, else the nvidia-cudnn wheel in
+    site-packages/nvidia/cudnn (the one torch loads). The graph API (cudnn_graph.h of
+    cuDNN 9, or cudnn_backend.h of cuDNN 8) is required."""
+    incs = [os.environ.get("CUDNN_INCLUDE_DIR"), os.path.join(cuda_home, "include")]
+    for p in sys.path:
+        if p:
+            incs.append(os.path.join(p, "nvidia", "cudnn", "include"))
+    for inc in incs:
+        if not inc or not os.path.isfile(os.path.join(inc, "cudnn.h")):
+            continue
+        if not os.path.isfile(os.path.join(inc, "cudnn_graph.h")):
+            return None, None, "", f"{inc}/cudnn.h is not cuDNN 9 (no cudnn_graph.h)"
+        libdirs = [os.environ.get("CUDNN_LIB_DIR"), os.path.join(os.path.dirname(inc), "lib"),
+                   os.path.join(os.path.dirname(inc), "lib64"), os.path.join(cuda_home, "lib64"),
+                   "/usr/lib/x86_64-linux-gnu"]
+        for d in libdirs:
+            if not d:
+                continue
+            if os.path.isfile(os.path.join(d, "libcudnn.so")):
+                return inc, d, "libcudnn.so", ""
+            libs = sorted(glob.glob(os.path.join(d, "libcudnn.so.[0-9]*")), key=len)
+            if libs:
+                return inc, d, os.path.basename(libs[0]), ""
+        return None, None, "", f"found {inc}/cudnn.h but no libcudnn.so* next to it (set CUDNN_LIB_DIR)"
+    return None, None, "", "cudnn.h not found (install nvidia-cudnn-cu13 or set CUDNN_INCLUDE_DIR)"
 
 
 def _arch_names(arch_list: str) -> list[str]:
@@ -142,9 +179,25 @@ if with_cuda:
     for d in _nvidia_include_dirs(cuda_home):
         cxx_flags += ["-isystem", d]
         nvcc_flags += ["-isystem", d]
+    # cuDNN fused-conv graphs (csrc/cudnn/*.cpp, host compiler only): built where the
+    # cuDNN headers are found; otherwise left out with a message, never a failed build.
+    cudnn_sources: list[str] = []
+    if os.environ.get("FASTRES_SKIP_CUDNN", "0").lower() in ("1", "true", "yes", "on"):
+        _log("cuDNN fused-conv graphs left out (FASTRES_SKIP_CUDNN=1)")
+    else:
+        cudnn_inc, cudnn_lib, cudnn_file, cudnn_why = _find_cudnn(cuda_home)
+        if cudnn_inc is None:
+            _log(f"cuDNN fused-conv graphs left out: {cudnn_why}")
+        else:
+            cudnn_sources = sorted(glob.glob(os.path.join(csrc, "cudnn", "*.cpp")))
+            # host-compiler flags only: no .cu file includes cuDNN (keeps nvcc objects reusable)
+            cxx_flags += ["-DFASTRES_WITH_CUDNN", "-isystem", cudnn_inc]
+            lib_flag = "-lcudnn" if cudnn_file == "libcudnn.so" else f"-l:{cudnn_file}"
+            link_flags += [f"-L{cudnn_lib}", lib_flag, f"-Wl,-rpath,{cudnn_lib}"]
+            _log(f"cuDNN fused-conv graphs: {cudnn_inc} ({cudnn_lib}/{cudnn_file})")
     ext = CUDAExtension(
         "fastres._C",
-        sources=cpp_sources + cu_sources,
+        sources=cpp_sources + cu_sources + cudnn_sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         extra_link_args=link_flags,
@@ -169,8 +222,9 @@ setup(
     name="fastres",
     version=VERSION,
     description="Fused BatchNorm(+residual add)+ReLU ops for ResNets (Triton, C++/CUDA)",
-    python_requires=">=3.10",
-    install_requires=["torch==2.14.1"],
+    python_requires=">=3.10,<3.13",
+    install_requires=[TORCH_REQUIREMENT],
+    extras_require={"paper": ["scikit-learn", "matplotlib", "tqdm"]},  # python -m fastres paper (issue 14)
     packages=packages,
     package_dir={"fastres.kernels": "kernels"},
     ext_modules=[ext],

@@ -32,6 +32,9 @@
 #   6 | bench-variants  resnet50 fp32, fp16, NCHW (torch.compile in infer only)
 #   7 | bench-models    resnet18, resnet101 (b128), cifar_resnet56 (b512)
 #   8 | conv-bwd    pytest benchmarks/test_bench_conv_bwd.py (Triton conv dgrad/wgrad vs cuDNN, GPU only)
+#   9 | conv-fwd    pytest benchmarks/test_bench_conv.py -k 'not bwd' (fused conv forward vs cuDNN, GPU only)
+#   (8 and 9 end with conv-choice: benchmarks/conv_choice.py turns the measurements into
+#   results/<device>/conv_choice_<device>_<date>.json, FASTRES_CONV=auto's table; docs/GPU.md)
 #
 # Output (nothing else is written to OUT; it is rewritten after every step, so a run cut
 # short still brings back what it did):
@@ -92,9 +95,10 @@ full)
     5|bench)          PART=bench;          MID="bench-full" ;;
     6|bench-variants) PART=bench-variants; MID="bench-fp32 bench-fp16 bench-nchw" ;;
     7|bench-models)   PART=bench-models;   MID="bench-resnet18 bench-resnet101 bench-cifar56" ;;
-    8|conv-bwd)       PART=conv-bwd;       MID="benchmarks-conv-bwd" ;;
+    8|conv-bwd)       PART=conv-bwd;       MID="benchmarks-conv-bwd conv-choice" ;;
+    9|conv-fwd)       PART=conv-fwd;       MID="benchmarks-conv conv-choice" ;;
     *) echo "run_gpu.sh: full needs a PART: 1|tests 2|slow 3|bandwidth 4|benchmarks 5|bench" \
-            "6|bench-variants 7|bench-models 8|conv-bwd (got '${PART}')" >&2; exit 2 ;;
+            "6|bench-variants 7|bench-models 8|conv-bwd 9|conv-fwd (got '${PART}')" >&2; exit 2 ;;
     esac
     STEPS="env build info $MID plot"
     DEFAULT_BUDGET=540 ;;
@@ -316,6 +320,15 @@ do_bench() {  # do_bench STEP TIMEOUT BENCH-ARGS...
     run_step "$step" "$tmo" "$PY" -m fastres bench "${args[@]}" --no-progress --out "$RES"
 }
 
+do_conv_choice() {  # FASTRES_CONV=auto's table from this run's conv benchmarks, its lines into the summary
+    local files=("$RES"/benchmarks_*_benchmarks-conv*.json) extra=()
+    [ "$DRY" = 1 ] && extra=(--allow-empty)   # the CPU never times the conv: no measurement
+    run_step conv-choice 60 "$PY" benchmarks/conv_choice.py "${files[@]}" --table "" \
+        --json "$RES/conv_choice_${SLUG}_${DATE}.json" "${extra[@]}"
+    head -n 40 "$LOGS/conv-choice.log" | sed 's/^/    /' >>"$SUMMARY"
+    pack
+}
+
 do_plot() {
     run_step plot 60 "$PY" benchmarks/plot.py "$RES" --readme \
         --note "Measured by \`bash benchmarks/run_gpu.sh OUT $PROFILE ${PART:-}\` on $DATE ($(git rev-parse --short HEAD 2>/dev/null || echo 'unknown commit'))."
@@ -356,6 +369,8 @@ for step in $STEPS; do
     benchmarks-models) do_benchmark benchmarks-models 240 10 "resnet18 and infer and (torchvision or cpp)" \
                            benchmarks/test_bench_models.py ;;
     benchmarks-conv-bwd) do_benchmark benchmarks-conv-bwd 480 10 "stem" benchmarks/test_bench_conv_bwd.py ;;
+    benchmarks-conv)   do_benchmark benchmarks-conv 420 10 "stem" benchmarks/test_bench_conv.py -k "not bwd" ;;
+    conv-choice)       do_conv_choice ;;
     bench)          do_bench bench 240 "${QUICK_BENCH[@]}" ;;
     bench-full)     do_bench bench-full 420 ;;
     bench-fp32)     do_bench bench-fp32 150 --dtype fp32 --compile-modes infer ;;

@@ -133,4 +133,7 @@ def test_conv_bwd(benchmark, name, op, impl):
     benchmark.group = f"conv {op} {name} b{BATCH} bf16 NHWC"
     run_benchmark(benchmark, step, info=dict(
         op=f"conv_{op}", impl=impl, backend="triton" if impl == "fastres-triton" else "aten",
-        shape=[BATCH, c, h, h, k, r, stride[0]], dtype="bf16", layout="NHWC", bytes=None, flops=flops))
+        shape=[BATCH, c, h, h, k, r, stride[0]], dtype="bf16", layout="NHWC", bytes=None, flops=flops,
+        # the convolution, for benchmarks/conv_choice.py (FASTRES_CONV=auto's decision table)
+        conv=dict(name=name, mode=op, cin=c, cout=k, kernel=[r, r], stride=list(stride), padding=list(pad),
+                  dilation=list(dil), groups=1)))

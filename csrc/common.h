@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/core/MemoryFormat.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
@@ -56,6 +57,35 @@ inline at::Tensor channel_param(const std::optional<at::Tensor>& p, const at::Te
 inline at::Tensor channel_param(const at::Tensor& p, const at::Tensor& x, const char* op,
                                 const char* name) {
   return channel_param(std::optional<at::Tensor>(p), x, op, name);
+}
+
+// --- output allocation and kernel geometry, shared by the CPU and CUDA wrappers ----
+
+// An output of x's shape and dtype, dense in fmt (y, grad_x, grad_z).
+inline at::Tensor empty_like_x(const at::Tensor& x, at::MemoryFormat fmt) {
+  return at::empty(x.sizes(), x.options().memory_format(fmt));
+}
+
+// An optional output (grad_z): x-shaped when needed, else an empty [0] tensor.
+inline at::Tensor empty_like_x_if(bool need, const at::Tensor& x, at::MemoryFormat fmt) {
+  return need ? empty_like_x(x, fmt) : at::empty({0}, x.options());
+}
+
+// A per-channel [C] output in the acc dtype (mean, var, grad_weight, ...).
+inline at::Tensor empty_channels(const at::Tensor& x) {
+  return at::empty({x.size(1)}, x.options().dtype(acc_dtype(x.scalar_type())));
+}
+
+// The kernels' view of x (N, C, HW and whether it is stored as rows of C channels):
+// Geom is the CPU kernels' struct (cpu/kernels.h) or the CUDA file's own.
+template <class Geom>
+inline Geom geom_of(const at::Tensor& x, at::MemoryFormat fmt) {
+  Geom g;
+  g.N = x.size(0);
+  g.C = x.size(1);
+  g.HW = x.size(2) * x.size(3);
+  g.rows = fmt == at::MemoryFormat::ChannelsLast || g.HW == 1;
+  return g;
 }
 
 }  // namespace fastres

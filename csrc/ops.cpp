@@ -24,6 +24,11 @@ namespace fastres {
 namespace cpu {
 const Kernels& active_kernels();
 }
+#if defined(FASTRES_WITH_CUDNN)
+namespace cudnn_graph {
+std::string cudnn_version_string();  // csrc/cudnn/conv_graph.cpp
+}
+#endif
 
 // "key=value;..." e.g.
 // "version=0.1.0;cpu=1;cpu_isa=DEFAULT,AVX2,AVX512;cpu_active=AVX512;cuda=1;cuda_archs=sm_80,sm_90"
@@ -44,11 +49,24 @@ std::string build_info() {
 #else
   s += ";cuda=0";
 #endif
+#if defined(FASTRES_WITH_CUDNN)
+  s += ";cudnn=1;cudnn_version=" + cudnn_graph::cudnn_version_string();
+#else
+  s += ";cudnn=0";
+#endif
   return s;
 }
 
 bool with_cuda() {
 #if defined(FASTRES_WITH_CUDA)
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool with_cudnn() {
+#if defined(FASTRES_WITH_CUDNN)
   return true;
 #else
   return false;
@@ -62,6 +80,9 @@ TORCH_LIBRARY(fastres, m) {
   m.def(FASTRES_SCHEMA_BN_ACT_TRAIN_BACKWARD);
   m.def(FASTRES_SCHEMA_AFFINE_ACT);
   m.def(FASTRES_SCHEMA_AFFINE_ACT_BACKWARD);
+  // Always defined (fake kernels on every build); CUDA kernels only with cuDNN.
+  m.def(FASTRES_SCHEMA_CUDNN_CONV_BIAS_ACT);
+  m.def(FASTRES_SCHEMA_CUDNN_CONV_ACT_STATS);
   // No tensor arguments: a catch-all kernel.
   m.def("_build_info() -> str", &fastres::build_info);
 }
@@ -93,6 +114,7 @@ PyMODINIT_FUNC FASTRES_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
   PyObject* m = PyModule_Create(&fastres_module);
   if (m == nullptr) return nullptr;
   if (PyModule_AddObject(m, "WITH_CUDA", PyBool_FromLong(fastres::with_cuda() ? 1 : 0)) < 0 ||
+      PyModule_AddObject(m, "WITH_CUDNN", PyBool_FromLong(fastres::with_cudnn() ? 1 : 0)) < 0 ||
       PyModule_AddStringConstant(m, "__version__", FASTRES_STR(FASTRES_VERSION)) < 0) {
     Py_DECREF(m);
     return nullptr;

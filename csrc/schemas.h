@@ -16,3 +16,12 @@
   "affine_act_backward(Tensor grad_y, Tensor x, Tensor y, Tensor? scale, bool relu, " \
   "bool need_grad_z, bool need_param_grads) "                                        \
   "-> (Tensor grad_x, Tensor grad_z, Tensor grad_scale, Tensor grad_shift)"
+// cuDNN fused-convolution graphs (csrc/cudnn/conv_graph.cpp; CUDA kernels only where
+// built with cuDNN, fake kernels in fastres/cudnn.py).
+#define FASTRES_SCHEMA_CUDNN_CONV_BIAS_ACT                                           \
+  "cudnn_conv_bias_act(Tensor x, Tensor w, Tensor? bias, Tensor? residual, "         \
+  "int[] stride, int[] padding, int[] dilation, int groups, bool relu) -> Tensor"
+#define FASTRES_SCHEMA_CUDNN_CONV_ACT_STATS                                          \
+  "cudnn_conv_act_stats(Tensor x, Tensor w, Tensor? scale, Tensor? shift, "          \
+  "int[] stride, int[] padding, int[] dilation, int groups, bool in_relu) "          \
+  "-> (Tensor y, Tensor sum, Tensor sumsq)"

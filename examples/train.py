@@ -5,11 +5,21 @@
     python examples/train.py --model torchvision      # the same loop on torchvision's resnet50
     python examples/train.py --data /path/imagenet    # ImageFolder: DIR/train (and DIR/val) or DIR
     python examples/train.py --checkpoint ck.pt --resume   # save every epoch, resume where it stopped
+    torchrun --nproc-per-node 8 examples/train.py --sync-bn  # DistributedDataParallel, one machine
+    torchrun --nnodes 2 --node-rank R --nproc-per-node 8 --master-addr HOST --master-port 29500 \
+        examples/train.py --data /path/imagenet --sync-bn       # two machines (run on each, R = 0, 1)
 
 What it does: AMP (autocast bf16 by default on a GPU — ``--amp-dtype fp16`` adds a
 GradScaler), channels_last, SGD with momentum and weight decay, a cosine learning-rate
 schedule with linear warm-up (stepped every iteration), tqdm progress with live img/s,
 checkpoint save (atomic) and resume (model, optimizer, scheduler, scaler, position).
+
+Under ``torchrun`` (env RANK/WORLD_SIZE/LOCAL_RANK) it trains with
+DistributedDataParallel: NCCL on GPUs (one per process, cuda:LOCAL_RANK), gloo on the
+CPU; ``--batch-size`` is per process; a DistributedSampler splits an ImageFolder
+(synthetic data: a different stream per rank); rank 0 alone logs and saves.
+``--sync-bn`` converts the BNs to fastres's fused SyncBatchNorm
+(``fastres.convert_sync_batchnorm``; torchvision models: ``nn.SyncBatchNorm``).
 
 fastres models are torchvision-compatible (same constructor arguments and state_dict
 keys), so the only fastres-specific line is the model constructor.
@@ -66,7 +76,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10, help="steps between loss syncs / img/s updates")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: synchronise BatchNorm statistics across processes "
+                        "(fastres.convert_sync_batchnorm; torchvision: nn.SyncBatchNorm)")
+    p.add_argument("--dist-backend", default=None, help="under torchrun: nccl on CUDA, gloo on the CPU (default)")
     return p
+
+
+# ----------------------------------------------------------------------------- distributed
+class Dist:
+    """The process's place in a torchrun job (``world == 1``: not distributed)."""
+
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0):
+        self.rank, self.world, self.local_rank = rank, world, local_rank
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(args) -> Tuple[Dist, torch.device]:
+    """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK; init the process group (nccl on CUDA,
+    gloo on the CPU) and pick this process's device (cuda:LOCAL_RANK)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    d = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not d.enabled:
+        return d, device
+    import torch.distributed as dist
+    if device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    backend = args.dist_backend or ("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(backend, rank=d.rank, world_size=d.world)
+    return d, device
+
+
+def sync_bn(model: torch.nn.Module, which: str) -> torch.nn.Module:
+    if which == "fastres":
+        import fastres
+        return fastres.convert_sync_batchnorm(model)
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def mean_over_ranks(value: float, d: Dist, device) -> float:
+    if not d.enabled:
+        return value
+    import torch.distributed as dist
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / d.world
 
 
 # ----------------------------------------------------------------------------- model
@@ -101,7 +164,7 @@ class SyntheticLoader:
             yield self.batches[i % len(self.batches)]
 
 
-def image_folder_loaders(root: str, image_size: int, batch_size: int, workers: int):
+def image_folder_loaders(root: str, image_size: int, batch_size: int, workers: int, d: Optional[Dist] = None):
     import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
     norm = T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
@@ -111,12 +174,19 @@ def image_folder_loaders(root: str, image_size: int, batch_size: int, workers: i
                                               T.ToTensor(), norm]))
     kw = dict(batch_size=batch_size, num_workers=workers, pin_memory=torch.cuda.is_available(),
               persistent_workers=workers > 0)
-    train_loader = torch.utils.data.DataLoader(train, shuffle=True, drop_last=True, **kw)
+    sampler = None
+    if d is not None and d.enabled:  # each rank its own 1/world of every epoch (set_epoch reshuffles)
+        sampler = torch.utils.data.DistributedSampler(train, d.world, d.rank, shuffle=True, drop_last=True)
+    train_loader = torch.utils.data.DataLoader(train, shuffle=sampler is None, sampler=sampler, drop_last=True,
+                                               **kw)
     val_loader = None
     if os.path.isdir(val_dir) and train_dir != root:
         resize = int(round(image_size / 0.875))
         val = ImageFolder(val_dir, T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(), norm]))
-        val_loader = torch.utils.data.DataLoader(val, shuffle=False, **kw)
+        val_sampler = None
+        if d is not None and d.enabled:
+            val_sampler = torch.utils.data.DistributedSampler(val, d.world, d.rank, shuffle=False)
+        val_loader = torch.utils.data.DataLoader(val, shuffle=False, sampler=val_sampler, **kw)
     return train_loader, val_loader, len(train.classes)
 
 
@@ -154,7 +224,7 @@ def load_checkpoint(path: str, model, optimizer, scheduler, scaler, device) -> T
 
 
 # ----------------------------------------------------------------------------- loop
-def evaluate(model, loader, device, amp_ctx, channels_last: bool) -> float:
+def evaluate(model, loader, device, amp_ctx, channels_last: bool, d: Optional[Dist] = None) -> float:
     model.eval()
     correct = total = 0
     with torch.inference_mode():
@@ -166,13 +236,28 @@ def evaluate(model, loader, device, amp_ctx, channels_last: bool) -> float:
                 correct += (model(x).argmax(1) == y).sum().item()
             total += y.numel()
     model.train()
+    if d is not None and d.enabled:  # top-1 over every rank's share of the validation set
+        import torch.distributed as dist
+        t = torch.tensor([correct, total], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        correct, total = t.tolist()
     return correct / max(1, total)
 
 
 def train(argv: Optional[List[str]] = None) -> Dict[str, object]:
     args = build_parser().parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(args.seed)
+    d, device = init_distributed(args)
+    try:
+        return _train(args, d, device)
+    finally:
+        if d.enabled:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def _train(args, d: Dist, device: torch.device) -> Dict[str, object]:
+    log = print if d.main else (lambda *a, **k: None)  # rank 0 alone logs
+    torch.manual_seed(args.seed)  # the same initial model on every rank (DDP broadcasts rank 0's anyway)
     use_amp = args.amp if args.amp is not None else device.type == "cuda"
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.amp_dtype]
 
@@ -182,21 +267,23 @@ def train(argv: Optional[List[str]] = None) -> Dict[str, object]:
     # data
     if args.data:
         train_loader, val_loader, n_cls = image_folder_loaders(args.data, args.image_size, args.batch_size,
-                                                               args.workers)
+                                                               args.workers, d)
         num_classes = args.num_classes or n_cls
         steps_per_epoch = min(len(train_loader), args.steps_per_epoch or len(train_loader))
     else:
         num_classes = args.num_classes or 1000
         steps_per_epoch = args.steps_per_epoch or 50
         train_loader = SyntheticLoader(steps_per_epoch, args.batch_size, args.image_size, num_classes, device,
-                                       args.seed)
+                                       args.seed + d.rank)  # a different stream per rank
         val_loader = None
 
     # model, optimizer, schedule
     model = build_model(args.model, args.arch, num_classes).to(device)
+    if args.sync_bn and d.enabled:
+        model = sync_bn(model, args.model)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    lr = args.lr if args.lr is not None else 0.1 * args.batch_size / 256
+    lr = args.lr if args.lr is not None else 0.1 * args.batch_size * d.world / 256  # the global batch
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on BN parameters and biases
@@ -213,17 +300,24 @@ def train(argv: Optional[List[str]] = None) -> Dict[str, object]:
                                                                scaler, device)
         if start_step >= steps_per_epoch:
             start_epoch, start_step = start_epoch + 1, 0
-        print(f"resumed from {args.checkpoint}: epoch {start_epoch}, step {start_step}, "
+        log(f"resumed from {args.checkpoint}: epoch {start_epoch}, step {start_step}, "
               f"global step {global_step}")
-    runner = torch.compile(model) if args.compile else model
+    runner = model
+    if d.enabled:  # `model` stays the unwrapped module: checkpoints keep torchvision's keys
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        runner = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    runner = torch.compile(runner) if args.compile else runner
 
-    print(f"model: {args.model} {args.arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
+    log(f"model: {args.model} {args.arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
           f"device {device}, batch {args.batch_size}, {args.image_size}px, "
           f"amp {args.amp_dtype if use_amp else 'off'}, channels_last {args.channels_last}, "
           f"lr {lr:g} cosine over {total_steps} steps, data {'synthetic' if not args.data else args.data}")
+    if d.enabled:
+        log(f"distributed: world size {d.world} ({torch.distributed.get_backend()}), batch {args.batch_size} "
+            f"per process, global batch {args.batch_size * d.world}, sync-bn {'on' if args.sync_bn else 'off'}")
     if args.model == "fastres":
         import fastres
-        print(f"fastres backend on {device.type}: {fastres.backend_for(device)}")
+        log(f"fastres backend on {device.type}: {fastres.backend_for(device)}")
 
     from fastres.training import make_train_step
     train_step = make_train_step(runner, optimizer, loss_fn=F.cross_entropy, scaler=scaler, autocast=amp_ctx)
@@ -235,9 +329,12 @@ def train(argv: Optional[List[str]] = None) -> Dict[str, object]:
     for epoch in range(start_epoch, args.epochs):
         first = start_step if epoch == start_epoch else 0
         bar = None
-        if tqdm is not None and not args.no_progress:
+        if tqdm is not None and not args.no_progress and d.main:
             bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{args.epochs}",
                        unit="step", dynamic_ncols=True)
+        sampler = getattr(train_loader, "sampler", None)
+        if isinstance(sampler, torch.utils.data.DistributedSampler):
+            sampler.set_epoch(epoch)
         it = iter(train_loader)
         for _ in range(first):  # resuming mid-epoch: skip the batches already seen
             next(it)
@@ -250,11 +347,11 @@ def train(argv: Optional[List[str]] = None) -> Dict[str, object]:
             loss = train_step(x, y)
             scheduler.step()
             global_step += 1
-            images += x.shape[0]
-            window_n += x.shape[0]
+            images += x.shape[0] * d.world
+            window_n += x.shape[0] * d.world
             last = step + 1 == steps_per_epoch
             if (step + 1) % args.log_every == 0 or last:
-                loss_v = loss.item()  # the sync point: img/s below is real, not queued work
+                loss_v = mean_over_ranks(loss.item(), d, device)  # the sync point: img/s below is real
                 now = time.perf_counter()
                 ips = window_n / max(now - window_t, 1e-9)
                 window_t, window_n = now, 0
@@ -264,20 +361,20 @@ def train(argv: Optional[List[str]] = None) -> Dict[str, object]:
                     bar.set_postfix(loss=f"{loss_v:.3f}", lr=f"{scheduler.get_last_lr()[0]:.3g}",
                                     img_s=f"{ips:.1f}")
                 elif not args.no_progress:
-                    print(f"epoch {epoch + 1} step {step + 1}/{steps_per_epoch} loss {loss_v:.3f} "
+                    log(f"epoch {epoch + 1} step {step + 1}/{steps_per_epoch} loss {loss_v:.3f} "
                           f"{ips:.1f} img/s", flush=True)
             if bar is not None:
                 bar.update(1)
-            if args.checkpoint and args.save_every and global_step % args.save_every == 0 and not last:
+            if args.checkpoint and args.save_every and global_step % args.save_every == 0 and not last and d.main:
                 save_checkpoint(args.checkpoint, model, optimizer, scheduler, scaler, epoch, step + 1,
                                 global_step, args)
         if bar is not None:
             bar.close()
         if val_loader is not None:
-            acc = evaluate(runner, val_loader, device, amp_ctx, args.channels_last)
+            acc = evaluate(runner, val_loader, device, amp_ctx, args.channels_last, d)
             history["val_acc"].append(acc)
-            print(f"epoch {epoch + 1}: val top-1 {100 * acc:.2f}%")
-        if args.checkpoint:
+            log(f"epoch {epoch + 1}: val top-1 {100 * acc:.2f}%")
+        if args.checkpoint and d.main:
             save_checkpoint(args.checkpoint, model, optimizer, scheduler, scaler, epoch, steps_per_epoch,
                             global_step, args)
     wall = time.perf_counter() - t_start
@@ -285,7 +382,9 @@ def train(argv: Optional[List[str]] = None) -> Dict[str, object]:
                "img_per_s": images / wall if wall > 0 else 0.0,
                "final_loss": history["loss"][-1] if history["loss"] else None, "history": history,
                "model": model}
-    print(f"done: {global_step} steps, {images} images in {wall:.1f} s ({summary['img_per_s']:.1f} img/s "
+    if d.enabled:
+        torch.distributed.barrier()  # rank 0's last checkpoint is on disk before anyone leaves
+    log(f"done: {global_step} steps, {images} images in {wall:.1f} s ({summary['img_per_s']:.1f} img/s "
           f"overall, incl. warm-up); final loss {summary['final_loss']}")
     return summary
 

@@ -4,6 +4,9 @@ from .backends import backend_info, set_backend, use_backend, backend_for  # noq
 
 ops.preload()
 
+from . import cudnn  # noqa: E402  (cuDNN fused-conv graphs: fakes + autograd of fastres::cudnn_*)
+cudnn.register()
+
 __version__ = "0.1.0"
 
 __all__ = ["functional", "nn", "backend_info", "set_backend", "use_backend", "backend_for", "__version__"]
@@ -19,3 +22,15 @@ from .convert import convert  # noqa: E402,F401
 __all__ += ["fold", "models", "BasicBlock", "Bottleneck", "ResNet", "ResNet50", "resnet18", "resnet34",
             "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2", "resnext50_32x4d",
             "resnext101_32x8d", "resnext101_64x4d", "CifarResNet", "cifar_resnet", "convert"]
+
+# --- the fused convolution (issue 10): fastres.functional.conv2d_act, FASTRES_CONV ------
+from . import conv_backend, conv_ops  # noqa: E402,F401
+from .conv_backend import set_conv, use_conv  # noqa: E402,F401
+
+conv_ops.preload()
+__all__ += ["set_conv", "use_conv"]
+
+# --- distributed: fused SyncBatchNorm (issue #12) ---------------------------------------
+from .nn.syncbn import SyncBatchNormAct2d, convert_sync_batchnorm  # noqa: E402,F401
+
+__all__ += ["SyncBatchNormAct2d", "convert_sync_batchnorm"]

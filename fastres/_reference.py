@@ -2,12 +2,19 @@
 
 These are the oracle for kernel unit tests and the body of the ``torch`` backend's
 op family. They follow docs/DESIGN.md exactly, including dtypes and memory format.
+
+Every function here is a composition of differentiable aten operations, so the two
+backward formulas double as the *differentiable* backward of the fused ops (used by
+``fastres.ops`` when a backward is itself differentiated, ``create_graph=True``), and
+:func:`affine_act_composite` is the epilogue under functorch transforms
+(:func:`conv2d_act_composite` the fused convolution's).
 """
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
@@ -33,13 +40,21 @@ def _mask(y: Tensor) -> Tensor:
     return ~(y <= 0)
 
 
+def batch_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-channel batch mean and biased variance of ``x``, in the accumulation dtype
+    (differentiable: the double backward recomputes them as functions of ``x``)."""
+    xa = x.to(acc_dtype(x.dtype))
+    mean = xa.mean(dim=(0, 2, 3))
+    var = (xa - _bc(mean)).square().mean(dim=(0, 2, 3))
+    return mean, var
+
+
 def bn_act_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                  residual: Optional[Tensor], eps: float, relu: bool) -> Tuple[Tensor, Tensor, Tensor]:
     fmt = memory_format_of(x)
     acc = acc_dtype(x.dtype)
     xa = x.to(acc)
-    mean = xa.mean(dim=(0, 2, 3))
-    var = (xa - _bc(mean)).square().mean(dim=(0, 2, 3))
+    mean, var = batch_stats(x)
     invstd = torch.rsqrt(var + eps)
     z = (xa - _bc(mean)) * _bc(invstd)
     if weight is not None:
@@ -82,7 +97,14 @@ def bn_act_train_backward(grad_y: Tensor, x: Tensor, y: Tensor, weight: Optional
 
 def affine_act(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
                residual: Optional[Tensor], relu: bool) -> Tensor:
-    fmt = memory_format_of(x)
+    return affine_act_composite(x, scale, shift, residual, relu).contiguous(memory_format=memory_format_of(x))
+
+
+def affine_act_composite(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+                         residual: Optional[Tensor], relu: bool) -> Tensor:
+    """``act(x * scale[c] + shift[c] + residual)`` in the accumulation dtype, with no
+    memory-format query (which functorch's batched tensors do not answer): the form
+    used under vmap / grad / jvp."""
     acc = acc_dtype(x.dtype)
     z = x.to(acc)
     if scale is not None:
@@ -93,7 +115,7 @@ def affine_act(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
         z = z + residual.to(acc)
     if relu:
         z = torch.relu(z)
-    return z.to(x.dtype).contiguous(memory_format=fmt)
+    return z.to(x.dtype)
 
 
 def affine_act_backward(grad_y: Tensor, x: Tensor, y: Tensor, scale: Optional[Tensor], relu: bool,
@@ -113,3 +135,43 @@ def affine_act_backward(grad_y: Tensor, x: Tensor, y: Tensor, scale: Optional[Te
         grad_scale = torch.empty((0,), dtype=acc, device=x.device)
         grad_shift = torch.empty((0,), dtype=acc, device=x.device)
     return grad_x, grad_z, grad_scale, grad_shift
+
+
+def conv2d_act_composite(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
+                         in_shift: Optional[Tensor], residual: Optional[Tensor], stride, padding, dilation,
+                         groups: int, in_relu: bool, relu: bool, stats: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """``fastres::conv2d_act``'s schema as plain aten ops with no memory-format query
+    (which functorch's batched tensors do not answer): the route of
+    :func:`fastres.functional.conv2d_act` under vmap / grad / jvp and forward AD.
+
+    ``u = in_act(x*in_scale + in_shift)`` in acc, rounded to x's dtype; ``y = act(conv2d(u,
+    weight) + bias + residual)`` summed in acc, rounded once; with ``stats`` the
+    per-output-channel mean and biased variance of the returned ``y`` (:func:`batch_stats`),
+    else two empty tensors. Every output is differentiable in every input (forward and
+    reverse mode, to any order), with the same values as the fused op to rounding."""
+    acc = acc_dtype(x.dtype)
+    u = x
+    if in_scale is not None or in_shift is not None or in_relu:
+        v = x.to(acc)
+        if in_scale is not None:
+            v = v * _bc(in_scale.to(acc))
+        if in_shift is not None:
+            v = v + _bc(in_shift.to(acc))
+        if in_relu:
+            v = torch.relu(v)
+        u = v.to(x.dtype)
+    y = F.conv2d(u, weight, None, list(stride), list(padding), list(dilation), groups)
+    if bias is not None or residual is not None or relu:
+        z = y.to(acc)
+        if bias is not None:
+            z = z + _bc(bias.to(acc))
+        if residual is not None:
+            z = z + residual.to(acc)
+        if relu:
+            z = torch.relu(z)
+        y = z.to(x.dtype)
+    if not stats:
+        empty = torch.empty((0,), dtype=acc, device=x.device)
+        return y, empty, empty.clone()
+    mean, var = batch_stats(y)
+    return y, mean, var

@@ -137,9 +137,14 @@ def check_batch_norm_args(x, running_mean, running_var, weight, bias, residual, 
         raise ValueError("fastres: running_mean and running_var must be given when training=False")
     if training and running_mean is not None and not isinstance(momentum, (int, float, type(None))):
         raise TypeError(f"fastres: momentum must be a float (or None with num_batches_tracked), got {momentum!r}")
-    if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"fastres: eps must be a non-negative float, got {eps!r}")
     if training:
-        check_training_size(x)
-        if eps <= 0:  # PyTorch's own check (F.batch_norm, torch >= 2.x), same type and text
-            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+        check_training_size(x)  # before eps, in PyTorch's order
+    check_eps(eps)
+
+
+def check_eps(eps) -> None:
+    """eps > 0 in training and in eval, whatever the torch version. PyTorch's batch_norm
+    requires a positive eps too, but in its own words and not on every version (torch 2.14
+    checks training only, 2.11 eval as well); fastres checks first, with one message."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:  # (NaN fails eps > 0)
+        raise ValueError(f"fastres: eps must be positive, got {eps!r}")

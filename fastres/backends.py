@@ -15,7 +15,6 @@ import contextlib
 import importlib.util
 import os
 import warnings
-from functools import lru_cache
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
@@ -43,7 +42,6 @@ def set_backend(name: Optional[str]) -> Optional[str]:
     global _override
     prev = _override
     _override = None if name is None else _check_name(name)
-    _resolve.cache_clear()
     return prev
 
 
@@ -64,19 +62,21 @@ def requested_backend() -> str:
 
 
 # --------------------------------------------------------------------------- availability
-@lru_cache(maxsize=None)
-def _C_status() -> Tuple[bool, bool, str]:
-    """(loaded, cuda_kernels_compiled, message)."""
+# What was built and what imports is probed once, when this module is imported, and kept
+# in plain module globals. The lookups that run inside a traced forward (backend_for ->
+# _resolve -> available) then only read constants: torch.compile(fullgraph=True) never
+# traces a probe (Dynamo ignores lru_cache wrappers and traces the function body, and
+# torch 2.11's Dynamo cannot trace importlib.util.find_spec or the imports).
+def _probe_C() -> Tuple[bool, bool, str]:
     try:
         from . import _C  # noqa: F401  (registers torch.ops.fastres.*)
     except Exception as e:  # ImportError, or an ABI mismatch (undefined symbol)
         return False, False, f"fastres._C not loaded: {type(e).__name__}: {e}"
-    has_cuda = bool(getattr(_C, "WITH_CUDA", False))  # a plain bool: safe while Dynamo traces
+    has_cuda = bool(getattr(_C, "WITH_CUDA", False))
     return True, bool(has_cuda), "fastres._C loaded" + (" with CUDA kernels" if has_cuda else " (CPU kernels only)")
 
 
-@lru_cache(maxsize=None)
-def _triton_installed() -> Tuple[bool, str]:
+def _probe_triton() -> Tuple[bool, str]:
     if importlib.util.find_spec("triton") is None:
         return False, "triton is not installed"
     try:
@@ -88,6 +88,26 @@ def _triton_installed() -> Tuple[bool, str]:
     except Exception as e:
         return False, f"fastres.kernels failed to import ({type(e).__name__}: {e}); install with pip install -e ."
     return True, f"triton {triton.__version__}"
+
+
+_C_STATE: Optional[Tuple[bool, bool, str]] = None
+_TRITON_STATE: Optional[Tuple[bool, str]] = None
+
+
+def _C_status() -> Tuple[bool, bool, str]:
+    """(loaded, cuda_kernels_compiled, message)."""
+    global _C_STATE
+    if _C_STATE is None:
+        _C_STATE = _probe_C()
+    return _C_STATE
+
+
+def _triton_installed() -> Tuple[bool, str]:
+    """(importable, message): triton and fastres.kernels import."""
+    global _TRITON_STATE
+    if _TRITON_STATE is None:
+        _TRITON_STATE = _probe_triton()
+    return _TRITON_STATE
 
 
 def triton_interpret() -> bool:
@@ -126,8 +146,22 @@ def available(name: str, device_type: str) -> Tuple[bool, str]:
     raise ValueError(f"fastres: unknown backend {name!r}")
 
 
-@lru_cache(maxsize=None)
+_RESOLVED: Dict[Tuple[str, str], Tuple[str, Optional[str]]] = {}
+
+
 def _resolve(requested: str, device_type: str) -> Tuple[str, Optional[str]]:
+    """(backend, fallback warning or None), remembered per (requested, device type) in a
+    plain dict: Dynamo reads it (no lru_cache, whose wrapper Dynamo ignores and warns about)."""
+    key = (requested, device_type)
+    hit = _RESOLVED.get(key)
+    if hit is None:
+        hit = _resolve_uncached(requested, device_type)
+        if not torch.compiler.is_compiling():
+            _RESOLVED[key] = hit
+    return hit
+
+
+def _resolve_uncached(requested: str, device_type: str) -> Tuple[str, Optional[str]]:
     order = _AUTO_ORDER.get(device_type, ("torch",))
     if requested == "auto":
         for name in order:
@@ -169,12 +203,23 @@ def backend_info() -> Dict[str, object]:
             "available": {b: available(b, dev)[0] for b in BACKENDS},
             "fallback_warning": warning,
         }
+    from . import cudnn  # the cuDNN fused-conv graphs (issue 11)
+    for dev in devices:
+        per_device[dev]["cudnn_conv"] = cudnn.info(dev)
+    from .conv_backend import conv_info  # the conv path (FASTRES_CONV), issue 10
+    for dev in per_device:
+        per_device[dev]["conv"] = conv_info(dev)
     return {
         "requested": requested_backend(),
         "built": {"_C": loaded, "_C_cuda_kernels": has_cuda, "_C_message": c_msg,
                   "triton": t_ok, "triton_message": t_msg,
-                  "triton_interpret": triton_interpret()},
+                  "triton_interpret": triton_interpret(), "_C_cudnn": cudnn.built()[0]},
         "torch": torch.__version__,
         "cuda_available": torch.cuda.is_available(),
         "devices": per_device,
     }
+
+
+# Probe now (see "availability" above), not on a first call that may be under torch.compile.
+_C_status()
+_triton_installed()

@@ -13,6 +13,14 @@ case —
           state_dict: output, input and parameter gradients, running statistics;
 * models: resnet50 in train and eval mode against torchvision's resnet50 with the
           same state_dict (channels_last),
+* convs:  ``fastres.functional.conv2d_act`` for each conv family that runs here (``aten``:
+          ``FASTRES_CONV=aten``; ``triton``: ``FASTRES_CONV=fused``, the Triton kernels —
+          on the CPU only under ``TRITON_INTERPRET=1``, where its cases are tiny) on
+          three shape classes — 1x1 with the BN+ReLU prologue, 3x3 stride 2 with prologue,
+          bias and ReLU epilogue, the 7x7 stride-2 stem (C=3) — against ``F.conv2d`` and
+          the prologue/epilogue as torch ops: output, per-channel mean / biased variance,
+          the gradients of x, weight, bias, in_scale, in_shift (through y and the stats);
+          the backend column names the conv family,
 
 (in eval, blocks and models compare the output, the input gradient and the conv / fc
 weight gradients, not the BN parameter gradients: fastres folds BN into the conv in
@@ -51,7 +59,7 @@ FLOOR = {"fp64": 1e-9, "fp32": 1e-5, "bf16": 1e-3, "fp16": 1e-3}
 # So the gradient groups of block / model cases get this floor instead.
 NET_GRAD_FLOOR = {"fp64": 1e-9, "fp32": 1e-2, "bf16": 5e-2, "fp16": 5e-2}
 DEFAULT_DTYPES = {"cpu": ("fp64", "fp32", "bf16"), "cuda": ("fp32", "bf16", "fp16")}
-CASE_KINDS = ("ops", "blocks", "models")
+CASE_KINDS = ("ops", "blocks", "models", "convs")
 
 Result = Dict[str, torch.Tensor]
 
@@ -202,6 +210,60 @@ def _op_case(train: bool, layout: str, residual: bool, shape=(4, 65, 9, 11)):
     return run
 
 
+# ---------------------------------------------------------------------------- conv2d_act cases
+# name: (N, C, H, W, K, R, stride, padding, prologue, bias + ReLU epilogue)
+CONV_CASES = {
+    "1x1 prologue": (2, 24, 7, 9, 40, 1, 1, 0, True, False),
+    "3x3 s2 prologue+bias+relu": (2, 16, 9, 8, 24, 3, 2, 1, True, True),
+    "7x7 s2 stem C=3": (2, 3, 15, 13, 16, 7, 2, 3, False, False),
+}
+CONV_FAMILIES = ("aten", "triton")
+
+
+def conv_families(device: torch.device) -> Tuple[List[str], List[str]]:
+    """The conv families to check on ``device`` (aten always; triton where it runs)."""
+    from . import backends as B
+    ok, why = B.available("triton", device.type)
+    return (["aten", "triton"], []) if ok else (["aten"], [f"conv family 'triton' not checked: {why}"])
+
+
+def _conv_case(n, c, h, w, k, r, stride, pad, prologue, epilogue):
+    def run(impl: Impl, device: torch.device, seed: int) -> Result:
+        import fastres
+        from fastres.functional import conv2d_act
+        dt = DTYPES[impl.dtype]
+        acc = torch.float64 if dt == torch.float64 else torch.float32
+        cl = torch.channels_last
+        x = _gen((n, c, h, w), seed, device, 1.0, 0.2).to(dt).contiguous(memory_format=cl).requires_grad_(True)
+        wt = _gen((k, c, r, r), seed + 1, device, (c * r * r) ** -0.5).to(dt).requires_grad_(True)
+        b = _gen((k,), seed + 2, device, 0.1).to(acc).requires_grad_(True) if epilogue else None
+        sc = (_gen((c,), seed + 3, device, 0.3, 1.0).to(acc).requires_grad_(True)) if prologue else None
+        sh = (_gen((c,), seed + 4, device, 0.3).to(acc).requires_grad_(True)) if prologue else None
+        if impl.kind == "torch":
+            u = torch.relu(x.to(acc) * sc[None, :, None, None] + sh[None, :, None, None]).to(dt) if prologue else x
+            z = F.conv2d(u, wt, None, stride, pad)
+            if epilogue:
+                z = torch.relu(z.to(acc) + b[None, :, None, None]).to(dt)
+            y = z.contiguous(memory_format=cl)
+            var, mean = torch.var_mean(y.to(acc), dim=(0, 2, 3), unbiased=False)
+        else:
+            with fastres.use_conv("fused" if impl.backend == "triton" else "aten"):
+                y, mean, var = conv2d_act(x, wt, b, stride, pad, in_scale=sc, in_shift=sh, in_relu=prologue,
+                                          activation="relu" if epilogue else "none", stats="moments")
+        gy = _gen(tuple(y.shape), seed + 5, device).to(dt)
+        gm = _gen((k,), seed + 6, device).to(acc)
+        gv = _gen((k,), seed + 7, device).to(acc)
+        ((y.to(acc) * gy.to(acc)).sum() + (mean * gm).sum() + (var * gv).sum()).backward()
+        out = {"out:y": y, "stats:mean": mean, "stats:var": var, "grad:x": x.grad, "grad:weight": wt.grad}
+        for name, t in (("bias", b), ("in_scale", sc), ("in_shift", sh)):
+            if t is not None:
+                out[f"grad:{name}"] = t.grad
+        if impl.kind == "fastres" and (y.dtype != dt or not y.is_contiguous(memory_format=cl)):
+            out["out:dtype_or_format"] = torch.tensor(float("nan"))  # wrong dtype / memory format: a mismatch
+        return {key: v.detach().cpu() for key, v in out.items()}
+    return run
+
+
 # ---------------------------------------------------------------------------- block / model cases
 class _Nets:
     """Builds (and caches) the torchvision nets, with randomised BN state, and their
@@ -298,6 +360,8 @@ def build_cases(device: torch.device, kinds) -> List[Tuple[str, str, Callable]]:
         mshape = (8, 3, 96, 96) if big else (4, 3, 64, 64)
         cases += [("models", f"resnet50 train {mshape[0]}x{mshape[2]}px", _net_case(nets, "resnet50", None, True, mshape)),
                   ("models", f"resnet50 eval {mshape[0]}x{mshape[2]}px", _net_case(nets, "resnet50", None, False, mshape))]
+    if "convs" in kinds:
+        cases += [("convs", f"conv2d_act {name}", _conv_case(*shape)) for name, shape in CONV_CASES.items()]
     return cases
 
 
@@ -334,6 +398,8 @@ def run_check(device: torch.device, backends_spec: str = "all", kinds=CASE_KINDS
     dtypes = list(dtypes or DEFAULT_DTYPES.get(device.type, ("fp32",)))
     run_b, notes = backends_to_check(backends_spec, device)
     cases = build_cases(device, kinds)
+    conv_fams, conv_notes = conv_families(device) if "convs" in kinds else ([], [])
+    notes += conv_notes
     missing = _fastres_models_missing() if any(k != "ops" for k, _, _ in cases) else None
     interp = device.type == "cpu" and B.triton_interpret()
     rows: List[Row] = []
@@ -351,14 +417,17 @@ def run_check(device: torch.device, backends_spec: str = "all", kinds=CASE_KINDS
                 hi_cache[name] = fn(Impl("torch", "fp64"), torch.device("cpu"), seed)
         return hi_cache[name]
 
-    for b in run_b:
-        for kind, name, fn in cases:
+    # the BN backends run the ops / blocks / models cases; the conv families the conv cases
+    plan = [(b, [c for c in cases if c[0] != "convs"]) for b in run_b]
+    plan += [(f, [c for c in cases if c[0] == "convs"]) for f in conv_fams]
+    for b, b_cases in plan:
+        for kind, name, fn in b_cases:
             for dt in dtypes:
                 t0 = time.perf_counter()
-                if kind != "ops" and missing:
+                if kind not in ("ops", "convs") and missing:
                     rows.append(Row(b, name, dt, "SKIP", where=missing))
                     continue
-                if kind != "ops" and b == "triton" and interp:
+                if kind not in ("ops", "convs") and b == "triton" and interp:
                     rows.append(Row(b, name, dt, "SKIP", where="Triton CPU interpreter: op cases only"))
                     continue
                 try:
@@ -369,7 +438,7 @@ def run_check(device: torch.device, backends_spec: str = "all", kinds=CASE_KINDS
                             theirs_cache[(name, dt)] = fn(Impl("torch", dt), device, seed)
                         theirs = theirs_cache[(name, dt)]
                     ours = fn(Impl("fastres", dt, b), device, seed)
-                    ok, err, tol, where = judge(dt, ours, theirs, ref, net=kind != "ops")
+                    ok, err, tol, where = judge(dt, ours, theirs, ref, net=kind not in ("ops", "convs"))
                     row = Row(b, name, dt, "PASS" if ok else "FAIL", err, tol, where)
                 except Exception as e:  # a crash is a failure of that case, not of the tool
                     msg = f"{type(e).__name__}: {e}".splitlines()[0][:200]

@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastres {info,bench,check}``.
+"""Command line: ``python -m fastres {info,bench,check,paper}``.
 
 * ``info``  — what was built and which backend runs on each device
   (:func:`fastres.backend_info`), readable or ``--json``.
@@ -7,6 +7,8 @@
   inputs (:mod:`fastres.bench`). Table + JSON + CSV + PNG.
 * ``check`` — parity self-check of every available backend on this machine
   (:mod:`fastres.check`); exit status 1 on any failure.
+* ``paper`` — He et al. 2015 on fastres's CIFAR nets: ``paper degradation`` (Fig. 6)
+  and ``paper shortcuts`` (Table 3) (:mod:`fastres.paper`).
 
 Device-dependent defaults (``None`` below) are resolved in :mod:`fastres.bench`
 (:func:`fastres.bench.resolve_config`) so that ``--help`` and the tests see them.
@@ -68,7 +70,7 @@ def _backend_list(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastres",
                                 description="fastres: fused conv + BatchNorm + ReLU + residual-add ResNets")
-    sub = p.add_subparsers(dest="command", metavar="{info,bench,check}")
+    sub = p.add_subparsers(dest="command", metavar="{info,bench,check,paper}")
 
     # ------------------------------------------------------------------ info
     pi = sub.add_parser("info", help="which backends were built and which one runs on each device")
@@ -127,14 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     # ------------------------------------------------------------------ check
     pc = sub.add_parser(
         "check", help="parity self-check of every available backend (exit 1 on failure)",
-        description="Run the core parity cases (fused ops, residual blocks, resnet50 in train and eval) "
+        description="Run the core parity cases (fused ops, residual blocks, resnet50 in train and eval, "
+                    "conv2d_act per conv family) "
                     "for every backend available on the device, in every dtype it supports, against "
                     "torch reference modules, and print a pass/fail table with the worst relative error.")
     pc.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     pc.add_argument("--backend", type=_backend_list, default="all",
                     help="all available (default), auto, or a comma list of torch,triton,cpp,cuda")
-    pc.add_argument("--cases", default="ops,blocks,models",
-                    help="comma list of ops, blocks, models (default all three)")
+    pc.add_argument("--cases", default="ops,blocks,models,convs",
+                    help="comma list of ops, blocks, models, convs (conv2d_act per conv family; default all four)")
     pc.add_argument("--dtype", default=None,
                     help="comma list of fp64,fp32,bf16,fp16 (default: CPU fp64,fp32,bf16; GPU fp32,bf16,fp16)")
     pc.add_argument("--json", dest="json_out", default=None, metavar="PATH",
@@ -142,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--threads", type=_positive_int, default=None, help="torch.set_num_threads for the CPU")
     pc.add_argument("--seed", type=int, default=0)
     pc.add_argument("-v", "--verbose", action="store_true", help="print each case as it runs")
+
+    # ------------------------------------------------------------------ paper
+    from .paper import add_paper_parser
+    add_paper_parser(sub)
     return p
 
 
@@ -175,6 +182,15 @@ def format_info(info: dict) -> str:
             lines.append("  ops: " + ", ".join(f"{k}={v}" for k, v in ops.items()))
         if d.get("fallback_warning"):
             lines.append(f"  WARNING: {d['fallback_warning']}")
+        conv = d.get("conv")
+        if conv:  # issue 10: which convolution conv2d_act runs (FASTRES_CONV / fastres.set_conv)
+            lines.append(f"  conv: {conv['path']}  (requested {conv['requested']}; {conv['reason']})")
+        cd = d.get("cudnn_conv")
+        if cd:  # issue 11: cuDNN fused-conv graphs (FASTRES_CONV=cudnn)
+            state = "available" if cd["available"] else "unavailable"
+            pats = ", ".join(cd["patterns"]) or "none"
+            lines.append(f"  cudnn conv graphs: {state} ({cd['reason']}); patterns: {pats}; "
+                         f"fallback: {cd['fallback']}")
     return "\n".join(lines)
 
 
@@ -206,13 +222,19 @@ def cmd_check(args) -> int:
     return check.main_from_args(args)
 
 
+def cmd_paper(args) -> int:
+    _threads(args)
+    from . import paper
+    return paper.main_from_args(args)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    return {"info": cmd_info, "bench": cmd_bench, "check": cmd_check}[args.command](args)
+    return {"info": cmd_info, "bench": cmd_bench, "check": cmd_check, "paper": cmd_paper}[args.command](args)
 
 
 if __name__ == "__main__":  # pragma: no cover

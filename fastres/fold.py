@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from . import functional as FF
+from ._validate import check_eps
 
 Tensor = torch.Tensor
 
@@ -148,8 +149,9 @@ def folded_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> T
     cached values come back through an autograd function whose backward is the fold's,
     so an eval-mode model being fine-tuned neither recomputes the fold each forward nor
     loses any gradient."""
+    check_eps(bn.eps)  # as the unfolded eval BatchNorm would (fastres.functional), on every torch
     tensors = _sources(conv, bn)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or FF.transforms_active():  # vmap/grad/jvp, forward AD: uncached aten fold
         return fold_conv_bn(*tensors, bn.eps, dtype)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     stamp = _stamp(tensors, bn.eps)
@@ -267,7 +269,8 @@ def onednn_conv_act(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor, re
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad
                                     or (residual is not None and residual.requires_grad)):
         return None
-    if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu") or x.numel() == 0:
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu") or x.numel() == 0 \
+            or FF.transforms_active():  # the primitive has no batching rule nor forward-AD formula
         return None
     op = _onednn_op()
     if not op:
@@ -280,6 +283,13 @@ def onednn_conv_act(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor, re
                  _out_hw(x.shape[3], kw, stride[1], pad[1], dil[1]))
         if tuple(residual.shape) != shape or residual.dtype != torch.float32 or residual.device != x.device:
             return None  # let the validated path raise its clear error
+        if shape[2] * shape[3] == 1:
+            # A 1x1 output with the residual add fused in: torch 2.11's primitive fails
+            # ("could not create a memory") whenever it runs channels-last -- always with
+            # a packed (blocked) weight, and with a channels-last-strided input; 2.14
+            # works. Every version takes the conv + fused epilogue path here instead (a
+            # 1x1 map is tiny; the unary primitive below has no such failure).
+            return None
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             residual = residual.contiguous(memory_format=torch.channels_last)
         else:

@@ -4,21 +4,40 @@
 plus ``residual`` and ``activation`` and computes ``act(batch_norm(x) + residual)``
 with exactly its semantics (biased variance to normalise, unbiased variance into
 ``running_var``, eval uses the running statistics).
+
+Under a functorch transform (``torch.func.vmap``, ``grad``, ``jvp``, ``jacrev`` …) or
+inside a forward-mode AD level (``torch.autograd.forward_ad.dual_level``), both
+functions run the aten composition (``F.batch_norm`` (+ add) (+ ReLU)) instead of the
+fused custom ops, which have neither batching rules nor forward-mode formulas: the
+composition has both, so each transform behaves exactly as over ``nn.BatchNorm2d``
+(including the error functorch raises for running statistics under ``vmap`` in
+training). See :func:`transforms_active`.
 """
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as _fwAD
 import torch.nn.functional as F
 
 from . import _validate as V
 from . import backends, ops
-from ._reference import acc_dtype, memory_format_of
+from ._reference import acc_dtype, affine_act_composite, memory_format_of
 
 Tensor = torch.Tensor
 
-__all__ = ["batch_norm_act", "affine_act", "fold_scale_shift"]
+__all__ = ["batch_norm_act", "affine_act", "fold_scale_shift", "transforms_active"]
+
+
+def transforms_active() -> bool:
+    """Whether a functorch transform is running (vmap, grad, jvp, jacrev, …) or a
+    forward-mode AD level is open, outside ``torch.compile``: then the fused ops give way
+    to the aten composition (see the module docstring). Two cheap global reads; under
+    ``torch.compile`` always ``False`` (the fused ops are traced, as before)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.peek_interpreter_stack() is not None or _fwAD._current_level >= 0
 
 
 def _canonical(t: Tensor) -> Tensor:
@@ -38,10 +57,14 @@ def _canonical_grad(g: Optional[Tensor]) -> Optional[Tensor]:
     return None if g is None else _canonical(g)
 
 
-def _torch_batch_norm_act(x, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu):
-    x = _canonical(x)
+def _torch_batch_norm_act(x, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu,
+                          canonical=True):
+    """The aten composition. ``canonical=False`` under functorch transforms, whose batched
+    tensors answer no stride query (and whose gradients take no hooks)."""
+    if canonical:
+        x = _canonical(x)
     y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
-    if y.requires_grad and not torch.compiler.is_compiling():
+    if canonical and y.requires_grad and not torch.compiler.is_compiling():
         # the incoming gradient can carry such strides too (eager only: a stride-dependent
         # hook is a graph break for torch.compile, whose backward graph fixes the strides)
         y.register_hook(_canonical_grad)
@@ -83,11 +106,12 @@ def batch_norm_act(input: Tensor, running_mean: Optional[Tensor], running_var: O
     if cumulative and num_batches_tracked is None:
         raise ValueError("fastres: momentum=None (cumulative average) needs num_batches_tracked")
     backend = backends.backend_for(input.device)
-    if backend == "torch" or input.numel() == 0:
+    composite = transforms_active()
+    if composite or backend == "torch" or input.numel() == 0:
         if cumulative:
             momentum = 1.0 / float(num_batches_tracked)
         return _torch_batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                                     residual, relu)
+                                     residual, relu, canonical=not composite)
     fam = ops.family(backend)
     if training:
         y, mean, var = fam.bn_act_train(input, weight, bias, residual, float(eps), relu)
@@ -117,7 +141,159 @@ def affine_act(input: Tensor, scale: Optional[Tensor] = None, shift: Optional[Te
     acc = acc_dtype(input.dtype)
     scale = scale.to(acc) if scale is not None else None
     shift = shift.to(acc) if shift is not None else None
+    if transforms_active():
+        return affine_act_composite(input, scale, shift, residual, relu)
     backend = backends.backend_for(input.device)
     if input.numel() == 0:
         backend = "torch"
     return ops.family(backend).affine_act(input, scale, shift, residual, relu)
+
+
+# ============================================================================
+# conv2d_act (issue 10): the fused convolution. Kept at the end of the file, apart
+# from the BatchNorm functions above.
+# ============================================================================
+__all__ += ["conv2d_act"]
+
+
+def _pair(v, name: str, minimum: int):
+    if isinstance(v, bool) or not isinstance(v, (int, tuple, list)):
+        raise TypeError(f"fastres: conv2d_act {name} must be an int or a pair of ints, got {v!r}")
+    pair = (v, v) if isinstance(v, int) else tuple(v)
+    if len(pair) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in pair):
+        raise TypeError(f"fastres: conv2d_act {name} must be an int or a pair of ints, got {v!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"fastres: conv2d_act {name} must be >= {minimum}, got {v!r}")
+    return [int(pair[0]), int(pair[1])]
+
+
+def _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual):
+    """Validate conv2d_act's convolution arguments; returns (stride, padding, dilation, out_shape)."""
+    V.check_input(x)
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"fastres: weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 4:
+        raise ValueError(f"fastres: expected weight to be 4-D (out_channels, in_channels/groups, kH, kW), "
+                         f"got a {weight.dim()}-D tensor of shape {tuple(weight.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"fastres: weight is on {weight.device} but input is on {x.device}; "
+                         f"expected both on the same device")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"fastres: weight has dtype {V._dt(weight.dtype)} but input is {V._dt(x.dtype)}; "
+                        f"expected {V._dt(x.dtype)}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"fastres: groups must be a positive int, got {groups!r}")
+    n, c, h, w = x.shape
+    k, cg, kh, kw = weight.shape
+    if c % groups != 0:
+        raise ValueError(f"fastres: input channels ({c}) must be divisible by groups ({groups})")
+    if k % groups != 0:
+        raise ValueError(f"fastres: weight's out_channels ({k}) must be divisible by groups ({groups})")
+    if cg * groups != c:
+        raise ValueError(f"fastres: weight of shape {tuple(weight.shape)} expects {cg * groups} input channels "
+                         f"(in_channels/groups={cg}, groups={groups}), but input has {c} (shape {tuple(x.shape)})")
+    stride = _pair(stride, "stride", 1)
+    padding = _pair(padding, "padding", 0)
+    dilation = _pair(dilation, "dilation", 1)
+    from .conv_ops import out_size
+    p, q = out_size(h, w, kh, kw, stride, padding, dilation)
+    if p < 1 or q < 1:
+        raise ValueError(f"fastres: the {kh}x{kw} kernel (dilation {tuple(dilation)}) is larger than the padded "
+                         f"input {h}x{w} (padding {tuple(padding)}): the output would be {p}x{q}")
+    out_shape = (n, k, p, q)
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"fastres: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.device != x.device:
+            raise ValueError(f"fastres: bias is on {bias.device} but input is on {x.device}; "
+                             f"expected both on the same device")
+        if bias.dim() != 1 or bias.shape[0] != k:
+            raise ValueError(f"fastres: bias must have shape ({k},) to match weight's {k} output channels, "
+                             f"got {tuple(bias.shape)}")
+        allowed = (x.dtype, acc_dtype(x.dtype))
+        if bias.dtype not in allowed:
+            raise TypeError(f"fastres: bias has dtype {V._dt(bias.dtype)} but input is {V._dt(x.dtype)}; "
+                            f"expected {' or '.join(sorted({V._dt(d) for d in allowed}))}")
+    if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise TypeError(f"fastres: residual must be a torch.Tensor or None, got {type(residual).__name__}")
+        if residual.device != x.device:
+            raise ValueError(f"fastres: residual is on {residual.device} but input is on {x.device}; "
+                             f"expected both on the same device")
+        if tuple(residual.shape) != out_shape:
+            raise ValueError(f"fastres: residual must have the output's shape {out_shape}, "
+                             f"got {tuple(residual.shape)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"fastres: residual has dtype {V._dt(residual.dtype)} but input is "
+                            f"{V._dt(x.dtype)}; expected {V._dt(x.dtype)}")
+    return stride, padding, dilation, out_shape
+
+
+def conv2d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1,
+               groups: int = 1, *, in_scale: Optional[Tensor] = None, in_shift: Optional[Tensor] = None,
+               in_relu: bool = False, residual: Optional[Tensor] = None, activation: Optional[str] = "none",
+               stats=False):
+    """``act(conv2d(in_act(x*in_scale + in_shift), weight, bias) + residual)`` in one pass.
+
+    * prologue (e.g. the previous BatchNorm + ReLU): ``in_scale``/``in_shift`` are
+      per-input-channel (C,) tensors (None: 1/0), ``in_relu`` applies a ReLU after them;
+      computed in fp32 (fp64 for fp64) and rounded to x's dtype, and the convolution's
+      zero padding is applied to the *transformed* input (padding stays 0).
+    * epilogue: ``bias`` (K,) in x's dtype or fp32, ``residual`` of the output's shape,
+      ``activation`` ``"relu"`` or ``"none"``/None; summed in fp32 (fp64), rounded once.
+    * ``stats``: False → ``y``. True (or ``"sums"``) → ``(y, sum, sumsq)``:
+      ``sum[k] = Σ y[:, k]`` and ``sumsq[k] = Σ y[:, k]²`` over the N*P*Q positions of
+      the returned ``y`` (its rounded values), in fp32 (fp64 for fp64 input). They are
+      derived from the channel's mean and biased variance, which are computed stably
+      (never from sumsq - sum²/M): ``sum = M·mean``, ``sumsq = M·(var + mean²)``.
+      ``"moments"`` → ``(y, mean, var)`` (biased var) — what a BatchNorm needs; prefer it.
+      All outputs are differentiable.
+
+    Differentiable w.r.t. ``x``, ``weight``, ``bias``, ``in_scale``, ``in_shift`` and
+    ``residual``. ``y`` keeps x's memory format (channels_last in, channels_last out).
+    The convolution is aten's or the fused Triton kernel: see
+    :mod:`fastres.conv_backend` (``FASTRES_CONV``, ``fastres.set_conv``). Twice (and more)
+    differentiable; under functorch transforms and forward AD (:func:`transforms_active`)
+    it runs the aten composition :func:`fastres._reference.conv2d_act_composite`. Under
+    ``torch.autocast`` (non-fp64 input) x, weight and residual are cast to autocast's
+    dtype first, as ``F.conv2d`` does.
+    """
+    from . import conv_backend, conv_ops
+    from ._reference import conv2d_act_composite as composite_conv2d_act
+    if isinstance(x, Tensor) and x.is_floating_point() and x.dtype != torch.float64 \
+            and torch.is_autocast_enabled(x.device.type):
+        # autocast: compute in its dtype, as F.conv2d would (the custom ops do not autocast);
+        # an fp32 bias stays fp32 (added in the fp32 accumulator)
+        dt = torch.get_autocast_dtype(x.device.type)
+        x = x.to(dt)
+        weight = weight.to(dt) if isinstance(weight, Tensor) and weight.is_floating_point() else weight
+        if isinstance(bias, Tensor) and bias.dtype not in (dt, torch.float32):
+            bias = bias.to(dt)
+        if isinstance(residual, Tensor) and residual.is_floating_point():
+            residual = residual.to(dt)
+    if stats not in (False, True, "sums", "moments"):
+        raise ValueError(f"fastres: stats must be False, True, 'sums' or 'moments', got {stats!r}")
+    act = V.normalize_activation(activation)
+    if not isinstance(in_relu, bool):
+        raise TypeError(f"fastres: in_relu must be a bool, got {in_relu!r}")
+    stride, padding, dilation, out_shape = _check_conv_args(x, weight, bias, stride, padding, dilation, groups,
+                                                            residual)
+    V.check_per_channel(in_scale, "in_scale", x)
+    V.check_per_channel(in_shift, "in_shift", x)
+    want_stats = stats is not False
+    if want_stats and out_shape[0] * out_shape[2] * out_shape[3] == 0:
+        raise ValueError(f"fastres: conv2d_act stats need a non-empty output, got output shape {out_shape}")
+    if transforms_active():  # vmap/grad/jvp, forward AD: the aten composition (see the module docstring)
+        conv = composite_conv2d_act
+    else:
+        path = conv_backend.conv_for_key(x.device, conv_backend.conv_key(x, weight, stride, dilation, groups))
+        fam = {"fused": "triton", "cudnn": "cudnn"}.get(path, "torch") if x.numel() > 0 else "torch"
+        conv = conv_ops.family(fam).conv2d_act
+    y, mean, var = conv(x, weight, bias, in_scale, in_shift, residual, stride, padding, dilation, groups, in_relu,
+                        act == "relu", want_stats)
+    if not want_stats:
+        return y
+    if stats == "moments":
+        return y, mean, var
+    m = out_shape[0] * out_shape[2] * out_shape[3]
+    return y, mean * m, (var + mean.square()) * m

@@ -11,6 +11,14 @@ Both get their fake kernels and autograd formulas from :func:`_register_family`,
 the two can never drift apart. The in-place running-stat update is a separate op,
 ``fastres::update_running_stats``, with ``mutates_args`` declared (torch.library
 refuses autograd on mutating ops, so the differentiable ops stay functional).
+
+Higher-order autograd: the fused backward ops have no derivative of their own. When a
+backward must itself be differentiated (``create_graph=True``: gradient penalties,
+Hessian-vector products, MAML; the engine then runs the backward with grad mode on),
+the registered backward computes the same formulas with the differentiable aten
+composition of :mod:`fastres._reference` instead, the batch statistics recomputed as
+functions of ``x``. An ordinary backward (grad mode off, also while AOTAutograd traces
+a compiled backward) runs the fused backward op, exactly as before.
 """
 from __future__ import annotations
 
@@ -81,8 +89,12 @@ def _make_autograd(bn_bwd, affine_bwd):
         x, y, weight, mean, var = ctx.saved_tensors
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
         relu = ctx.relu
-        grad_x, grad_w, grad_b, grad_z = bn_bwd(grad_y, x, y if relu else x, weight, mean, var,
-                                                ctx.eps, relu, bool(need_r and relu))
+        bwd = bn_bwd
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+            bwd = ref.bn_act_train_backward
+            mean, var = ref.batch_stats(x)  # as functions of x, for the second derivative
+        grad_x, grad_w, grad_b, grad_z = bwd(grad_y, x, y if relu else x, weight, mean, var,
+                                             ctx.eps, relu, bool(need_r and relu))
         grad_res = (grad_z if relu else grad_y) if need_r else None
         return (grad_x if need_x else None,
                 grad_w.to(weight.dtype) if need_w else None,
@@ -98,8 +110,9 @@ def _make_autograd(bn_bwd, affine_bwd):
         x, y, scale = ctx.saved_tensors
         need_x, need_s, need_t, need_r = ctx.needs_input_grad[:4]
         relu = ctx.relu
-        grad_x, grad_z, grad_s, grad_t = affine_bwd(grad_y, x, y if relu else x, scale, relu,
-                                                    bool(need_r and relu), bool(need_s or need_t))
+        bwd = ref.affine_act_backward if torch.is_grad_enabled() else affine_bwd  # create_graph=True
+        grad_x, grad_z, grad_s, grad_t = bwd(grad_y, x, y if relu else x, scale, relu,
+                                             bool(need_r and relu), bool(need_s or need_t))
         grad_res = (grad_z if relu else grad_y) if need_r else None
         return (grad_x if need_x else None, grad_s if need_s else None, grad_t if need_t else None,
                 grad_res, None)

@@ -27,8 +27,16 @@ merge of the lane / chunk summaries, so a huge-magnitude near-constant channel k
 variance (never E[x^2] - E[x]^2).
 
 Offsets that scale with the tensor size are int64 (program ids / row and image indices
-are cast before they multiply a stride). The per-tile bodies are written inline: the
-interpreter (TRITON_INTERPRET=1) pays a large fixed cost for every nested jit call.
+are cast before they multiply a stride). A program's share of the tensor comes from one
+helper, :func:`_chunk`, called once per program; the per-tile bodies are written inline:
+the interpreter (TRITON_INTERPRET=1) pays a large fixed cost for every nested jit call.
+
+Loops over a runtime count are ``while`` loops, not ``for t in range(0, n)``: Triton
+3.6's interpreter turns a runtime ``range`` bound into a Python int with ``int()`` of a
+1-element array, which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be
+converted to Python scalars"); a ``while`` condition goes through ``bool()``, which
+every NumPy accepts. Compiled, both are the same loop (none of these loops is software
+pipelined: no load feeds a dot).
 """
 import triton
 import triton.language as tl
@@ -78,6 +86,36 @@ def _out(z, ptr, RNE_BF16: tl.constexpr):
         return z.to(ptr.dtype.element_ty)
 
 
+@triton.jit
+def _chunk(pid0, pid1, M, HW, PER, HW_PER, HJ,
+           CL: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    """The share of the tensor a pass program (pid0, pid1) walks, shared by every pass
+    kernel (see the module docstring for the two tilings).
+
+    Returns ``(a0, a1, b0, b1, tb_n, n_tiles, base)``: rows (CL) or images (not CL)
+    [a0, a1); not CL also positions [b0, b1) of the plane starting at offset ``base``
+    = channel pid0 * HW, walked in ``tb_n`` tiles per batch tile (CL: b0 = b1 = base =
+    0, tb_n = 1); ``n_tiles`` tiles in all.
+    """
+    if CL:
+        a0 = pid0.to(tl.int64) * PER
+        a1 = tl.minimum(a0 + PER, M)
+        base = a0 * 0
+        b0 = base
+        b1 = base
+        tb_n = base + 1
+        n_tiles = (a1 - a0 + BLOCK_A - 1) // BLOCK_A
+    else:
+        base = pid0.to(tl.int64) * HW
+        a0 = (pid1 // HJ) * PER
+        a1 = tl.minimum(a0 + PER, M)
+        b0 = (pid1 % HJ).to(tl.int64) * HW_PER  # int64: a plane may exceed 2^31
+        b1 = tl.minimum(b0 + HW_PER, HW)
+        tb_n = (b1 - b0 + BLOCK_B - 1) // BLOCK_B
+        n_tiles = (a1 - a0 + BLOCK_A - 1) // BLOCK_A * tb_n
+    return a0, a1, b0, b1, tb_n, n_tiles, base
+
+
 # ----------------------------------------------------------------------------- statistics
 @triton.jit
 def _stats_kernel(x_ptr, pmean_ptr, pm2_ptr, pw_ptr, psum_ptr, M, C, HW, CHW, PER, HW_PER, HJ,
@@ -96,24 +134,15 @@ def _stats_kernel(x_ptr, pmean_ptr, pm2_ptr, pw_ptr, psum_ptr, M, C, HW, CHW, PE
     pid1 = tl.program_id(1)
     ia = tl.arange(0, BLOCK_A)
     ib = tl.arange(0, BLOCK_B)
+    a0, a1, b0, b1, tb_n, n_tiles, base = _chunk(pid0, pid1, M, HW, PER, HW_PER, HJ, CL, BLOCK_A, BLOCK_B)
     if CL:
         chunk = pid0
         cols = pid1 * BLOCK_B + ib
         cmask = cols < C
         k = tl.load(x_ptr + cols, mask=cmask, other=0.0)[None, :]
-        a0 = pid0.to(tl.int64) * PER
-        a1 = tl.minimum(a0 + PER, M)
-        n_tiles = (a1 - a0 + BLOCK_A - 1) // BLOCK_A
     else:
         chunk = pid1
-        base = pid0.to(tl.int64) * HW
         k = tl.load(x_ptr + base)
-        a0 = (pid1 // HJ) * PER
-        a1 = tl.minimum(a0 + PER, M)
-        b0 = (pid1 % HJ).to(tl.int64) * HW_PER  # int64: a plane may exceed 2^31
-        b1 = tl.minimum(b0 + HW_PER, HW)
-        tb_n = (b1 - b0 + BLOCK_B - 1) // BLOCK_B
-        n_tiles = (a1 - a0 + BLOCK_A - 1) // BLOCK_A * tb_n
     kf = k.to(ACC)
     shift = tl.where(kf - kf == 0, kf, 0.0)
     k = shift.to(x_ptr.dtype.element_ty)  # exact: K is an element of x (or 0)
@@ -124,7 +153,8 @@ def _stats_kernel(x_ptr, pmean_ptr, pm2_ptr, pw_ptr, psum_ptr, M, C, HW, CHW, PE
         w = tl.zeros([BLOCK_A, 1], ACC)
     else:
         w = tl.zeros([BLOCK_A, BLOCK_B], ACC)
-    for t in range(0, n_tiles):
+    t = n_tiles * 0
+    while t < n_tiles:  # (not range(0, n_tiles): see the module docstring)
         if CL:
             rows = a0 + t * BLOCK_A + ia
             mask = (rows < a1)[:, None] & cmask[None, :]
@@ -151,6 +181,7 @@ def _stats_kernel(x_ptr, pmean_ptr, pm2_ptr, pw_ptr, psum_ptr, M, C, HW, CHW, PE
             w = w + mask.to(ACC)
             mean = mean + tl.where(mask, delta / tl.where(mask, w, 1.0), 0.0)
             m2 = m2 + tl.where(mask, delta * (x - mean), 0.0)
+        t += 1
     if CL:
         # row 0 of the tile is the chunk's first row: never empty
         mean, m2, w = _welford_merge_rows(mean, m2, tl.broadcast_to(w, [BLOCK_A, BLOCK_B]))
@@ -186,7 +217,8 @@ def _stats_finalize(x_ptr, pmean_ptr, pm2_ptr, pw_ptr, psum_ptr, w_ptr, mean_ptr
     m2 = tl.zeros([BLOCK_C], ACC)
     w = tl.zeros([BLOCK_C], ACC)
     ssum = tl.zeros([BLOCK_C], ACC)
-    for j0 in range(0, NUM_CHUNKS, BLOCK_J):
+    j0 = tl.full([], 0, tl.int32)  # a tensor even where NUM_CHUNKS == 1 is specialised to a constant
+    while j0 < NUM_CHUNKS:
         js = j0 + tl.arange(0, BLOCK_J)
         mask = (js < NUM_CHUNKS)[:, None] & cmask[None, :]
         offs = js[:, None] * C + cols[None, :]
@@ -196,6 +228,7 @@ def _stats_finalize(x_ptr, pmean_ptr, pm2_ptr, pw_ptr, psum_ptr, w_ptr, mean_ptr
         bw = tl.load(pw_ptr + offs, mask=mask, other=0.0)
         bm, bq, bw = _welford_merge_rows(bm, bq, bw)  # row j0 < NUM_CHUNKS: never empty
         mean, m2, w = _welford_combine(mean, m2, w, bm, bq, bw)
+        j0 += BLOCK_J
     k = tl.load(x_ptr + cols.to(tl.int64) * STRIDE_C, mask=cmask, other=0.0).to(ACC)
     mean = mean + tl.where(k - k == 0, k, 0.0)
     var = m2 / tl.where(w == 0, 1.0, w)
@@ -222,31 +255,23 @@ def _act_kernel(x_ptr, r_ptr, mean_ptr, scale_ptr, shift_ptr, y_ptr, M, C, HW, C
     pid1 = tl.program_id(1)
     ia = tl.arange(0, BLOCK_A)
     ib = tl.arange(0, BLOCK_B)
+    a0, a1, b0, b1, tb_n, n_tiles, base = _chunk(pid0, pid1, M, HW, PER, HW_PER, HJ, CL, BLOCK_A, BLOCK_B)
     if CL:
         cols = pid1 * BLOCK_B + ib
         cmask = cols < C
         ch = cols[None, :]
         pmask = cmask[None, :]
-        a0 = pid0.to(tl.int64) * PER
-        a1 = tl.minimum(a0 + PER, M)
-        n_tiles = (a1 - a0 + BLOCK_A - 1) // BLOCK_A
     else:
         ch = pid0
         pmask = True
-        base = pid0.to(tl.int64) * HW
-        a0 = (pid1 // HJ) * PER
-        a1 = tl.minimum(a0 + PER, M)
-        b0 = (pid1 % HJ).to(tl.int64) * HW_PER  # int64: a plane may exceed 2^31
-        b1 = tl.minimum(b0 + HW_PER, HW)
-        tb_n = (b1 - b0 + BLOCK_B - 1) // BLOCK_B
-        n_tiles = (a1 - a0 + BLOCK_A - 1) // BLOCK_A * tb_n
     if HAS_MEAN:
         mean = tl.load(mean_ptr + ch, mask=pmask, other=0.0).to(ACC)
     if HAS_SCALE:
         scale = tl.load(scale_ptr + ch, mask=pmask, other=0.0).to(ACC)
     if HAS_SHIFT:
         shift = tl.load(shift_ptr + ch, mask=pmask, other=0.0).to(ACC)
-    for t in range(0, n_tiles):
+    t = n_tiles * 0
+    while t < n_tiles:  # (not range(0, n_tiles): see the module docstring)
         if CL:
             rows = a0 + t * BLOCK_A + ia
             mask = (rows < a1)[:, None] & cmask[None, :]
@@ -269,6 +294,7 @@ def _act_kernel(x_ptr, r_ptr, mean_ptr, scale_ptr, shift_ptr, y_ptr, M, C, HW, C
         if RELU:
             z = tl.where(z < 0, 0.0, z)  # NaN passes, like torch.relu
         tl.store(y_ptr + offs, _out(z, y_ptr, RNE_BF16), mask=mask)
+        t += 1
 
 
 # ----------------------------------------------------------------------------- backward
@@ -290,26 +316,17 @@ def _bwd_kernel(gy_ptr, x_ptr, y_ptr, mean_ptr, coef_ptr, gx_ptr, gz_ptr, ps_dz_
     pid1 = tl.program_id(1)
     ia = tl.arange(0, BLOCK_A)
     ib = tl.arange(0, BLOCK_B)
+    a0, a1, b0, b1, tb_n, n_tiles, base = _chunk(pid0, pid1, M, HW, PER, HW_PER, HJ, CL, BLOCK_A, BLOCK_B)
     if CL:
         chunk = pid0
         cols = pid1 * BLOCK_B + ib
         cmask = cols < C
         ch = cols[None, :]
         pmask = cmask[None, :]
-        a0 = pid0.to(tl.int64) * PER
-        a1 = tl.minimum(a0 + PER, M)
-        n_tiles = (a1 - a0 + BLOCK_A - 1) // BLOCK_A
     else:
         chunk = pid1
         ch = pid0
         pmask = True
-        base = pid0.to(tl.int64) * HW
-        a0 = (pid1 // HJ) * PER
-        a1 = tl.minimum(a0 + PER, M)
-        b0 = (pid1 % HJ).to(tl.int64) * HW_PER  # int64: a plane may exceed 2^31
-        b1 = tl.minimum(b0 + HW_PER, HW)
-        tb_n = (b1 - b0 + BLOCK_B - 1) // BLOCK_B
-        n_tiles = (a1 - a0 + BLOCK_A - 1) // BLOCK_A * tb_n
     NEED_X: tl.constexpr = SUMS or GX_MODE == 2
     SUB_MEAN: tl.constexpr = CENTER or GX_MODE == 2
     if SUB_MEAN:
@@ -321,7 +338,8 @@ def _bwd_kernel(gy_ptr, x_ptr, y_ptr, mean_ptr, coef_ptr, gx_ptr, gz_ptr, ps_dz_
         k = tl.load(coef_ptr + 2 * C + ch, mask=pmask, other=0.0).to(ACC)
     s_dz = tl.zeros([BLOCK_A, BLOCK_B], ACC)
     s_dzx = tl.zeros([BLOCK_A, BLOCK_B], ACC)
-    for t in range(0, n_tiles):
+    t = n_tiles * 0
+    while t < n_tiles:  # (not range(0, n_tiles): see the module docstring)
         if CL:
             rows = a0 + t * BLOCK_A + ia
             mask = (rows < a1)[:, None] & cmask[None, :]
@@ -352,6 +370,7 @@ def _bwd_kernel(gy_ptr, x_ptr, y_ptr, mean_ptr, coef_ptr, gx_ptr, gz_ptr, ps_dz_
             tl.store(gx_ptr + offs, _out(a * (dz - b - xv * k), gx_ptr, RNE_BF16), mask=mask)
         if WRITE_GZ:
             tl.store(gz_ptr + offs, _out(dz, gz_ptr, RNE_BF16), mask=mask)
+        t += 1
     if SUMS:
         if CL:
             out = chunk * C + cols
@@ -378,12 +397,14 @@ def _bwd_finalize(ps_dz_ptr, ps_dzx_ptr, var_ptr, w_ptr, gw_ptr, gb_ptr, coef_pt
     cmask = cols < C
     s_dz = tl.zeros([BLOCK_C], ACC)
     s_dzx = tl.zeros([BLOCK_C], ACC)
-    for j0 in range(0, NUM_CHUNKS, BLOCK_J):
+    j0 = tl.full([], 0, tl.int32)  # a tensor even where NUM_CHUNKS == 1 is specialised to a constant
+    while j0 < NUM_CHUNKS:
         js = j0 + tl.arange(0, BLOCK_J)
         mask = (js < NUM_CHUNKS)[:, None] & cmask[None, :]
         offs = js[:, None] * C + cols[None, :]
         s_dz += tl.sum(tl.load(ps_dz_ptr + offs, mask=mask, other=0.0), 0)
         s_dzx += tl.sum(tl.load(ps_dzx_ptr + offs, mask=mask, other=0.0), 0)
+        j0 += BLOCK_J
     if BN:
         var = tl.load(var_ptr + cols, mask=cmask, other=0.0).to(ACC)
         invstd = 1.0 / tl.sqrt((var + eps).to(ACC))

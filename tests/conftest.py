@@ -4,6 +4,14 @@ On a machine without a GPU, Triton kernels run under the interpreter
 (TRITON_INTERPRET=1, set here before anything imports triton). Set
 FASTRES_REQUIRE_BACKENDS=cpp,triton (CI does) to turn "backend unavailable" skips
 into failures, so a broken build can never pass silently.
+
+Devices: tests that run fastres's kernels take ``backend, device`` from
+:func:`targets`: the CPU backends on ``"cpu"``, and the ``cuda`` and ``triton``
+backends on ``"cuda"``. Every CUDA case carries the ``gpu`` marker (``pytest -m gpu``
+selects exactly the cases that run CUDA / Triton kernels on the device; it is what
+benchmarks/run_gpu.sh runs) and skips with the one reason ``NO_CUDA`` where no CUDA
+device is present. On a machine with one, a missing ``cuda`` or ``triton`` backend
+FAILS (a GPU run must never pass by skipping its kernels).
 """
 import contextlib
 import os
@@ -18,7 +26,34 @@ import pytest  # noqa: E402
 import fastres  # noqa: E402
 from fastres import backends  # noqa: E402
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+HAS_CUDA = torch.cuda.is_available()
+_JIT = {"n": 0, "s": 0.0}
+if HAS_CUDA:
+    # fp32 convolutions (blocks, models, the compile test) must be fp32 on the GPU too:
+    # cuDNN's default TF32 differs from fp32 by ~1e-3, beyond the fp32 tolerances.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:  # count the Triton JIT's compilations and their time (reported at the end)
+        import time as _time
+
+        import triton.compiler as _tc
+
+        _compile = _tc.compile
+
+        def _timed_compile(*args, **kwargs):
+            t0 = _time.perf_counter()
+            try:
+                return _compile(*args, **kwargs)
+            finally:
+                _JIT["n"] += 1
+                _JIT["s"] += _time.perf_counter() - t0
+
+        _tc.compile = _timed_compile
+    except Exception:  # no triton, or another layout of it: nothing to report
+        pass
+NO_CUDA = "no CUDA device"  # the one skip reason of every gpu-marked case on a CPU machine
+GPU_BACKENDS = ("cuda", "triton")  # what runs fastres's own kernels on a CUDA device
+GPU_MARKS = (pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA))
 
 
 def _required():
@@ -27,13 +62,45 @@ def _required():
 
 def require_backend(name: str, device: str = "cpu") -> None:
     """Skip (with the reason) when backend ``name`` cannot run on ``device``; fail instead
-    when the environment says the backend is required."""
-    ok, why = backends.available(name, device)
+    when the environment says the backend is required: on the CPU through
+    FASTRES_REQUIRE_BACKENDS, on a CUDA device always for ``cuda`` and ``triton`` (a GPU
+    machine that cannot run fastres's kernels is a broken build, not a skip)."""
+    dev = torch.device(device).type
+    ok, why = backends.available(name, dev)
     if ok:
         return
-    if name in _required() and device == "cpu":
+    if dev == "cpu" and name in _required():
         pytest.fail(f"backend {name!r} is required (FASTRES_REQUIRE_BACKENDS) but unavailable: {why}")
+    if dev == "cuda" and HAS_CUDA and name in GPU_BACKENDS:
+        pytest.fail(f"backend {name!r} is unavailable on this CUDA machine: {why}")
+    if dev == "cuda" and not HAS_CUDA:
+        pytest.skip(NO_CUDA)
     pytest.skip(f"backend {name!r} unavailable on {device}: {why}")
+
+
+def gpu_param(*values, id: str):
+    """One CUDA case: the ``gpu`` marker, skipped with ``NO_CUDA`` where there is no device."""
+    return pytest.param(*values, marks=GPU_MARKS, id=id)
+
+
+def targets(cpu=None, gpu=GPU_BACKENDS):
+    """``(backend, device)`` parameters: ``cpu`` (default: every CPU backend, see
+    :func:`backend_params`) on the CPU, with the backend name as id (as before), then
+    each of ``gpu`` on ``"cuda"`` with id ``gpu-<backend>`` and the gpu marks."""
+    cpu = backend_params("cpu") if cpu is None else list(cpu)
+    return ([pytest.param(b, "cpu", id=b) for b in cpu]
+            + [gpu_param(b, "cuda", id=f"gpu-{b}") for b in gpu])
+
+
+def pytest_collection_modifyitems(config, items):
+    """A case parametrized on a CUDA device must carry the gpu marker (else ``-m gpu``
+    would miss it and a CPU run would report it as something other than NO_CUDA)."""
+    bad = [it.nodeid for it in items
+           if getattr(it, "callspec", None) is not None
+           and str(it.callspec.params.get("device", "")).startswith("cuda")
+           and it.get_closest_marker("gpu") is None]
+    if bad:
+        raise pytest.UsageError("CUDA cases without the gpu marker: " + ", ".join(bad[:5]))
 
 
 REFERENCE_OPS = "reference_ops"
@@ -127,5 +194,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if any("test_fuzz.py" in r.nodeid for rs in terminalreporter.stats.values() for r in rs
            if hasattr(r, "nodeid")):
         terminalreporter.write_line(_fuzz_line())
+    if _JIT["n"]:  # on a GPU: what the Triton JIT cost (the gpu selection's largest share)
+        terminalreporter.write_line(f"fastres: Triton JIT compiled {_JIT['n']} kernel specializations "
+                                    f"in {_JIT['s']:.1f} s (cold cache: ~every distinct shape/dtype/flags)")
 # END hypothesis profiles
 # ============================================================================

@@ -177,7 +177,7 @@ def check_parity(ref: nn.Module, ours: nn.Module, x: torch.Tensor, train: bool, 
         ys = [m(xi) for m, xi in zip(nets, xs)]
         gy = torch.randn(ys[0].shape, generator=g, dtype=torch.float64)
         for y in ys:
-            y.backward(gy.to(y.dtype))
+            y.backward(gy.to(device=y.device, dtype=y.dtype))
         t = truth is not None
         note("output", ys[1], ys[0], ys[2] if t else None, "")
         note("input grad", xs[1].grad, xs[0].grad, xs[2].grad if t else None, "")

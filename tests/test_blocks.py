@@ -15,7 +15,7 @@ from torchvision.models import resnet as tvr
 import fastres
 from fastres import functional as FF
 from fastres.nn import BatchNormAct2d, PadShortcut
-from conftest import backend_params, run_on
+from conftest import backend_params, run_on, targets
 from resnet_ref import check_parity, randomize, rel_err
 
 BACKENDS = backend_params("cpu")
@@ -52,13 +52,14 @@ def test_torchvision_signature_and_names():
     assert all(type(m) is nn.BatchNorm2d for n, m in ours.named_modules() if "bn" in n or n == "downsample.1")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", targets())  # the CPU backends; cuda, triton on CUDA (gpu)
 @pytest.mark.parametrize("kind", ["basic", "bottleneck"])
-def test_block_parity_each_backend(kind, backend):
+def test_block_parity_each_backend(kind, backend, device):
     ref, ours = _blocks(kind)
+    ref, ours = ref.to(device), ours.to(device)
     cin = ref.conv1.in_channels
-    x = torch.randn(3, cin, 9, 10, dtype=torch.float64)
-    with run_on(backend):  # (small: the triton backend runs under its interpreter on the CPU)
+    x = torch.randn(3, cin, 9, 10, dtype=torch.float64).to(device)
+    with run_on(backend, device):  # (small: the triton backend runs under its interpreter on the CPU)
         check_parity(ref, ours, x.contiguous(memory_format=torch.channels_last), train=True, tol=1e-9, steps=2,
                      what=f"{kind} {backend} train channels_last")
         check_parity(ref, ours, x, train=True, tol=1e-9, what=f"{kind} {backend} train")

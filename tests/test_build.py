@@ -67,6 +67,31 @@ def test_build_info():
         assert info.get("cuda_archs")
 
 
+def _cudnn_headers_here() -> bool:
+    """cudnn.h of cuDNN 9 where setup.py looks for it (the wheel torch loads)."""
+    import glob
+    roots = [os.environ.get("CUDNN_INCLUDE_DIR"), "/usr/local/cuda/include"]
+    roots += [os.path.join(p, "nvidia", "cudnn", "include") for p in sys.path if p]
+    return any(r and os.path.isfile(os.path.join(r, "cudnn_graph.h")) for r in roots) or bool(
+        glob.glob("/usr/local/cuda-*/include/cudnn_graph.h"))
+
+
+def test_build_info_cudnn():
+    """The cuDNN fused-conv graphs (csrc/cudnn/) are built wherever the CUDA kernels
+    are and the cuDNN headers exist; their schemas exist on every build."""
+    info = build_info()
+    assert (info["cudnn"] == "1") == bool(C_ext.WITH_CUDNN)
+    for name in ("cudnn_conv_bias_act", "cudnn_conv_act_stats"):
+        assert hasattr(F, name), name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastres::{name}", "CUDA") == bool(C_ext.WITH_CUDNN)
+    skipped = os.environ.get("FASTRES_SKIP_CUDNN", "0").lower() in ("1", "true", "yes", "on")
+    if C_ext.WITH_CUDA and _cudnn_headers_here() and not skipped:
+        assert C_ext.WITH_CUDNN is True, f"cuDNN headers exist but _C was built without the cuDNN graphs: {info}"
+        assert info["cudnn_version"].startswith("9.")
+    if not C_ext.WITH_CUDA:
+        assert C_ext.WITH_CUDNN is False
+
+
 # --------------------------------------------------------------------------- parity
 DTYPES = {
     torch.float64: dict(rtol=1e-9, atol=1e-9),

@@ -8,8 +8,10 @@ of input / residual / weight / bias, running_mean, running_var, num_batches_trac
 Drawing N*H*W == 1 in training checks that both raise PyTorch's ValueError.
 
 Budget (profile ``fastres-ci``, the default: 300 module examples in all, plus 100 of
-the functional ``affine_act``) is split over the backends by ``SHARE`` below; the
-Triton interpreter is the slowest, so it gets fewer. ``FASTRES_FUZZ_PROFILE=long``
+the functional ``affine_act``) is split over the CPU backends by ``SHARE`` below; the
+Triton interpreter is the slowest, so it gets fewer. On a CUDA device (``gpu`` marker)
+the ``cuda`` and ``triton`` backends get ``GPU_SHARE`` of it on top (their
+examples are cheap there, but every new shape may compile new Triton kernels). ``FASTRES_FUZZ_PROFILE=long``
 runs 10x as many with a fresh seed; ``FASTRES_FUZZ_SEED=<int>`` replays a run. The
 seed is printed in the pytest header and in every failure. See the block at the end of
 tests/conftest.py.
@@ -23,20 +25,25 @@ import torch
 from hypothesis import given, note, seed, settings
 from hypothesis import strategies as st
 
-from conftest import FUZZ_PROFILE, FUZZ_SEED, REFERENCE_OPS, backend_params, require_backend
-from hardening import LAYOUTS, AffineCase, Case, check_affine_case, check_module_case
+from conftest import FUZZ_PROFILE, FUZZ_SEED, REFERENCE_OPS, require_backend, targets
+from parity import LAYOUTS, AffineCase, Case, check_affine_case, check_module_case
 
-BACKENDS = backend_params("cpu")  # torch, triton, cpp, reference_ops
+TARGETS = targets()  # torch, triton, cpp, reference_ops on the CPU; cuda, triton on CUDA
 
-# Share of the profile's max_examples per backend (sums to 1: 300 examples in ci).
+# Share of the profile's max_examples per CPU backend (sums to 1: 300 examples in ci).
 SHARE = {"cpp": 0.40, REFERENCE_OPS: 0.25, "triton": 0.20, "torch": 0.15}
+# On a CUDA device: 30 / 6 module examples (10 / 2 affine_act) in ci. The cuda backend's
+# examples cost milliseconds; each Triton example compiles ~8 new kernel specializations
+# (~0.3 s each) -- the Triton kernels' fixed cases are the rest of the gpu selection.
+GPU_SHARE = {"cuda": 0.10, "triton": 0.02}
 AFFINE_SHARE = 1 / 3  # functional affine_act: a third of the module budget on top
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
-def budget(backend: str, share: float = 1.0) -> int:
-    return max(1, math.ceil(settings.default.max_examples * SHARE[backend] * share))
+def budget(backend: str, device: str = "cpu", share: float = 1.0) -> int:
+    part = SHARE[backend] if device == "cpu" else GPU_SHARE[backend]
+    return max(1, math.ceil(settings.default.max_examples * part * share))
 
 
 @st.composite
@@ -80,48 +87,50 @@ def affine_cases(draw) -> AffineCase:
     )
 
 
-def _replay_hint(backend: str, n: int) -> str:
-    return (f"[fuzz {backend}: profile={FUZZ_PROFILE}, {n} examples, seed={FUZZ_SEED}; replay with "
+def _replay_hint(backend: str, device: str, n: int) -> str:
+    k = backend if device == "cpu" else f"gpu-{backend}"
+    return (f"[fuzz {backend} on {device}: profile={FUZZ_PROFILE}, {n} examples, seed={FUZZ_SEED}; replay with "
             f"FASTRES_FUZZ_PROFILE={FUZZ_PROFILE} FASTRES_FUZZ_SEED={FUZZ_SEED} "
-            f"pytest tests/test_fuzz.py -k {backend}]")
+            f"pytest tests/test_fuzz.py -k {k}]")
 
 
-def _run(check, backend: str, n: int) -> None:
-    print(_replay_hint(backend, n))  # shown with -s / -rP, and in the captured output of a failure
+def _run(check, backend: str, device: str, n: int) -> None:
+    hint = _replay_hint(backend, device, n)
+    print(hint)  # shown with -s / -rP, and in the captured output of a failure
     try:
         check()
     except Exception as e:
-        e.add_note(_replay_hint(backend, n))  # the seed is in every failure message
+        e.add_note(hint)  # the seed is in every failure message
         raise
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fuzz_module_parity(backend):
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_fuzz_module_parity(backend, device):
     if backend != REFERENCE_OPS:
-        require_backend(backend)
-    n = budget(backend)
+        require_backend(backend, device)
+    n = budget(backend, device)
 
     @seed(FUZZ_SEED)
     @settings(max_examples=n)
     @given(case=module_cases())
     def check(case):
         note(f"case = {case!r}")
-        check_module_case(backend, case)
+        check_module_case(backend, case, device=device)
 
-    _run(check, backend, n)
+    _run(check, backend, device, n)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fuzz_affine_act(backend):
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_fuzz_affine_act(backend, device):
     if backend != REFERENCE_OPS:
-        require_backend(backend)
-    n = budget(backend, AFFINE_SHARE)
+        require_backend(backend, device)
+    n = budget(backend, device, AFFINE_SHARE)
 
     @seed(FUZZ_SEED + 1)
     @settings(max_examples=n)
     @given(case=affine_cases())
     def check(case):
         note(f"case = {case!r}")
-        check_affine_case(backend, case)
+        check_affine_case(backend, case, device=device)
 
-    _run(check, backend, n)
+    _run(check, backend, device, n)

@@ -21,7 +21,7 @@ from torch import nn
 from torchvision.models import resnet as tvr
 
 import fastres
-from conftest import backend_params, run_on
+from conftest import run_on, targets
 from resnet_ref import RefCifar, TOL, check_parity, randomize, ref_plain_imagenet, rel_err, twin
 
 ARCHS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2",
@@ -250,14 +250,15 @@ def test_cifar_parity_fp64(shortcut):
     check_parity(ref, ours, x, train=True, tol=1e-9, steps=2, what=f"cifar20-{shortcut} train")
 
 
-@pytest.mark.parametrize("backend", backend_params("cpu"))
-def test_small_resnet_each_backend(backend):
-    """A whole (small) net on every available CPU backend: option-A CIFAR ResNet-8 and
-    its reference, fp64, training (with running statistics) and eval; channels_last."""
+@pytest.mark.parametrize("backend,device", targets())  # the CPU backends; cuda, triton on CUDA (gpu)
+def test_small_resnet_each_backend(backend, device):
+    """A whole (small) net on every available backend: option-A CIFAR ResNet-8 and its
+    reference, fp64, training (with running statistics) and eval; channels_last."""
     ref = randomize(RefCifar(8, "A")).double()
     ours = twin(ref, lambda: fastres.cifar_resnet(8), torch.float64)
-    x = torch.randn(2, 3, 12, 12, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    with run_on(backend):
+    ref, ours = ref.to(device), ours.to(device)
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64).contiguous(memory_format=torch.channels_last).to(device)
+    with run_on(backend, device):
         check_parity(ref, ours, x, train=True, tol=1e-9, steps=2, what=f"{backend} train")
         check_parity(ref, ours, x, train=False, tol=1e-9, what=f"{backend} eval")
 

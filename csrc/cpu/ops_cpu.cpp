@@ -44,14 +44,6 @@ DType dtype_of(const Tensor& x) {
   }
 }
 
-Geom geom_of(const Tensor& x, at::MemoryFormat fmt) {
-  Geom g;
-  g.N = x.size(0);
-  g.C = x.size(1);
-  g.HW = x.size(2) * x.size(3);
-  g.rows = fmt == at::MemoryFormat::ChannelsLast || g.HW == 1;
-  return g;
-}
 
 const void* ptr_or_null(const Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 
@@ -67,12 +59,10 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_train_cpu(const Tensor& x, const optio
   constexpr const char* op = "bn_act_train";
   check_cpu(x, op);
   const auto fmt = memory_format_of(x);
-  const auto acc = acc_dtype(x.scalar_type());
   const Tensor xc = x.contiguous(fmt);
-  const int64_t C = x.size(1);
-  Tensor y = at::empty(x.sizes(), x.options().memory_format(fmt));
-  Tensor mean = at::empty({C}, x.options().dtype(acc));
-  Tensor var = at::empty({C}, x.options().dtype(acc));
+  Tensor y = empty_like_x(x, fmt);
+  Tensor mean = empty_channels(x);
+  Tensor var = empty_channels(x);
   if (x.numel() == 0) {
     // M == 0: the mean of nothing, like the aten reference (never reached in training).
     mean.fill_(std::numeric_limits<double>::quiet_NaN());
@@ -84,7 +74,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_train_cpu(const Tensor& x, const optio
   Tensor r;
   if (residual.has_value() && residual->defined()) r = like_x(*residual, x, fmt, op, "residual");
   BnFwdArgs a;
-  a.g = geom_of(x, fmt);
+  a.g = geom_of<Geom>(x, fmt);
   a.dt = dtype_of(x);
   a.x = xc.const_data_ptr();
   a.res = ptr_or_null(r);
@@ -107,14 +97,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_train_backward_cpu(
   const auto fmt = memory_format_of(x);
   const auto acc = acc_dtype(x.scalar_type());
   const int64_t C = x.size(1);
-  Tensor gx = at::empty(x.sizes(), x.options().memory_format(fmt));
-  Tensor gz = need_grad_z ? at::empty(x.sizes(), x.options().memory_format(fmt))
-                          : at::empty({0}, x.options());
+  Tensor gx = empty_like_x(x, fmt);
+  Tensor gz = empty_like_x_if(need_grad_z, x, fmt);
   if (x.numel() == 0) {
     return {gx, at::zeros({C}, x.options().dtype(acc)), at::zeros({C}, x.options().dtype(acc)), gz};
   }
-  Tensor gw = at::empty({C}, x.options().dtype(acc));
-  Tensor gb = at::empty({C}, x.options().dtype(acc));
+  Tensor gw = empty_channels(x);
+  Tensor gb = empty_channels(x);
   const Tensor gyc = like_x(grad_y, x, fmt, op, "grad_y");
   const Tensor xc = x.contiguous(fmt);
   Tensor yc;
@@ -123,7 +112,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_train_backward_cpu(
   const Tensor m = channel_param(mean, x, op, "mean");
   const Tensor v = channel_param(var, x, op, "var");
   BnBwdArgs a;
-  a.g = geom_of(x, fmt);
+  a.g = geom_of<Geom>(x, fmt);
   a.dt = dtype_of(x);
   a.gy = gyc.const_data_ptr();
   a.x = xc.const_data_ptr();
@@ -146,7 +135,7 @@ Tensor affine_act_cpu(const Tensor& x, const optional<Tensor>& scale, const opti
   constexpr const char* op = "affine_act";
   check_cpu(x, op);
   const auto fmt = memory_format_of(x);
-  Tensor y = at::empty(x.sizes(), x.options().memory_format(fmt));
+  Tensor y = empty_like_x(x, fmt);
   if (x.numel() == 0) return y;
   const Tensor xc = x.contiguous(fmt);
   const Tensor s = channel_param(scale, x, op, "scale");
@@ -154,7 +143,7 @@ Tensor affine_act_cpu(const Tensor& x, const optional<Tensor>& scale, const opti
   Tensor r;
   if (residual.has_value() && residual->defined()) r = like_x(*residual, x, fmt, op, "residual");
   AffineFwdArgs a;
-  a.g = geom_of(x, fmt);
+  a.g = geom_of<Geom>(x, fmt);
   a.dt = dtype_of(x);
   a.x = xc.const_data_ptr();
   a.res = ptr_or_null(r);
@@ -174,13 +163,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> affine_act_backward_cpu(
   const auto fmt = memory_format_of(x);
   const auto acc = acc_dtype(x.scalar_type());
   const int64_t C = x.size(1);
-  Tensor gx = at::empty(x.sizes(), x.options().memory_format(fmt));
-  Tensor gz = need_grad_z ? at::empty(x.sizes(), x.options().memory_format(fmt))
-                          : at::empty({0}, x.options());
+  Tensor gx = empty_like_x(x, fmt);
+  Tensor gz = empty_like_x_if(need_grad_z, x, fmt);
   Tensor gs, gb;
   if (need_param_grads) {
-    gs = (x.numel() == 0 ? at::zeros({C}, x.options().dtype(acc)) : at::empty({C}, x.options().dtype(acc)));
-    gb = (x.numel() == 0 ? at::zeros({C}, x.options().dtype(acc)) : at::empty({C}, x.options().dtype(acc)));
+    gs = (x.numel() == 0 ? at::zeros({C}, x.options().dtype(acc)) : empty_channels(x));
+    gb = (x.numel() == 0 ? at::zeros({C}, x.options().dtype(acc)) : empty_channels(x));
   } else {
     gs = at::empty({0}, x.options().dtype(acc));
     gb = at::empty({0}, x.options().dtype(acc));
@@ -192,7 +180,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> affine_act_backward_cpu(
   if (relu) yc = like_x(y, x, fmt, op, "y");
   const Tensor s = channel_param(scale, x, op, "scale");
   AffineBwdArgs a;
-  a.g = geom_of(x, fmt);
+  a.g = geom_of<Geom>(x, fmt);
   a.dt = dtype_of(x);
   a.gy = gyc.const_data_ptr();
   a.x = ptr_or_null(xc);

@@ -44,13 +44,25 @@ inline dim3 g_grid_dim;
 inline std::barrier<>* g_barrier = nullptr;
 inline std::vector<unsigned char> g_slots;  // shuffle exchange, 8 bytes per thread
 
+// Test knob (torch.ops.fastres_cuda_emu.set_ew_grid_cap, emulation_main.cpp): caps the
+// grid of the grid-stride element-wise kernels (ew_*), so that small tensors walk the
+// later iterations of their loops. A real launch reaches them only past 65535 blocks of
+// rows / planes or 65536 blocks of one plane's elements, far too many to emulate; a
+// grid-stride kernel must be correct for any grid. 0: no cap (the plan's grid).
+inline unsigned g_ew_grid_cap_x = 0;
+inline unsigned g_ew_grid_cap_y = 0;
+
 inline int linear_tid() {
   return static_cast<int>(tl_thread_idx.x +
                           g_block_dim.x * (tl_thread_idx.y + g_block_dim.y * tl_thread_idx.z));
 }
 
 template <typename... KArgs, typename... Args>
-void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, Args... args) {
+void launch(const char* name, void (*kernel)(KArgs...), dim3 grid, dim3 block, Args... args) {
+  if (std::strncmp(name, "ew_", 3) == 0) {
+    if (g_ew_grid_cap_x && grid.x > g_ew_grid_cap_x) grid.x = g_ew_grid_cap_x;
+    if (g_ew_grid_cap_y && grid.y > g_ew_grid_cap_y) grid.y = g_ew_grid_cap_y;
+  }
   const int nt = static_cast<int>(block.x * block.y * block.z);
   g_grid_dim = grid;
   g_block_dim = block;
@@ -97,7 +109,8 @@ T __shfl_down_sync(unsigned /*mask*/, T v, int delta) {
   return r;
 }
 
-#define FASTRES_LAUNCH(kernel, grid, block, stream, ...) fastres_emu::launch(kernel, grid, block, __VA_ARGS__)
+#define FASTRES_LAUNCH(kernel, grid, block, stream, ...) \
+  fastres_emu::launch(#kernel, kernel, grid, block, __VA_ARGS__)
 #define FASTRES_CURRENT_STREAM() (static_cast<cudaStream_t>(nullptr))
 #define FASTRES_DEVICE_GUARD(x) (void)0
 #define FASTRES_CHECK_DEVICE(x, op) \

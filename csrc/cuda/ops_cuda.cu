@@ -73,14 +73,6 @@ struct Geom {
   int64_t M() const { return N * HW; }
 };
 
-Geom geom_of(const Tensor& x, at::MemoryFormat fmt) {
-  Geom g;
-  g.N = x.size(0);
-  g.C = x.size(1);
-  g.HW = x.size(2) * x.size(3);
-  g.rows = fmt == at::MemoryFormat::ChannelsLast || g.HW == 1;
-  return g;
-}
 
 // Balanced split of [0, n) into k parts: start of part i (no overflow).
 __host__ __device__ inline int64_t split_start(int64_t n, int64_t k, int64_t i) {
@@ -583,9 +575,9 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_train_cuda(const Tensor& x, const opti
   const auto fmt = memory_format_of(x);
   const auto acc = acc_dtype(x.scalar_type());
   const int64_t C = x.size(1);
-  Tensor y = at::empty(x.sizes(), x.options().memory_format(fmt));
-  Tensor mean = at::empty({C}, x.options().dtype(acc));
-  Tensor var = at::empty({C}, x.options().dtype(acc));
+  Tensor y = empty_like_x(x, fmt);
+  Tensor mean = empty_channels(x);
+  Tensor var = empty_channels(x);
   if (x.numel() == 0) {
     mean.fill_(std::numeric_limits<double>::quiet_NaN());
     var.fill_(std::numeric_limits<double>::quiet_NaN());
@@ -596,7 +588,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_train_cuda(const Tensor& x, const opti
   const Tensor b = channel_param(bias, x, opname, "bias");
   Tensor r;
   if (residual.has_value() && residual->defined()) r = like_x(*residual, x, fmt, opname, "residual");
-  const Geom g = geom_of(x, fmt);
+  const Geom g = geom_of<Geom>(x, fmt);
   const ReducePlan plan = make_reduce_plan(g);
   Tensor ws = at::empty({4 * C * plan.J + 2 * C}, x.options().dtype(acc));
   cudaStream_t stream = FASTRES_CURRENT_STREAM();
@@ -635,13 +627,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_train_backward_cuda(
   const auto fmt = memory_format_of(x);
   const auto acc = acc_dtype(x.scalar_type());
   const int64_t C = x.size(1);
-  Tensor gx = at::empty(x.sizes(), x.options().memory_format(fmt));
-  Tensor gz = need_grad_z ? at::empty(x.sizes(), x.options().memory_format(fmt)) : at::empty({0}, x.options());
+  Tensor gx = empty_like_x(x, fmt);
+  Tensor gz = empty_like_x_if(need_grad_z, x, fmt);
   if (x.numel() == 0) {
     return {gx, at::zeros({C}, x.options().dtype(acc)), at::zeros({C}, x.options().dtype(acc)), gz};
   }
-  Tensor gw = at::empty({C}, x.options().dtype(acc));
-  Tensor gb = at::empty({C}, x.options().dtype(acc));
+  Tensor gw = empty_channels(x);
+  Tensor gb = empty_channels(x);
   const Tensor gyc = like_x(grad_y, x, fmt, opname, "grad_y");
   const Tensor xc = x.contiguous(fmt);
   Tensor yc;
@@ -649,7 +641,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_train_backward_cuda(
   const Tensor w = channel_param(weight, x, opname, "weight");
   const Tensor m = channel_param(mean, x, opname, "mean");
   const Tensor v = channel_param(var, x, opname, "var");
-  const Geom g = geom_of(x, fmt);
+  const Geom g = geom_of<Geom>(x, fmt);
   const ReducePlan plan = make_reduce_plan(g);
   Tensor ws = at::empty({2 * C * plan.J + 3 * C}, x.options().dtype(acc));
   cudaStream_t stream = FASTRES_CURRENT_STREAM();
@@ -691,14 +683,14 @@ Tensor affine_act_cuda(const Tensor& x, const optional<Tensor>& scale, const opt
   check_cuda(x, opname);
   FASTRES_DEVICE_GUARD(x);
   const auto fmt = memory_format_of(x);
-  Tensor y = at::empty(x.sizes(), x.options().memory_format(fmt));
+  Tensor y = empty_like_x(x, fmt);
   if (x.numel() == 0) return y;
   const Tensor xc = x.contiguous(fmt);
   const Tensor s = channel_param(scale, x, opname, "scale");
   const Tensor b = channel_param(shift, x, opname, "shift");
   Tensor r;
   if (residual.has_value() && residual->defined()) r = like_x(*residual, x, fmt, opname, "residual");
-  const Geom g = geom_of(x, fmt);
+  const Geom g = geom_of<Geom>(x, fmt);
   cudaStream_t stream = FASTRES_CURRENT_STREAM();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastres_affine_act", [&] {
     using A = at::acc_type<scalar_t, true>;
@@ -723,12 +715,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> affine_act_backward_cuda(
   const auto fmt = memory_format_of(x);
   const auto acc = acc_dtype(x.scalar_type());
   const int64_t C = x.size(1);
-  Tensor gx = at::empty(x.sizes(), x.options().memory_format(fmt));
-  Tensor gz = need_grad_z ? at::empty(x.sizes(), x.options().memory_format(fmt)) : at::empty({0}, x.options());
+  Tensor gx = empty_like_x(x, fmt);
+  Tensor gz = empty_like_x_if(need_grad_z, x, fmt);
   Tensor gs, gb;
   if (need_param_grads) {
-    gs = x.numel() == 0 ? at::zeros({C}, x.options().dtype(acc)) : at::empty({C}, x.options().dtype(acc));
-    gb = x.numel() == 0 ? at::zeros({C}, x.options().dtype(acc)) : at::empty({C}, x.options().dtype(acc));
+    gs = x.numel() == 0 ? at::zeros({C}, x.options().dtype(acc)) : empty_channels(x);
+    gb = x.numel() == 0 ? at::zeros({C}, x.options().dtype(acc)) : empty_channels(x);
   } else {
     gs = at::empty({0}, x.options().dtype(acc));
     gb = at::empty({0}, x.options().dtype(acc));
@@ -739,7 +731,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> affine_act_backward_cuda(
   if (need_param_grads) xc = x.contiguous(fmt);
   if (relu) yc = like_x(y, x, fmt, opname, "y");
   const Tensor s = channel_param(scale, x, opname, "scale");
-  const Geom g = geom_of(x, fmt);
+  const Geom g = geom_of<Geom>(x, fmt);
   cudaStream_t stream = FASTRES_CURRENT_STREAM();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastres_affine_act_backward", [&] {
     using A = at::acc_type<scalar_t, true>;

@@ -21,7 +21,10 @@ from typing import Any, Callable, List, Optional, Type, Union
 import torch
 from torch import nn
 
-from .. import fold
+from .. import conv_backend, fold
+from .. import functional as FF
+from .._reference import memory_format_of
+from ..nn import _fused_conv_block as FCB
 from ..nn.blocks import (BasicBlock, Bottleneck, PadShortcut, check_input, conv1x1, conv_bn_act,
                          make_norm, rename_error, unfused_requested)
 
@@ -133,7 +136,17 @@ class ResNet(nn.Module):
         ``torch.fx`` records for the stem (its ``conv1``/``bn1``/``relu`` nodes, which
         a feature extractor can return) computes exactly what eager runs and the two
         agree bit for bit (the blocks are single fx nodes running the fused forward).
-        TorchScript: torchvision's stem."""
+        TorchScript: torchvision's stem.
+
+        With the fused convolution selected for conv1 (``FASTRES_CONV=fused``, or ``auto``
+        where the measurements favour it, see :mod:`fastres.conv_backend`) the stem runs
+        through :func:`fastres.functional.conv2d_act` instead: training — conv1 with the
+        BN statistics in its epilogue, the BN as a per-channel scale/shift (running
+        statistics updated as ``nn.BatchNorm2d`` does), then one fused scale/shift + ReLU
+        (the max-pool that follows cannot take a prologue); eval — conv1 folded with bn1
+        (cached), bias + ReLU in the conv's epilogue. Under ``torch.fx`` the stem stays
+        torchvision's ops (so under ``FASTRES_CONV=fused`` the eval stem of an fx graph
+        is the unfolded computation, equal to eager to rounding, not bit for bit)."""
         if torch.jit.is_scripting():
             return self.relu(self.bn1(self.conv1(x)))
         return self._fused_stem_conv(x)
@@ -143,13 +156,43 @@ class ResNet(nn.Module):
         if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing():
             return self.relu(self.bn1(self.conv1(x)))
         check_input(self, x, self.conv1)
+        if unfused_requested(self.relu):
+            return self.relu(self.bn1(self.conv1(x)))
+        try:
+            y = self._conv2d_act_stem(x)
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise rename_error(self, e) from None
+        if y is not None:
+            return y
         folds = not self.bn1.training and getattr(self.bn1, "running_mean", None) is not None
-        if folds or unfused_requested(self.relu):
+        if folds:
             return self.relu(self.bn1(self.conv1(x)))
         try:
             return conv_bn_act(self.conv1, self.bn1, x, None, "relu")
         except (RuntimeError, ValueError, TypeError) as e:
             raise rename_error(self, e) from None
+
+    @torch.jit.unused
+    def _conv2d_act_stem(self, x: Tensor) -> Optional[Tensor]:
+        """The stem through conv2d_act (see :meth:`_stem_conv`), or None when the fused
+        conv is not selected for conv1 or conv1/bn1 are not the plain modules."""
+        conv, bn = self.conv1, self.bn1
+        if not conv_backend.may_fuse(x.device):
+            return None
+        from ..nn.blocks import _foldable_conv, _fusable_bn
+        if not (_foldable_conv(conv) and _fusable_bn(bn)):
+            return None
+        dt = fold.compute_dtype(x, conv.weight)
+        key = conv_backend.shape_key(dt, memory_format_of(x) == torch.channels_last, conv.weight.shape, conv.stride,
+                                     conv.dilation, conv.groups)
+        if conv_backend.convs_for(x.device, [key]) != "fused":
+            return None
+        with torch.autocast(x.device.type, enabled=False):
+            xc = x.to(dt)
+            if not FCB._uses_batch_stats(bn):  # eval: folded conv, bias + ReLU epilogue
+                return FCB._folded(conv, bn, xc, dt, None, True)
+            y, scale, shift = FCB._conv_bn(conv, bn, xc, dt, None, None, in_relu=False)
+            return FF.affine_act(y, scale, shift, None, "relu")
 
     def _stem(self, x: Tensor) -> Tensor:
         return self.maxpool(self._stem_conv(x))

@@ -7,3 +7,8 @@ __all__ = ["BatchNormAct2d"]
 from .blocks import BasicBlock, Bottleneck, PadShortcut, conv_bn_act  # noqa: E402,F401
 
 __all__ += ["BasicBlock", "Bottleneck", "PadShortcut", "conv_bn_act"]
+
+# --- fused SyncBatchNorm for DistributedDataParallel (issue #12) -----------------------
+from .syncbn import SyncBatchNormAct2d, convert_sync_batchnorm  # noqa: E402,F401
+
+__all__ += ["SyncBatchNormAct2d", "convert_sync_batchnorm"]

@@ -166,7 +166,9 @@ def batch_norm_act_module(bn: nn.BatchNorm2d, input: Tensor, residual: Optional[
         # the recomputation must run the forward's ops (checkpoint compares the tensors
         # they save): it updates throw-away copies
         running_mean, running_var = running_mean.clone(), running_var.clone()
-    y = FF.batch_norm_act(
+    # a SyncBatchNormAct2d (fastres.nn.syncbn) brings its synchronised variant of the op
+    batch_norm_act = getattr(bn, "_fused_batch_norm_act", None) or FF.batch_norm_act
+    y = batch_norm_act(
         input,
         running_mean,
         running_var,

@@ -1,0 +1,404 @@
+"""cuDNN fused-convolution graphs (issue 11): availability, pattern choice, fallbacks.
+
+The C++ side (``csrc/cudnn/conv_graph.cpp``, built where the cuDNN headers were found,
+``fastres._C.WITH_CUDNN``) provides two ops:
+
+* ``fastres::cudnn_conv_bias_act(x, w, bias, residual, stride, padding, dilation,
+  groups, relu) -> y``: conv_fprop -> [+ bias] -> [+ residual] -> [ReLU] in one cuDNN
+  graph (inference, the folded conv-BN);
+* ``fastres::cudnn_conv_act_stats(x, w, scale, shift, stride, padding, dilation,
+  groups, in_relu) -> (y, sum, sumsq)``: [x*scale + shift -> ReLU] -> conv_fprop -> y,
+  with the per-output-channel sum and sum of squares of y in fp32 ("genstats"; the
+  training forward of a conv whose input is the previous BatchNorm + ReLU).
+
+This module registers their fake kernels and autograd (the backward is aten's
+``convolution_backward`` — cuDNN's unfused dgrad/wgrad — plus the elementwise
+ReLU-mask / prologue terms: the fallback of docs/DESIGN.md for the dgrad/wgrad
+fusion patterns), decides per call which graph pattern applies (:func:`pattern_for`)
+and falls back to the aten composition where none does, or where cuDNN finds no
+engine for a graph at run time (remembered per shape, one warning).
+
+:func:`conv2d_act_forward` has the signature of the ``fwd_impl`` of
+``fastres.conv_ops`` (``fastres.functional.conv2d_act``'s families) so that the
+``cudnn`` conv backend plugs in as one more family.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from functools import lru_cache
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import backends
+from ._reference import acc_dtype, memory_format_of
+
+Tensor = torch.Tensor
+
+PATTERNS = ("conv_bias_add_relu", "conv_genstats", "scale_shift_relu_conv_genstats")
+FALLBACK = "aten"
+NO_ENGINE = "fastres cudnn: no engine supports this graph"  # csrc/cudnn/conv_graph.cpp's message
+
+_lock = threading.Lock()
+_no_engine: dict = {}  # key -> message; graphs cuDNN found no engine for (fall back)
+_warned: set = set()
+
+
+# ----------------------------------------------------------------------------- availability
+@lru_cache(maxsize=None)
+def built() -> Tuple[bool, str]:
+    """Was ``fastres._C`` built with the cuDNN graphs? (ok, reason)."""
+    loaded, has_cuda, msg = backends._C_status()
+    if not loaded:
+        return False, msg
+    from . import _C
+    if not bool(getattr(_C, "WITH_CUDNN", False)):
+        why = "without CUDA kernels" if not has_cuda else "without cuDNN headers (see the build log)"
+        return False, f"fastres._C was built {why}"
+    return True, "fastres._C built with the cuDNN fused-conv graphs"
+
+
+def available(device_type: str) -> Tuple[bool, str]:
+    """Can the cuDNN graphs run on ``device_type``? (ok, reason)."""
+    if device_type != "cuda":
+        return False, f"the cuDNN graphs run on CUDA devices only, not {device_type}"
+    ok, msg = built()
+    if not ok:
+        return False, msg
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    if not torch.backends.cudnn.is_available():
+        return False, "torch reports cuDNN unavailable"
+    if not torch.backends.cudnn.enabled:
+        return False, "torch.backends.cudnn.enabled is False"
+    return True, f"{msg}, cuDNN {torch.backends.cudnn.version()}"
+
+
+def pattern_for(dtype: torch.dtype, in_channels: int, out_channels: int, groups: int, *, prologue: bool,
+                residual: bool, bias: bool, relu: bool, stats: bool,
+                capability: Optional[Tuple[int, int]]) -> Tuple[Optional[str], str]:
+    """The cuDNN graph pattern for one conv2d_act call, or (None, why) for the aten
+    fallback. The table is docs/DESIGN.md's "cuDNN graph patterns" section."""
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return None, f"cuDNN's fusion engines have no {dtype}"
+    if not stats:
+        if prologue:
+            return None, "no cuDNN inference pattern with an input prologue (scale/shift/ReLU before the conv)"
+        return "conv_bias_add_relu", "conv_fprop -> bias -> add -> ReLU (runtime fusion / ConvBiasAct engines)"
+    # training forward: the ConvBNfprop family (specialised runtime fusion engine)
+    if dtype == torch.float32:
+        return None, "the ConvBNfprop/genstats engines take fp16/bf16 only"
+    if capability is None or capability[0] not in (8, 9):
+        return None, f"the ConvBNfprop/genstats engines are for sm_80/sm_90 (Ampere/Hopper), not {capability}"
+    if groups != 1:
+        return None, "the ConvBNfprop/genstats engines have no grouped convolution"
+    if in_channels % 8 or out_channels % 8:
+        return None, (f"the ConvBNfprop/genstats engines need channel counts that are multiples of 8, "
+                      f"got C={in_channels}, K={out_channels}")
+    if residual or bias or relu:
+        return None, "no genstats pattern with a bias, residual or ReLU after the conv"
+    if prologue:
+        return "scale_shift_relu_conv_genstats", "scale -> shift -> ReLU -> conv_fprop -> genstats (ConvBNfprop)"
+    return "conv_genstats", "conv_fprop -> genstats (ConvBNfprop without its prologue)"
+
+
+def info(device_type: str) -> dict:
+    """For :func:`fastres.backend_info`: availability, the patterns and their fallback."""
+    ok, why = available(device_type)
+    cap = _capability(None) if ok else None  # the current device
+    b_ok, b_why = built()
+    return {
+        "built": b_ok,
+        "available": ok,
+        "reason": why if ok else (why if b_ok else b_why),
+        "capability": cap,
+        "patterns": list(PATTERNS) if ok else [],
+        "fallback": FALLBACK,
+        "no_engine": sorted(set(_no_engine.values())),
+    }
+
+
+# ----------------------------------------------------------------------------- fakes + autograd
+def _out_hw(x: Tensor, w: Tensor, stride, padding, dilation) -> Tuple[int, int]:
+    h, wd = x.shape[-2:]
+    r, s = w.shape[-2:]
+    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    q = (wd + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    return p, q
+
+
+def _fake_bias_act(x, w, bias, residual, stride, padding, dilation, groups, relu):
+    p, q = _out_hw(x, w, stride, padding, dilation)
+    return x.new_empty((x.shape[0], w.shape[0], p, q)).contiguous(memory_format=memory_format_of(x))
+
+
+def _fake_act_stats(x, w, scale, shift, stride, padding, dilation, groups, in_relu):
+    y = _fake_bias_act(x, w, None, None, stride, padding, dilation, groups, False)
+    k = w.shape[0]
+    return y, x.new_empty((k,), dtype=torch.float32), x.new_empty((k,), dtype=torch.float32)
+
+
+def _bc(t: Tensor) -> Tensor:
+    return t.view(1, -1, 1, 1)
+
+
+def _prologue(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], in_relu: bool):
+    """(u, pre-activation v or None): u = relu(x*scale + shift) in acc, rounded to x's dtype."""
+    if scale is None and shift is None and not in_relu:
+        return x, None
+    acc = acc_dtype(x.dtype)
+    v = x.to(acc)
+    if scale is not None:
+        v = v * _bc(scale.to(acc))
+    if shift is not None:
+        v = v + _bc(shift.to(acc))
+    u = v.clamp_min(0) if in_relu else v
+    return u.to(x.dtype), v
+
+
+def _conv_bwd(dz: Tensor, u: Tensor, w: Tensor, stride, padding, dilation, groups, need_u: bool, need_w: bool):
+    fmt = memory_format_of(u)
+    gu, gw, _ = torch.ops.aten.convolution_backward(
+        dz.contiguous(memory_format=fmt), u, w, None, list(stride), list(padding), list(dilation), False, [0, 0],
+        groups, [need_u, need_w, False])
+    return gu, gw
+
+
+def _setup_bias_act(ctx, inputs, output):
+    x, w, bias, residual, stride, padding, dilation, groups, relu = inputs
+    ctx.save_for_backward(x, w, output if relu else None)
+    ctx.conf = (list(stride), list(padding), list(dilation), int(groups), bool(relu))
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _fused_ops(device: torch.device):
+    """The BN+ReLU op family that runs on ``device`` (fastres.ops: cuda/triton/cpp/torch):
+    its affine_act / affine_act_backward are the existing fused elementwise kernels used
+    around cuDNN's unfused dgrad/wgrad."""
+    from . import ops
+    return ops.family(backends.backend_for(device))
+
+
+def _backward_bias_act(ctx, grad_y):
+    x, w, y = ctx.saved_tensors
+    stride, padding, dilation, groups, relu = ctx.conf
+    need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+    gb = gr = None
+    if relu or need_b:
+        # ReLU mask, grad_residual and grad_bias (= sum of dz) in one fused pass
+        ref_y = y if y is not None else grad_y
+        dz, gz, _, gshift = _fused_ops(x.device).affine_act_backward(grad_y, ref_y, ref_y, None, relu, need_r, need_b)
+        gr = gz if need_r else None
+        gb = gshift.to(ctx.bias_dtype) if need_b else None
+    else:
+        dz = grad_y
+        gr = grad_y.contiguous(memory_format=memory_format_of(x)) if need_r else None
+    gx = gw = None
+    if need_x or need_w:
+        gx, gw = _conv_bwd(dz, x, w, stride, padding, dilation, groups, need_x, need_w)
+    return gx if need_x else None, gw if need_w else None, gb, gr, None, None, None, None, None
+
+
+def _setup_act_stats(ctx, inputs, output):
+    x, w, scale, shift, stride, padding, dilation, groups, in_relu = inputs
+    y = output[0]
+    ctx.save_for_backward(x, w, scale, shift, y)
+    ctx.conf = (list(stride), list(padding), list(dilation), int(groups), bool(in_relu))
+    ctx.dtypes = (None if scale is None else scale.dtype, None if shift is None else shift.dtype)
+
+
+def _backward_act_stats(ctx, grad_y, grad_sum, grad_sumsq):
+    x, w, scale, shift, y = ctx.saved_tensors
+    stride, padding, dilation, groups, in_relu = ctx.conf
+    acc = acc_dtype(x.dtype)
+    # d/dy of sum = 1, of sumsq = 2y: one fp32 pass, rounded once
+    dz = torch.zeros_like(y, dtype=acc) if grad_y is None else grad_y.to(acc)
+    if grad_sum is not None:
+        dz = dz + _bc(grad_sum.to(acc))
+    if grad_sumsq is not None:
+        dz = dz + 2.0 * y.to(acc) * _bc(grad_sumsq.to(acc))
+    dz = dz.to(x.dtype)
+    need_x, need_w, need_s, need_t = ctx.needs_input_grad[:4]
+    prologue = scale is not None or shift is not None or in_relu
+    fam = _fused_ops(x.device) if prologue else None
+    # the prologue output u is recomputed (never stored), by the fused affine_act kernel
+    u = fam.affine_act(x, scale, shift, None, in_relu) if prologue else x
+    need_u = need_x or need_s or need_t
+    gu, gw = _conv_bwd(dz, u, w, stride, padding, dilation, groups, need_u, need_w)
+    gx = gs = gt = None
+    if need_u:
+        if prologue:
+            # ReLU mask on u, grad_x = du*scale, grad_scale = sum du*x, grad_shift = sum du: one fused pass
+            gx, _, gs_, gt_ = fam.affine_act_backward(gu, x, u, scale, in_relu, False, need_s or need_t)
+            gs = gs_.to(ctx.dtypes[0]) if need_s and scale is not None else None
+            gt = gt_.to(ctx.dtypes[1]) if need_t and shift is not None else None
+        else:
+            gx = gu
+        gx = gx.contiguous(memory_format=memory_format_of(x)) if need_x else None
+    return gx, gw if need_w else None, gs, gt, None, None, None, None, None
+
+
+_registered = False
+
+
+def register() -> bool:
+    """Register the fake kernels and autograd of the two ops (once; needs fastres._C,
+    which defines their schemas on every build). Returns whether the ops exist."""
+    global _registered
+    if _registered:
+        return True
+    with _lock:
+        if _registered:
+            return True
+        if not backends._C_status()[0] or not hasattr(torch.ops.fastres, "cudnn_conv_bias_act"):
+            return False
+        torch.library.register_fake("fastres::cudnn_conv_bias_act")(_fake_bias_act)
+        torch.library.register_fake("fastres::cudnn_conv_act_stats")(_fake_act_stats)
+        torch.library.register_autograd("fastres::cudnn_conv_bias_act", _backward_bias_act,
+                                        setup_context=_setup_bias_act)
+        torch.library.register_autograd("fastres::cudnn_conv_act_stats", _backward_act_stats,
+                                        setup_context=_setup_act_stats)
+        _registered = True
+        return True
+
+
+# ----------------------------------------------------------------------------- forward (family impl)
+def reference_forward(x, weight, bias, in_scale, in_shift, residual, stride, padding, dilation, groups, in_relu,
+                      relu, stats):
+    """The aten composition with conv2d_act's semantics (fastres.conv_ops'); used as the
+    fallback when no ``fallback`` is given to :func:`conv2d_act_forward`."""
+    acc = acc_dtype(x.dtype)
+    u, _ = _prologue(x, in_scale, in_shift, in_relu)
+    z = F.conv2d(u, weight, None, stride, padding, dilation, groups).to(acc)
+    if bias is not None:
+        z = z + _bc(bias.to(acc))
+    if residual is not None:
+        z = z + residual.to(acc)
+    if relu:
+        z = z.clamp_min(0)
+    y = z.to(x.dtype).contiguous(memory_format=memory_format_of(x))
+    if not stats:
+        e = x.new_empty((0,), dtype=acc)
+        return y, e, e.clone()
+    yf = y.to(acc)
+    mean = yf.mean(dim=(0, 2, 3))
+    var = (yf - _bc(mean)).square().mean(dim=(0, 2, 3))
+    return y, mean, var
+
+
+def _key(x, weight, stride, padding, dilation, groups, pattern):
+    return (pattern, x.dtype, tuple(x.shape), tuple(x.stride()), tuple(weight.shape), tuple(stride),
+            tuple(padding), tuple(dilation), groups, x.device.index)
+
+
+def choose(x: Tensor, weight: Tensor, bias, in_scale, in_shift, residual, stride, padding, dilation, groups,
+           in_relu: bool, relu: bool, stats: bool) -> Tuple[Optional[str], str]:
+    """(pattern or None, why) for this call on its device, including availability and
+    graphs cuDNN found no engine for earlier."""
+    ok, why = available(x.device.type)
+    if not ok:
+        return None, why
+    if x.numel() == 0:
+        return None, "empty input (no kernel to run)"
+    cap = _capability(x.device)
+    pattern, why = pattern_for(x.dtype, x.shape[1], weight.shape[0], groups,
+                               prologue=in_scale is not None or in_shift is not None or in_relu,
+                               residual=residual is not None, bias=bias is not None, relu=relu, stats=stats,
+                               capability=cap)
+    if pattern is not None and _key(x, weight, stride, padding, dilation, groups, pattern) in _no_engine:
+        return None, "cuDNN found no engine for this graph earlier"
+    return pattern, why
+
+
+def _capability(device: Optional[torch.device]) -> Tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _run_graph(pattern: str, x, weight, bias, in_scale, in_shift, residual, stride, padding, dilation, groups,
+               in_relu, relu):
+    """One call of the C++ op for ``pattern``: y, or (y, sum, sumsq)."""
+    if pattern == "conv_bias_add_relu":
+        return torch.ops.fastres.cudnn_conv_bias_act(x, weight, bias, residual, list(stride), list(padding),
+                                                     list(dilation), groups, relu)
+    return torch.ops.fastres.cudnn_conv_act_stats(x, weight, in_scale, in_shift, list(stride), list(padding),
+                                                  list(dilation), groups, in_relu)
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        if not torch.compiler.is_compiling():
+            warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+def conv2d_act_forward(x, weight, bias, in_scale, in_shift, residual, stride, padding, dilation, groups, in_relu,
+                       relu, stats, fallback: Optional[Callable] = None):
+    """``fwd_impl`` of the ``cudnn`` conv family: ``(y, mean, var)`` as
+    ``fastres.conv_ops``' families return them (mean/var empty without ``stats``).
+    Where no cuDNN pattern applies, ``fallback`` (default :func:`reference_forward`)
+    runs instead."""
+    fallback = fallback or reference_forward
+    args = (x, weight, bias, in_scale, in_shift, residual, stride, padding, dilation, groups, in_relu, relu,
+            stats)
+    pattern, _why = choose(*args)
+    if pattern is None or not register():
+        return fallback(*args)
+    acc = acc_dtype(x.dtype)
+    try:
+        out = _run_graph(pattern, *args[:-1])
+    except RuntimeError as e:
+        if NO_ENGINE not in str(e):
+            raise
+        key = _key(x, weight, stride, padding, dilation, groups, pattern)
+        msg = (f"fastres: cuDNN has no engine for the {pattern} graph (x {tuple(x.shape)} {x.dtype}, "
+               f"weight {tuple(weight.shape)}); using the aten fallback for it")
+        _no_engine[key] = msg
+        _warn_once(msg)
+        return fallback(*args)
+    if pattern == "conv_bias_add_relu":
+        e = x.new_empty((0,), dtype=acc)
+        return out, e, e.clone()
+    y, s, sq = out
+    m = y.shape[0] * y.shape[2] * y.shape[3]
+    mean = s / m
+    # genstats gives sum and sum of squares (fp32); the biased variance follows
+    var = (sq / m - mean.square()).clamp_min(0)
+    return y, mean, var
+
+
+def family_forward(fallback: Callable) -> Callable:
+    """The ``fwd_impl`` of the ``cudnn`` conv family (``fastres.conv_ops.family("cudnn")``,
+    ``FASTRES_CONV=cudnn``): this module's graphs where a pattern applies, ``fallback``
+    (the aten family's forward, ``conv_ops.conv2d_act_reference``) elsewhere."""
+    def fwd(x, weight, bias, in_scale, in_shift, residual, stride, padding, dilation, groups, in_relu, relu,
+            stats):
+        return conv2d_act_forward(x, weight, bias, in_scale, in_shift, residual, stride, padding, dilation, groups,
+                                  in_relu, relu, stats, fallback=fallback)
+    return fwd
+
+
+def conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, residual: Optional[Tensor] = None,
+                  stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1, relu: bool = True) -> Tensor:
+    """Inference helper: ``relu(conv2d(x, weight) + bias + residual)`` through the cuDNN
+    graph where one applies, else the aten composition (differentiable either way)."""
+    stride, padding, dilation = (list(v) if isinstance(v, (tuple, list)) else [v, v]
+                                 for v in (stride, padding, dilation))
+    return conv2d_act_forward(x, weight, bias, None, None, residual, stride, padding, dilation, groups, False,
+                              relu, False)[0]
+
+
+def conv_act_stats(x: Tensor, weight: Tensor, in_scale: Optional[Tensor] = None, in_shift: Optional[Tensor] = None,
+                   stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1,
+                   in_relu: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """Training forward helper: ``(y, mean, var)`` of ``conv2d(relu(x*in_scale + in_shift))``
+    (biased var of y per output channel), through the cuDNN genstats graph where one applies."""
+    stride, padding, dilation = (list(v) if isinstance(v, (tuple, list)) else [v, v]
+                                 for v in (stride, padding, dilation))
+    return conv2d_act_forward(x, weight, None, in_scale, in_shift, None, stride, padding, dilation, groups, in_relu,
+                              False, True)
+
+
+__all__: List[str] = ["available", "built", "pattern_for", "info", "register", "conv2d_act_forward",
+                      "reference_forward", "family_forward", "conv_bias_act", "conv_act_stats", "PATTERNS", "FALLBACK"]

@@ -1,0 +1,566 @@
+"""cuDNN fused-convolution graphs (issue 11): ``fastres/cudnn.py`` + ``csrc/cudnn/``.
+
+CPU part (always runs): the pattern table, availability / fallback reporting in
+``backend_info``, the aten fallback's parity with F.conv2d + BatchNorm semantics, the
+fake kernels (FakeTensorMode / meta tensors) and the op schemas.
+
+GPU part (``gpu`` marker; skipped with the reason without a CUDA device or without the
+cuDNN graphs in ``fastres._C``): every pattern against F.conv2d + nn.BatchNorm2d + ReLU
+(+ add) — outputs, every gradient, running statistics — in fp32 and bf16/fp16
+(error <= 2x PyTorch's own low-precision error against the fp32/fp64 reference), and
+CUDA-graph capture + replay of the forward and of a training step.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import fastres
+from fastres import cudnn
+
+from parity import assert_close_dtype, make_input
+
+C_ext = pytest.importorskip("fastres._C", reason="fastres._C is not built")
+OPS = torch.ops.fastres
+
+SCHEMAS = {
+    "cudnn_conv_bias_act": "fastres::cudnn_conv_bias_act(Tensor x, Tensor w, Tensor? bias, Tensor? residual, "
+                           "int[] stride, int[] padding, int[] dilation, int groups, bool relu) -> Tensor",
+    "cudnn_conv_act_stats": "fastres::cudnn_conv_act_stats(Tensor x, Tensor w, Tensor? scale, Tensor? shift, "
+                            "int[] stride, int[] padding, int[] dilation, int groups, bool in_relu) "
+                            "-> (Tensor y, Tensor sum, Tensor sumsq)",
+}
+
+
+# ============================================================================ CPU: Python side
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_schema(name):
+    assert str(getattr(OPS, name).default._schema) == SCHEMAS[name]
+    assert cudnn.register()
+
+
+def _pat(dtype=torch.bfloat16, c=64, k=64, groups=1, cap=(9, 0), **kw):
+    flags = dict(prologue=False, residual=False, bias=False, relu=False, stats=False)
+    flags.update(kw)
+    return cudnn.pattern_for(dtype, c, k, groups, capability=cap, **flags)
+
+
+def test_pattern_table():
+    # inference: conv + bias + add + relu, any of the three dtypes
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        assert _pat(dt, bias=True, residual=True, relu=True)[0] == "conv_bias_add_relu"
+    assert _pat(c=3, bias=True, relu=True)[0] == "conv_bias_add_relu"  # cuDNN decides; run-time fallback
+    assert _pat(torch.float64, bias=True)[0] is None
+    assert _pat(prologue=True)[0] is None  # no inference pattern with an input prologue
+    # training forward: genstats, with or without the prologue
+    assert _pat(stats=True)[0] == "conv_genstats"
+    assert _pat(stats=True, prologue=True)[0] == "scale_shift_relu_conv_genstats"
+    assert _pat(torch.float16, cap=(8, 0), stats=True, prologue=True)[0] == "scale_shift_relu_conv_genstats"
+    # unsupported -> fallback, with the reason
+    for kw, words in [(dict(dtype=torch.float32), "fp16/bf16"), (dict(cap=(7, 0)), "sm_80/sm_90"),
+                      (dict(cap=(10, 0)), "sm_80/sm_90"), (dict(groups=2), "grouped"),
+                      (dict(c=3), "multiples of 8"), (dict(k=65), "multiples of 8"),
+                      (dict(residual=True), "residual"), (dict(bias=True), "bias"), (dict(relu=True), "ReLU")]:
+        p, why = _pat(stats=True, **kw)
+        assert p is None and words in why, (kw, why)
+
+
+def test_unavailable_on_cpu_and_reported():
+    ok, why = cudnn.available("cpu")
+    assert not ok and "CUDA devices only" in why
+    info = fastres.backend_info()
+    ci = info["devices"]["cpu"]["cudnn_conv"]
+    assert ci["available"] is False and ci["patterns"] == [] and ci["fallback"] == "aten"
+    assert ci["built"] == bool(C_ext.WITH_CUDNN) and ci["reason"]
+    assert info["built"]["_C_cudnn"] == bool(C_ext.WITH_CUDNN)
+    if not torch.cuda.is_available():
+        ok, why = cudnn.available("cuda")
+        assert not ok and why
+
+
+def test_choose_falls_back_on_cpu():
+    x = torch.randn(2, 8, 5, 5)
+    w = torch.randn(8, 8, 3, 3)
+    p, why = cudnn.choose(x, w, None, None, None, None, [1, 1], [1, 1], [1, 1], 1, False, True, False)
+    assert p is None and "CUDA devices only" in why
+
+
+def _reference64(x, w, bias, scale, shift, residual, stride, padding, in_relu, relu, groups=1):
+    """F.conv2d (+ bias, + residual, ReLU) in float64, with the prologue as the
+    previous BatchNorm's folded scale/shift + ReLU."""
+    u = x.double()
+    if scale is not None:
+        u = u * scale.double().view(1, -1, 1, 1)
+    if shift is not None:
+        u = u + shift.double().view(1, -1, 1, 1)
+    if in_relu:
+        u = u.relu()
+    y = F.conv2d(u, w.double(), None if bias is None else bias.double(), stride, padding, 1, groups)
+    if residual is not None:
+        y = y + residual.double()
+    return y.relu() if relu else y
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontig"])
+def test_fallback_forward_parity_cpu(layout):
+    """The aten fallback used where no cuDNN graph applies (here: the CPU), float64."""
+    torch.manual_seed(0)
+    x = make_input((2, 5, 7, 6), torch.float64, layout)
+    w = torch.randn(6, 5, 3, 3, dtype=torch.float64)
+    b = torch.randn(6, dtype=torch.float64)
+    s = torch.rand(5, dtype=torch.float64) + 0.5
+    t = torch.randn(5, dtype=torch.float64)
+    r = torch.randn(2, 6, 4, 3, dtype=torch.float64)
+    y = cudnn.conv_bias_act(x, w, b, r, stride=2, padding=1, relu=True)
+    torch.testing.assert_close(y, _reference64(x, w, b, None, None, r, 2, 1, False, True))
+    y, mean, var = cudnn.conv_act_stats(x, w, s, t, stride=1, padding=1, in_relu=True)
+    ref = _reference64(x, w, None, s, t, None, 1, 1, True, False)
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(mean, ref.mean((0, 2, 3)))
+    torch.testing.assert_close(var, ref.var((0, 2, 3), unbiased=False))
+    assert y.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+
+
+class _Ctx:
+    """A stand-in for autograd's ctx: the registered backward formulas run on the CPU
+    (float64) against autograd of the reference composition."""
+
+    def __init__(self, saved, conf, needs, **extra):
+        self.saved_tensors = saved
+        self.conf = conf
+        self.needs_input_grad = needs
+        self.__dict__.update(extra)
+
+
+@pytest.mark.parametrize("prologue", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_act_stats_backward_formula_cpu(prologue, layout):
+    """The backward registered for cudnn_conv_act_stats (genstats terms -> aten
+    convolution_backward on the recomputed prologue -> fused affine_act_backward)."""
+    torch.manual_seed(1)
+    x = make_input((2, 6, 7, 7), torch.float64, layout).requires_grad_()
+    w = torch.randn(5, 6, 3, 3, dtype=torch.float64, requires_grad=True)
+    s = (torch.rand(6, dtype=torch.float64) + 0.5).requires_grad_()
+    t = torch.randn(6, dtype=torch.float64).requires_grad_()
+    sc, sh = (s, t) if prologue else (None, None)
+    y = _reference64(x, w, None, sc, sh, None, [2, 2], [1, 1], prologue, False)
+    leaves = [x, w] + ([s, t] if prologue else [])
+    gy, gsum, gsq = torch.randn_like(y), torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    expect = torch.autograd.grad((y * gy).sum() + (y.sum((0, 2, 3)) * gsum).sum()
+                                 + (y.square().sum((0, 2, 3)) * gsq).sum(), leaves)
+    ctx = _Ctx((x.detach(), w.detach(), None if sc is None else s.detach(), None if sh is None else t.detach(),
+                y.detach()), ([2, 2], [1, 1], [1, 1], 1, prologue), (True, True, prologue, prologue),
+               dtypes=(torch.float64, torch.float64))
+    got = cudnn._backward_act_stats(ctx, gy, gsum, gsq)
+    got = [g for g in got[:4] if g is not None]
+    assert len(got) == len(expect)
+    for a, e in zip(got, expect):
+        torch.testing.assert_close(a, e)
+    assert got[0].is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+
+
+@pytest.mark.parametrize("variant", ["bias_add_relu", "bias", "relu", "plain"])
+def test_bias_act_backward_formula_cpu(variant):
+    """The backward registered for cudnn_conv_bias_act (fused ReLU mask + bias/residual
+    grads, then aten convolution_backward)."""
+    torch.manual_seed(2)
+    use_b, use_r, relu = "bias" in variant, "add" in variant, "relu" in variant
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 4, 1, 1, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    y = _reference64(x, w, b if use_b else None, None, None, r if use_r else None, [1, 1], [0, 0], False, relu)
+    leaves = [x, w] + ([b] if use_b else []) + ([r] if use_r else [])
+    gy = torch.randn_like(y)
+    expect = torch.autograd.grad(y, leaves, gy)
+    ctx = _Ctx((x.detach(), w.detach(), y.detach() if relu else None), ([1, 1], [0, 0], [1, 1], 1, relu),
+               (True, True, use_b, use_r), bias_dtype=torch.float64)
+    got = [g for g in cudnn._backward_bias_act(ctx, gy)[:4] if g is not None]
+    assert len(got) == len(expect)
+    for a, e in zip(got, expect):
+        torch.testing.assert_close(a, e)
+
+
+def test_no_engine_falls_back_once(monkeypatch):
+    """cuDNN finding no engine for a graph at run time: one warning, the aten fallback
+    (same result), the key remembered (the graph is not tried again) and reported in
+    backend_info; any other error propagates."""
+    calls = []
+
+    def no_engine(pattern, *args):
+        calls.append(pattern)
+        raise RuntimeError(cudnn.NO_ENGINE + " (test)")
+
+    monkeypatch.setattr(cudnn, "available", lambda dev: (True, "test"))
+    monkeypatch.setattr(cudnn, "_capability", lambda dev: (9, 0))
+    monkeypatch.setattr(cudnn, "_run_graph", no_engine)
+    monkeypatch.setattr(cudnn, "_no_engine", {})
+    monkeypatch.setattr(cudnn, "_warned", set())
+    torch.manual_seed(3)
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    w = torch.randn(16, 8, 3, 3, dtype=torch.float64)
+    b = torch.randn(16, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="no engine for the conv_bias_add_relu graph"):
+        y = cudnn.conv2d_act_forward(x.float(), w.float(), b.float(), None, None, None, [1, 1], [1, 1], [1, 1], 1,
+                                     False, True, False)[0]
+    torch.testing.assert_close(y.double(), _reference64(x, w, b, None, None, None, 1, 1, False, True),
+                               rtol=1e-5, atol=1e-5)
+    assert calls == ["conv_bias_add_relu"]
+    y2 = cudnn.conv2d_act_forward(x.float(), w.float(), b.float(), None, None, None, [1, 1], [1, 1], [1, 1], 1,
+                                  False, True, False)[0]
+    assert calls == ["conv_bias_add_relu"] and torch.equal(y, y2)  # remembered: not tried again
+    assert len(cudnn.info("cpu")["no_engine"]) == 1
+    # another graph (bf16 genstats) is tried; an unrelated error is not swallowed
+    monkeypatch.setattr(cudnn, "_run_graph", lambda *a: (_ for _ in ()).throw(RuntimeError("CUDA error: boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        cudnn.conv_act_stats(x.bfloat16(), w.bfloat16())
+
+
+def test_conv_backend_cudnn_on_cpu_falls_back():
+    """FASTRES_CONV=cudnn on the CPU: aten's conv with one warning, same results; the
+    ``cudnn`` conv family (fastres::cudnn_conv2d_act, the graphs' forward with the aten
+    fallback inside) matches the aten family, gradients included, and passes opcheck."""
+    from fastres import conv_backend, conv_ops, functional as Fn
+    torch.manual_seed(4)
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(16, 8, 3, 3, dtype=torch.float64, requires_grad=True)
+    s = (torch.rand(8, dtype=torch.float64) + 0.5).requires_grad_()
+    t = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    ref = Fn.conv2d_act(x, w, None, 1, 1, in_scale=s, in_shift=t, in_relu=True, stats="moments")
+    conv_backend._warned.clear()
+    with conv_backend.use_conv("cudnn"):
+        assert conv_backend.conv_info("cpu")["path"] == "aten"
+        with pytest.warns(RuntimeWarning, match="cuDNN conv graphs are unavailable on cpu"):
+            out = Fn.conv2d_act(x, w, None, 1, 1, in_scale=s, in_shift=t, in_relu=True, stats="moments")
+    for a, e in zip(out, ref):
+        torch.testing.assert_close(a, e)
+    fam = conv_ops.family("cudnn")
+    y, m, v = fam.conv2d_act(x, w, None, s, t, None, [1, 1], [1, 1], [1, 1], 1, True, False, True)
+    for a, e in zip((y, m, v), ref):
+        torch.testing.assert_close(a, e)
+    g = torch.autograd.grad(y.sum() + m.sum() + v.square().sum(), [x, w, s, t])
+    g_ref = torch.autograd.grad(ref[0].sum() + ref[1].sum() + ref[2].square().sum(), [x, w, s, t])
+    for a, e in zip(g, g_ref):
+        torch.testing.assert_close(a, e)
+    torch.library.opcheck(torch.ops.fastres.cudnn_conv2d_act.default,
+                          (x.detach(), w.detach(), None, s.detach(), t.detach(), None, [1, 1], [1, 1], [1, 1], 1,
+                           True, False, True))
+
+
+def test_fake_kernels():
+    assert cudnn.register()
+    with FakeTensorMode():
+        x = torch.empty(2, 16, 9, 9).contiguous(memory_format=torch.channels_last)
+        w = torch.empty(32, 16, 3, 3)
+        y = OPS.cudnn_conv_bias_act(x, w, None, None, [2, 2], [1, 1], [1, 1], 1, True)
+        assert y.shape == (2, 32, 5, 5) and y.is_contiguous(memory_format=torch.channels_last)
+        y, s, sq = OPS.cudnn_conv_act_stats(x.contiguous(), w, None, None, [1, 1], [0, 0], [1, 1], 1, False)
+        assert y.shape == (2, 32, 7, 7) and y.is_contiguous()
+        assert s.shape == sq.shape == (32,) and s.dtype == sq.dtype == torch.float32
+
+
+def test_meta_tensors_and_compile_trace():
+    """Meta tensors dispatch to the fake kernels; torch.compile traces the op into one
+    graph (fullgraph) without running it (the aot_eager backend on meta inputs)."""
+    assert cudnn.register()
+    x = torch.empty(2, 8, 6, 6, device="meta", dtype=torch.bfloat16)
+    w = torch.empty(8, 8, 1, 1, device="meta", dtype=torch.bfloat16)
+    y, s, sq = OPS.cudnn_conv_act_stats(x, w, None, None, [1, 1], [0, 0], [1, 1], 1, True)
+    assert y.device.type == "meta" and y.shape == (2, 8, 6, 6) and s.shape == (8,)
+    y = OPS.cudnn_conv_bias_act(x, w, None, x, [1, 1], [0, 0], [1, 1], 1, True)
+    assert y.shape == x.shape and y.dtype == torch.bfloat16
+
+
+def test_bad_input_messages_without_cuda():
+    if C_ext.WITH_CUDNN:
+        # the CUDA kernel exists but the CPU has none: dispatch names the op
+        with pytest.raises(NotImplementedError, match="cudnn_conv_bias_act"):
+            OPS.cudnn_conv_bias_act(torch.randn(1, 8, 4, 4), torch.randn(8, 8, 1, 1), None, None,
+                                    [1, 1], [0, 0], [1, 1], 1, True)
+    else:
+        with pytest.raises(NotImplementedError):
+            OPS.cudnn_conv_bias_act(torch.randn(1, 8, 4, 4), torch.randn(8, 8, 1, 1), None, None,
+                                    [1, 1], [0, 0], [1, 1], 1, True)
+
+
+# ============================================================================ GPU
+gpu = pytest.mark.gpu
+
+
+@pytest.fixture
+def no_tf32(monkeypatch):
+    """fp32 parity against float64: no TF32 in cuDNN (restored after the test)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+def _need_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (the cuDNN graphs run on GPUs only)")
+    ok, why = cudnn.available("cuda")
+    if not ok:
+        pytest.fail(f"a CUDA device exists but the cuDNN graphs are unavailable: {why}")
+
+
+# (N, C, H, K, R, stride, padding): ResNet-like, odd spatial sizes, 1x1/3x3, stride 2
+SHAPES = [(2, 64, 14, 64, 3, 1, 1), (4, 256, 7, 64, 1, 1, 0), (2, 64, 15, 128, 3, 2, 1), (1, 32, 9, 32, 1, 2, 0)]
+LOW_DT = [torch.bfloat16, torch.float16]
+
+
+def _data(shape, dtype, layout="channels_last", seed=0):
+    n, c, h, k, r, stride, pad = shape
+    torch.manual_seed(seed)
+    x = make_input((n, c, h, h), torch.float32, layout, device="cuda")
+    w = torch.randn(k, c, r, r, device="cuda") * (2.0 / (c * r * r)) ** 0.5
+    if layout == "channels_last":
+        w = w.contiguous(memory_format=torch.channels_last)
+    b = torch.randn(k, device="cuda") * 0.1
+    p = (h + 2 * pad - r) // stride + 1
+    res = make_input((n, k, p, p), torch.float32, layout, device="cuda")
+    s = torch.rand(c, device="cuda") + 0.5
+    t = torch.randn(c, device="cuda") * 0.2
+    return x, w, b, res, s, t, [stride, stride], [pad, pad]
+
+
+def _grads(out, inputs, gy):
+    return torch.autograd.grad(out, inputs, gy, allow_unused=True)
+
+
+# each distinct graph builds a plan (runtime-compiled kernels: ~1 s each), so the
+# grid is kept small: every variant and every shape once, per dtype
+BIAS_ACT_CASES = [(SHAPES[0], "bias_add_relu"), (SHAPES[1], "bias_relu"), (SHAPES[2], "bias_add_relu"),
+                  (SHAPES[3], "plain")]
+STATS_CASES = [(SHAPES[0], True), (SHAPES[1], False), (SHAPES[2], True)]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32] + LOW_DT)
+@pytest.mark.parametrize("shape,variant", BIAS_ACT_CASES)
+def test_conv_bias_act_parity(shape, dtype, variant, no_tf32):
+    """conv + bias (+ residual) + ReLU through the graph (or its run-time fallback for
+    fp32 where cuDNN has no fused engine), outputs and every gradient."""
+    _need_gpu()
+    x32, w32, b32, r32, _, _, stride, pad = _data(shape, torch.float32)
+    use_b = variant != "plain"
+    use_r = variant == "bias_add_relu"
+    relu = variant != "plain"
+    leaves = [t.to(dtype).detach().requires_grad_() for t in (x32, w32, b32, r32)]
+    x, w, b, r = leaves
+    b_in = b if use_b else None
+    r_in = r if use_r else None
+    if dtype in LOW_DT:
+        # the graph itself (not a fallback) must run for 16-bit NHWC with C, K % 8 == 0
+        y = OPS.cudnn_conv_bias_act(x, w, b_in, r_in, stride, pad, [1, 1], 1, relu)
+    else:
+        y = cudnn.conv_bias_act(x, w, b_in, r_in, stride, pad, relu=relu)
+    gy = torch.randn_like(y)
+    g = _grads(y, [t for t, u in zip(leaves, (True, True, use_b, use_r)) if u], gy)
+    # fp64 reference and PyTorch's own result in `dtype`
+    hi = [t.double().detach().requires_grad_() for t in (x32, w32, b32, r32)]
+    y_hi = _reference64(hi[0], hi[1], hi[2] if use_b else None, None, None, hi[3] if use_r else None, stride, pad,
+                        False, relu)
+    g_hi = _grads(y_hi, [t for t, u in zip(hi, (True, True, use_b, use_r)) if u], gy.double())
+    lo = [t.to(dtype).detach().requires_grad_() for t in (x32, w32, b32, r32)]
+    y_lo = F.conv2d(lo[0], lo[1], lo[2] if use_b else None, stride, pad)
+    if use_r:
+        y_lo = y_lo + lo[3]
+    if relu:
+        y_lo = y_lo.relu()
+    g_lo = _grads(y_lo, [t for t, u in zip(lo, (True, True, use_b, use_r)) if u], gy)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    if dtype == torch.float32:
+        tol = dict(rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(y.double(), y_hi, **tol)
+        for a, e in zip(g, g_hi):
+            torch.testing.assert_close(a.double(), e, **tol)
+    else:
+        assert_close_dtype(y, None, dtype, "y", ref_low=y_lo, ref_hi=y_hi)
+        for i, (a, lo_, e) in enumerate(zip(g, g_lo, g_hi)):
+            assert_close_dtype(a, None, dtype, f"grad {i}", ref_low=lo_, ref_hi=e)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", LOW_DT)
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_conv_bias_act_layout(dtype, layout):
+    """NCHW input: y comes back NCHW with the same values as the NHWC call."""
+    _need_gpu()
+    x, w, b, r, _, _, stride, pad = _data(SHAPES[0], torch.float32, layout)
+    x, w, b, r = (t.to(dtype) for t in (x, w, b, r))
+    y = OPS.cudnn_conv_bias_act(x, w, b, r, stride, pad, [1, 1], 1, True)
+    assert y.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    cl = torch.channels_last
+    y2 = OPS.cudnn_conv_bias_act(x.contiguous(memory_format=cl), w.contiguous(memory_format=cl), b,
+                                 r.contiguous(memory_format=cl), stride, pad, [1, 1], 1, True)
+    torch.testing.assert_close(y, y2, rtol=0, atol=0)
+
+
+def _bn_train_reference(x, w, s, t, stride, pad, in_relu, gamma, beta, rm, rv, eps, momentum):
+    """prologue (scale, shift, ReLU) -> F.conv2d -> BatchNorm2d (training, F.batch_norm:
+    nn.BatchNorm2d's own call, updating rm/rv) -> ReLU."""
+    u = x * s.view(1, -1, 1, 1) + t.view(1, -1, 1, 1)
+    if in_relu:
+        u = u.relu()
+    y = F.conv2d(u.to(x.dtype), w, None, stride, pad)
+    return F.batch_norm(y, rm, rv, gamma, beta, True, momentum, eps).relu()
+
+
+@gpu
+@pytest.mark.parametrize("dtype", LOW_DT)
+@pytest.mark.parametrize("shape,prologue", STATS_CASES)
+def test_conv_act_stats_bn_parity(shape, dtype, prologue):
+    """Training forward: [scale, shift, ReLU] -> conv -> genstats, then the BN finalize
+    (mean, biased var for the normalisation, unbiased var for the running stats) and
+    BN + ReLU: against F.conv2d + nn.BatchNorm2d + ReLU, outputs, every gradient
+    (x, weight, scale, shift, gamma, beta) and the running statistics."""
+    _need_gpu()
+    x32, w32, _, _, s32, t32, stride, pad = _data(shape, torch.float32)
+    k = w32.shape[0]
+    gamma32 = torch.rand(k, device="cuda") + 0.5
+    beta32 = torch.randn(k, device="cuda") * 0.1
+    eps, momentum = 1e-5, 0.1
+
+    def run(mode, cast):
+        xs = [cast(t).detach().requires_grad_() for t in (x32, w32)]
+        ps = [t.double().detach().requires_grad_() if mode == "hi" else t.detach().clone().requires_grad_()
+              for t in (s32, t32, gamma32, beta32)]
+        x, w = xs
+        s, t, gamma, beta = ps
+        rm = torch.zeros(k, device="cuda", dtype=torch.float64 if mode == "hi" else torch.float32)
+        rv = torch.ones_like(rm)
+        if mode == "ours":
+            y, mean, var = cudnn.conv_act_stats(x, w, s if prologue else None, t if prologue else None, stride, pad,
+                                                in_relu=prologue)
+            assert cudnn.choose(x, w, None, s if prologue else None, t if prologue else None, None, stride, pad,
+                                [1, 1], 1, prologue, False, True)[0] is not None, "the genstats graph must apply"
+            m = y.shape[0] * y.shape[2] * y.shape[3]
+            with torch.no_grad():
+                rm.mul_(1 - momentum).add_(momentum * mean)
+                rv.mul_(1 - momentum).add_(momentum * var * m / (m - 1))
+            out = ((y.float() - mean.view(1, -1, 1, 1)) * torch.rsqrt(var.view(1, -1, 1, 1) + eps)
+                   * gamma.view(1, -1, 1, 1) + beta.view(1, -1, 1, 1)).relu().to(dtype)
+        else:
+            # fp32 params/stats under 16-bit input, as nn.BatchNorm2d after .to(dtype) of the input only
+            if prologue:
+                out = _bn_train_reference(x, w, s, t, stride, pad, True, gamma, beta, rm, rv, eps, momentum)
+            else:
+                ones, zeros = torch.ones_like(s), torch.zeros_like(t)
+                out = _bn_train_reference(x, w, ones, zeros, stride, pad, False, gamma, beta, rm, rv, eps,
+                                          momentum)
+        gy = torch.randn(out.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        leaves = [x, w, gamma, beta] + ([s, t] if prologue else [])
+        grads = torch.autograd.grad(out, leaves, gy.to(out.dtype))
+        return out, grads, rm, rv
+
+    out, g, rm, rv = run("ours", lambda t: t.to(dtype))
+    out_hi, g_hi, rm_hi, rv_hi = run("hi", lambda t: t.double())
+    out_lo, g_lo, rm_lo, rv_lo = run("lo", lambda t: t.to(dtype))
+    assert_close_dtype(out, None, dtype, "out", ref_low=out_lo, ref_hi=out_hi)
+    names = ["x", "weight", "gamma", "beta", "scale", "shift"]
+    for name, a, lo, hi in zip(names, g, g_lo, g_hi):
+        assert_close_dtype(a, None, dtype, f"grad {name}", ref_low=lo, ref_hi=hi)
+    assert_close_dtype(rm, None, dtype, "running_mean", ref_low=rm_lo, ref_hi=rm_hi)
+    assert_close_dtype(rv, None, dtype, "running_var", ref_low=rv_lo, ref_hi=rv_hi)
+
+
+@gpu
+def test_conv_act_stats_fp32_falls_back_with_parity(no_tf32):
+    """fp32 has no genstats engine in the table: the aten fallback, exact semantics."""
+    _need_gpu()
+    x, w, _, _, s, t, stride, pad = _data(SHAPES[0], torch.float32)
+    assert cudnn.choose(x, w, None, s, t, None, stride, pad, [1, 1], 1, True, False, True)[0] is None
+    y, mean, var = cudnn.conv_act_stats(x, w, s, t, stride, pad, in_relu=True)
+    ref = _reference64(x, w, None, s, t, None, stride, pad, True, False)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mean.double(), ref.mean((0, 2, 3)), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(var.double(), ref.var((0, 2, 3), unbiased=False), rtol=1e-4, atol=1e-4)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", LOW_DT)
+def test_cuda_graph_capture_and_replay(dtype):
+    """Both ops captured in a CUDA graph after a warm-up call (which builds the plans),
+    replayed on new input data: same results as eager calls."""
+    _need_gpu()
+    x, w, b, r, s, t, stride, pad = (v.to(dtype) if isinstance(v, torch.Tensor) else v
+                                     for v in _data(SHAPES[0], torch.float32))
+    dil = [1, 1]
+    OPS.cudnn_conv_bias_act(x, w, b, r, stride, pad, dil, 1, True)
+    OPS.cudnn_conv_act_stats(x, w, s, t, stride, pad, dil, 1, True)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y1 = OPS.cudnn_conv_bias_act(x, w, b, r, stride, pad, dil, 1, True)
+        y2, s2, sq2 = OPS.cudnn_conv_act_stats(x, w, s, t, stride, pad, dil, 1, True)
+    for seed in (3, 4):
+        torch.manual_seed(seed)
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        torch.cuda.synchronize()
+        e1 = OPS.cudnn_conv_bias_act(x, w, b, r, stride, pad, dil, 1, True)
+        e2, es2, esq2 = OPS.cudnn_conv_act_stats(x, w, s, t, stride, pad, dil, 1, True)
+        torch.testing.assert_close(y1, e1, rtol=0, atol=0)
+        torch.testing.assert_close(y2, e2, rtol=0, atol=0)
+        torch.testing.assert_close(s2, es2, rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(sq2, esq2, rtol=1e-5, atol=1e-3)
+
+
+@gpu
+def test_cuda_graph_training_step():
+    """A whole training step (stats forward + BN + ReLU + backward) captured and replayed."""
+    _need_gpu()
+    dtype = torch.bfloat16
+    x0, w0, _, _, s0, t0, stride, pad = _data(SHAPES[0], torch.float32)
+    x = x0.to(dtype)
+    w = w0.to(dtype).requires_grad_()
+    s, t = s0.clone().requires_grad_(), t0.clone().requires_grad_()
+
+    def step():
+        y, mean, var = cudnn.conv_act_stats(x, w, s, t, stride, pad, in_relu=True)
+        out = ((y.float() - mean.view(1, -1, 1, 1)) * torch.rsqrt(var.view(1, -1, 1, 1) + 1e-5)).relu()
+        return torch.autograd.grad(out.square().mean(), [w, s, t])
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        grads = step()
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    eager = step()
+    for a, e in zip(grads, eager):
+        torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-4)
+
+
+@gpu
+def test_conv2d_act_with_the_cudnn_conv_backend():
+    """FASTRES_CONV=cudnn on a GPU: conv2d_act's training forward (prologue + stats) and
+    inference epilogue run through the graphs, matching the aten conv path."""
+    _need_gpu()
+    from fastres import conv_backend, functional as Fn
+    x, w, b, r, s, t, stride, pad = _data(SHAPES[0], torch.float32)
+    x, w, b, r = (v.to(torch.bfloat16) for v in (x, w, b, r))
+    with conv_backend.use_conv("cudnn"):
+        assert conv_backend.conv_info("cuda")["path"] == "cudnn"
+        got_t = Fn.conv2d_act(x, w, None, stride, pad, in_scale=s, in_shift=t, in_relu=True, stats="moments")
+        got_i = Fn.conv2d_act(x, w, b, stride, pad, residual=r, activation="relu")
+    with conv_backend.use_conv("aten"):
+        ref_t = Fn.conv2d_act(x, w, None, stride, pad, in_scale=s, in_shift=t, in_relu=True, stats="moments")
+        ref_i = Fn.conv2d_act(x, w, b, stride, pad, residual=r, activation="relu")
+    for a, e in zip(list(got_t) + [got_i], list(ref_t) + [ref_i]):
+        torch.testing.assert_close(a.float(), e.float(), rtol=3e-2, atol=3e-2)
+    assert not cudnn._no_engine, cudnn._no_engine
+
+
+@gpu
+def test_backend_info_on_gpu():
+    _need_gpu()
+    ci = fastres.backend_info()["devices"]["cuda"]["cudnn_conv"]
+    assert ci["available"] and ci["built"] and set(ci["patterns"]) == set(cudnn.PATTERNS)
+    assert ci["capability"] == torch.cuda.get_device_capability()
