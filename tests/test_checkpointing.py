@@ -84,6 +84,29 @@ def test_checkpoint_same_grads_and_one_stats_update(backend, reentrant):
 
 
 @pytest.mark.parametrize("reentrant", REENTRANT)
+def test_checkpoint_fused_conv_blocks(reentrant):
+    """The fused conv+BN block path (FASTRES_CONV=fused) keeps its own BN bookkeeping:
+    the recomputation must leave it alone too."""
+    from fastres import conv_backend
+    with conv_backend.use_conv("fused"):
+        if not conv_backend.may_fuse(torch.device("cpu")):
+            pytest.skip("the fused conv path cannot run on this CPU (conv_backend.may_fuse)")
+        plain = _blocks()
+        ck = copy.deepcopy(plain)
+        x = torch.randn(4, 4, 6, 6, dtype=torch.float64)
+        xp, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yp = plain(xp)
+        yc = checkpoint(ck, xc, use_reentrant=reentrant)
+        after_forward = _buffers(ck)
+        yp.square().sum().backward()
+        yc.square().sum().backward()
+        for k, v in _buffers(ck).items():
+            assert torch.equal(v, after_forward[k]), f"{k} changed by the recomputation"
+            torch.testing.assert_close(v, _buffers(plain)[k], rtol=1e-12, atol=1e-12, msg=k)
+        torch.testing.assert_close(xc.grad, xp.grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("reentrant", REENTRANT)
 def test_checkpoint_sequential_resnet(reentrant):
     """A whole small fastres ResNet's layers under checkpoint_sequential: same gradients
     as the plain model, statistics of one forward (the stem and head run normally)."""
