@@ -319,6 +319,9 @@ def _train(args, d: Dist, device: torch.device) -> Dict[str, object]:
         import fastres
         log(f"fastres backend on {device.type}: {fastres.backend_for(device)}")
 
+    from fastres.training import make_train_step
+    train_step = make_train_step(runner, optimizer, loss_fn=F.cross_entropy, scaler=scaler, autocast=amp_ctx)
+
     history = {"loss": [], "img_per_s": [], "val_acc": []}
     model.train()
     t_start = time.perf_counter()
@@ -341,16 +344,7 @@ def _train(args, d: Dist, device: torch.device) -> Dict[str, object]:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with amp_ctx():
-                loss = F.cross_entropy(runner(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            loss = train_step(x, y)
             scheduler.step()
             global_step += 1
             images += x.shape[0] * d.world

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as _dt
+import functools
 import gc
 import json
 import os
@@ -152,6 +153,7 @@ class BenchConfig:
     tag: str = ""
     notes: List[str] = field(default_factory=list)
     infer_compile: Optional[List[str]] = None  # None: the device's strongest (INFER_COMPILE)
+    cuda_graphs: bool = False
 
 
 def default_device() -> str:
@@ -209,6 +211,14 @@ def resolve_config(args) -> BenchConfig:
                       num_classes=num_classes, seed=args.seed, out=out, plot=not args.no_plot,
                       progress=not args.no_progress, tag=args.tag or "",
                       infer_compile=getattr(args, "infer_compile", None))
+    if getattr(args, "cuda_graphs", False):
+        if dev.type != "cuda":
+            raise SystemExit(f"fastres bench: --cuda-graphs needs a CUDA device, but the device is {dev} "
+                             "(CUDA graphs do not exist on the CPU; use --device cuda on a GPU machine)")
+        if cfg.dtype == "fp16" and "train" in modes:
+            raise SystemExit("fastres bench: --cuda-graphs cannot capture an fp16 training step: "
+                             "GradScaler reads its overflow flag on the host; use --dtype bf16/fp32 or --mode infer")
+        cfg.cuda_graphs = True
     if cfg.dtype == "fp16" and dev.type == "cpu":
         cfg.notes.append("fp16 autocast on the CPU is slow in PyTorch; bf16 is the CPU's low precision")
     return cfg
@@ -226,6 +236,7 @@ class Contender:
     compile_mode: Optional[str] = None  # torch.compile(mode=...)
     freezing: bool = False    # torch._inductor.config.freezing (CPU inference)
     cuda_graph: bool = False  # fastres.cuda_graph_inference (GPU inference)
+    graphs: bool = False        # the step is captured in a CUDA graph and replayed
 
 
 def fastres_backends(cfg: BenchConfig) -> Tuple[List[str], List[str]]:
@@ -279,6 +290,9 @@ def contenders(cfg: BenchConfig) -> Tuple[List[Contender], List[str]]:
             out.append(Contender(f"fastres[{b}]+cudagraph", "fastres", b, False, modes=("infer",), cuda_graph=True))
         if cfg.compile_fastres:
             out.append(Contender(f"fastres[{b}]+compile", "fastres", b, True))
+    if cfg.cuda_graphs:  # each eager contender once more, captured in a CUDA graph
+        out += [Contender(c.name + "+graphs", c.kind, c.backend, False, modes=c.modes, graphs=True)
+                for c in list(out) if not c.compiled and not c.cuda_graph]
     if kind == "cifar":
         notes.append("torchvision has no CIFAR ResNet: the 'eager' baseline is the fastres model on the "
                      "'torch' backend (plain aten ops)")
@@ -354,37 +368,45 @@ def forward_gflop_per_image(builder: Callable[[], torch.nn.Module], image_size: 
 
 
 def make_step(model: torch.nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor, cfg: BenchConfig,
-              device: torch.device, no_grad: bool = False) -> Callable[[], None]:
+              device: torch.device, no_grad: bool = False, graphs: bool = False) -> Callable[[], None]:
+    """One benchmark iteration: the training step of :mod:`fastres.training` (forward,
+    backward, SGD) or an inference forward (under ``no_grad`` instead of inference_mode
+    when asked); ``graphs``: captured in a CUDA graph and replayed."""
+    from .training import capture_train_step, make_train_step
+    autocast = functools.partial(_autocast, cfg, device)
     if mode == "train":
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        if graphs:
+            replay = capture_train_step(model, opt, x, y, autocast=autocast)
+            return lambda: replay(x, y)
         scaler = torch.amp.GradScaler(device.type) if (cfg.dtype == "fp16" and device.type == "cuda") else None
-
-        def step():
-            with _autocast(cfg, device):
-                loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
-        return step
+        train_step = make_train_step(model, opt, scaler=scaler, autocast=autocast)
+        return lambda: train_step(x, y)
 
     model.eval()
     if no_grad:  # torch.compile's freezing folds parameters only under no_grad
 
         def infer_no_grad():
-            with torch.no_grad(), _autocast(cfg, device):
+            with torch.no_grad(), autocast():
                 model(x)
         return infer_no_grad
 
     def infer():
-        with torch.inference_mode(), _autocast(cfg, device):
+        with torch.inference_mode(), autocast():
             model(x)
-    return infer
+    if not graphs:
+        return infer
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            infer()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        infer()
+    return graph.replay
 
 
 def first_call_s(step: Callable[[], None], device: torch.device) -> float:
@@ -467,7 +489,7 @@ def _runner(c: Contender, model: torch.nn.Module, mode: str, x: torch.Tensor, y:
             runner(x)
         return runner, graph_step, compile_s
     if not c.compiled:
-        return model, make_step(model, mode, x, y, cfg, device), None
+        return model, make_step(model, mode, x, y, cfg, device, graphs=c.graphs), None
     # (a compiled module shares the parameters: the optimizer steps the originals)
     runner = torch.compile(model, mode=c.compile_mode) if c.compile_mode else torch.compile(model)
     step = make_step(runner, mode, x, y, cfg, device, no_grad=mode == "infer")

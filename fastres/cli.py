@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="which modes get the torch.compile contender (default both)")
     pb.add_argument("--compile-fastres", action="store_true",
                     help="also run each fastres backend under torch.compile")
+    pb.add_argument("--cuda-graphs", action="store_true",
+                    help="also time each eager contender with its whole step (forward, backward, SGD; or the "
+                         "inference forward) captured in a CUDA graph and replayed (CUDA only)")
     pb.add_argument("--iters", type=_positive_int, default=None, help="timed iterations per repeat")
     pb.add_argument("--repeats", type=_positive_int, default=None, help="timed repeats (median and spread)")
     pb.add_argument("--warmup", type=_nonneg_int, default=None, help="untimed warm-up iterations")

@@ -64,8 +64,10 @@ def _torch_batch_norm_act(x, running_mean, running_var, weight, bias, training, 
     if canonical:
         x = _canonical(x)
     y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
-    if canonical and y.requires_grad:
-        y.register_hook(_canonical_grad)  # the incoming gradient can carry such strides too
+    if canonical and y.requires_grad and not torch.compiler.is_compiling():
+        # the incoming gradient can carry such strides too (eager only: a stride-dependent
+        # hook is a graph break for torch.compile, whose backward graph fixes the strides)
+        y.register_hook(_canonical_grad)
     if residual is not None:
         y = y + residual
     return torch.relu(y) if relu else y

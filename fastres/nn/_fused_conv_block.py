@@ -37,6 +37,7 @@ from .. import conv_backend, fold
 from .. import functional as FF
 from .. import _validate as V
 from .._reference import acc_dtype, memory_format_of
+from .batchnorm import _in_backward
 
 Tensor = torch.Tensor
 
@@ -97,7 +98,8 @@ def _bn_affine(bn: nn.BatchNorm2d, mean: Optional[Tensor], var: Optional[Tensor]
     if not _uses_batch_stats(bn):
         return FF.fold_scale_shift(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, acc)
     factor = bn.momentum
-    if bn.training and bn.track_running_stats:
+    # not in activation checkpointing's recomputation: the forward already counted the batch
+    if bn.training and bn.track_running_stats and not _in_backward():
         if bn.num_batches_tracked is not None:
             bn.num_batches_tracked.add_(1)
             if bn.momentum is None:

@@ -80,7 +80,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
                 if leaf is not None:
                     return leaf
             return self._scripted_forward(input, residual)
-        if torch.jit.is_tracing():  # a portable trace of aten ops
+        if portable_trace():  # a portable trace of aten ops
             return self._scripted_forward(input, residual)
         self._check_input_dim(input)
         return batch_norm_act_module(self, input, residual, self.activation)
@@ -110,6 +110,22 @@ class BatchNormAct2d(nn.BatchNorm2d):
         return y
 
 
+def portable_trace() -> bool:
+    """Record plain aten ops (torchvision's unfused forward) instead of the fastres ops:
+    under ``torch.jit.trace`` and ``torch.export`` (so the ONNX exporter, AOTInductor or
+    a machine without fastres can use the program)."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
+def _in_backward() -> bool:
+    """True while the autograd engine runs a backward on this thread (where checkpoint
+    recomputes its forward). Never under torch.compile: the compiled checkpoint's
+    recomputation is traced from the forward graph, which updates the statistics once."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
+
+
 def batch_norm_act_module(bn: nn.BatchNorm2d, input: Tensor, residual: Optional[Tensor] = None,
                           activation: Optional[str] = "relu") -> Tensor:
     """``act(bn(input) + residual)`` for any ``nn.BatchNorm2d`` module ``bn``, fused.
@@ -122,12 +138,17 @@ def batch_norm_act_module(bn: nn.BatchNorm2d, input: Tensor, residual: Optional[
     """
     V.check_input(input)
     V.check_channels(input, bn.num_features)
+    # activation checkpointing's recomputation (torch.utils.checkpoint, either
+    # use_reentrant) runs this forward again inside the backward: it normalises with the
+    # batch statistics as before but must not count the batch or move the running
+    # statistics a second time (nn.BatchNorm2d does both; docs/RESNET.md)
+    recomputing = bn.training and _in_backward()
     # identical bookkeeping to torch.nn.modules.batchnorm._BatchNorm.forward
     if bn.momentum is None:
         exponential_average_factor = 0.0
     else:
         exponential_average_factor = bn.momentum
-    if bn.training and bn.track_running_stats:
+    if bn.training and bn.track_running_stats and not recomputing:
         if bn.num_batches_tracked is not None:
             bn.num_batches_tracked.add_(1)
             if bn.momentum is None:  # cumulative: 1/num_batches_tracked, on the device
@@ -139,12 +160,18 @@ def batch_norm_act_module(bn: nn.BatchNorm2d, input: Tensor, residual: Optional[
     else:
         bn_training = (bn.running_mean is None) and (bn.running_var is None)
     use_running = not bn.training or bn.track_running_stats
+    running_mean = bn.running_mean if use_running else None
+    running_var = bn.running_var if use_running else None
+    if recomputing and running_mean is not None and running_var is not None:
+        # the recomputation must run the forward's ops (checkpoint compares the tensors
+        # they save): it updates throw-away copies
+        running_mean, running_var = running_mean.clone(), running_var.clone()
     # a SyncBatchNormAct2d (fastres.nn.syncbn) brings its synchronised variant of the op
     batch_norm_act = getattr(bn, "_fused_batch_norm_act", None) or FF.batch_norm_act
     y = batch_norm_act(
         input,
-        bn.running_mean if use_running else None,
-        bn.running_var if use_running else None,
+        running_mean,
+        running_var,
         bn.weight, bn.bias, bn_training, exponential_average_factor, bn.eps,
         residual=residual, activation=activation,
         num_batches_tracked=bn.num_batches_tracked if exponential_average_factor is None else None)

@@ -38,7 +38,7 @@ from .. import _validate as V
 from .. import fold
 from .. import functional as FF
 from .._reference import memory_format_of
-from .batchnorm import BatchNormAct2d, batch_norm_act_module
+from .batchnorm import BatchNormAct2d, batch_norm_act_module, portable_trace
 from . import _fused_conv_block
 
 Tensor = torch.Tensor
@@ -151,9 +151,10 @@ def conv_bn_act(conv: nn.Module, bn: nn.Module, x: Tensor, residual: Optional[Te
 
 def unfused_requested(relu: nn.Module) -> bool:
     """Run torchvision's own (unfused) forward instead: when the ``relu`` module the
-    fused forward never calls has hooks, under ``torch.jit.trace`` (a portable trace of
-    aten ops), or under torch.fx symbolic tracing when :func:`fx_torchvision_graph` is on."""
-    return _has_hooks(relu) or torch.jit.is_tracing() or (_FX_TORCHVISION[0] and _is_fx_tracing())
+    fused forward never calls has hooks, under ``torch.jit.trace`` or ``torch.export``
+    (a portable program of aten ops), or under torch.fx symbolic tracing when
+    :func:`fx_torchvision_graph` is on."""
+    return _has_hooks(relu) or portable_trace() or (_FX_TORCHVISION[0] and _is_fx_tracing())
 
 
 def _is_fx_tracing() -> bool:
