@@ -36,6 +36,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 from . import functional as FF
 from ._validate import check_eps
@@ -331,7 +332,12 @@ class _PlanUnit:
         return _CONV_ACT(x, self.w(x), self.bias, self.pad, self.stride, self.dil, self.groups, act, [], "")
 
     def add_relu_into(self, x: Tensor, other: Tensor) -> Tensor:
-        """``relu(conv(x) + bias + other)`` written into ``other`` (a buffer the plan owns)."""
+        """``relu(conv(x) + bias + other)`` written into ``other`` (a buffer the plan owns).
+        A 1x1 output takes the module path's conv + fused epilogue instead (the same
+        torch 2.11 oneDNN failure as in :func:`onednn_conv_act`), computing what it does."""
+        if other.shape[2] * other.shape[3] == 1:
+            y = F.conv2d(x, self.weight, self.bias, self.stride, self.pad, self.dil, self.groups)
+            return FF.affine_act(y, None, None, other, "relu")
         return _CONV_ADD_RELU_(other, x, self.w(x), self.bias, self.pad, self.stride, self.dil, self.groups,
                                "add", 1.0, "relu", [], "")
 
