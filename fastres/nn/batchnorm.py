@@ -114,7 +114,10 @@ def portable_trace() -> bool:
     """Record plain aten ops (torchvision's unfused forward) instead of the fastres ops:
     under ``torch.jit.trace`` and ``torch.export`` (so the ONNX exporter, AOTInductor or
     a machine without fastres can use the program)."""
-    return torch.jit.is_tracing() or torch.compiler.is_exporting()
+    # The flag behind torch.compiler.is_exporting(): Dynamo before torch 2.14 folds
+    # is_exporting() to True under plain torch.compile too (2.14 reads the flag)
+    return torch.jit.is_tracing() or bool(getattr(torch.compiler, "_is_exporting_flag", False)) \
+        or (not hasattr(torch.compiler, "_is_exporting_flag") and torch.compiler.is_exporting())
 
 
 def _in_backward() -> bool:
