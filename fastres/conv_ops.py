@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backends
-from ._reference import acc_dtype, memory_format_of
+from ._reference import acc_dtype, conv2d_act_composite, memory_format_of
 
 Tensor = torch.Tensor
 
@@ -86,19 +86,9 @@ def conv2d_act_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_s
     """The aten composition of the schema: the oracle, the ``aten`` conv path and the
     body of ``fastres::conv2d_act``. Differentiable through aten's own autograd."""
     acc = acc_dtype(x.dtype)
-    fmt = memory_format_of(x)
-    u = prologue(x, in_scale, in_shift, in_relu)
-    z = F.conv2d(u, weight, None, list(stride), list(padding), list(dilation), groups)
-    if bias is not None or residual is not None or relu:
-        za = z.to(acc)
-        if bias is not None:
-            za = za + _bc(bias.to(acc))
-        if residual is not None:
-            za = za + residual.to(acc)
-        if relu:
-            za = torch.relu(za)
-        z = za.to(x.dtype)
-    y = z.contiguous(memory_format=fmt)
+    y, _, _ = conv2d_act_composite(x, weight, bias, in_scale, in_shift, residual, stride, padding, dilation,
+                                   groups, in_relu, relu, False)
+    y = y.contiguous(memory_format=memory_format_of(x))
     if not stats:
         e = x.new_empty((0,), dtype=acc)
         return y, e, e.clone()
