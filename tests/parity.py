@@ -56,6 +56,21 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
+def same_behaviour(run_ref, run_ours, compare) -> bool:
+    """Where the reference raises, ours raises the same exception type carrying the
+    reference's message (fastres may prefix its own name); otherwise ``compare(ours,
+    expected)``. Returns whether the reference ran (drop-in tests of transforms)."""
+    try:
+        expected = run_ref()
+    except RuntimeError as e:
+        with pytest.raises(type(e)) as info:
+            run_ours()
+        assert str(e) in str(info.value)
+        return False
+    compare(run_ours(), expected)
+    return True
+
+
 def make_input(shape, dtype, layout, device="cpu", scale=1.0, offset=0.0):
     """layout: 'contiguous', 'channels_last' or 'noncontig' (a permuted view that is
     neither contiguous nor channels_last). Drawn on the CPU (the global generator: the

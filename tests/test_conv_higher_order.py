@@ -27,6 +27,7 @@ import fastres
 from fastres import conv_ops
 from fastres import functional as FF
 from conv_helpers import conv_family
+from parity import same_behaviour
 from resnet_ref import randomize, twin
 
 F64 = torch.float64
@@ -254,18 +255,6 @@ def test_fused_conv_block_gradgradcheck(train, conv2d_act_calls):
     assert conv2d_act_calls
 
 
-def _same_behaviour(run_ref, run_ours, compare) -> bool:
-    """Where the reference raises, ours raises the same type with the reference's message;
-    otherwise the results compare equal. Returns whether the reference ran."""
-    try:
-        expected = run_ref()
-    except RuntimeError as e:
-        with pytest.raises(type(e)) as info:
-            run_ours()
-        assert str(e) in str(info.value)
-        return False
-    compare(run_ours(), expected)
-    return True
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -286,7 +275,7 @@ def test_fused_conv_block_jvp_matches_torchvision(family, kind, mode, stats, con
     x, tx = torch.randn(shape, dtype=F64), torch.randn(shape, dtype=F64)
     fn = lambda m: lambda p, x: functional_call(m, p, (x,))  # noqa: E731
     with conv_family(family):
-        ran = _same_behaviour(lambda: jvp(fn(ref), (params, x), (tangents, tx)),
+        ran = same_behaviour(lambda: jvp(fn(ref), (params, x), (tangents, tx)),
                               lambda: jvp(fn(ours), (params, x), (tangents, tx)),
                               lambda a, e: _assert_all_close(a, e, "jvp (primal, tangent)"))
     assert ran == (not (train and stats))

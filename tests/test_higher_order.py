@@ -28,6 +28,7 @@ from fastres import _reference as ref_ops
 from fastres import functional as FF
 from fastres.nn import BatchNormAct2d
 from conftest import backend_params, run_on
+from parity import same_behaviour
 from resnet_ref import RefCifar, randomize, twin
 
 BACKENDS = backend_params("cpu")  # torch, triton, cpp, reference_ops (the custom-op machinery)
@@ -83,19 +84,6 @@ def _hvp(f, inputs, seed=1):
     return grads, torch.autograd.grad(dot, inputs)
 
 
-def _same_behaviour(run_ref, run_ours, compare) -> bool:
-    """Where the reference raises, ours raises the same type with the reference's message
-    (the blocks prefix their name); otherwise the results compare equal. Returns whether
-    the reference ran."""
-    try:
-        expected = run_ref()
-    except RuntimeError as e:
-        with pytest.raises(type(e)) as info:
-            run_ours()
-        assert str(e) in str(info.value)
-        return False
-    compare(run_ours(), expected)
-    return True
 
 
 def _assert_all_close(actual, expected, what):
@@ -329,7 +317,7 @@ def test_bn_act_jvp_matches_batchnorm2d(backend, mode, stats):
     with run_on(backend):
         # torch.func.jvp: in training with running statistics, nn.BatchNorm2d's in-place
         # update of its captured buffers raises functorch's error, and so must ours
-        ran = _same_behaviour(lambda: jvp(ref_f, primals, tangents), lambda: jvp(our_f, primals, tangents),
+        ran = same_behaviour(lambda: jvp(ref_f, primals, tangents), lambda: jvp(our_f, primals, tangents),
                               lambda a, e: _assert_all_close(a, e, "jvp (primal, tangent)"))
         assert ran == (not (train and stats))
         with fwAD.dual_level():  # the forward_ad API, on the module directly: works in every mode
@@ -375,7 +363,7 @@ def test_jvp_blocks_and_model_match_torchvision(backend, kind, mode, stats):
     def fn(m):
         return lambda p, x: functional_call(m, p, (x,))
     with run_on(backend):
-        ran = _same_behaviour(lambda: jvp(fn(ref), (params, x), (tangents, tx)),
+        ran = same_behaviour(lambda: jvp(fn(ref), (params, x), (tangents, tx)),
                               lambda: jvp(fn(ours), (params, x), (tangents, tx)),
                               lambda a, e: _assert_all_close(a, e, "jvp (primal, tangent)"))
     assert ran == (not (train and stats))
@@ -515,7 +503,7 @@ def test_torch_func_grad_model(backend, mode, stats):
         for n in expected:
             torch.testing.assert_close(actual[n], expected[n], **TOL, msg=lambda m: f"{n}: {m}")
     with run_on(backend):
-        assert _same_behaviour(lambda: g(ref), lambda: g(ours), compare) == (not (train and stats))
+        assert same_behaviour(lambda: g(ref), lambda: g(ours), compare) == (not (train and stats))
 
 
 
