@@ -931,9 +931,9 @@ def run(cfg: BenchConfig) -> Dict[str, object]:
     if cfg.interleave:
         timing = ("timed repeats interleaved: round i runs repeat i of every contender in turn (order rotated "
                   "each round); ")
-        memory = ("; interleaved: measured in one dedicated untimed iteration after the warm-up, as the memory "
-                  "held before any contender was built + the contender's own growth over its build and warm-up "
-                  "+ the rise in that iteration (its figure alone, the other contenders' memory left out)")
+        memory = ("; interleaved (every contender of the mode alive at once): each contender's figure as if "
+                  "it ran alone, the memory held before any contender was built + its own growth over its build "
+                  "and warm-up + the rise in one dedicated untimed iteration after the warm-up")
     else:
         timing = "every contender alone, one after another (--no-interleave); "
         memory = ""
@@ -992,7 +992,7 @@ def format_table(result: Dict[str, object]) -> str:
         + (", median of the per-round ratios" if interleaved else ", ratio of medians"))
     load = meta.get("load") or {}
     if load.get("min") is not None:
-        lines.append(f"load: 1-min load average {load['min']:.2f}-{load['max']:.2f} during the run "
+        lines.append(f"load: 1-min load average {load['min']:.2f}-{load['max']:.2f} over the run "
                      f"({load['cpu_count']} cores)")
     hdr = (f"{'contender':<34} {'mode':<6} {'img/s':>9} {'ms/iter':>9} {'(min-max)':>17} "
            f"{'p50 ms':>8} {'p90 ms':>8} {'peak MiB':>9} {'TFLOP/s':>8} {'vs ' + meta['baseline']:>16} "

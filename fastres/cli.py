@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="time the repeats round-robin (default): every contender is built, compiled and "
                          "warmed up first, then round i runs repeat i of each in turn, so all see the same "
                          "load; rows add the median of the per-round ratios against the baseline and the "
-                         "strongest alternative. --no-interleave: each contender alone, one after another")
+                         "strongest alternative; every contender of a mode is held in memory at once. "
+                         "--no-interleave: each contender alone, one after another")
     pb.add_argument("--iters", type=_positive_int, default=None, help="timed iterations per repeat")
     pb.add_argument("--repeats", type=_positive_int, default=None, help="timed repeats (median and spread)")
     pb.add_argument("--warmup", type=_nonneg_int, default=None, help="untimed warm-up iterations")

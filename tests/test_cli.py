@@ -183,14 +183,21 @@ def test_bench_records_a_failing_contender_and_exits_1(tmp_path, monkeypatch, ca
             raise RuntimeError("deliberately broken model")
         return build
     monkeypatch.setattr(bench, "fastres_builder", broken)
+    _bench_fastres_fails(tmp_path, 1, "deliberately broken model")
+
+
+def _bench_fastres_fails(tmp_path, repeats, message):
+    """A resnet18 inference run (torchvision, fastres[torch]) in which fastres[torch] fails
+    with ``message``: exit 1, the failure recorded in its row, torchvision's row intact."""
     argv = ["bench", "--model", "resnet18", "--batch-size", "2", "--image-size", "32", "--iters", "1",
-            "--warmup", "0", "--repeats", "1", "--no-compile", "--device", "cpu", "--mode", "infer",
+            "--warmup", "0", "--repeats", str(repeats), "--no-compile", "--device", "cpu", "--mode", "infer",
             "--backend", "torch", "--no-progress", "--no-plot", "--threads", "1", "--out", str(tmp_path)]
     assert cli.main(argv) == 1
     rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
     status = {r["contender"]: r["status"] for r in rows}
     assert status["torchvision"] == "ok"
-    assert status["fastres[torch]"].startswith("error: RuntimeError: deliberately broken model")
+    assert status["fastres[torch]"].startswith(f"error: RuntimeError: {message}")
+    return rows
 
 
 def _tiny_net():
@@ -283,14 +290,7 @@ def test_bench_interleaved_failure_drops_only_that_contender(monkeypatch, tmp_pa
             raise RuntimeError("deliberately failing repeat")
         return real(step, cfg, device, per_iter)
     monkeypatch.setattr(bench, "timed_repeat", flaky)
-    argv = ["bench", "--model", "resnet18", "--batch-size", "2", "--image-size", "32", "--iters", "1",
-            "--warmup", "0", "--repeats", "3", "--no-compile", "--device", "cpu", "--mode", "infer",
-            "--backend", "torch", "--no-progress", "--no-plot", "--threads", "1", "--out", str(tmp_path)]
-    assert cli.main(argv) == 1
-    rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
-    status = {r["contender"]: r["status"] for r in rows}
-    assert status["torchvision"] == "ok"
-    assert status["fastres[torch]"].startswith("error: RuntimeError: deliberately failing repeat")
+    rows = _bench_fastres_fails(tmp_path, 3, "deliberately failing repeat")
     assert len(seen) == 1 + 1 + 2  # round 1: both; rounds 2 and 3: torchvision alone
     assert [t is not None for t in rows[0]["repeat_ms"]] == [True] * 3
 
