@@ -23,8 +23,30 @@ compiled contender's first call (compilation, freezing, CUDA-graph capture) is t
 on its own and reported as ``compile_s``, outside the timed region. Inference also
 times every timed iteration on its own (CUDA events per iteration on a GPU): the
 latency percentiles ``lat_p50_ms`` / ``lat_p90_ms`` (batch 1: the per-image latency).
+
+Interleaving (default; ``--no-interleave`` runs each contender alone, one after
+another): per mode, every contender is built (and compiled) first, then warmed up,
+then the timed repeats run round-robin — round ``i`` times repeat ``i`` of every
+contender in turn, the order rotated by one each round — so a load that changes
+during the run hits every contender alike. Each row then also carries the median of
+the per-round ratios against the baseline (``paired_vs_eager``) and against the
+strongest alternative of the mode (``paired_vs_alt``; ``alt_contender``: the fastest
+compiled torchvision contender that ran — ``+compile(freezing)`` in CPU inference,
+``+compile(max-autotune)`` / ``(reduce-overhead)`` on a GPU, ``+compile`` in
+training), next to the ratios of medians (``speedup_vs_eager``, ``speedup_vs_alt``);
+the JSON rows keep each repeat's ms (``repeat_ms``).
+
 Peak memory: ``torch.cuda.max_memory_allocated`` on a GPU (reset after warm-up), the
 peak resident set size (VmHWM, reset through ``/proc/self/clear_refs``) on the CPU.
+Interleaved, the other contenders are alive too, so each one's peak is taken in one
+dedicated untimed iteration after its warm-up and reported as if it ran alone: the
+memory held before any contender was built + its own growth over build and warm-up
++ the rise in that iteration (:func:`_alone_peak_mib`).
+
+Load: the 1-min load average is sampled at the start, before every round (each repeat
+with ``--no-interleave``) and at the end; the JSON (``meta.load``) and each row
+(``load_min`` / ``load_max`` around its repeats) carry it, and a note says the machine
+was busy when the other jobs' load exceeded half the cores (:func:`load_note`).
 
 Outputs, in ``--out`` (default ``benchmarks/results/<device>``), named with the
 model, dtype, batch, device and date: ``.txt`` (the table), ``.json`` (metadata +
@@ -73,7 +95,12 @@ INFER_COMPILE_CHOICES = ("freezing", "default", "max-autotune", "reduce-overhead
 CSV_FIELDS = ("model", "contender", "backend", "compiled", "mode", "status", "img_per_s", "ms_per_iter",
               "ms_min", "ms_max", "spread_pct", "lat_p50_ms", "lat_p90_ms", "compile_s", "peak_mem_mib", "mem_kind", "speedup_vs_eager",
               "tflops", "device", "device_name", "dtype", "batch_size", "image_size", "channels_last",
-              "iters", "repeats", "warmup", "date")
+              "iters", "repeats", "warmup", "date",
+              # (appended: older readers keep their columns) the strongest alternative of the mode,
+              # the speed-up against it (ratio of medians), the medians of the per-round ratios
+              # (interleaved runs) and the 1-min load average around the timed repeats
+              "alt_contender", "speedup_vs_alt", "paired_vs_eager", "paired_vs_alt", "interleaved",
+              "load_min", "load_max")
 
 
 # ============================================================================ models
@@ -154,6 +181,7 @@ class BenchConfig:
     notes: List[str] = field(default_factory=list)
     infer_compile: Optional[List[str]] = None  # None: the device's strongest (INFER_COMPILE)
     cuda_graphs: bool = False
+    interleave: bool = True   # timed repeats round-robin over the contenders (False: one after another)
 
 
 def default_device() -> str:
@@ -210,7 +238,8 @@ def resolve_config(args) -> BenchConfig:
                       iters=pick("iters"), repeats=pick("repeats"), warmup=pick("warmup"), device=str(dev),
                       num_classes=num_classes, seed=args.seed, out=out, plot=not args.no_plot,
                       progress=not args.no_progress, tag=args.tag or "",
-                      infer_compile=getattr(args, "infer_compile", None))
+                      infer_compile=getattr(args, "infer_compile", None),
+                      interleave=getattr(args, "interleave", None) is not False)
     if getattr(args, "cuda_graphs", False):
         if dev.type != "cuda":
             raise SystemExit(f"fastres bench: --cuda-graphs needs a CUDA device, but the device is {dev} "
@@ -237,6 +266,7 @@ class Contender:
     freezing: bool = False    # torch._inductor.config.freezing (CPU inference)
     cuda_graph: bool = False  # fastres.cuda_graph_inference (GPU inference)
     graphs: bool = False        # the step is captured in a CUDA graph and replayed
+    alternative: bool = False   # a compiled torchvision contender: what a user could pick instead
 
 
 def fastres_backends(cfg: BenchConfig) -> Tuple[List[str], List[str]]:
@@ -269,7 +299,7 @@ def contenders(cfg: BenchConfig) -> Tuple[List[Contender], List[str]]:
     notes: List[str] = []
     out = [Contender(ref_name, "reference", None, False)]
     if cfg.compile:
-        out.append(Contender(ref_name + "+compile", "reference", None, True, modes=("train",)))
+        out.append(Contender(ref_name + "+compile", "reference", None, True, modes=("train",), alternative=True))
         # the strongest compiled alternatives for inference: on a GPU max-autotune and CUDA graphs
         # (reduce-overhead), on the CPU freezing (BN folded, oneDNN weights prepacked, epilogues fused)
         wanted = cfg.infer_compile if cfg.infer_compile is not None else INFER_COMPILE["cuda" if on_gpu else "cpu"]
@@ -281,7 +311,8 @@ def contenders(cfg: BenchConfig) -> Tuple[List[Contender], List[str]]:
                          "freezing fails on the fastres model's option-A shortcut)")
         for m in wanted:
             out.append(Contender(f"{ref_name}+compile({m})", "reference", None, True, modes=("infer",),
-                                 compile_mode=None if m in ("freezing", "default") else m, freezing=m == "freezing"))
+                                 compile_mode=None if m in ("freezing", "default") else m, freezing=m == "freezing",
+                                 alternative=True))
     run, more = fastres_backends(cfg)
     notes += more
     for b in run:
@@ -334,16 +365,31 @@ def _reset_peak(device: torch.device) -> str:
         return "peak_rss_process"  # cannot reset: the process-lifetime peak
 
 
-def _read_peak_mib(device: torch.device) -> Optional[float]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+def _proc_status_mib(key: str) -> Optional[float]:
+    """A ``/proc/self/status`` figure (``VmHWM``, ``VmRSS``) in MiB; None where there is none."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) / 1024.0
     except OSError:
         pass
+    return None
+
+
+def _current_mib(device: torch.device) -> Optional[float]:
+    """Memory held now: ``torch.cuda.memory_allocated`` on a GPU, the resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    return _proc_status_mib("VmRSS")
+
+
+def _read_peak_mib(device: torch.device) -> Optional[float]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    hwm = _proc_status_mib("VmHWM")
+    if hwm is not None:
+        return hwm
     try:
         import resource
         r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -430,13 +476,43 @@ def percentile(values: Sequence[float], q: float) -> Optional[float]:
     return v[lo] + (v[hi] - v[lo]) * (pos - lo)
 
 
+def timed_repeat(step: Callable[[], None], cfg: BenchConfig, device: torch.device,
+                 per_iter: Optional[List[float]] = None) -> float:
+    """One timed block of ``cfg.iters`` iterations, synchronised: its ms/iteration. With
+    ``per_iter`` (a list), every iteration's own ms are appended to it as well (latency
+    percentiles): CUDA events around each iteration on a GPU (no extra synchronisation),
+    ``perf_counter`` on the CPU."""
+    if device.type == "cuda":
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(cfg.iters + 1)]
+        ev[0].record()
+        for i in range(cfg.iters):
+            step()
+            if per_iter is not None:
+                ev[i + 1].record()
+        ev[-1].record()
+        ev[-1].synchronize()
+        if per_iter is not None:
+            per_iter.extend(ev[i].elapsed_time(ev[i + 1]) for i in range(cfg.iters))
+        return ev[0].elapsed_time(ev[-1]) / cfg.iters
+    _sync(device)
+    t0 = t_prev = time.perf_counter()
+    for _ in range(cfg.iters):
+        step()
+        if per_iter is not None:
+            t = time.perf_counter()
+            per_iter.append((t - t_prev) * 1e3)
+            t_prev = t
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3 / cfg.iters
+
+
 def time_step(step: Callable[[], None], cfg: BenchConfig, device: torch.device,
-              tick: Callable[[int], None], per_iter: Optional[List[float]] = None
+              tick: Callable[[int], None], per_iter: Optional[List[float]] = None,
+              before_repeat: Optional[Callable[[], None]] = None
               ) -> Tuple[List[float], Optional[float], str]:
-    """Warm up, then ``repeats`` timed blocks of ``iters`` iterations: (ms/iter of each
-    repeat, peak memory MiB, memory kind). With ``per_iter`` (a list), every timed
-    iteration's own ms are appended to it as well (latency percentiles): CUDA events
-    around each iteration on a GPU (no extra synchronisation), ``perf_counter`` on the CPU."""
+    """One contender alone (``--no-interleave``): warm up, then ``repeats`` timed blocks of
+    ``iters`` iterations (:func:`timed_repeat`; ``before_repeat`` is called before each):
+    (ms/iter of each repeat, peak memory MiB, memory kind)."""
     for _ in range(cfg.warmup):
         step()
         tick(1)
@@ -444,29 +520,9 @@ def time_step(step: Callable[[], None], cfg: BenchConfig, device: torch.device,
     mem_kind = _reset_peak(device)
     times = []
     for _ in range(cfg.repeats):
-        if device.type == "cuda":
-            ev = [torch.cuda.Event(enable_timing=True) for _ in range(cfg.iters + 1)]
-            ev[0].record()
-            for i in range(cfg.iters):
-                step()
-                if per_iter is not None:
-                    ev[i + 1].record()
-            ev[-1].record()
-            ev[-1].synchronize()
-            times.append(ev[0].elapsed_time(ev[-1]) / cfg.iters)
-            if per_iter is not None:
-                per_iter.extend(ev[i].elapsed_time(ev[i + 1]) for i in range(cfg.iters))
-        else:
-            _sync(device)
-            t0 = t_prev = time.perf_counter()
-            for _ in range(cfg.iters):
-                step()
-                if per_iter is not None:
-                    t = time.perf_counter()
-                    per_iter.append((t - t_prev) * 1e3)
-                    t_prev = t
-            _sync(device)
-            times.append((time.perf_counter() - t0) * 1e3 / cfg.iters)
+        if before_repeat is not None:
+            before_repeat()
+        times.append(timed_repeat(step, cfg, device, per_iter))
         tick(cfg.iters)
     _sync(device)
     return times, _read_peak_mib(device), mem_kind
@@ -529,6 +585,226 @@ def _versions() -> Dict[str, Optional[str]]:
     return v
 
 
+@dataclass
+class _Job:
+    """One contender in one mode: its result row and, while it runs, its model and step."""
+    c: Contender
+    mode: str
+    row: Dict[str, object]
+    model: object = None
+    runner: object = None
+    step: Optional[Callable[[], None]] = None
+    times: List[Optional[float]] = field(default_factory=list)  # ms/iter of each repeat (None: missed)
+    lat: Optional[List[float]] = None                          # ms of each timed iteration (infer)
+    loads: List[Optional[float]] = field(default_factory=list)  # 1-min load averages around its repeats
+    own_mib: Optional[float] = 0.0  # memory it holds after build and warm-up (interleaved peak)
+
+    def ctx(self):
+        import fastres
+        return fastres.use_backend(self.c.backend) if self.c.backend else contextlib.nullcontext()
+
+
+def _new_row(c: Contender, mode: str, cfg: BenchConfig, device: torch.device, date: str) -> Dict[str, object]:
+    return dict(model=cfg.model, contender=c.name, backend=c.backend or "", compiled=c.compiled, mode=mode,
+                status="ok", img_per_s=None, ms_per_iter=None, ms_min=None, ms_max=None, spread_pct=None,
+                lat_p50_ms=None, lat_p90_ms=None, compile_s=None,
+                peak_mem_mib=None, mem_kind="", speedup_vs_eager=None, tflops=None,
+                device=str(device), device_name=device_name(device), dtype=cfg.dtype,
+                batch_size=cfg.batch_size, image_size=cfg.image_size, channels_last=cfg.channels_last,
+                iters=cfg.iters, repeats=cfg.repeats, warmup=cfg.warmup, date=date,
+                alt_contender="", speedup_vs_alt=None, paired_vs_eager=None, paired_vs_alt=None,
+                interleaved=cfg.interleave, load_min=None, load_max=None, repeat_ms=[])
+
+
+def _build_job(job: _Job, build: Callable[[], torch.nn.Module], state, x: torch.Tensor, y: torch.Tensor,
+               cfg: BenchConfig, device: torch.device, fmt) -> None:
+    """The contender's model from the shared state_dict, and its step; a compiled one is
+    compiled by one untimed first call (``compile_s``)."""
+    with job.ctx():
+        model = build()
+        model.load_state_dict(state, strict=True)
+        job.model = model.to(device=device, memory_format=fmt)
+        job.runner, job.step, job.row["compile_s"] = _runner(job.c, job.model, job.mode, x, y, cfg, device)
+    job.lat = [] if job.mode == "infer" else None
+    job.times = [None] * cfg.repeats
+
+
+def _record_error(job: _Job, e: BaseException) -> None:
+    """Mark the row failed (called inside ``except``: prints the traceback)."""
+    msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    job.row["status"] = f"error: {msg}"
+    print(f"\nfastres bench: {job.c.name} {job.mode} failed:\n{traceback.format_exc(limit=6)}", file=sys.stderr)
+
+
+def _release(jobs: Sequence[_Job], device: torch.device, reset_dynamo: bool) -> None:
+    """Drop the models and steps; ``reset_dynamo`` only once no compiled contender is left
+    to run (a reset makes every live compiled model recompile at its next call)."""
+    for job in jobs:
+        job.model = job.runner = job.step = None
+    if reset_dynamo and any(job.c.compiled for job in jobs):
+        torch._dynamo.reset()
+    _trim_host_memory()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _finish_row(job: _Job, cfg: BenchConfig, gflop: Optional[float]) -> None:
+    row = job.row
+    times = [t for t in job.times if t is not None]
+    med = statistics.median(times)
+    if job.lat:
+        row.update(lat_p50_ms=percentile(job.lat, 0.5), lat_p90_ms=percentile(job.lat, 0.9))
+    row.update(ms_per_iter=med, ms_min=min(times), ms_max=max(times), repeat_ms=list(job.times),
+               spread_pct=100.0 * (max(times) - min(times)) / med if med > 0 else None,
+               img_per_s=cfg.batch_size * 1e3 / med if med > 0 else None)
+    loads = [v for v in job.loads if v is not None]
+    if loads:
+        row.update(load_min=min(loads), load_max=max(loads))
+    if gflop is not None and med > 0:
+        flop_per_img = gflop * (3.0 if job.mode == "train" else 1.0)
+        row["tflops"] = flop_per_img * cfg.batch_size / med  # GFLOP per ms = TFLOP/s
+
+
+def _alone_peak_mib(base: Optional[float], own: Optional[float], at: Optional[float],
+                    peak: Optional[float], kind: str) -> Optional[float]:
+    """An interleaved contender's peak as if it ran alone: the memory held before any
+    contender was built (inputs, libraries) + what this contender holds after its build and
+    warm-up (weights, gradients, optimizer state, compiled code, graph pools) + the rise
+    above the current usage in its dedicated untimed iteration."""
+    if None in (base, own, at, peak) or kind == "peak_rss_process":  # no reset: the process peak
+        return peak
+    return base + max(own, 0.0) + max(peak - at, 0.0)
+
+
+def paired_ratio(ref: Sequence[Optional[float]], times: Sequence[Optional[float]]) -> Optional[float]:
+    """The median over rounds of ``ref[i] / times[i]`` (> 1: faster than ``ref``), over the
+    rounds both have; robust to a load that drifts between rounds. None without a common round."""
+    r = [a / b for a, b in zip(ref, times) if a is not None and b is not None and b > 0]
+    return statistics.median(r) if r else None
+
+
+def _run_sequential(jobs: Sequence[_Job], builders, state, x, y, cfg: BenchConfig, device: torch.device,
+                    fmt, gflop, prog: "_Progress", sample_load: Callable[[], Optional[float]]) -> int:
+    """``--no-interleave``: every contender alone, one after another (build, warm-up, repeats)."""
+    failures = 0
+    for job in jobs:
+        if job.c.skip is not None:
+            continue
+        prog.describe(f"{job.c.name} {job.mode}")
+        try:
+            _build_job(job, builders[job.c.kind], state, x, y, cfg, device, fmt)
+            with job.ctx():
+                times, peak, mem_kind = time_step(job.step, cfg, device, prog.update, job.lat,
+                                                  before_repeat=lambda: job.loads.append(sample_load()))
+            job.loads.append(sample_load())
+            job.times = list(times)
+            job.row.update(peak_mem_mib=peak, mem_kind=mem_kind)
+            _finish_row(job, cfg, gflop)
+            prog.postfix(last=f"{job.row['img_per_s']:.1f} img/s")
+        except Exception as e:  # record and go on with the next contender
+            failures += 1
+            _record_error(job, e)
+        finally:
+            _release([job], device, reset_dynamo=True)
+    return failures
+
+
+def _run_interleaved(jobs: Sequence[_Job], builders, state, x, y, cfg: BenchConfig, device: torch.device,
+                     fmt, gflop, prog: "_Progress", sample_load: Callable[[], Optional[float]]) -> int:
+    """Per mode: build every contender (compilation untimed), warm each up and measure its
+    peak memory in one dedicated untimed iteration, then the timed repeats round-robin —
+    round ``i`` runs repeat ``i`` of every contender in turn, the order rotated by one each
+    round — so that each contender sees the same load."""
+    failures = 0
+    for mode in cfg.modes:
+        group = [j for j in jobs if j.mode == mode and j.c.skip is None]
+        live: List[_Job] = []
+        try:
+            _sync(device)
+            _trim_host_memory()
+            base_mib = _current_mib(device)
+            for job in group:  # 1. build (and compile) every contender
+                prog.describe(f"build {job.c.name} {mode}")
+                try:
+                    before = _current_mib(device)
+                    _build_job(job, builders[job.c.kind], state, x, y, cfg, device, fmt)
+                    _sync(device)
+                    after = _current_mib(device)
+                    job.own_mib = None if None in (before, after) else after - before
+                    live.append(job)
+                except Exception as e:
+                    failures += 1
+                    _record_error(job, e)
+                    _release([job], device, reset_dynamo=False)
+            for job in list(live):  # 2. warm-up, then the peak-memory iteration
+                prog.describe(f"warm-up {job.c.name} {mode}")
+                try:
+                    with job.ctx():
+                        before = _current_mib(device)
+                        for _ in range(cfg.warmup):
+                            job.step()
+                            prog.update(1)
+                        _sync(device)
+                        after = _current_mib(device)
+                        mem_kind = _reset_peak(device)
+                        at = _current_mib(device)
+                        job.step()
+                        _sync(device)
+                        peak = _read_peak_mib(device)
+                    prog.update(1)
+                    own = None if None in (job.own_mib, before, after) else job.own_mib + after - before
+                    job.row.update(peak_mem_mib=_alone_peak_mib(base_mib, own, at, peak, mem_kind),
+                                   mem_kind=mem_kind)
+                except Exception as e:
+                    failures += 1
+                    _record_error(job, e)
+                    live.remove(job)
+                    _release([job], device, reset_dynamo=False)
+            for i in range(cfg.repeats):  # 3. the timed rounds
+                if not live:
+                    break
+                prog.describe(f"{mode} round {i + 1}/{cfg.repeats}")
+                load = sample_load()
+                k = i % len(live)
+                for job in live[k:] + live[:k]:
+                    job.loads.append(load)
+                    try:
+                        with job.ctx():
+                            job.times[i] = timed_repeat(job.step, cfg, device, job.lat)
+                        prog.update(cfg.iters)
+                    except Exception as e:
+                        failures += 1
+                        _record_error(job, e)
+                        live.remove(job)
+                        _release([job], device, reset_dynamo=False)
+            load = sample_load()
+            for job in live:
+                job.loads.append(load)
+                _finish_row(job, cfg, gflop)
+        finally:
+            _release(group, device, reset_dynamo=True)
+    return failures
+
+
+def load_note(samples: Sequence[Optional[float]], cpu_count: int, threads: int) -> Dict[str, object]:
+    """The load figures of a run: ``samples`` are the 1-min load averages at the start (before
+    any contender ran), around each round / repeat, and at the end. This run itself adds up
+    to ``min(threads, cpu_count)`` to the load while it times; the machine is called busy when
+    the load of the other jobs — the start figure, and the later ones less this run's threads
+    — exceeds half the cores."""
+    vals = [v for v in samples if v is not None]
+    own = min(threads, cpu_count)
+    info: Dict[str, object] = dict(samples=list(samples), min=min(vals) if vals else None,
+                                   max=max(vals) if vals else None, cpu_count=cpu_count, threads=threads,
+                                   busy_threshold=0.5 * cpu_count, others_max=None, busy=None)
+    if vals:
+        others = [samples[0]] if samples[0] is not None else []
+        others += [max(0.0, v - own) for v in samples[1:] if v is not None]
+        info["others_max"] = round(max(others), 2)
+        info["busy"] = info["others_max"] > info["busy_threshold"]
+    return info
+
+
 class _Progress:
     def __init__(self, total: int, enabled: bool):
         self.bar = None
@@ -579,10 +855,12 @@ def run(cfg: BenchConfig) -> Dict[str, object]:
 
     conts, notes = contenders(cfg)
     notes = list(cfg.notes) + notes
-    load_before = _loadavg()
-    if device.type == "cpu" and load_before is not None and load_before > 0.5:
-        notes.append(f"the machine was busy (1-min load average {load_before:.2f} at the start): "
-                     "CPU timings are noisy")
+    load_samples: List[Optional[float]] = []
+
+    def sample_load() -> Optional[float]:
+        load_samples.append(_loadavg())
+        return load_samples[-1]
+    load_before = sample_load()
     if ref_build is None:  # CIFAR: the eager baseline is the fastres model on aten ops
         if fr_build is None:
             raise SystemExit(f"fastres bench: {fr_missing}")
@@ -605,81 +883,71 @@ def run(cfg: BenchConfig) -> Dict[str, object]:
     y = y.to(device)
     gflop = forward_gflop_per_image(ref_build, cfg.image_size)
 
-    per_run = cfg.warmup + cfg.repeats * cfg.iters
-    jobs = [(c, m) for c in conts for m in cfg.modes if not (c.compiled and m not in cfg.compile_modes)
-            and (c.modes is None or m in c.modes)]
-    prog = _Progress(total=per_run * sum(1 for c, _ in jobs if c.skip is None), enabled=cfg.progress)
-    rows: List[Dict[str, object]] = []
-    failures = 0
+    per_run = cfg.warmup + cfg.repeats * cfg.iters + (1 if cfg.interleave else 0)
+    jobs = [_Job(c, m, _new_row(c, m, cfg, device, date)) for c in conts for m in cfg.modes
+            if not (c.compiled and m not in cfg.compile_modes) and (c.modes is None or m in c.modes)]
+    for job in jobs:
+        if job.c.skip is not None:
+            job.row["status"] = f"skipped: {job.c.skip}"
+    builders = {"fastres": fr_build, "reference": ref_build}
+    prog = _Progress(total=per_run * sum(1 for j in jobs if j.c.skip is None), enabled=cfg.progress)
     try:
-        for c, mode in jobs:
-            row = dict(model=cfg.model, contender=c.name, backend=c.backend or "", compiled=c.compiled, mode=mode,
-                       status="ok", img_per_s=None, ms_per_iter=None, ms_min=None, ms_max=None, spread_pct=None,
-                       lat_p50_ms=None, lat_p90_ms=None, compile_s=None,
-                       peak_mem_mib=None, mem_kind="", speedup_vs_eager=None, tflops=None,
-                       device=str(device), device_name=device_name(device), dtype=cfg.dtype,
-                       batch_size=cfg.batch_size, image_size=cfg.image_size, channels_last=cfg.channels_last,
-                       iters=cfg.iters, repeats=cfg.repeats, warmup=cfg.warmup, date=date)
-            if c.skip is not None:
-                row["status"] = f"skipped: {c.skip}"
-                rows.append(row)
-                continue
-            prog.describe(f"{c.name} {mode}")
-            ctx = fastres.use_backend(c.backend) if c.backend else contextlib.nullcontext()
-            model = step = runner = None
-            try:
-                with ctx:
-                    model = (fr_build if c.kind == "fastres" else ref_build)()
-                    model.load_state_dict(state, strict=True)
-                    model = model.to(device=device, memory_format=fmt)
-                    runner, step, compile_s = _runner(c, model, mode, x, y, cfg, device)
-                    lat: Optional[List[float]] = [] if mode == "infer" else None
-                    times, peak, mem_kind = time_step(step, cfg, device, prog.update, lat)
-                med = statistics.median(times)
-                if lat:
-                    row.update(lat_p50_ms=percentile(lat, 0.5), lat_p90_ms=percentile(lat, 0.9))
-                row.update(ms_per_iter=med, ms_min=min(times), ms_max=max(times), compile_s=compile_s,
-                           spread_pct=100.0 * (max(times) - min(times)) / med if med > 0 else None,
-                           img_per_s=cfg.batch_size * 1e3 / med if med > 0 else None,
-                           peak_mem_mib=peak, mem_kind=mem_kind)
-                if gflop is not None and med > 0:
-                    flop_per_img = gflop * (3.0 if mode == "train" else 1.0)
-                    row["tflops"] = flop_per_img * cfg.batch_size / med  # GFLOP per ms = TFLOP/s
-                prog.postfix(last=f"{row['img_per_s']:.1f} img/s")
-            except Exception as e:  # record and go on with the next contender
-                failures += 1
-                msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-                row["status"] = f"error: {msg}"
-                print(f"\nfastres bench: {c.name} {mode} failed:\n{traceback.format_exc(limit=6)}",
-                      file=sys.stderr)
-            finally:
-                del model, step, runner
-                if c.compiled:
-                    torch._dynamo.reset()
-                _trim_host_memory()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            rows.append(row)
+        failures = (_run_interleaved if cfg.interleave else _run_sequential)(
+            jobs, builders, state, x, y, cfg, device, fmt, gflop, prog, sample_load)
     finally:
         prog.close()
+    load_after = sample_load()
+    rows = [j.row for j in jobs]
 
+    # speed-ups: against the baseline and the strongest alternative of the mode (the fastest
+    # compiled torchvision contender), as ratios of medians and, interleaved, as medians of the
+    # per-round ratios
+    alternatives: Dict[str, Optional[str]] = {}
     for mode in cfg.modes:
-        base = next((r for r in rows if r["mode"] == mode and r["contender"] == conts[0].name
-                     and r["status"] == "ok"), None)
-        for r in rows:
-            if r["mode"] == mode and base is not None and r["status"] == "ok":
-                r["speedup_vs_eager"] = base["ms_per_iter"] / r["ms_per_iter"]
+        ok = [j for j in jobs if j.mode == mode and j.row["status"] == "ok"]
+        base = next((j for j in ok if j.c is conts[0]), None)
+        alt = min((j for j in ok if j.c.alternative), key=lambda j: j.row["ms_per_iter"], default=None)
+        alternatives[mode] = alt.c.name if alt is not None else None
+        for j in ok:
+            r = j.row
+            if base is not None:
+                r["speedup_vs_eager"] = base.row["ms_per_iter"] / r["ms_per_iter"]
+                if cfg.interleave:
+                    r["paired_vs_eager"] = paired_ratio(base.times, j.times)
+            if alt is not None:
+                r.update(alt_contender=alt.c.name, speedup_vs_alt=alt.row["ms_per_iter"] / r["ms_per_iter"])
+                if cfg.interleave:
+                    r["paired_vs_alt"] = paired_ratio(alt.times, j.times)
 
+    threads = torch.get_num_threads()
+    load = load_note(load_samples, os.cpu_count() or 1, threads if device.type == "cpu" else 1)
+    if device.type == "cpu" and load["busy"]:
+        notes.append(f"the machine was busy: 1-min load average {load['min']:.2f}-{load['max']:.2f} over the run "
+                     f"(start {_fmt(load_before, '.2f')}, end {_fmt(load_after, '.2f')}) on {load['cpu_count']} "
+                     f"cores, {threads} torch threads; the other jobs' load (the average less this run's "
+                     f"threads) reached {load['others_max']:.2f} > {load['busy_threshold']:.1f} (half the cores): "
+                     "CPU timings are noisy" + ("; the interleaved per-round ratios are the robust figures"
+                                                 if cfg.interleave else ""))
+    if cfg.interleave:
+        timing = ("timed repeats interleaved: round i runs repeat i of every contender in turn (order rotated "
+                  "each round); ")
+        memory = ("; interleaved (every contender of the mode alive at once): each contender's figure as if "
+                  "it ran alone, the memory held before any contender was built + its own growth over its build "
+                  "and warm-up + the rise in one dedicated untimed iteration after the warm-up")
+    else:
+        timing = "every contender alone, one after another (--no-interleave); "
+        memory = ""
     meta = dict(tool="python -m fastres bench", date=date,
                 time=_dt.datetime.now().isoformat(timespec="seconds"),
                 device=str(device), device_name=device_name(device), device_slug=device_slug(device),
                 versions=_versions(), settings=asdict(cfg), baseline=conts[0].name,
                 forward_gflop_per_image=gflop,
-                timing=("CUDA events around each repeat" if device.type == "cuda" else
-                        "time.perf_counter around each repeat (CPU ops are synchronous)"),
+                timing=timing + ("CUDA events around each repeat" if device.type == "cuda" else
+                                 "time.perf_counter around each repeat (CPU ops are synchronous)"),
                 memory=("torch.cuda.max_memory_allocated after warm-up" if device.type == "cuda" else
-                        "peak resident set size (VmHWM, reset after warm-up) of the whole process"),
-                load_before=load_before, load_after=_loadavg(),
+                        "peak resident set size (VmHWM, reset after warm-up) of the whole process") + memory,
+                interleave=cfg.interleave, strongest_alternative=alternatives,
+                load_before=load_before, load_after=load_after, load=load,
                 notes=notes, failures=failures, backend_info=fastres.backend_info())
     return {"meta": meta, "rows": rows}
 
@@ -687,6 +955,11 @@ def run(cfg: BenchConfig) -> Dict[str, object]:
 # ============================================================================ output
 def _fmt(v, spec, missing="—"):
     return missing if v is None else format(v, spec)
+
+
+def _times(v) -> str:
+    """A ratio as ``1.23x``; ``—`` when there is none."""
+    return "—" if v is None else f"{v:.2f}x"
 
 
 def format_table(result: Dict[str, object]) -> str:
@@ -708,9 +981,22 @@ def format_table(result: Dict[str, object]) -> str:
     ]
     if meta.get("forward_gflop_per_image"):
         lines.append(f"forward GFLOP/img: {meta['forward_gflop_per_image']:.2f} (train counted as 3x)")
+    interleaved = bool(meta.get("interleave"))
+    alts = {m: a for m, a in (meta.get("strongest_alternative") or {}).items() if a}
+    lines.append(
+        f"vs {meta['baseline']}: ratio of medians (> 1: faster); "
+        + ("paired: median of the per-round ratios against it (interleaved rounds, robust to load drift); "
+           if interleaved else "")
+        + "vs alt: against the strongest alternative"
+        + (f" ({', '.join(f'{m}: {a}' for m, a in alts.items())})" if alts else " (none ran)")
+        + (", median of the per-round ratios" if interleaved else ", ratio of medians"))
+    load = meta.get("load") or {}
+    if load.get("min") is not None:
+        lines.append(f"load: 1-min load average {load['min']:.2f}-{load['max']:.2f} over the run "
+                     f"({load['cpu_count']} cores)")
     hdr = (f"{'contender':<34} {'mode':<6} {'img/s':>9} {'ms/iter':>9} {'(min-max)':>17} "
            f"{'p50 ms':>8} {'p90 ms':>8} {'peak MiB':>9} {'TFLOP/s':>8} {'vs ' + meta['baseline']:>16} "
-           f"{'compile s':>9}")
+           f"{'paired':>7} {'vs alt':>7} {'compile s':>9}")
     lines += ["", hdr, "-" * len(hdr)]
     for r in rows:
         if r["status"] != "ok":
@@ -721,6 +1007,8 @@ def format_table(result: Dict[str, object]) -> str:
                      f"{_fmt(r['ms_per_iter'], '9.2f'):>9} {rng:>17} {_fmt(r.get('lat_p50_ms'), '8.2f'):>8} "
                      f"{_fmt(r.get('lat_p90_ms'), '8.2f'):>8} {_fmt(r['peak_mem_mib'], '9.0f'):>9} "
                      f"{_fmt(r['tflops'], '8.3g'):>8} {_fmt(r['speedup_vs_eager'], '15.2f') + 'x':>16} "
+                     f"{_times(r.get('paired_vs_eager')):>7} "
+                     f"{_times(r.get('paired_vs_alt' if interleaved else 'speedup_vs_alt')):>7} "
                      f"{_fmt(r.get('compile_s'), '9.1f'):>9}")
     for n in meta.get("notes", []):
         lines.append(f"note: {n}")

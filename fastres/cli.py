@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--cuda-graphs", action="store_true",
                     help="also time each eager contender with its whole step (forward, backward, SGD; or the "
                          "inference forward) captured in a CUDA graph and replayed (CUDA only)")
+    pb.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
+                    help="time the repeats round-robin (default): every contender is built, compiled and "
+                         "warmed up first, then round i runs repeat i of each in turn, so all see the same "
+                         "load; rows add the median of the per-round ratios against the baseline and the "
+                         "strongest alternative; every contender of a mode is held in memory at once. "
+                         "--no-interleave: each contender alone, one after another")
     pb.add_argument("--iters", type=_positive_int, default=None, help="timed iterations per repeat")
     pb.add_argument("--repeats", type=_positive_int, default=None, help="timed repeats (median and spread)")
     pb.add_argument("--warmup", type=_nonneg_int, default=None, help="untimed warm-up iterations")

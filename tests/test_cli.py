@@ -11,6 +11,7 @@ import csv
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -182,14 +183,154 @@ def test_bench_records_a_failing_contender_and_exits_1(tmp_path, monkeypatch, ca
             raise RuntimeError("deliberately broken model")
         return build
     monkeypatch.setattr(bench, "fastres_builder", broken)
+    _bench_fastres_fails(tmp_path, 1, "deliberately broken model")
+
+
+def _bench_fastres_fails(tmp_path, repeats, message):
+    """A resnet18 inference run (torchvision, fastres[torch]) in which fastres[torch] fails
+    with ``message``: exit 1, the failure recorded in its row, torchvision's row intact."""
     argv = ["bench", "--model", "resnet18", "--batch-size", "2", "--image-size", "32", "--iters", "1",
-            "--warmup", "0", "--repeats", "1", "--no-compile", "--device", "cpu", "--mode", "infer",
+            "--warmup", "0", "--repeats", str(repeats), "--no-compile", "--device", "cpu", "--mode", "infer",
             "--backend", "torch", "--no-progress", "--no-plot", "--threads", "1", "--out", str(tmp_path)]
     assert cli.main(argv) == 1
     rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
     status = {r["contender"]: r["status"] for r in rows}
     assert status["torchvision"] == "ok"
-    assert status["fastres[torch]"].startswith("error: RuntimeError: deliberately broken model")
+    assert status["fastres[torch]"].startswith(f"error: RuntimeError: {message}")
+    return rows
+
+
+def _tiny_net():
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+
+
+def _fake_bench(monkeypatch, tmp_path, *flags):
+    """A bench run whose contenders' steps only record who was called (and under which
+    fastres backend): torchvision, torchvision+compile(freezing) (not compiled: _runner is
+    faked) and fastres[torch], inference, warm-up 1, 3 repeats of 1 iteration."""
+    calls = []
+
+    def fake_runner(c, model, mode, x, y, cfg, device):
+        def step():
+            calls.append((c.name, backends.requested_backend()))
+        return model, step, (0.25 if c.compiled else None)
+    loads = iter(float(i) for i in range(100))
+    monkeypatch.setattr(bench, "_runner", fake_runner)
+    monkeypatch.setattr(bench, "_loadavg", lambda: next(loads))
+    monkeypatch.setattr(bench, "reference_builder", lambda model, n: _tiny_net)
+    monkeypatch.setattr(bench, "fastres_builder", lambda model, n: _tiny_net)
+    argv = ["bench", "--model", "resnet18", "--batch-size", "2", "--image-size", "8", "--iters", "1",
+            "--warmup", "1", "--repeats", "3", "--device", "cpu", "--mode", "infer", "--backend", "torch",
+            "--compile", "--infer-compile", "freezing", "--no-progress", "--no-plot", "--threads", "1",
+            "--out", str(tmp_path), *flags]
+    assert cli.main(argv) == 0
+    result = json.loads(next(tmp_path.glob("*.json")).read_text())
+    return calls, result
+
+
+def test_bench_interleaves_the_timed_repeats_round_robin(monkeypatch, tmp_path, capsys):
+    calls, result = _fake_bench(monkeypatch, tmp_path)
+    tv, frz, fr = "torchvision", "torchvision+compile(freezing)", "fastres[torch]"
+    # every contender built, then warm-up + the peak-memory iteration of each, then the rounds:
+    # repeat i of every contender in turn, the order rotated by one each round
+    assert [n for n, _ in calls] == [tv, tv, frz, frz, fr, fr] + [tv, frz, fr] + [frz, fr, tv] + [fr, tv, frz]
+    assert {b for n, b in calls if n == fr} == {"torch"}  # each repeat under its own backend
+    assert {b for n, b in calls if n != fr} == {"auto"}
+    meta, rows = result["meta"], result["rows"]
+    assert meta["interleave"] is True and meta["strongest_alternative"] == {"infer": frz}
+    assert [r["contender"] for r in rows] == [tv, frz, fr]
+    by = {r["contender"]: r for r in rows}
+    for r in rows:
+        assert r["status"] == "ok" and r["interleaved"] is True
+        assert len(r["repeat_ms"]) == 3 and r["ms_per_iter"] == pytest.approx(statistics.median(r["repeat_ms"]))
+        assert r["alt_contender"] == frz and r["paired_vs_eager"] > 0 and r["paired_vs_alt"] > 0
+        assert r["speedup_vs_alt"] == pytest.approx(by[frz]["ms_per_iter"] / r["ms_per_iter"])
+        assert r["peak_mem_mib"] > 0
+        # the load was sampled at the start (0), before each round (1, 2, 3) and at the end (4, 5)
+        assert (r["load_min"], r["load_max"]) == (1.0, 4.0)
+    assert by[tv]["paired_vs_eager"] == 1.0 and by[frz]["paired_vs_alt"] == 1.0
+    assert by[fr]["paired_vs_eager"] == pytest.approx(statistics.median(
+        [a / b for a, b in zip(by[tv]["repeat_ms"], by[fr]["repeat_ms"])]))
+    assert by[frz]["compile_s"] == 0.25 and by[tv]["compile_s"] is None
+    load = meta["load"]
+    assert load["samples"] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0] and (load["min"], load["max"]) == (0.0, 5.0)
+    assert load["cpu_count"] == (os.cpu_count() or 1) and load["threads"] == 1
+    assert (load["busy"] is True) == (load["others_max"] > 0.5 * load["cpu_count"])
+    assert any("was busy" in n and "0.00-5.00" in n for n in meta["notes"]) == load["busy"]
+    out = capsys.readouterr().out
+    assert "paired" in out and "vs alt" in out and f"infer: {frz}" in out
+    header = next(tmp_path.glob("*.csv")).read_text().splitlines()[0].split(",")
+    assert list(bench.CSV_FIELDS) == header
+    assert {"alt_contender", "speedup_vs_alt", "paired_vs_eager", "paired_vs_alt", "load_min", "load_max"} <= set(header)
+
+
+def test_bench_no_interleave_runs_each_contender_alone(monkeypatch, tmp_path):
+    calls, result = _fake_bench(monkeypatch, tmp_path, "--no-interleave")
+    tv, frz, fr = "torchvision", "torchvision+compile(freezing)", "fastres[torch]"
+    assert [n for n, _ in calls] == [tv] * 4 + [frz] * 4 + [fr] * 4  # warm-up 1 + 3 repeats each
+    meta, rows = result["meta"], result["rows"]
+    assert meta["interleave"] is False and "--no-interleave" in meta["timing"]
+    for r in rows:
+        assert r["status"] == "ok" and r["interleaved"] is False and len(r["repeat_ms"]) == 3
+        assert r["paired_vs_eager"] is None and r["paired_vs_alt"] is None  # repeats are not paired
+        assert r["speedup_vs_alt"] is not None and r["alt_contender"] == frz
+    # samples: the start, each repeat of each contender and its end, the end of the run
+    assert len(meta["load"]["samples"]) == 1 + 3 * 4 + 1
+    assert [(r["load_min"], r["load_max"]) for r in rows] == [(1.0, 4.0), (5.0, 8.0), (9.0, 12.0)]
+
+
+def test_bench_interleaved_failure_drops_only_that_contender(monkeypatch, tmp_path, capsys):
+    """A contender that fails in a timed round is recorded and leaves the rounds; the others finish."""
+    real = bench.timed_repeat
+    seen = []
+
+    def flaky(step, cfg, device, per_iter=None):
+        seen.append(step)
+        if len(seen) == 2:  # the second contender of the first round
+            raise RuntimeError("deliberately failing repeat")
+        return real(step, cfg, device, per_iter)
+    monkeypatch.setattr(bench, "timed_repeat", flaky)
+    rows = _bench_fastres_fails(tmp_path, 3, "deliberately failing repeat")
+    assert len(seen) == 1 + 1 + 2  # round 1: both; rounds 2 and 3: torchvision alone
+    assert [t is not None for t in rows[0]["repeat_ms"]] == [True] * 3
+
+
+@pytest.mark.parametrize("interleave", ["--interleave", "--no-interleave"])
+def test_tiny_cifar_bench_both_modes(tmp_path, interleave):
+    """The real loop (no fakes): a CIFAR net, batch 2, one iteration, training and inference."""
+    argv = ["bench", "--model", "cifar_resnet20", "--batch-size", "2", "--iters", "1", "--warmup", "1",
+            "--repeats", "2", "--no-compile", "--device", "cpu", "--mode", "both", "--backend", "torch",
+            "--no-progress", "--no-plot", "--threads", "1", "--out", str(tmp_path), interleave]
+    assert cli.main(argv) == 0
+    result = json.loads(next(tmp_path.glob("*.json")).read_text())
+    rows = result["rows"]
+    assert [(r["contender"], r["mode"]) for r in rows] == [
+        ("eager", "train"), ("eager", "infer"), ("fastres[torch]", "train"), ("fastres[torch]", "infer")]
+    for r in rows:
+        assert r["status"] == "ok" and r["peak_mem_mib"] > 0 and len(r["repeat_ms"]) == 2
+        assert (r["paired_vs_eager"] is not None) == (interleave == "--interleave")
+        assert r["alt_contender"] == "" and r["speedup_vs_alt"] is None  # --no-compile: no alternative
+    assert result["meta"]["strongest_alternative"] == {"train": None, "infer": None}
+
+
+def test_paired_ratio_and_alone_peak():
+    assert bench.paired_ratio([2.0, 4.0, 9.0, None], [1.0, 1.0, 3.0, 1.0]) == 3.0  # rounds 1-3: 2, 4, 3
+    assert bench.paired_ratio([1.0, None], [None, 2.0]) is None
+    assert bench._alone_peak_mib(100.0, 50.0, 300.0, 400.0, "peak_rss") == 250.0
+    assert bench._alone_peak_mib(100.0, -5.0, 300.0, 290.0, "cuda_max_allocated") == 100.0
+    assert bench._alone_peak_mib(100.0, 50.0, 300.0, 400.0, "peak_rss_process") == 400.0
+    assert bench._alone_peak_mib(None, 50.0, 300.0, 400.0, "peak_rss") == 400.0
+
+
+def test_load_note_threshold():
+    # 2 cores, 2 threads: the run's own 2 threads are taken off the samples after the start
+    assert bench.load_note([0.2, 3.0, 2.9], 2, 2)["busy"] is False
+    n = bench.load_note([0.2, 3.5, 2.9], 2, 2)
+    assert n["busy"] is True and n["others_max"] == 1.5 and n["busy_threshold"] == 1.0
+    assert bench.load_note([1.5, 1.0], 2, 1)["busy"] is True  # busy at the start
+    assert (n["min"], n["max"]) == (0.2, 3.5)
+    none = bench.load_note([None, None], 4, 4)
+    assert none["busy"] is None and none["min"] is None
 
 
 @pytest.mark.slow
