@@ -145,8 +145,8 @@ struct Graph {
     return t;
   }
 
-  void conv_fprop(const DescP& x, const DescP& w, const DescP& y, const std::vector<int64_t>& stride,
-                  const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation) {
+  DescP conv_desc(const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+                  const std::vector<int64_t>& dilation) {
     auto conv = std::make_shared<Desc>(CUDNN_BACKEND_CONVOLUTION_DESCRIPTOR);
     conv->set_i64(CUDNN_ATTR_CONVOLUTION_SPATIAL_DIMS, 2);
     conv->set_dtype(CUDNN_ATTR_CONVOLUTION_COMP_TYPE, CUDNN_DATA_FLOAT);
@@ -158,15 +158,93 @@ struct Graph {
     conv->set_i64s(CUDNN_ATTR_CONVOLUTION_POST_PADDINGS, padding);
     conv->finalize();
     keep.push_back(conv);
+    return conv;
+  }
 
-    auto op = std::make_shared<Desc>(CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR);
-    op->set_desc(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_X, *x);
-    op->set_desc(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_W, *w);
-    op->set_desc(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_Y, *y);
-    op->set_desc(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_CONV_DESC, *conv);
+  // One convolution operation (fprop, dgrad or wgrad): alpha 1, beta 0; the three
+  // tensor attributes are given in the order (attribute, descriptor).
+  void conv_op(cudnnBackendDescriptorType_t type, const DescP& conv, cudnnBackendAttributeName_t conv_attr,
+               cudnnBackendAttributeName_t alpha_attr, cudnnBackendAttributeName_t beta_attr,
+               std::initializer_list<std::pair<cudnnBackendAttributeName_t, const DescP*>> tensors) {
+    auto op = std::make_shared<Desc>(type);
+    for (const auto& t : tensors) op->set_desc(t.first, **t.second);
+    op->set_desc(conv_attr, *conv);
     float alpha = 1.0f, beta = 0.0f;
-    op->set(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_ALPHA, CUDNN_TYPE_FLOAT, 1, &alpha);
-    op->set(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_BETA, CUDNN_TYPE_FLOAT, 1, &beta);
+    op->set(alpha_attr, CUDNN_TYPE_FLOAT, 1, &alpha);
+    op->set(beta_attr, CUDNN_TYPE_FLOAT, 1, &beta);
+    op->finalize();
+    keep.push_back(op);
+    ops.push_back(op->get());
+  }
+
+  void conv_fprop(const DescP& x, const DescP& w, const DescP& y, const std::vector<int64_t>& stride,
+                  const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation) {
+    auto conv = conv_desc(stride, padding, dilation);
+    conv_op(CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR, conv,
+            CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_CONV_DESC, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_ALPHA,
+            CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_BETA,
+            {{CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_X, &x}, {CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_W, &w},
+             {CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_Y, &y}});
+  }
+
+  // dx = conv_dgrad(dy, w)
+  void conv_dgrad(const DescP& dy, const DescP& w, const DescP& dx, const std::vector<int64_t>& stride,
+                  const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation) {
+    auto conv = conv_desc(stride, padding, dilation);
+    conv_op(CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_DATA_DESCRIPTOR, conv,
+            CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_CONV_DESC, CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_ALPHA,
+            CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_BETA,
+            {{CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_DY, &dy}, {CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_W, &w},
+             {CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_DX, &dx}});
+  }
+
+  // dw = conv_wgrad(dy, x)
+  void conv_wgrad(const DescP& dy, const DescP& x, const DescP& dw, const std::vector<int64_t>& stride,
+                  const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation) {
+    auto conv = conv_desc(stride, padding, dilation);
+    conv_op(CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_FILTER_DESCRIPTOR, conv,
+            CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_CONV_DESC, CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_ALPHA,
+            CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_BETA,
+            {{CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_DY, &dy}, {CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_X, &x},
+             {CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_DW, &dw}});
+  }
+
+  // dx = relu_bwd(dy, x): dy where x > 0, else 0 (the mask from the forward input x).
+  void relu_bwd(const DescP& dy, const DescP& x, const DescP& dx) {
+    auto pw = std::make_shared<Desc>(CUDNN_BACKEND_POINTWISE_DESCRIPTOR);
+    cudnnPointwiseMode_t mode = CUDNN_POINTWISE_RELU_BWD;
+    pw->set(CUDNN_ATTR_POINTWISE_MODE, CUDNN_TYPE_POINTWISE_MODE, 1, &mode);
+    pw->set_dtype(CUDNN_ATTR_POINTWISE_MATH_PREC, CUDNN_DATA_FLOAT);
+    pw->finalize();
+    keep.push_back(pw);
+
+    auto op = std::make_shared<Desc>(CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR);
+    op->set_desc(CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, *pw);
+    op->set_desc(CUDNN_ATTR_OPERATION_POINTWISE_XDESC, *x);
+    op->set_desc(CUDNN_ATTR_OPERATION_POINTWISE_DYDESC, *dy);
+    op->set_desc(CUDNN_ATTR_OPERATION_POINTWISE_DXDESC, *dx);
+    op->finalize();
+    keep.push_back(op);
+    ops.push_back(op->get());
+  }
+
+  // BN backward weights: dscale = sum dy*(x-mean)*invstd, dbias = sum dy, and the
+  // three "equivalent" coefficients of the full BN backward (fp32, [1,C,1,1] each).
+  void bn_bwd_weights(const DescP& x, const DescP& dy, const DescP& mean, const DescP& invstd,
+                      const DescP& scale, const DescP& dscale, const DescP& dbias, const DescP& eq_dy,
+                      const DescP& eq_x, const DescP& eq_bias) {
+    auto op = std::make_shared<Desc>(CUDNN_BACKEND_OPERATION_BN_BWD_WEIGHTS_DESCRIPTOR);
+    op->set_dtype(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_MATH_PREC, CUDNN_DATA_FLOAT);
+    op->set_desc(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_X_DESC, *x);
+    op->set_desc(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_DY_DESC, *dy);
+    op->set_desc(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_MEAN_DESC, *mean);
+    op->set_desc(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_INVSTD_DESC, *invstd);
+    op->set_desc(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_BN_SCALE_DESC, *scale);
+    op->set_desc(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_DBN_SCALE_DESC, *dscale);
+    op->set_desc(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_DBN_BIAS_DESC, *dbias);
+    op->set_desc(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_EQ_DY_SCALE_DESC, *eq_dy);
+    op->set_desc(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_EQ_X_SCALE_DESC, *eq_x);
+    op->set_desc(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_EQ_BIAS, *eq_bias);
     op->finalize();
     keep.push_back(op);
     ops.push_back(op->get());
@@ -449,11 +527,76 @@ void store(const std::vector<int64_t>& key, std::shared_ptr<Plan> p) {
   c.plans.emplace(key, std::move(p));
 }
 
-enum Pattern : int64_t { kConvBiasAct = 1, kConvActStats = 2 };
+enum Pattern : int64_t { kConvBiasAct = 1, kConvActStats = 2, kDgradDreluDbn = 3, kScaleShiftReluWgrad = 4 };
 enum Uid : int64_t {
-  kX = 1, kW, kY, kBias, kRes, kScale, kShift, kSum, kSumSq,
-  kVConv = 100, kVBias, kVRes, kVScaled, kVShifted, kVAct
+  kX = 1, kW, kY, kBias, kRes, kScale, kShift, kSum, kSumSq, kDY, kDV, kDW, kMean, kInvStd, kDScale, kDShift,
+  kEqDy, kEqX, kEqBias,
+  kVConv = 100, kVBias, kVRes, kVScaled, kVShifted, kVAct, kVDgrad, kVCentered, kVNormed
 };
+
+// The input prologue x -> [MUL scale] -> [ADD shift] -> [RELU_FWD] of the training
+// graphs (the previous BatchNorm, folded, and its ReLU). Its per-channel tensors are
+// declared (in this order: scale, shift) by declare_prologue, the chain by apply_prologue
+// with virtual intermediates of dtype `vdt`.
+struct Prologue {
+  DescP scale, shift;
+};
+
+Prologue declare_prologue(Graph& g, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                          cudnnDataType_t pdt) {
+  const int64_t C = x.size(1);
+  Prologue p;
+  if (scale.defined()) p.scale = g.tensor(kScale, pdt, chan_dims(C), chan_strides(C), false, alignment_of(scale.data_ptr()));
+  if (shift.defined()) p.shift = g.tensor(kShift, pdt, chan_dims(C), chan_strides(C), false, alignment_of(shift.data_ptr()));
+  return p;
+}
+
+DescP apply_prologue(Graph& g, DescP cur, const Prologue& p, const std::vector<int64_t>& xd, bool relu,
+                     cudnnDataType_t vdt) {
+  if (p.scale) {
+    auto o = g.tensor(kVScaled, vdt, xd, nhwc_strides(xd), true, 16);
+    g.pointwise(CUDNN_POINTWISE_MUL, cur, p.scale, o);
+    cur = o;
+  }
+  if (p.shift) {
+    auto o = g.tensor(kVShifted, vdt, xd, nhwc_strides(xd), true, 16);
+    g.pointwise(CUDNN_POINTWISE_ADD, cur, p.shift, o);
+    cur = o;
+  }
+  if (relu) {
+    auto o = g.tensor(kVAct, vdt, xd, nhwc_strides(xd), true, 16);
+    g.pointwise(CUDNN_POINTWISE_RELU_FWD, cur, nullptr, o);
+    cur = o;
+  }
+  return cur;
+}
+
+
+// The start of a plan key: pattern, handle (plans are built for one handle, as torch's
+// own cuDNN v8 plan cache is thread-local), device, conv parameters, flags, TF32.
+std::vector<int64_t> base_key(Pattern pattern, cudnnHandle_t handle, const at::Tensor& x, int64_t groups,
+                              int64_t flags, at::IntArrayRef stride, at::IntArrayRef padding,
+                              at::IntArrayRef dilation) {
+  std::vector<int64_t> key = {pattern, reinterpret_cast<int64_t>(handle), x.get_device(), groups, flags,
+                              at::globalContext().allowTF32CuDNN() ? 1 : 0};
+  for (auto v : {stride, padding, dilation}) key.insert(key.end(), v.begin(), v.end());
+  return key;
+}
+
+// The cached plan of `key` (built by `build` on a miss), executed on `ptrs`.
+template <class Build>
+void run_cached(const std::vector<int64_t>& key, cudnnHandle_t handle, bool fp32_io, const std::vector<void*>& ptrs,
+                const at::Tensor& like, Build&& build) {
+  auto plan = lookup(key);
+  if (!plan) {
+    Graph g;
+    build(g);
+    // io_uids were pushed in declaration order, which every caller keeps equal to ptrs'
+    plan = build_plan(std::move(g), handle, fp32_io, ptrs, like);
+    store(key, plan);
+  }
+  execute(handle, *plan, ptrs, like);
+}
 
 }  // namespace
 
@@ -486,11 +629,7 @@ at::Tensor cudnn_conv_bias_act(const at::Tensor& x_in, const at::Tensor& w_in,
   at::Tensor y = at::empty(ys, x.options().memory_format(at::MemoryFormat::ChannelsLast));
 
   cudnnHandle_t handle = at::native::getCudnnHandle();  // this thread's, set to the current stream
-  // plans are built for one handle: the handle is part of the key (as torch's own
-  // cuDNN v8 plan cache is thread-local)
-  std::vector<int64_t> key = {kConvBiasAct, reinterpret_cast<int64_t>(handle), x.get_device(), groups, relu ? 1 : 0,
-                              at::globalContext().allowTF32CuDNN() ? 1 : 0};
-  for (auto v : {stride, padding, dilation}) key.insert(key.end(), v.begin(), v.end());
+  auto key = base_key(kConvBiasAct, handle, x, groups, relu ? 1 : 0, stride, padding, dilation);
   for (const auto* t : {&x, &w, &bias, &res, &y}) push_tensor_key(key, *t);
 
   // pointers in the order the graph declares its I/O tensors
@@ -499,9 +638,7 @@ at::Tensor cudnn_conv_bias_act(const at::Tensor& x_in, const at::Tensor& w_in,
   if (res.defined()) ptrs.push_back(res.data_ptr());
   ptrs.push_back(y.data_ptr());
 
-  auto plan = lookup(key);
-  if (!plan) {
-    Graph g;
+  run_cached(key, handle, dt == at::kFloat, ptrs, x, [&](Graph& g) {
     auto tx = g.tensor(kX, cdt, dims4(x), strides4(x), false, alignment_of(x.data_ptr()));
     auto tw = g.tensor(kW, cdt, dims4(w), strides4(w), false, alignment_of(w.data_ptr()));
     DescP tb, tr;
@@ -535,11 +672,8 @@ at::Tensor cudnn_conv_bias_act(const at::Tensor& x_in, const at::Tensor& w_in,
       g.pointwise(CUDNN_POINTWISE_RELU_FWD, cur, nullptr, o);
       cur = o;
     }
-    // io_uids were pushed in declaration order: x, w, [bias], [res], y — as ptrs
-    plan = build_plan(std::move(g), handle, dt == at::kFloat, ptrs, x);
-    store(key, plan);
-  }
-  execute(handle, *plan, ptrs, x);
+    // declared: x, w, [bias], [res], y — as ptrs
+  });
   return fmt == at::MemoryFormat::ChannelsLast ? y : y.contiguous(fmt);
 }
 
@@ -566,11 +700,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cudnn_conv_act_stats(
   at::Tensor sumsq = at::empty({1, K, 1, 1}, x.options().dtype(at::kFloat));
 
   cudnnHandle_t handle = at::native::getCudnnHandle();  // this thread's, set to the current stream
-  // plans are built for one handle: the handle is part of the key (as torch's own
-  // cuDNN v8 plan cache is thread-local)
-  std::vector<int64_t> key = {kConvActStats, reinterpret_cast<int64_t>(handle), x.get_device(), groups, in_relu ? 1 : 0,
-                              at::globalContext().allowTF32CuDNN() ? 1 : 0};
-  for (auto v : {stride, padding, dilation}) key.insert(key.end(), v.begin(), v.end());
+  auto key = base_key(kConvActStats, handle, x, groups, in_relu ? 1 : 0, stride, padding, dilation);
   for (const auto* t : {&x, &w, &scale, &shift, &y, &sum, &sumsq}) push_tensor_key(key, *t);
 
   std::vector<void*> ptrs = {x.data_ptr()};
@@ -581,32 +711,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cudnn_conv_act_stats(
   ptrs.push_back(sum.data_ptr());
   ptrs.push_back(sumsq.data_ptr());
 
-  auto plan = lookup(key);
-  if (!plan) {
-    Graph g;
-    const auto xd = dims4(x);
-    DescP cur = g.tensor(kX, cdt, xd, strides4(x), false, alignment_of(x.data_ptr()));
-    DescP ts, tt;
-    if (scale.defined()) ts = g.tensor(kScale, cudnn_dtype(pdt), chan_dims(C), chan_strides(C), false,
-                                       alignment_of(scale.data_ptr()));
-    if (shift.defined()) tt = g.tensor(kShift, cudnn_dtype(pdt), chan_dims(C), chan_strides(C), false,
-                                       alignment_of(shift.data_ptr()));
+  run_cached(key, handle, dt == at::kFloat, ptrs, x, [&](Graph& g) {
+    auto tx = g.tensor(kX, cdt, dims4(x), strides4(x), false, alignment_of(x.data_ptr()));
+    auto pro = declare_prologue(g, x, scale, shift, cudnn_dtype(pdt));
     auto tw = g.tensor(kW, cdt, dims4(w), strides4(w), false, alignment_of(w.data_ptr()));
-    if (ts) {
-      auto o = g.tensor(kVScaled, CUDNN_DATA_FLOAT, xd, nhwc_strides(xd), true, 16);
-      g.pointwise(CUDNN_POINTWISE_MUL, cur, ts, o);
-      cur = o;
-    }
-    if (tt) {
-      auto o = g.tensor(kVShifted, CUDNN_DATA_FLOAT, xd, nhwc_strides(xd), true, 16);
-      g.pointwise(CUDNN_POINTWISE_ADD, cur, tt, o);
-      cur = o;
-    }
-    if (in_relu) {
-      auto o = g.tensor(kVAct, CUDNN_DATA_FLOAT, xd, nhwc_strides(xd), true, 16);
-      g.pointwise(CUDNN_POINTWISE_RELU_FWD, cur, nullptr, o);
-      cur = o;
-    }
+    DescP cur = apply_prologue(g, tx, pro, dims4(x), in_relu, CUDNN_DATA_FLOAT);
     auto ty = g.tensor(kY, cdt, ys, nhwc_strides(ys), false, alignment_of(y.data_ptr()));
     g.conv_fprop(cur, tw, ty, stride.vec(), padding.vec(), dilation.vec());
     auto tsum = g.tensor(kSum, CUDNN_DATA_FLOAT, chan_dims(K), chan_strides(K), false,
@@ -614,11 +723,141 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cudnn_conv_act_stats(
     auto tsq = g.tensor(kSumSq, CUDNN_DATA_FLOAT, chan_dims(K), chan_strides(K), false,
                         alignment_of(sumsq.data_ptr()));
     g.genstats(ty, tsum, tsq);
-    plan = build_plan(std::move(g), handle, dt == at::kFloat, ptrs, x);
-    store(key, plan);
-  }
-  execute(handle, *plan, ptrs, x);
+  });
   return {fmt == at::MemoryFormat::ChannelsLast ? y : y.contiguous(fmt), sum.view({K}), sumsq.view({K})};
+}
+
+// Training backward, data gradient ("DgradDreluBNBwdWeight"): for a conv whose input
+// u = relu(x*scale + shift) is the previous BatchNorm (folded) + ReLU,
+//   dv = relu_bwd(conv_dgrad(dy, w), x*scale + shift)         (x's dtype, x's shape)
+//   dscale = sum dv*x,  dshift = sum dv                         (fp32, [C])
+// cuDNN's pattern is written with the BN's own mean/invstd/gamma/beta; the folded form
+// is the same graph with mean 0 and invstd 1 (then x̂ = x, bn(x) = x*scale + shift and
+// the DBN-weight outputs dscale/dbias are Σdv·x and Σdv). Its "equivalent" dBN
+// coefficients are required outputs of the operation and are discarded.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cudnn_dgrad_drelu_dbn(
+    const at::Tensor& dy_in, const at::Tensor& w_in, const at::Tensor& x_in, const at::Tensor& scale_in,
+    const at::Tensor& shift_in, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t groups) {
+  const char* op = "cudnn_dgrad_drelu_dbn";
+  check_conv_args(x_in, w_in, stride, padding, dilation, groups, op);
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const auto fmt = memory_format_of(x_in);
+  const auto dt = x_in.scalar_type();
+  const auto cdt = cudnn_dtype(dt);
+  at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor w = w_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const auto ys = out_shape(x, w, stride, padding, dilation);
+  TORCH_CHECK(dy_in.sizes() == at::IntArrayRef(ys), "fastres::", op, ": dy has shape ", dy_in.sizes(),
+              ", expected ", at::IntArrayRef(ys));
+  TORCH_CHECK(dy_in.scalar_type() == dt, "fastres::", op, ": dy has dtype ", dy_in.scalar_type(), ", expected ", dt);
+  TORCH_CHECK(dy_in.device() == x.device(), "fastres::", op, ": dy is on ", dy_in.device(), ", expected ",
+              x.device());
+  at::Tensor dy = dy_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t C = x.size(1);
+  at::Tensor scale = chan_param(scale_in, C, at::kFloat, x, op, "scale");
+  at::Tensor shift = chan_param(shift_in, C, at::kFloat, x, op, "shift");
+  TORCH_CHECK(scale.defined() && shift.defined(), "fastres::", op, ": scale and shift are required");
+  at::Tensor mean = at::zeros({C}, x.options().dtype(at::kFloat));
+  at::Tensor invstd = at::ones({C}, x.options().dtype(at::kFloat));
+  at::Tensor dv = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  auto per_c = [&] { return at::empty({C}, x.options().dtype(at::kFloat)); };
+  at::Tensor dscale = per_c(), dshift = per_c(), eq_dy = per_c(), eq_x = per_c(), eq_bias = per_c();
+
+  cudnnHandle_t handle = at::native::getCudnnHandle();
+  auto key = base_key(kDgradDreluDbn, handle, x, groups, 0, stride, padding, dilation);
+  for (const auto* t : {&dy, &w, &x, &mean, &invstd, &scale, &shift, &dv, &dscale, &dshift, &eq_dy, &eq_x, &eq_bias}) {
+    push_tensor_key(key, *t);
+  }
+  std::vector<void*> ptrs;
+  for (const auto* t : {&dy, &w, &x, &mean, &invstd, &scale, &shift, &dv, &dscale, &dshift, &eq_dy, &eq_x, &eq_bias}) {
+    ptrs.push_back(t->data_ptr());
+  }
+  run_cached(key, handle, dt == at::kFloat, ptrs, x, [&](Graph& g) {
+    const auto xd = dims4(x);
+    auto chan = [&](int64_t uid, const at::Tensor& t) {
+      return g.tensor(uid, CUDNN_DATA_FLOAT, chan_dims(C), chan_strides(C), false, alignment_of(t.data_ptr()));
+    };
+    auto tdy = g.tensor(kDY, cdt, ys, nhwc_strides(ys), false, alignment_of(dy.data_ptr()));
+    auto tw = g.tensor(kW, cdt, dims4(w), strides4(w), false, alignment_of(w.data_ptr()));
+    auto tx = g.tensor(kX, cdt, xd, strides4(x), false, alignment_of(x.data_ptr()));
+    auto tm = chan(kMean, mean);
+    auto tv = chan(kInvStd, invstd);
+    auto ts = chan(kScale, scale);
+    auto tb = chan(kShift, shift);
+    auto tdv = g.tensor(kDV, cdt, xd, nhwc_strides(xd), false, alignment_of(dv.data_ptr()));
+    auto tds = chan(kDScale, dscale);
+    auto tdb = chan(kDShift, dshift);
+    auto teq_dy = chan(kEqDy, eq_dy);
+    auto teq_x = chan(kEqX, eq_x);
+    auto teq_b = chan(kEqBias, eq_bias);
+    // declared: dy, w, x, mean, invstd, scale, shift, dv, dscale, dshift, eq_dy, eq_x, eq_bias — as ptrs
+    auto dgrad = g.tensor(kVDgrad, CUDNN_DATA_FLOAT, xd, nhwc_strides(xd), true, 16);
+    g.conv_dgrad(tdy, tw, dgrad, stride.vec(), padding.vec(), dilation.vec());
+    auto centered = g.tensor(kVCentered, CUDNN_DATA_FLOAT, xd, nhwc_strides(xd), true, 16);
+    g.pointwise(CUDNN_POINTWISE_SUB, tx, tm, centered);
+    auto normed = g.tensor(kVNormed, CUDNN_DATA_FLOAT, xd, nhwc_strides(xd), true, 16);
+    g.pointwise(CUDNN_POINTWISE_MUL, centered, tv, normed);
+    auto pre = apply_prologue(g, normed, Prologue{ts, tb}, xd, false, CUDNN_DATA_FLOAT);
+    g.relu_bwd(dgrad, pre, tdv);
+    g.bn_bwd_weights(tx, tdv, tm, tv, ts, tds, tdb, teq_dy, teq_x, teq_b);
+  });
+  return {fmt == at::MemoryFormat::ChannelsLast ? dv : dv.contiguous(fmt), dscale, dshift};
+}
+
+// Training backward, weight gradient ("scale-bias-relu-wgrad", ConvBNwgrad):
+//   dw = conv_wgrad(dy, [relu]([x*scale] [+ shift]))   (the prologue recomputed as x is
+// loaded, never stored; intermediates in x's dtype: u is rounded to x's dtype in the
+// forward too). dw in x's dtype, contiguous.
+at::Tensor cudnn_wgrad_scale_shift_relu(const at::Tensor& dy_in, const at::Tensor& x_in,
+                                        const std::optional<at::Tensor>& scale_in,
+                                        const std::optional<at::Tensor>& shift_in, at::IntArrayRef weight_size,
+                                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                        int64_t groups, bool in_relu) {
+  const char* op = "cudnn_wgrad_scale_shift_relu";
+  TORCH_CHECK(weight_size.size() == 4, "fastres::", op, ": weight_size must have 4 elements, got ", weight_size);
+  at::Tensor w_meta = at::empty(weight_size, x_in.options().device(at::kMeta));
+  TORCH_CHECK(x_in.is_cuda(), "fastres::", op, ": x must be a CUDA tensor, got ", x_in.device());
+  TORCH_CHECK(x_in.dim() == 4, "fastres::", op, ": x must be 4-D (N, C, H, W), got shape ", x_in.sizes());
+  TORCH_CHECK(groups >= 1 && x_in.size(1) == weight_size[1] * groups && weight_size[0] % groups == 0, "fastres::",
+              op, ": weight_size ", weight_size, " with groups=", groups, " does not match x of shape ", x_in.sizes());
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, "fastres::", op,
+              ": stride, padding and dilation must have 2 elements each");
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const auto dt = x_in.scalar_type();
+  const auto cdt = cudnn_dtype(dt);
+  at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const auto ys = out_shape(x, w_meta, stride, padding, dilation);
+  TORCH_CHECK(dy_in.sizes() == at::IntArrayRef(ys), "fastres::", op, ": dy has shape ", dy_in.sizes(),
+              ", expected ", at::IntArrayRef(ys));
+  TORCH_CHECK(dy_in.scalar_type() == dt, "fastres::", op, ": dy has dtype ", dy_in.scalar_type(), ", expected ", dt);
+  TORCH_CHECK(dy_in.device() == x.device(), "fastres::", op, ": dy is on ", dy_in.device(), ", expected ",
+              x.device());
+  at::Tensor dy = dy_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t C = x.size(1);
+  at::Tensor scale = chan_param(scale_in, C, dt, x, op, "scale");
+  at::Tensor shift = chan_param(shift_in, C, dt, x, op, "shift");
+  at::Tensor dw = at::empty(weight_size, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+
+  cudnnHandle_t handle = at::native::getCudnnHandle();
+  auto key = base_key(kScaleShiftReluWgrad, handle, x, groups, in_relu ? 1 : 0, stride, padding, dilation);
+  for (const auto* t : {&dy, &x, &scale, &shift, &dw}) push_tensor_key(key, *t);
+  std::vector<void*> ptrs = {x.data_ptr()};
+  if (scale.defined()) ptrs.push_back(scale.data_ptr());
+  if (shift.defined()) ptrs.push_back(shift.data_ptr());
+  ptrs.push_back(dy.data_ptr());
+  ptrs.push_back(dw.data_ptr());
+  run_cached(key, handle, dt == at::kFloat, ptrs, x, [&](Graph& g) {
+    const auto xd = dims4(x);
+    auto tx = g.tensor(kX, cdt, xd, strides4(x), false, alignment_of(x.data_ptr()));
+    auto pro = declare_prologue(g, x, scale, shift, cdt);
+    auto tdy = g.tensor(kDY, cdt, ys, nhwc_strides(ys), false, alignment_of(dy.data_ptr()));
+    auto tdw = g.tensor(kDW, cdt, dims4(dw), strides4(dw), false, alignment_of(dw.data_ptr()));
+    // declared: x, [scale], [shift], dy, dw — as ptrs
+    auto u = apply_prologue(g, tx, pro, xd, in_relu, dt == at::kFloat ? CUDNN_DATA_FLOAT : cdt);
+    g.conv_wgrad(tdy, u, tdw, stride.vec(), padding.vec(), dilation.vec());
+  });
+  return dw.contiguous();
 }
 
 std::string cudnn_version_string() {
@@ -632,6 +871,8 @@ std::string cudnn_version_string() {
 TORCH_LIBRARY_IMPL(fastres, CUDA, m) {
   m.impl("cudnn_conv_bias_act", &fastres::cudnn_graph::cudnn_conv_bias_act);
   m.impl("cudnn_conv_act_stats", &fastres::cudnn_graph::cudnn_conv_act_stats);
+  m.impl("cudnn_dgrad_drelu_dbn", &fastres::cudnn_graph::cudnn_dgrad_drelu_dbn);
+  m.impl("cudnn_wgrad_scale_shift_relu", &fastres::cudnn_graph::cudnn_wgrad_scale_shift_relu);
 }
 
 #endif  // FASTRES_WITH_CUDNN
