@@ -1,16 +1,23 @@
 """cuDNN fused-convolution graphs (issue 11): ``fastres/cudnn.py`` + ``csrc/cudnn/``.
 
-CPU part (always runs): the pattern table, availability / fallback reporting in
-``backend_info``, the aten fallback's parity with F.conv2d + BatchNorm semantics, the
-fake kernels (FakeTensorMode / meta tensors) and the op schemas.
+CPU part (always runs): the forward and backward pattern tables, availability / fallback
+reporting in ``backend_info``, the aten fallback's parity with F.conv2d + BatchNorm
+semantics, the backward wiring (the ``cudnn`` family's autograd around the dgrad/wgrad
+graphs, emulated on the CPU with the path reported available; per-part run-time
+fallbacks), the blocks taking the cudnn path, the fake kernels (FakeTensorMode / meta
+tensors) and the op schemas.
 
 GPU part (``gpu`` marker; skipped with the reason without a CUDA device or without the
 cuDNN graphs in ``fastres._C``): every pattern against F.conv2d + nn.BatchNorm2d + ReLU
 (+ add) — outputs, every gradient, running statistics — in fp32 and bf16/fp16
-(error <= 2x PyTorch's own low-precision error against the fp32/fp64 reference), and
-CUDA-graph capture + replay of the forward and of a training step.
+(error <= 2x PyTorch's own low-precision error against the fp32/fp64 reference), the
+dgrad + dReLU + dBN and scale-shift-ReLU wgrad graphs, conv2d_act's training step through
+all of them, a Bottleneck and resnet50 (training and eval) against torchvision with
+FASTRES_CONV=cudnn, and CUDA-graph capture + replay of the forward and of training steps.
 """
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -729,6 +736,24 @@ def test_cuda_graph_capture_and_replay(dtype):
         torch.testing.assert_close(sq2, esq2, rtol=1e-5, atol=1e-3)
 
 
+def _capture_and_replay(step, x):
+    """Warm ``step`` up on a side stream (plans built), capture it in a CUDA graph, put new
+    data in ``x``, replay; returns (the replay's outputs, an eager step's outputs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = step()
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    return out, step()
+
+
 @gpu
 def test_cuda_graph_training_step():
     """A whole training step (stats forward + BN + ReLU + backward) captured and replayed."""
@@ -744,19 +769,7 @@ def test_cuda_graph_training_step():
         out = ((y.float() - mean.view(1, -1, 1, 1)) * torch.rsqrt(var.view(1, -1, 1, 1) + 1e-5)).relu()
         return torch.autograd.grad(out.square().mean(), [w, s, t])
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        grads = step()
-    x.copy_(torch.randn_like(x))
-    g.replay()
-    torch.cuda.synchronize()
-    eager = step()
+    grads, eager = _capture_and_replay(step, x)
     for a, e in zip(grads, eager):
         torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-4)
 
@@ -905,7 +918,7 @@ def _tv_pair(make_ref, make_ours, dtype, fmt=torch.channels_last):
     ours = make_ours()
     ours.load_state_dict(ref.state_dict())
     return (ref.to(dtype).to(memory_format=fmt).cuda(), ours.to(dtype).to(memory_format=fmt).cuda(),
-            __import__("copy").deepcopy(ref).double().cuda())
+            copy.deepcopy(ref).double().cuda())
 
 
 @gpu
@@ -965,31 +978,17 @@ def test_cuda_graph_block_training_step_with_cudnn():
     the dgrad/wgrad graphs) captured in a CUDA graph and replayed on new input: the same
     gradients as the eager step."""
     _need_gpu()
-    from torchvision.models import resnet as tvr
     dtype = torch.bfloat16
     torch.manual_seed(0)
     block = fastres.Bottleneck(64, 16).to(dtype).to(memory_format=torch.channels_last).cuda()
     params = [p for p in block.parameters()]
     x = torch.randn(4, 64, 14, 14, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
-    assert tvr is not None
 
     def step():
         return torch.autograd.grad(block(x).float().square().mean(), params)
 
     with fastres.use_conv("cudnn"):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            grads = step()
-        x.copy_(torch.randn_like(x))
-        g.replay()
-        torch.cuda.synchronize()
-        eager = step()
+        grads, eager = _capture_and_replay(step, x)
     for a, e in zip(grads, eager):
         torch.testing.assert_close(a, e, rtol=1e-2, atol=1e-3)
     assert not cudnn._no_engine, cudnn._no_engine

@@ -5,6 +5,11 @@
 //   fastres::cudnn_conv_act_stats  [x*scale + shift -> ReLU] -> conv_fprop -> y,
 //                                  genstats(y) -> per-channel sum, sum of squares (fp32)
 //                                  (training forward: the "ConvBNfprop" pattern)
+//   fastres::cudnn_dgrad_drelu_dbn conv_dgrad -> ReLU mask of x*scale + shift -> dv,
+//                                  BN-backward weights -> Σdv·x, Σdv (fp32)
+//                                  (training backward: "DgradDreluBNBwdWeight")
+//   fastres::cudnn_wgrad_scale_shift_relu  [x*scale + shift -> ReLU] -> conv_wgrad -> dw
+//                                  (training backward: "ConvBNwgrad")
 //
 // The schemas are defined in ops.cpp (always, so the fake kernels of
 // fastres/cudnn.py exist on every build); this file adds the CUDA kernels and is
@@ -41,6 +46,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "common.h"
@@ -145,6 +151,13 @@ struct Graph {
     return t;
   }
 
+  // Finalizes one operation and appends it to the graph (kept alive with the plan).
+  void add_op(const DescP& op) {
+    op->finalize();
+    keep.push_back(op);
+    ops.push_back(op->get());
+  }
+
   DescP conv_desc(const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
                   const std::vector<int64_t>& dilation) {
     auto conv = std::make_shared<Desc>(CUDNN_BACKEND_CONVOLUTION_DESCRIPTOR);
@@ -161,71 +174,43 @@ struct Graph {
     return conv;
   }
 
-  // One convolution operation (fprop, dgrad or wgrad): alpha 1, beta 0; the three
-  // tensor attributes are given in the order (attribute, descriptor).
-  void conv_op(cudnnBackendDescriptorType_t type, const DescP& conv, cudnnBackendAttributeName_t conv_attr,
-               cudnnBackendAttributeName_t alpha_attr, cudnnBackendAttributeName_t beta_attr,
-               std::initializer_list<std::pair<cudnnBackendAttributeName_t, const DescP*>> tensors) {
-    auto op = std::make_shared<Desc>(type);
-    for (const auto& t : tensors) op->set_desc(t.first, **t.second);
-    op->set_desc(conv_attr, *conv);
+  // The backend attributes of one convolution operation kind: its descriptor type, the
+  // conv-descriptor / alpha / beta attributes and its two inputs and one output.
+  struct ConvKind {
+    cudnnBackendDescriptorType_t type;
+    cudnnBackendAttributeName_t conv, alpha, beta, in0, in1, out;
+  };
+  // y = fprop(x, w); dx = dgrad(dy, w); dw = wgrad(dy, x)
+  static constexpr ConvKind kFprop = {
+      CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_CONV_DESC,
+      CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_ALPHA, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_BETA,
+      CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_X, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_W,
+      CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_Y};
+  static constexpr ConvKind kDgrad = {
+      CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_DATA_DESCRIPTOR, CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_CONV_DESC,
+      CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_ALPHA, CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_BETA,
+      CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_DY, CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_W,
+      CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_DX};
+  static constexpr ConvKind kWgrad = {
+      CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_FILTER_DESCRIPTOR,
+      CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_CONV_DESC, CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_ALPHA,
+      CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_BETA, CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_DY,
+      CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_X, CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_DW};
+
+  // out = kind(in0, in1) with alpha 1, beta 0.
+  void conv(const ConvKind& kind, const DescP& in0, const DescP& in1, const DescP& out,
+            const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+            const std::vector<int64_t>& dilation) {
+    auto desc = conv_desc(stride, padding, dilation);
+    auto op = std::make_shared<Desc>(kind.type);
+    op->set_desc(kind.in0, *in0);
+    op->set_desc(kind.in1, *in1);
+    op->set_desc(kind.out, *out);
+    op->set_desc(kind.conv, *desc);
     float alpha = 1.0f, beta = 0.0f;
-    op->set(alpha_attr, CUDNN_TYPE_FLOAT, 1, &alpha);
-    op->set(beta_attr, CUDNN_TYPE_FLOAT, 1, &beta);
-    op->finalize();
-    keep.push_back(op);
-    ops.push_back(op->get());
-  }
-
-  void conv_fprop(const DescP& x, const DescP& w, const DescP& y, const std::vector<int64_t>& stride,
-                  const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation) {
-    auto conv = conv_desc(stride, padding, dilation);
-    conv_op(CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR, conv,
-            CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_CONV_DESC, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_ALPHA,
-            CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_BETA,
-            {{CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_X, &x}, {CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_W, &w},
-             {CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_Y, &y}});
-  }
-
-  // dx = conv_dgrad(dy, w)
-  void conv_dgrad(const DescP& dy, const DescP& w, const DescP& dx, const std::vector<int64_t>& stride,
-                  const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation) {
-    auto conv = conv_desc(stride, padding, dilation);
-    conv_op(CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_DATA_DESCRIPTOR, conv,
-            CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_CONV_DESC, CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_ALPHA,
-            CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_BETA,
-            {{CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_DY, &dy}, {CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_W, &w},
-             {CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_DX, &dx}});
-  }
-
-  // dw = conv_wgrad(dy, x)
-  void conv_wgrad(const DescP& dy, const DescP& x, const DescP& dw, const std::vector<int64_t>& stride,
-                  const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation) {
-    auto conv = conv_desc(stride, padding, dilation);
-    conv_op(CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_FILTER_DESCRIPTOR, conv,
-            CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_CONV_DESC, CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_ALPHA,
-            CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_BETA,
-            {{CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_DY, &dy}, {CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_X, &x},
-             {CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_DW, &dw}});
-  }
-
-  // dx = relu_bwd(dy, x): dy where x > 0, else 0 (the mask from the forward input x).
-  void relu_bwd(const DescP& dy, const DescP& x, const DescP& dx) {
-    auto pw = std::make_shared<Desc>(CUDNN_BACKEND_POINTWISE_DESCRIPTOR);
-    cudnnPointwiseMode_t mode = CUDNN_POINTWISE_RELU_BWD;
-    pw->set(CUDNN_ATTR_POINTWISE_MODE, CUDNN_TYPE_POINTWISE_MODE, 1, &mode);
-    pw->set_dtype(CUDNN_ATTR_POINTWISE_MATH_PREC, CUDNN_DATA_FLOAT);
-    pw->finalize();
-    keep.push_back(pw);
-
-    auto op = std::make_shared<Desc>(CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR);
-    op->set_desc(CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, *pw);
-    op->set_desc(CUDNN_ATTR_OPERATION_POINTWISE_XDESC, *x);
-    op->set_desc(CUDNN_ATTR_OPERATION_POINTWISE_DYDESC, *dy);
-    op->set_desc(CUDNN_ATTR_OPERATION_POINTWISE_DXDESC, *dx);
-    op->finalize();
-    keep.push_back(op);
-    ops.push_back(op->get());
+    op->set(kind.alpha, CUDNN_TYPE_FLOAT, 1, &alpha);
+    op->set(kind.beta, CUDNN_TYPE_FLOAT, 1, &beta);
+    add_op(op);
   }
 
   // BN backward weights: dscale = sum dy*(x-mean)*invstd, dbias = sum dy, and the
@@ -245,12 +230,11 @@ struct Graph {
     op->set_desc(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_EQ_DY_SCALE_DESC, *eq_dy);
     op->set_desc(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_EQ_X_SCALE_DESC, *eq_x);
     op->set_desc(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_EQ_BIAS, *eq_bias);
-    op->finalize();
-    keep.push_back(op);
-    ops.push_back(op->get());
+    add_op(op);
   }
 
-  // y = mode(x [, b]) in fp32.
+  // y = mode(x [, b]) in fp32. For RELU_BWD (an activation backward) b is dy and y is
+  // dx: dx = dy where x > 0, else 0 (the mask from the forward input x).
   void pointwise(cudnnPointwiseMode_t mode, const DescP& x, const DescP& b, const DescP& y) {
     auto pw = std::make_shared<Desc>(CUDNN_BACKEND_POINTWISE_DESCRIPTOR);
     pw->set(CUDNN_ATTR_POINTWISE_MODE, CUDNN_TYPE_POINTWISE_MODE, 1, &mode);
@@ -258,14 +242,13 @@ struct Graph {
     pw->finalize();
     keep.push_back(pw);
 
+    const bool bwd = mode == CUDNN_POINTWISE_RELU_BWD;
     auto op = std::make_shared<Desc>(CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR);
     op->set_desc(CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, *pw);
     op->set_desc(CUDNN_ATTR_OPERATION_POINTWISE_XDESC, *x);
-    if (b) op->set_desc(CUDNN_ATTR_OPERATION_POINTWISE_BDESC, *b);
-    op->set_desc(CUDNN_ATTR_OPERATION_POINTWISE_YDESC, *y);
-    op->finalize();
-    keep.push_back(op);
-    ops.push_back(op->get());
+    if (b) op->set_desc(bwd ? CUDNN_ATTR_OPERATION_POINTWISE_DYDESC : CUDNN_ATTR_OPERATION_POINTWISE_BDESC, *b);
+    op->set_desc(bwd ? CUDNN_ATTR_OPERATION_POINTWISE_DXDESC : CUDNN_ATTR_OPERATION_POINTWISE_YDESC, *y);
+    add_op(op);
   }
 
   void genstats(const DescP& x, const DescP& sum, const DescP& sumsq) {
@@ -276,9 +259,7 @@ struct Graph {
     op->set_desc(CUDNN_ATTR_OPERATION_GENSTATS_XDESC, *x);
     op->set_desc(CUDNN_ATTR_OPERATION_GENSTATS_SUMDESC, *sum);
     op->set_desc(CUDNN_ATTR_OPERATION_GENSTATS_SQSUMDESC, *sumsq);
-    op->finalize();
-    keep.push_back(op);
-    ops.push_back(op->get());
+    add_op(op);
   }
 };
 
@@ -477,28 +458,53 @@ std::vector<int64_t> strides4(const at::Tensor& t) {
   return nhwc_strides(t.sizes().vec());
 }
 
-void check_conv_args(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
-                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, const char* op) {
+// x and the weight's shape against the conv parameters (shared by every op).
+void check_conv_geometry(const at::Tensor& x, at::IntArrayRef w, at::IntArrayRef stride, at::IntArrayRef padding,
+                         at::IntArrayRef dilation, int64_t groups, const char* op) {
   TORCH_CHECK(x.is_cuda(), "fastres::", op, ": x must be a CUDA tensor, got ", x.device());
   TORCH_CHECK(x.dim() == 4, "fastres::", op, ": x must be 4-D (N, C, H, W), got shape ", x.sizes());
-  TORCH_CHECK(w.dim() == 4, "fastres::", op, ": weight must be 4-D (K, C/groups, R, S), got shape ", w.sizes());
+  TORCH_CHECK(w.size() == 4, "fastres::", op, ": weight must be 4-D (K, C/groups, R, S), got shape ", w);
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, "fastres::", op,
+              ": stride, padding and dilation must have 2 elements each");
+  TORCH_CHECK(groups >= 1 && x.size(1) == w[1] * groups && w[0] % groups == 0, "fastres::", op,
+              ": weight of shape ", w, " with groups=", groups, " does not match x of shape ", x.sizes());
+  cudnn_dtype(x.scalar_type());
+}
+
+void check_conv_args(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
+                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, const char* op) {
+  check_conv_geometry(x, w.sizes(), stride, padding, dilation, groups, op);
   TORCH_CHECK(w.device() == x.device(), "fastres::", op, ": weight is on ", w.device(), ", expected ",
               x.device());
   TORCH_CHECK(w.scalar_type() == x.scalar_type(), "fastres::", op, ": weight has dtype ", w.scalar_type(),
               ", expected ", x.scalar_type());
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, "fastres::", op,
-              ": stride, padding and dilation must have 2 elements each");
-  TORCH_CHECK(groups >= 1 && x.size(1) == w.size(1) * groups && w.size(0) % groups == 0, "fastres::", op,
-              ": weight of shape ", w.sizes(), " with groups=", groups, " does not match x of shape ",
-              x.sizes());
-  cudnn_dtype(x.scalar_type());
 }
 
-std::vector<int64_t> out_shape(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
+// x's memory format, dtype (torch's and cuDNN's), and x, w made channels_last (cuDNN's
+// fusion engines want NHWC; the output returns in x's memory format).
+std::tuple<at::MemoryFormat, at::ScalarType, cudnnDataType_t, at::Tensor, at::Tensor> channels_last_inputs(
+    const at::Tensor& x, const at::Tensor& w) {
+  return {memory_format_of(x), x.scalar_type(), cudnn_dtype(x.scalar_type()),
+          x.contiguous(at::MemoryFormat::ChannelsLast), w.contiguous(at::MemoryFormat::ChannelsLast)};
+}
+
+// A tensor of the conv output's shape (residual, dy), x's dtype and device; channels_last.
+at::Tensor output_like(const at::Tensor& t, const char* name, const std::vector<int64_t>& ys, const at::Tensor& x,
+                       const char* op) {
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(ys), "fastres::", op, ": ", name, " has shape ", t.sizes(),
+              ", expected ", at::IntArrayRef(ys));
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastres::", op, ": ", name, " has dtype ", t.scalar_type(),
+              ", expected ", x.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), "fastres::", op, ": ", name, " is on ", t.device(), ", expected ",
+              x.device());
+  return t.contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+std::vector<int64_t> out_shape(const at::Tensor& x, at::IntArrayRef w, at::IntArrayRef stride,
                                at::IntArrayRef padding, at::IntArrayRef dilation) {
-  std::vector<int64_t> s = {x.size(0), w.size(0), 0, 0};
+  std::vector<int64_t> s = {x.size(0), w[0], 0, 0};
   for (int i = 0; i < 2; ++i) {
-    s[2 + i] = (x.size(2 + i) + 2 * padding[i] - dilation[i] * (w.size(2 + i) - 1) - 1) / stride[i] + 1;
+    s[2 + i] = (x.size(2 + i) + 2 * padding[i] - dilation[i] * (w[2 + i] - 1) - 1) / stride[i] + 1;
   }
   TORCH_CHECK(s[2] > 0 && s[3] > 0, "fastres cudnn: empty convolution output ", s);
   return s;
@@ -607,24 +613,15 @@ at::Tensor cudnn_conv_bias_act(const at::Tensor& x_in, const at::Tensor& w_in,
   const char* op = "cudnn_conv_bias_act";
   check_conv_args(x_in, w_in, stride, padding, dilation, groups, op);
   c10::cuda::CUDAGuard guard(x_in.device());
-  const auto fmt = memory_format_of(x_in);
-  const auto dt = x_in.scalar_type();
-  const auto cdt = cudnn_dtype(dt);
+  at::MemoryFormat fmt; at::ScalarType dt; cudnnDataType_t cdt; at::Tensor x, w;  // NOLINT (lambdas capture them)
+  std::tie(fmt, dt, cdt, x, w) = channels_last_inputs(x_in, w_in);
   const auto pdt = dt == at::kFloat ? at::kFloat : dt;  // per-channel operand dtype (see top)
-  at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
-  at::Tensor w = w_in.contiguous(at::MemoryFormat::ChannelsLast);
-  const auto ys = out_shape(x, w, stride, padding, dilation);
+  const auto ys = out_shape(x, w.sizes(), stride, padding, dilation);
   const int64_t K = ys[1];
   at::Tensor bias = chan_param(bias_in, K, pdt, x, op, "bias");
   at::Tensor res;
   if (residual_in.has_value() && residual_in->defined()) {
-    TORCH_CHECK(residual_in->sizes() == at::IntArrayRef(ys), "fastres::", op, ": residual has shape ",
-                residual_in->sizes(), ", expected ", at::IntArrayRef(ys));
-    TORCH_CHECK(residual_in->scalar_type() == dt, "fastres::", op, ": residual has dtype ",
-                residual_in->scalar_type(), ", expected ", dt);
-    TORCH_CHECK(residual_in->device() == x.device(), "fastres::", op, ": residual is on ",
-                residual_in->device(), ", expected ", x.device());
-    res = residual_in->contiguous(at::MemoryFormat::ChannelsLast);
+    res = output_like(*residual_in, "residual", ys, x, op);
   }
   at::Tensor y = at::empty(ys, x.options().memory_format(at::MemoryFormat::ChannelsLast));
 
@@ -653,7 +650,7 @@ at::Tensor cudnn_conv_bias_act(const at::Tensor& x_in, const at::Tensor& w_in,
       return g.tensor(vuid, CUDNN_DATA_FLOAT, ys, nhwc_strides(ys), true, 16);
     };
     DescP cur = next(kVConv);
-    g.conv_fprop(tx, tw, cur, stride.vec(), padding.vec(), dilation.vec());
+    g.conv(Graph::kFprop, tx, tw, cur, stride.vec(), padding.vec(), dilation.vec());
     if (bias.defined()) {
       --left;
       auto o = next(kVBias);
@@ -684,16 +681,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cudnn_conv_act_stats(
   const char* op = "cudnn_conv_act_stats";
   check_conv_args(x_in, w_in, stride, padding, dilation, groups, op);
   c10::cuda::CUDAGuard guard(x_in.device());
-  const auto fmt = memory_format_of(x_in);
-  const auto dt = x_in.scalar_type();
-  const auto cdt = cudnn_dtype(dt);
-  const auto pdt = dt == at::kFloat ? at::kFloat : dt;
-  at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
-  at::Tensor w = w_in.contiguous(at::MemoryFormat::ChannelsLast);
+  at::MemoryFormat fmt; at::ScalarType dt; cudnnDataType_t cdt; at::Tensor x, w;  // NOLINT (lambdas capture them)
+  std::tie(fmt, dt, cdt, x, w) = channels_last_inputs(x_in, w_in);
+  const auto pdt = dt == at::kFloat ? at::kFloat : dt;  // per-channel operand dtype (see top)
   const int64_t C = x.size(1);
   at::Tensor scale = chan_param(scale_in, C, pdt, x, op, "scale");
   at::Tensor shift = chan_param(shift_in, C, pdt, x, op, "shift");
-  const auto ys = out_shape(x, w, stride, padding, dilation);
+  const auto ys = out_shape(x, w.sizes(), stride, padding, dilation);
   const int64_t K = ys[1];
   at::Tensor y = at::empty(ys, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   at::Tensor sum = at::empty({1, K, 1, 1}, x.options().dtype(at::kFloat));
@@ -717,7 +711,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cudnn_conv_act_stats(
     auto tw = g.tensor(kW, cdt, dims4(w), strides4(w), false, alignment_of(w.data_ptr()));
     DescP cur = apply_prologue(g, tx, pro, dims4(x), in_relu, CUDNN_DATA_FLOAT);
     auto ty = g.tensor(kY, cdt, ys, nhwc_strides(ys), false, alignment_of(y.data_ptr()));
-    g.conv_fprop(cur, tw, ty, stride.vec(), padding.vec(), dilation.vec());
+    g.conv(Graph::kFprop, cur, tw, ty, stride.vec(), padding.vec(), dilation.vec());
     auto tsum = g.tensor(kSum, CUDNN_DATA_FLOAT, chan_dims(K), chan_strides(K), false,
                          alignment_of(sum.data_ptr()));
     auto tsq = g.tensor(kSumSq, CUDNN_DATA_FLOAT, chan_dims(K), chan_strides(K), false,
@@ -742,18 +736,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cudnn_dgrad_drelu_dbn(
   const char* op = "cudnn_dgrad_drelu_dbn";
   check_conv_args(x_in, w_in, stride, padding, dilation, groups, op);
   c10::cuda::CUDAGuard guard(x_in.device());
-  const auto fmt = memory_format_of(x_in);
-  const auto dt = x_in.scalar_type();
-  const auto cdt = cudnn_dtype(dt);
-  at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
-  at::Tensor w = w_in.contiguous(at::MemoryFormat::ChannelsLast);
-  const auto ys = out_shape(x, w, stride, padding, dilation);
-  TORCH_CHECK(dy_in.sizes() == at::IntArrayRef(ys), "fastres::", op, ": dy has shape ", dy_in.sizes(),
-              ", expected ", at::IntArrayRef(ys));
-  TORCH_CHECK(dy_in.scalar_type() == dt, "fastres::", op, ": dy has dtype ", dy_in.scalar_type(), ", expected ", dt);
-  TORCH_CHECK(dy_in.device() == x.device(), "fastres::", op, ": dy is on ", dy_in.device(), ", expected ",
-              x.device());
-  at::Tensor dy = dy_in.contiguous(at::MemoryFormat::ChannelsLast);
+  at::MemoryFormat fmt; at::ScalarType dt; cudnnDataType_t cdt; at::Tensor x, w;  // NOLINT (lambdas capture them)
+  std::tie(fmt, dt, cdt, x, w) = channels_last_inputs(x_in, w_in);
+  const auto ys = out_shape(x, w.sizes(), stride, padding, dilation);
+  at::Tensor dy = output_like(dy_in, "dy", ys, x, op);
   const int64_t C = x.size(1);
   at::Tensor scale = chan_param(scale_in, C, at::kFloat, x, op, "scale");
   at::Tensor shift = chan_param(shift_in, C, at::kFloat, x, op, "shift");
@@ -793,13 +779,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cudnn_dgrad_drelu_dbn(
     auto teq_b = chan(kEqBias, eq_bias);
     // declared: dy, w, x, mean, invstd, scale, shift, dv, dscale, dshift, eq_dy, eq_x, eq_bias — as ptrs
     auto dgrad = g.tensor(kVDgrad, CUDNN_DATA_FLOAT, xd, nhwc_strides(xd), true, 16);
-    g.conv_dgrad(tdy, tw, dgrad, stride.vec(), padding.vec(), dilation.vec());
+    g.conv(Graph::kDgrad, tdy, tw, dgrad, stride.vec(), padding.vec(), dilation.vec());
     auto centered = g.tensor(kVCentered, CUDNN_DATA_FLOAT, xd, nhwc_strides(xd), true, 16);
     g.pointwise(CUDNN_POINTWISE_SUB, tx, tm, centered);
     auto normed = g.tensor(kVNormed, CUDNN_DATA_FLOAT, xd, nhwc_strides(xd), true, 16);
     g.pointwise(CUDNN_POINTWISE_MUL, centered, tv, normed);
     auto pre = apply_prologue(g, normed, Prologue{ts, tb}, xd, false, CUDNN_DATA_FLOAT);
-    g.relu_bwd(dgrad, pre, tdv);
+    g.pointwise(CUDNN_POINTWISE_RELU_BWD, pre, dgrad, tdv);
     g.bn_bwd_weights(tx, tdv, tm, tv, ts, tds, tdb, teq_dy, teq_x, teq_b);
   });
   return {fmt == at::MemoryFormat::ChannelsLast ? dv : dv.contiguous(fmt), dscale, dshift};
@@ -815,25 +801,13 @@ at::Tensor cudnn_wgrad_scale_shift_relu(const at::Tensor& dy_in, const at::Tenso
                                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                         int64_t groups, bool in_relu) {
   const char* op = "cudnn_wgrad_scale_shift_relu";
-  TORCH_CHECK(weight_size.size() == 4, "fastres::", op, ": weight_size must have 4 elements, got ", weight_size);
-  at::Tensor w_meta = at::empty(weight_size, x_in.options().device(at::kMeta));
-  TORCH_CHECK(x_in.is_cuda(), "fastres::", op, ": x must be a CUDA tensor, got ", x_in.device());
-  TORCH_CHECK(x_in.dim() == 4, "fastres::", op, ": x must be 4-D (N, C, H, W), got shape ", x_in.sizes());
-  TORCH_CHECK(groups >= 1 && x_in.size(1) == weight_size[1] * groups && weight_size[0] % groups == 0, "fastres::",
-              op, ": weight_size ", weight_size, " with groups=", groups, " does not match x of shape ", x_in.sizes());
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, "fastres::", op,
-              ": stride, padding and dilation must have 2 elements each");
+  check_conv_geometry(x_in, weight_size, stride, padding, dilation, groups, op);
   c10::cuda::CUDAGuard guard(x_in.device());
   const auto dt = x_in.scalar_type();
   const auto cdt = cudnn_dtype(dt);
   at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
-  const auto ys = out_shape(x, w_meta, stride, padding, dilation);
-  TORCH_CHECK(dy_in.sizes() == at::IntArrayRef(ys), "fastres::", op, ": dy has shape ", dy_in.sizes(),
-              ", expected ", at::IntArrayRef(ys));
-  TORCH_CHECK(dy_in.scalar_type() == dt, "fastres::", op, ": dy has dtype ", dy_in.scalar_type(), ", expected ", dt);
-  TORCH_CHECK(dy_in.device() == x.device(), "fastres::", op, ": dy is on ", dy_in.device(), ", expected ",
-              x.device());
-  at::Tensor dy = dy_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const auto ys = out_shape(x, weight_size, stride, padding, dilation);
+  at::Tensor dy = output_like(dy_in, "dy", ys, x, op);
   const int64_t C = x.size(1);
   at::Tensor scale = chan_param(scale_in, C, dt, x, op, "scale");
   at::Tensor shift = chan_param(shift_in, C, dt, x, op, "shift");
@@ -855,7 +829,7 @@ at::Tensor cudnn_wgrad_scale_shift_relu(const at::Tensor& dy_in, const at::Tenso
     auto tdw = g.tensor(kDW, cdt, dims4(dw), strides4(dw), false, alignment_of(dw.data_ptr()));
     // declared: x, [scale], [shift], dy, dw — as ptrs
     auto u = apply_prologue(g, tx, pro, xd, in_relu, dt == at::kFloat ? CUDNN_DATA_FLOAT : cdt);
-    g.conv_wgrad(tdy, u, tdw, stride.vec(), padding.vec(), dilation.vec());
+    g.conv(Graph::kWgrad, tdy, u, tdw, stride.vec(), padding.vec(), dilation.vec());
   });
   return dw.contiguous();
 }
