@@ -551,9 +551,13 @@ struct Prologue {
 Prologue declare_prologue(Graph& g, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
                           cudnnDataType_t pdt) {
   const int64_t C = x.size(1);
+  auto chan = [&](int64_t uid, const at::Tensor& t) {
+    return t.defined() ? g.tensor(uid, pdt, chan_dims(C), chan_strides(C), false, alignment_of(t.data_ptr()))
+                       : DescP();
+  };
   Prologue p;
-  if (scale.defined()) p.scale = g.tensor(kScale, pdt, chan_dims(C), chan_strides(C), false, alignment_of(scale.data_ptr()));
-  if (shift.defined()) p.shift = g.tensor(kShift, pdt, chan_dims(C), chan_strides(C), false, alignment_of(shift.data_ptr()));
+  p.scale = chan(kScale, scale);
+  p.shift = chan(kShift, shift);
   return p;
 }
 
