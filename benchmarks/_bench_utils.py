@@ -15,6 +15,7 @@ oversubscribed threads; the thread count is part of ``device_name``.
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional
 
 import pytest
@@ -100,3 +101,68 @@ def env_int(name: str, default: int) -> int:
 
 def reset_compile() -> None:
     torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------- ResNet-50 convolutions
+CONV_BATCH = 256
+# name: (C_in, H_in, K_out, R, stride, padding) -- every distinct ResNet-50 convolution
+# (benchmarks/test_bench_conv.py, test_bench_conv_bwd.py, test_bench_cudnn_conv.py)
+RESNET50_CONVS = {
+    "stem-7x7s2": (3, 224, 64, 7, 2, 3),
+    "l1-1x1-64-64": (64, 56, 64, 1, 1, 0),
+    "l1-3x3-64": (64, 56, 64, 3, 1, 1),
+    "l1-1x1-64-256": (64, 56, 256, 1, 1, 0),
+    "l1-1x1-256-64": (256, 56, 64, 1, 1, 0),
+    "l2-1x1-256-128": (256, 56, 128, 1, 1, 0),
+    "l2-3x3s2-128": (128, 56, 128, 3, 2, 1),
+    "l2-ds-1x1s2-256-512": (256, 56, 512, 1, 2, 0),
+    "l2-1x1-128-512": (128, 28, 512, 1, 1, 0),
+    "l2-1x1-512-128": (512, 28, 128, 1, 1, 0),
+    "l2-3x3-128": (128, 28, 128, 3, 1, 1),
+    "l3-1x1-512-256": (512, 28, 256, 1, 1, 0),
+    "l3-3x3s2-256": (256, 28, 256, 3, 2, 1),
+    "l3-ds-1x1s2-512-1024": (512, 28, 1024, 1, 2, 0),
+    "l3-1x1-256-1024": (256, 14, 1024, 1, 1, 0),
+    "l3-1x1-1024-256": (1024, 14, 256, 1, 1, 0),
+    "l3-3x3-256": (256, 14, 256, 3, 1, 1),
+    "l4-1x1-1024-512": (1024, 14, 512, 1, 1, 0),
+    "l4-3x3s2-512": (512, 14, 512, 3, 2, 1),
+    "l4-ds-1x1s2-1024-2048": (1024, 14, 2048, 1, 2, 0),
+    "l4-1x1-512-2048": (512, 7, 2048, 1, 1, 0),
+    "l4-1x1-2048-512": (2048, 7, 512, 1, 1, 0),
+    "l4-3x3-512": (512, 7, 512, 3, 1, 1),
+}
+
+
+def conv_case(name: str, dtype: torch.dtype = torch.bfloat16, batch: int = CONV_BATCH) -> SimpleNamespace:
+    """The tensors of one ResNet-50 convolution benchmark, for a conv that follows a
+    BatchNorm + ReLU: ``x``, ``w`` (NHWC, ``dtype``), the previous BN folded to ``s``, ``t``
+    (fp32), ``a = relu(x*s + t)`` in ``dtype``, ``go`` (a gradient of the output, NHWC),
+    ``b`` (a bias, fp32); ``c, h, k, r, stride, pad`` of :data:`RESNET50_CONVS` and the
+    output size ``p``. Seeded: every file times the same data."""
+    c, h, k, r, stride, pad = RESNET50_CONVS[name]
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    cl = torch.channels_last
+    x = torch.randn(batch, c, h, h, generator=g, device=DEVICE, dtype=dtype).contiguous(memory_format=cl)
+    w = (torch.randn(k, c, r, r, generator=g, device=DEVICE, dtype=dtype) * 0.05).contiguous(memory_format=cl)
+    s = torch.rand(c, generator=g, device=DEVICE) + 0.5
+    t = torch.randn(c, generator=g, device=DEVICE) * 0.1
+    p = (h + 2 * pad - r) // stride + 1
+    go = torch.randn(batch, k, p, p, generator=g, device=DEVICE, dtype=dtype).contiguous(memory_format=cl)
+    b = torch.randn(k, generator=g, device=DEVICE) * 0.1
+    a = torch.relu(x.float() * s[None, :, None, None] + t[None, :, None, None]).to(dtype)
+    return SimpleNamespace(x=x, w=w, s=s, t=t, a=a, go=go, b=b, c=c, h=h, k=k, r=r, stride=stride, pad=pad, p=p,
+                           flops=2 * batch * p * p * k * c * r * r)
+
+
+def eager_prologue_backward(da: torch.Tensor, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor):
+    """The unfused backward of ``a = relu(x*s + t)``: (grad_x, Σ dv·x, Σ dv)."""
+    z = x.float() * s[None, :, None, None] + t[None, :, None, None]
+    d = torch.where(z > 0, da.float(), 0.0)
+    return (d * s[None, :, None, None]).to(x.dtype), (d * x.float()).sum((0, 2, 3)), d.sum((0, 2, 3))
+
+
+def conv_info(name: str, case: SimpleNamespace, mode: str) -> Dict[str, object]:
+    """The ``conv`` entry of ``extra_info`` (benchmarks/conv_choice.py reads it)."""
+    return dict(name=name, mode=mode, cin=case.c, cout=case.k, kernel=[case.r, case.r],
+                stride=[case.stride, case.stride], padding=[case.pad, case.pad], dilation=[1, 1], groups=1)

@@ -38,6 +38,9 @@
 #  10 | infer       resnet50 inference at batch 1, 32, 256, bf16: eager, torch.compile max-autotune and
 #                   reduce-overhead (CUDA graphs), fastres and fastres.cuda_graph_inference; p50/p90 latency
 #  11 | infer-fp16  the same in fp16
+#  12 | cudnn       pytest benchmarks/test_bench_cudnn_conv.py (cuDNN fused-conv graphs vs aten, every
+#                   ResNet-50 conv, b256 bf16 + fp16 NHWC: infer, train-fwd, dgrad, wgrad) and
+#                   benchmarks/test_bench_blocks.py with FASTRES_CONV=cudnn (the ResNet-50 bottlenecks)
 #
 # Output (nothing else is written to OUT; it is rewritten after every step, so a run cut
 # short still brings back what it did):
@@ -102,8 +105,10 @@ full)
     9|conv-fwd)       PART=conv-fwd;       MID="benchmarks-conv conv-choice" ;;
     10|infer)         PART=infer;          MID="infer-b1 infer-b32 infer-b256" ;;
     11|infer-fp16)    PART=infer-fp16;     MID="infer-fp16-b1 infer-fp16-b32 infer-fp16-b256" ;;
+    12|cudnn)         PART=cudnn;          MID="benchmarks-cudnn-conv benchmarks-cudnn-blocks" ;;
     *) echo "run_gpu.sh: full needs a PART: 1|tests 2|slow 3|bandwidth 4|benchmarks 5|bench" \
-            "6|bench-variants 7|bench-models 8|conv-bwd 9|conv-fwd 10|infer 11|infer-fp16 (got '${PART}')" >&2; exit 2 ;;
+            "6|bench-variants 7|bench-models 8|conv-bwd 9|conv-fwd 10|infer 11|infer-fp16 12|cudnn" \
+            "(got '${PART}')" >&2; exit 2 ;;
     esac
     STEPS="env build info $MID plot"
     DEFAULT_BUDGET=540 ;;
@@ -378,6 +383,11 @@ for step in $STEPS; do
     benchmarks-conv-bwd) do_benchmark benchmarks-conv-bwd 480 10 "stem" benchmarks/test_bench_conv_bwd.py ;;
     benchmarks-conv)   do_benchmark benchmarks-conv 420 10 "stem" benchmarks/test_bench_conv.py -k "not bwd" ;;
     conv-choice)       do_conv_choice ;;
+    benchmarks-cudnn-conv) do_benchmark benchmarks-cudnn-conv 300 10 "stem" benchmarks/test_bench_cudnn_conv.py ;;
+    # (FASTRES_CONV=cudnn: the fastres blocks' convs through the cuDNN graphs; torchvision's unchanged)
+    benchmarks-cudnn-blocks) FASTRES_CONV=cudnn do_benchmark benchmarks-cudnn-blocks 200 20 \
+                           "basic-id and infer and (torchvision or cpp)" benchmarks/test_bench_blocks.py \
+                           -k "bottleneck and (torchvision or cuda)" ;;
     bench)          do_bench bench 240 "${QUICK_BENCH[@]}" ;;
     bench-full)     do_bench bench-full 420 ;;
     bench-fp32)     do_bench bench-fp32 150 --dtype fp32 --compile-modes infer "${RO[@]}" ;;

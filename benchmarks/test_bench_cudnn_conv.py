@@ -1,6 +1,7 @@
 """cuDNN fused-convolution graphs (issue 11, ``csrc/cudnn/conv_graph.cpp``) against
 aten's unfused convolution + eager elementwise ops, on every distinct ResNet-50
-convolution at batch 256, bf16, NHWC.
+convolution at batch 256, bf16 and fp16, NHWC (per-layer figures; the per-block ones are
+``benchmarks/test_bench_blocks.py`` run with ``FASTRES_CONV=cudnn``, run_gpu.sh's part 12).
 
 * ``infer``: ``relu(conv(x) + bias)`` — ``fastres-cudnn`` = one cuDNN graph
   (``fastres::cudnn_conv_bias_act``); ``aten`` = ``F.conv2d`` with its bias (cuDNN)
@@ -8,9 +9,17 @@ convolution at batch 256, bf16, NHWC.
 * ``train-fwd``: ``y = conv(relu(x*s + t))`` plus per-channel sum / sum of squares of y
   — ``fastres-cudnn`` = one graph (``fastres::cudnn_conv_act_stats``); ``aten`` = the
   eager prologue, ``F.conv2d``, then ``sum`` and ``square().sum()`` in fp32.
+* ``dgrad``: grad_x, Σdv·x, Σdv of that forward — ``fastres-cudnn`` =
+  ``fastres.cudnn.prologue_conv_backward`` (the dgrad + dReLU + dBN-weight graph, then
+  grad_x = dv·s by the fused elementwise kernel); ``aten`` = ``convolution_backward`` on
+  the stored activation + the eager prologue backward.
+* ``wgrad``: grad_weight — ``fastres-cudnn`` = the scale-shift-ReLU wgrad graph (the
+  prologue recomputed as x is loaded); ``aten`` = the eager prologue recomputed, then
+  ``convolution_backward``.
 
-Where cuDNN finds no engine for a graph on this GPU the case is skipped with that
-reason (the library falls back to aten there). GPU only: skipped with the reason on a CPU.
+Where the graph does not apply or cuDNN finds no engine for it on this GPU the
+``fastres-cudnn`` case is skipped with that reason (the library falls back to aten
+there). GPU only: skipped with the reason on a CPU.
 """
 from __future__ import annotations
 
@@ -21,73 +30,81 @@ pytest.importorskip("pytest_benchmark")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from _bench_utils import DEVICE, ON_GPU, run_benchmark  # noqa: E402
-from test_bench_conv_bwd import SHAPES  # noqa: E402  (every distinct ResNet-50 conv)
+from _bench_utils import (CONV_BATCH as BATCH, DTYPE_NAMES, ON_GPU, RESNET50_CONVS as SHAPES,  # noqa: E402
+                          conv_case, conv_info, eager_prologue_backward, run_benchmark)
 
 pytestmark = pytest.mark.skipif(not ON_GPU, reason="GPU benchmark: the cuDNN graphs run on CUDA devices only")
 
-BATCH = 256
-DTYPE = torch.bfloat16
 IMPLS = ["fastres-cudnn", "aten"]
+DTYPES = [torch.bfloat16, torch.float16]
 
 
-def _setup(name):
-    c, h, k, r, stride, pad = SHAPES[name]
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    cl = torch.channels_last
-    x = torch.randn(BATCH, c, h, h, generator=g, device=DEVICE, dtype=DTYPE).contiguous(memory_format=cl)
-    w = (torch.randn(k, c, r, r, generator=g, device=DEVICE, dtype=DTYPE) * 0.05).contiguous(memory_format=cl)
-    s = (torch.rand(c, generator=g, device=DEVICE) + 0.5).to(DTYPE)
-    t = (torch.randn(c, generator=g, device=DEVICE) * 0.1).to(DTYPE)
-    b = (torch.randn(k, generator=g, device=DEVICE) * 0.1).to(DTYPE)
-    p = (h + 2 * pad - r) // stride + 1
-    return x, w, s, t, b, [stride, stride], [pad, pad], p
+def _check_graph(cudnn, d, op, dil):
+    """Skip the fastres-cudnn case (with the reason) where its graph does not apply."""
+    if op in ("dgrad", "wgrad"):
+        pat, why = cudnn.choose_backward(op, d.x, d.w, d.s, d.t, True, [d.stride] * 2, [d.pad] * 2, dil, 1)
+    else:
+        pat, why = cudnn.choose(d.x, d.w, d.b if op == "infer" else None, d.s if op != "infer" else None,
+                                d.t if op != "infer" else None, None, [d.stride] * 2, [d.pad] * 2, dil, 1,
+                                op != "infer", op == "infer", op != "infer")
+    if pat is None:
+        pytest.skip(f"no cuDNN graph for this case: {why}")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("op", ["infer", "train-fwd"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=[DTYPE_NAMES[d] for d in DTYPES])
+@pytest.mark.parametrize("op", ["infer", "train-fwd", "dgrad", "wgrad"])
 @pytest.mark.parametrize("name", list(SHAPES))
-def test_cudnn_conv(benchmark, name, op, impl):
+def test_cudnn_conv(benchmark, name, op, dtype, impl):
     from fastres import cudnn
-    ok, why = cudnn.available("cuda")
-    if impl == "fastres-cudnn" and not ok:
-        pytest.skip(f"cuDNN graphs unavailable: {why}")
-    x, w, s, t, b, stride, pad, p = _setup(name)
-    dil = [1, 1]
+    d = conv_case(name, dtype)
+    x, w, s, t, b, a, go = d.x, d.w, d.s, d.t, d.b, d.a, d.go
+    stride, pad, dil = [d.stride] * 2, [d.pad] * 2, [1, 1]
     ops = torch.ops.fastres
-    if op == "infer":
-        if impl == "fastres-cudnn":
+    cbw = torch.ops.aten.convolution_backward
+    if impl == "fastres-cudnn":
+        _check_graph(cudnn, d, op, dil)
+        if op == "infer":
             def fn():
                 return ops.cudnn_conv_bias_act(x, w, b, None, stride, pad, dil, 1, True)
-        else:
-            def fn():
-                return F.conv2d(x, w, b, stride, pad).relu_()
-    else:
-        if impl == "fastres-cudnn":
+        elif op == "train-fwd":
             def fn():
                 return ops.cudnn_conv_act_stats(x, w, s, t, stride, pad, dil, 1, True)
         else:
-            def fn():
-                a = torch.relu(x.float() * s.float()[None, :, None, None] + t.float()[None, :, None, None]).to(DTYPE)
-                y = F.conv2d(a, w, None, stride, pad)
-                yf = y.float()
-                return y, yf.sum((0, 2, 3)), yf.square().sum((0, 2, 3))
+            need = (True, False, True, True) if op == "dgrad" else (False, True, False, False)
 
-    try:
-        with torch.no_grad():
-            fn()
-    except RuntimeError as e:
-        if cudnn.NO_ENGINE in str(e):
-            pytest.skip(f"cuDNN has no engine for this graph here: {e}")
-        raise
+            def fn():
+                return cudnn.prologue_conv_backward(go, x, w, s, t, True, stride, pad, dil, 1, need)
+    elif op == "infer":
+        def fn():
+            return F.conv2d(x, w, b.to(dtype), stride, pad).relu_()
+    elif op == "train-fwd":
+        def fn():
+            u = torch.relu(x.float() * s[None, :, None, None] + t[None, :, None, None]).to(dtype)
+            y = F.conv2d(u, w, None, stride, pad)
+            yf = y.float()
+            return y, yf.sum((0, 2, 3)), yf.square().sum((0, 2, 3))
+    elif op == "dgrad":
+        def fn():
+            da = cbw(go, a, w, None, stride, pad, dil, False, [0, 0], 1, [True, False, False])[0]
+            return eager_prologue_backward(da, x, s, t)
+    else:
+        def fn():
+            u = torch.relu(x.float() * s[None, :, None, None] + t[None, :, None, None]).to(dtype)
+            return cbw(go, u, w, None, stride, pad, dil, False, [0, 0], 1, [False, True, False])
 
     def step():
         with torch.no_grad():
             fn()
 
-    c, h, k, r, _, _ = SHAPES[name]
-    flops = 2 * BATCH * p * p * k * c * r * r
-    benchmark.group = f"cudnn conv {op} {name} b{BATCH} bf16 NHWC"
+    step()  # builds the plans; a graph cuDNN refuses is remembered by fastres.cudnn
+    if impl == "fastres-cudnn" and cudnn._no_engine:
+        refused = [m for m in cudnn._no_engine.values() if f"x {tuple(x.shape)} {x.dtype}" in m]
+        if refused:
+            pytest.skip(f"cuDNN has no engine for this graph here: {refused[0]}")
+    dt = DTYPE_NAMES[dtype]
+    benchmark.group = f"cudnn conv {op} {name} b{BATCH} {dt} NHWC"
     run_benchmark(benchmark, step, info=dict(
         op=f"conv_{op}", impl=impl, backend="cudnn-graph" if impl == "fastres-cudnn" else "aten",
-        shape=[BATCH, c, h, h, k, r, stride[0]], dtype="bf16", layout="NHWC", bytes=None, flops=flops))
+        shape=[BATCH, d.c, d.h, d.h, d.k, d.r, d.stride], dtype=dt, layout="NHWC", bytes=None, flops=d.flops,
+        conv=conv_info(name, d, op)))

@@ -83,6 +83,8 @@ TORCH_LIBRARY(fastres, m) {
   // Always defined (fake kernels on every build); CUDA kernels only with cuDNN.
   m.def(FASTRES_SCHEMA_CUDNN_CONV_BIAS_ACT);
   m.def(FASTRES_SCHEMA_CUDNN_CONV_ACT_STATS);
+  m.def(FASTRES_SCHEMA_CUDNN_DGRAD_DRELU_DBN);
+  m.def(FASTRES_SCHEMA_CUDNN_WGRAD_SCALE_SHIFT_RELU);
   // No tensor arguments: a catch-all kernel.
   m.def("_build_info() -> str", &fastres::build_info);
 }

@@ -25,3 +25,11 @@
   "cudnn_conv_act_stats(Tensor x, Tensor w, Tensor? scale, Tensor? shift, "          \
   "int[] stride, int[] padding, int[] dilation, int groups, bool in_relu) "          \
   "-> (Tensor y, Tensor sum, Tensor sumsq)"
+#define FASTRES_SCHEMA_CUDNN_DGRAD_DRELU_DBN                                         \
+  "cudnn_dgrad_drelu_dbn(Tensor dy, Tensor w, Tensor x, Tensor scale, Tensor shift, " \
+  "int[] stride, int[] padding, int[] dilation, int groups) "                        \
+  "-> (Tensor dv, Tensor dscale, Tensor dshift)"
+#define FASTRES_SCHEMA_CUDNN_WGRAD_SCALE_SHIFT_RELU                                  \
+  "cudnn_wgrad_scale_shift_relu(Tensor dy, Tensor x, Tensor? scale, Tensor? shift, " \
+  "int[] weight_size, int[] stride, int[] padding, int[] dilation, int groups, "     \
+  "bool in_relu) -> Tensor dw"

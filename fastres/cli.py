@@ -216,6 +216,8 @@ def format_info(info: dict) -> str:
             pats = ", ".join(cd["patterns"]) or "none"
             lines.append(f"  cudnn conv graphs: {state} ({cd['reason']}); patterns: {pats}; "
                          f"fallback: {cd['fallback']}")
+            for dt, parts in (cd.get("backward") or {}).items():  # each backward part's graph or fallback
+                lines.append(f"    backward {dt}: " + "; ".join(f"{p} = {v}" for p, v in parts.items()))
     return "\n".join(lines)
 
 

@@ -269,7 +269,7 @@ def may_fuse(device: torch.device) -> bool:
     req = requested_conv()
     if req == "aten":
         return False
-    return req == "fused" or _auto_fuses_any(device.type, _index(device))
+    return req in ("fused", "cudnn") or _auto_fuses_any(device.type, _index(device))
 
 
 def _index(device: torch.device) -> int:
@@ -285,7 +285,8 @@ def conv_for_key(device: torch.device, key: str) -> str:
 
 
 def convs_for(device: torch.device, keys: Iterable[str]) -> str:
-    """``fused`` when every convolution of ``keys`` runs fused (a whole block's decision)."""
+    """``fused`` when every convolution of ``keys`` runs fused (a whole block's decision);
+    ``cudnn`` (``FASTRES_CONV=cudnn`` where the graphs are available) for all of them."""
     keys = list(keys)
     if requested_conv() == "auto":
         ok = bool(keys) and all(auto_choice(device.type, _index(device), k, "fwd") == "fused" for k in keys)

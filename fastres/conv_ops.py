@@ -390,7 +390,7 @@ def family(name: str) -> ConvFamily:
         if name == "cudnn":  # issue 11: cuDNN graphs where a pattern applies, the aten forward elsewhere
             from . import cudnn
             _families[name] = ConvFamily(name, *_define("cudnn_", cudnn.family_forward(conv2d_act_reference),
-                                                        conv2d_act_backward_aten))
+                                                        cudnn.family_backward(_grad_conv_out)))
             return _families[name]
         if name != "triton":
             raise ValueError(f"fastres: unknown conv op family {name!r}")

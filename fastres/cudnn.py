@@ -11,12 +11,25 @@ The C++ side (``csrc/cudnn/conv_graph.cpp``, built where the cuDNN headers were 
   with the per-output-channel sum and sum of squares of y in fp32 ("genstats"; the
   training forward of a conv whose input is the previous BatchNorm + ReLU).
 
-This module registers their fake kernels and autograd (the backward is aten's
-``convolution_backward`` — cuDNN's unfused dgrad/wgrad — plus the elementwise
-ReLU-mask / prologue terms: the fallback of docs/DESIGN.md for the dgrad/wgrad
-fusion patterns), decides per call which graph pattern applies (:func:`pattern_for`)
-and falls back to the aten composition where none does, or where cuDNN finds no
-engine for a graph at run time (remembered per shape, one warning).
+and two training-backward ops:
+
+* ``fastres::cudnn_dgrad_drelu_dbn(dy, w, x, scale, shift, stride, padding, dilation,
+  groups) -> (dv, dscale, dshift)``: ``dv = relu_bwd(conv_dgrad(dy, w), x*scale + shift)``
+  with ``dscale = Σ dv·x`` and ``dshift = Σ dv`` (fp32) — cuDNN's dgrad + dReLU +
+  BN-backward-weight pattern (DgradDreluBNBwdWeight) with the BN in folded form;
+* ``fastres::cudnn_wgrad_scale_shift_relu(dy, x, scale, shift, weight_size, stride,
+  padding, dilation, groups, in_relu) -> dw``: the weight gradient with the input's
+  scale/shift/ReLU recomputed as x is loaded (scale-bias-relu-wgrad, ConvBNwgrad).
+
+This module registers their fake kernels and the autograd of the forward ops, decides
+per call which graph pattern applies (:func:`pattern_for`, :func:`backward_pattern_for`)
+and falls back where none does — the forward to the aten composition, each backward
+part to aten's ``convolution_backward`` (cuDNN's unfused dgrad/wgrad) plus the existing
+fused elementwise kernels (``affine_act`` / ``affine_act_backward``) — or where cuDNN
+finds no engine for a graph at run time (remembered per shape, one warning).
+:func:`family_backward` is the backward of the ``cudnn`` conv family
+(``FASTRES_CONV=cudnn``), :func:`prologue_conv_backward` the part shared with the raw
+op's autograd.
 
 :func:`conv2d_act_forward` has the signature of the ``fwd_impl`` of
 ``fastres.conv_ops`` (``fastres.functional.conv2d_act``'s families) so that the
@@ -37,8 +50,13 @@ from ._reference import acc_dtype, memory_format_of
 
 Tensor = torch.Tensor
 
-PATTERNS = ("conv_bias_add_relu", "conv_genstats", "scale_shift_relu_conv_genstats")
+FWD_PATTERNS = ("conv_bias_add_relu", "conv_genstats", "scale_shift_relu_conv_genstats")
+BWD_PATTERNS = ("dgrad_drelu_dbn", "scale_shift_relu_wgrad")
+PATTERNS = FWD_PATTERNS + BWD_PATTERNS
+# cuDNN versions that introduced the backward patterns (cudnn-frontend's samples gate them so)
+MIN_CUDNN = {"dgrad_drelu_dbn": 90800, "scale_shift_relu_wgrad": 8800}
 FALLBACK = "aten"
+DTYPE_NAME = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 NO_ENGINE = "fastres cudnn: no engine supports this graph"  # csrc/cudnn/conv_graph.cpp's message
 
 _lock = threading.Lock()
@@ -104,6 +122,35 @@ def pattern_for(dtype: torch.dtype, in_channels: int, out_channels: int, groups:
     return "conv_genstats", "conv_fprop -> genstats (ConvBNfprop without its prologue)"
 
 
+def backward_pattern_for(part: str, dtype: torch.dtype, in_channels: int, out_channels: int, groups: int, *,
+                         scale: bool, shift: bool, in_relu: bool, capability: Optional[Tuple[int, int]],
+                         cudnn_version: Optional[int]) -> Tuple[Optional[str], str]:
+    """The cuDNN graph for the ``part`` (``"dgrad"`` or ``"wgrad"``) of a conv2d_act's
+    backward, or (None, why): then aten's ``convolution_backward`` + the fused elementwise
+    kernels. The table is docs/DESIGN.md's "cuDNN graph patterns" section."""
+    if part not in ("dgrad", "wgrad"):
+        raise ValueError(f"fastres: part must be 'dgrad' or 'wgrad', got {part!r}")
+    pattern = "dgrad_drelu_dbn" if part == "dgrad" else "scale_shift_relu_wgrad"
+    if not (scale and shift and in_relu):
+        return None, ("no input prologue (scale, shift and ReLU): cuDNN's own "
+                      f"{part} (aten.convolution_backward) is the whole work")
+    if dtype not in (torch.float16, torch.bfloat16):
+        return None, f"the {pattern} engines take fp16/bf16 only, not {dtype}"
+    if capability is None or capability[0] not in (8, 9):
+        return None, f"the {pattern} engines are for sm_80/sm_90 (Ampere/Hopper), not {capability}"
+    if groups != 1:
+        return None, f"the {pattern} engines have no grouped convolution"
+    if in_channels % 8 or out_channels % 8:
+        return None, (f"the {pattern} engines need channel counts that are multiples of 8, "
+                      f"got C={in_channels}, K={out_channels}")
+    need = MIN_CUDNN[pattern]
+    if cudnn_version is None or cudnn_version < need:
+        return None, f"the {pattern} pattern needs cuDNN >= {need}, found {cudnn_version}"
+    if part == "dgrad":
+        return pattern, "conv_dgrad -> dReLU (x*scale + shift recomputed) -> BN-backward weights (Σdv·x, Σdv)"
+    return pattern, "x -> scale -> shift -> ReLU (recomputed) -> conv_wgrad (ConvBNwgrad)"
+
+
 def info(device_type: str) -> dict:
     """For :func:`fastres.backend_info`: availability, the patterns and their fallback."""
     ok, why = available(device_type)
@@ -115,6 +162,11 @@ def info(device_type: str) -> dict:
         "reason": why if ok else (why if b_ok else b_why),
         "capability": cap,
         "patterns": list(PATTERNS) if ok else [],
+        # per 16-bit dtype on this device: each backward part's graph, or why its fallback runs
+        "backward": ({DTYPE_NAME[dt]: {part: (lambda p: p[0] or f"fallback: {p[1]}")(backward_pattern_for(
+            part, dt, 64, 64, 1, scale=True, shift=True, in_relu=True, capability=cap,
+            cudnn_version=_cudnn_version())) for part in ("dgrad", "wgrad")} for dt in (torch.bfloat16, torch.float16)}
+            if ok else {}),
         "fallback": FALLBACK,
         "no_engine": sorted(set(_no_engine.values())),
     }
@@ -138,6 +190,16 @@ def _fake_act_stats(x, w, scale, shift, stride, padding, dilation, groups, in_re
     y = _fake_bias_act(x, w, None, None, stride, padding, dilation, groups, False)
     k = w.shape[0]
     return y, x.new_empty((k,), dtype=torch.float32), x.new_empty((k,), dtype=torch.float32)
+
+
+def _fake_dgrad_drelu_dbn(dy, w, x, scale, shift, stride, padding, dilation, groups):
+    c = x.shape[1]
+    dv = x.new_empty(x.shape).contiguous(memory_format=memory_format_of(x))
+    return dv, x.new_empty((c,), dtype=torch.float32), x.new_empty((c,), dtype=torch.float32)
+
+
+def _fake_wgrad(dy, x, scale, shift, weight_size, stride, padding, dilation, groups, in_relu):
+    return x.new_empty(list(weight_size))
 
 
 def _bc(t: Tensor) -> Tensor:
@@ -221,23 +283,114 @@ def _backward_act_stats(ctx, grad_y, grad_sum, grad_sumsq):
         dz = dz + 2.0 * y.to(acc) * _bc(grad_sumsq.to(acc))
     dz = dz.to(x.dtype)
     need_x, need_w, need_s, need_t = ctx.needs_input_grad[:4]
-    prologue = scale is not None or shift is not None or in_relu
-    fam = _fused_ops(x.device) if prologue else None
-    # the prologue output u is recomputed (never stored), by the fused affine_act kernel
-    u = fam.affine_act(x, scale, shift, None, in_relu) if prologue else x
+    gx, gw, gs, gt = prologue_conv_backward(dz, x, w, scale, shift, in_relu, stride, padding, dilation, groups,
+                                            (need_x, need_w, need_s, need_t))
+    gs = gs.to(ctx.dtypes[0]) if gs is not None else None
+    gt = gt.to(ctx.dtypes[1]) if gt is not None else None
+    return gx, gw, gs, gt, None, None, None, None, None
+
+
+def choose_backward(part: str, x: Tensor, weight: Tensor, in_scale, in_shift, in_relu: bool, stride, padding,
+                    dilation, groups: int) -> Tuple[Optional[str], str]:
+    """(pattern or None, why) for the ``part`` (dgrad/wgrad) of this call's backward on its
+    device, including availability and graphs cuDNN found no engine for earlier."""
+    ok, why = available(x.device.type)
+    if not ok:
+        return None, why
+    if x.numel() == 0:
+        return None, "empty input (no kernel to run)"
+    pattern, why = backward_pattern_for(part, x.dtype, x.shape[1], weight.shape[0], groups,
+                                        scale=in_scale is not None, shift=in_shift is not None, in_relu=in_relu,
+                                        capability=_capability(x.device), cudnn_version=_cudnn_version())
+    if pattern is not None and _key(x, weight, stride, padding, dilation, groups, pattern) in _no_engine:
+        return None, "cuDNN found no engine for this graph earlier"
+    return pattern, why
+
+
+def _cudnn_version() -> Optional[int]:
+    return torch.backends.cudnn.version()
+
+
+def _run_bwd_graph(pattern: str, dz, x, weight, in_scale, in_shift, in_relu, stride, padding, dilation, groups):
+    """One call of the C++ backward op for ``pattern``."""
+    if pattern == "dgrad_drelu_dbn":
+        return torch.ops.fastres.cudnn_dgrad_drelu_dbn(dz, weight, x, in_scale, in_shift, list(stride),
+                                                       list(padding), list(dilation), groups)
+    return torch.ops.fastres.cudnn_wgrad_scale_shift_relu(dz, x, in_scale, in_shift, list(weight.shape),
+                                                          list(stride), list(padding), list(dilation), groups,
+                                                          in_relu)
+
+
+def prologue_conv_backward(dz: Tensor, x: Tensor, w: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+                           in_relu: bool, stride, padding, dilation, groups: int, need) -> Tuple[Optional[Tensor], ...]:
+    """(grad_x, grad_w, grad_scale, grad_shift) of ``conv2d(in_act(x*scale + shift), w)``
+    given dz = dL/d(conv output); None where not needed (grad_scale/grad_shift in acc).
+
+    dgrad: the ``dgrad_drelu_dbn`` graph where :func:`choose_backward` picks it (then
+    grad_x = dv·scale by the fused ``affine_act`` kernel); wgrad: the
+    ``scale_shift_relu_wgrad`` graph likewise. Each part falls back on its own to aten's
+    ``convolution_backward`` on the prologue output u (recomputed by the fused
+    ``affine_act`` kernel, never stored) + the fused ``affine_act_backward`` (ReLU mask,
+    ·scale, Σdv·x, Σdv in one pass)."""
+    need_x, need_w, need_s, need_t = (bool(b) for b in need)
+    need_s = need_s and scale is not None
+    need_t = need_t and shift is not None
     need_u = need_x or need_s or need_t
-    gu, gw = _conv_bwd(dz, u, w, stride, padding, dilation, groups, need_u, need_w)
-    gx = gs = gt = None
-    if need_u:
-        if prologue:
-            # ReLU mask on u, grad_x = du*scale, grad_scale = sum du*x, grad_shift = sum du: one fused pass
-            gx, _, gs_, gt_ = fam.affine_act_backward(gu, x, u, scale, in_relu, False, need_s or need_t)
-            gs = gs_.to(ctx.dtypes[0]) if need_s and scale is not None else None
-            gt = gt_.to(ctx.dtypes[1]) if need_t and shift is not None else None
-        else:
-            gx = gu
-        gx = gx.contiguous(memory_format=memory_format_of(x)) if need_x else None
-    return gx, gw if need_w else None, gs, gt, None, None, None, None, None
+    conf = (stride, padding, dilation, groups)
+    fmt = memory_format_of(x)
+    prologue = scale is not None or shift is not None or in_relu
+    gx = gw = gs = gt = None
+    dgrad = choose_backward("dgrad", x, w, scale, shift, in_relu, *conf)[0] if need_u else None
+    wgrad = choose_backward("wgrad", x, w, scale, shift, in_relu, *conf)[0] if need_w else None
+    if dgrad is not None and register():
+        out = _try_graph(dgrad, x, w, conf, lambda: _run_bwd_graph(dgrad, dz, x, w, scale, shift, in_relu, *conf))
+        if out is not None:
+            dv, ds, dt = out
+            gx = _fused_ops(x.device).affine_act(dv, scale, None, None, False) if need_x else None
+            gs, gt = (ds if need_s else None), (dt if need_t else None)
+            need_u = False
+    if wgrad is not None and register():
+        out = _try_graph(wgrad, x, w, conf, lambda: _run_bwd_graph(wgrad, dz, x, w, scale, shift, in_relu, *conf))
+        if out is not None:
+            gw = out.to(w.dtype).contiguous()
+            need_w = False
+    if need_u or need_w:  # the fallback of the part(s) left
+        fam = _fused_ops(x.device) if prologue else None
+        u = fam.affine_act(x, scale, shift, None, in_relu) if prologue else x
+        gu, gw_ = _conv_bwd(dz, u, w, stride, padding, dilation, groups, need_u, need_w)
+        if need_w:
+            gw = gw_
+        if need_u:
+            if prologue:
+                gx, _, gs_, gt_ = fam.affine_act_backward(gu, x, u, scale, in_relu, False, need_s or need_t)
+                gs, gt = (gs_ if need_s else None), (gt_ if need_t else None)
+            else:
+                gx = gu
+    if gx is not None:
+        gx = gx.contiguous(memory_format=fmt) if need_x else None
+    return gx, gw, gs, gt
+
+
+def family_backward(grad_conv_out: Callable) -> Callable:
+    """The ``bwd_impl`` of the ``cudnn`` conv family (``fastres::cudnn_conv2d_act_backward``,
+    the schema of ``fastres.conv_ops``): ``grad_conv_out`` (conv_ops' statistics-gradient
+    + output-ReLU-mask pass) gives dz; grad_residual = dz, grad_bias = Σdz; then
+    :func:`prologue_conv_backward` (the fused dgrad/wgrad graphs or their fallback)."""
+    def bwd(grad_y, grad_mean, grad_var, x, weight, in_scale, in_shift, y, mean, stride, padding, dilation, groups,
+            in_relu, relu, need):
+        need_x, need_w, need_b, need_s, need_t, need_r = (bool(b) for b in need)
+        acc = acc_dtype(x.dtype)
+        dz = grad_conv_out(grad_y, grad_mean, grad_var, x, y, mean, relu)
+        gx, gw, gs, gt = prologue_conv_backward(dz, x, weight, in_scale, in_shift, in_relu, stride, padding,
+                                                dilation, groups, (need_x, need_w, need_s, need_t))
+        empty_acc = x.new_empty((0,), dtype=acc)
+        return (x.new_empty((0,)) if gx is None else gx,
+                weight.new_empty((0,)) if gw is None else gw,
+                dz.to(acc).sum(dim=(0, 2, 3)) if need_b else empty_acc,
+                empty_acc if gs is None else gs.to(acc),
+                empty_acc if gt is None else gt.to(acc),
+                dz if need_r else x.new_empty((0,)))
+    return bwd
 
 
 _registered = False
@@ -252,10 +405,13 @@ def register() -> bool:
     with _lock:
         if _registered:
             return True
-        if not backends._C_status()[0] or not hasattr(torch.ops.fastres, "cudnn_conv_bias_act"):
+        ops = ("cudnn_conv_bias_act", "cudnn_conv_act_stats", "cudnn_dgrad_drelu_dbn", "cudnn_wgrad_scale_shift_relu")
+        if not backends._C_status()[0] or not all(hasattr(torch.ops.fastres, o) for o in ops):
             return False
         torch.library.register_fake("fastres::cudnn_conv_bias_act")(_fake_bias_act)
         torch.library.register_fake("fastres::cudnn_conv_act_stats")(_fake_act_stats)
+        torch.library.register_fake("fastres::cudnn_dgrad_drelu_dbn")(_fake_dgrad_drelu_dbn)
+        torch.library.register_fake("fastres::cudnn_wgrad_scale_shift_relu")(_fake_wgrad)
         torch.library.register_autograd("fastres::cudnn_conv_bias_act", _backward_bias_act,
                                         setup_context=_setup_bias_act)
         torch.library.register_autograd("fastres::cudnn_conv_act_stats", _backward_act_stats,
@@ -333,6 +489,22 @@ def _warn_once(msg: str) -> None:
             warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
+def _try_graph(pattern: str, x: Tensor, weight: Tensor, conf, run: Callable):
+    """``run()``, or None where cuDNN has no engine for the graph (the key is remembered,
+    reported by :func:`info`, with one warning); any other error propagates."""
+    try:
+        return run()
+    except RuntimeError as e:
+        if NO_ENGINE not in str(e):
+            raise
+    key = _key(x, weight, *conf, pattern)
+    msg = (f"fastres: cuDNN has no engine for the {pattern} graph (x {tuple(x.shape)} {x.dtype}, "
+           f"weight {tuple(weight.shape)}); using the aten fallback for it")
+    _no_engine[key] = msg
+    _warn_once(msg)
+    return None
+
+
 def conv2d_act_forward(x, weight, bias, in_scale, in_shift, residual, stride, padding, dilation, groups, in_relu,
                        relu, stats, fallback: Optional[Callable] = None):
     """``fwd_impl`` of the ``cudnn`` conv family: ``(y, mean, var)`` as
@@ -346,16 +518,8 @@ def conv2d_act_forward(x, weight, bias, in_scale, in_shift, residual, stride, pa
     if pattern is None or not register():
         return fallback(*args)
     acc = acc_dtype(x.dtype)
-    try:
-        out = _run_graph(pattern, *args[:-1])
-    except RuntimeError as e:
-        if NO_ENGINE not in str(e):
-            raise
-        key = _key(x, weight, stride, padding, dilation, groups, pattern)
-        msg = (f"fastres: cuDNN has no engine for the {pattern} graph (x {tuple(x.shape)} {x.dtype}, "
-               f"weight {tuple(weight.shape)}); using the aten fallback for it")
-        _no_engine[key] = msg
-        _warn_once(msg)
+    out = _try_graph(pattern, x, weight, (stride, padding, dilation, groups), lambda: _run_graph(pattern, *args[:-1]))
+    if out is None:
         return fallback(*args)
     if pattern == "conv_bias_add_relu":
         e = x.new_empty((0,), dtype=acc)
@@ -400,5 +564,7 @@ def conv_act_stats(x: Tensor, weight: Tensor, in_scale: Optional[Tensor] = None,
                               False, True)
 
 
-__all__: List[str] = ["available", "built", "pattern_for", "info", "register", "conv2d_act_forward",
-                      "reference_forward", "family_forward", "conv_bias_act", "conv_act_stats", "PATTERNS", "FALLBACK"]
+__all__: List[str] = ["available", "built", "pattern_for", "backward_pattern_for", "info", "register",
+                      "conv2d_act_forward", "reference_forward", "family_forward", "family_backward",
+                      "prologue_conv_backward", "conv_bias_act", "conv_act_stats", "PATTERNS", "FWD_PATTERNS",
+                      "BWD_PATTERNS", "FALLBACK"]

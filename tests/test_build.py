@@ -81,7 +81,8 @@ def test_build_info_cudnn():
     are and the cuDNN headers exist; their schemas exist on every build."""
     info = build_info()
     assert (info["cudnn"] == "1") == bool(C_ext.WITH_CUDNN)
-    for name in ("cudnn_conv_bias_act", "cudnn_conv_act_stats"):
+    for name in ("cudnn_conv_bias_act", "cudnn_conv_act_stats", "cudnn_dgrad_drelu_dbn",
+                 "cudnn_wgrad_scale_shift_relu"):
         assert hasattr(F, name), name
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastres::{name}", "CUDA") == bool(C_ext.WITH_CUDNN)
     skipped = os.environ.get("FASTRES_SKIP_CUDNN", "0").lower() in ("1", "true", "yes", "on")

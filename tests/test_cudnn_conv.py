@@ -1,16 +1,23 @@
 """cuDNN fused-convolution graphs (issue 11): ``fastres/cudnn.py`` + ``csrc/cudnn/``.
 
-CPU part (always runs): the pattern table, availability / fallback reporting in
-``backend_info``, the aten fallback's parity with F.conv2d + BatchNorm semantics, the
-fake kernels (FakeTensorMode / meta tensors) and the op schemas.
+CPU part (always runs): the forward and backward pattern tables, availability / fallback
+reporting in ``backend_info``, the aten fallback's parity with F.conv2d + BatchNorm
+semantics, the backward wiring (the ``cudnn`` family's autograd around the dgrad/wgrad
+graphs, emulated on the CPU with the path reported available; per-part run-time
+fallbacks), the blocks taking the cudnn path, the fake kernels (FakeTensorMode / meta
+tensors) and the op schemas.
 
 GPU part (``gpu`` marker; skipped with the reason without a CUDA device or without the
 cuDNN graphs in ``fastres._C``): every pattern against F.conv2d + nn.BatchNorm2d + ReLU
 (+ add) — outputs, every gradient, running statistics — in fp32 and bf16/fp16
-(error <= 2x PyTorch's own low-precision error against the fp32/fp64 reference), and
-CUDA-graph capture + replay of the forward and of a training step.
+(error <= 2x PyTorch's own low-precision error against the fp32/fp64 reference), the
+dgrad + dReLU + dBN and scale-shift-ReLU wgrad graphs, conv2d_act's training step through
+all of them, a Bottleneck and resnet50 (training and eval) against torchvision with
+FASTRES_CONV=cudnn, and CUDA-graph capture + replay of the forward and of training steps.
 """
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -31,6 +38,12 @@ SCHEMAS = {
     "cudnn_conv_act_stats": "fastres::cudnn_conv_act_stats(Tensor x, Tensor w, Tensor? scale, Tensor? shift, "
                             "int[] stride, int[] padding, int[] dilation, int groups, bool in_relu) "
                             "-> (Tensor y, Tensor sum, Tensor sumsq)",
+    "cudnn_dgrad_drelu_dbn": "fastres::cudnn_dgrad_drelu_dbn(Tensor dy, Tensor w, Tensor x, Tensor scale, "
+                             "Tensor shift, int[] stride, int[] padding, int[] dilation, int groups) "
+                             "-> (Tensor dv, Tensor dscale, Tensor dshift)",
+    "cudnn_wgrad_scale_shift_relu": "fastres::cudnn_wgrad_scale_shift_relu(Tensor dy, Tensor x, Tensor? scale, "
+                                    "Tensor? shift, int[] weight_size, int[] stride, int[] padding, "
+                                    "int[] dilation, int groups, bool in_relu) -> Tensor dw",
 }
 
 
@@ -67,13 +80,41 @@ def test_pattern_table():
         assert p is None and words in why, (kw, why)
 
 
+def _bpat(part, dtype=torch.bfloat16, c=64, k=64, groups=1, cap=(9, 0), version=90800, **kw):
+    flags = dict(scale=True, shift=True, in_relu=True)
+    flags.update(kw)
+    return cudnn.backward_pattern_for(part, dtype, c, k, groups, capability=cap, cudnn_version=version, **flags)
+
+
+def test_backward_pattern_table():
+    for dt in (torch.bfloat16, torch.float16):
+        for cap in ((8, 0), (9, 0)):
+            assert _bpat("dgrad", dt, cap=cap)[0] == "dgrad_drelu_dbn"
+            assert _bpat("wgrad", dt, cap=cap)[0] == "scale_shift_relu_wgrad"
+    # the wgrad pattern is older (cuDNN 8.8) than the dgrad + dReLU + dBN one (9.8)
+    assert _bpat("wgrad", version=90000)[0] == "scale_shift_relu_wgrad"
+    p, why = _bpat("dgrad", version=90700)
+    assert p is None and "cuDNN >= 90800" in why
+    for part in ("dgrad", "wgrad"):
+        for kw, words in [(dict(dtype=torch.float32), "fp16/bf16"), (dict(dtype=torch.float64), "fp16/bf16"),
+                          (dict(cap=(7, 5)), "sm_80/sm_90"), (dict(cap=(10, 0)), "sm_80/sm_90"),
+                          (dict(cap=None), "sm_80/sm_90"), (dict(groups=4), "grouped"),
+                          (dict(c=3), "multiples of 8"), (dict(k=60), "multiples of 8"),
+                          (dict(in_relu=False), "prologue"), (dict(scale=False), "prologue"),
+                          (dict(shift=False), "prologue"), (dict(version=None), "cuDNN >=")]:
+            p, why = _bpat(part, **kw)
+            assert p is None and words in why, (part, kw, why)
+    with pytest.raises(ValueError, match="dgrad"):
+        _bpat("fprop")
+
+
 def test_unavailable_on_cpu_and_reported():
     ok, why = cudnn.available("cpu")
     assert not ok and "CUDA devices only" in why
     info = fastres.backend_info()
     ci = info["devices"]["cpu"]["cudnn_conv"]
     assert ci["available"] is False and ci["patterns"] == [] and ci["fallback"] == "aten"
-    assert ci["built"] == bool(C_ext.WITH_CUDNN) and ci["reason"]
+    assert ci["built"] == bool(C_ext.WITH_CUDNN) and ci["reason"] and ci["backward"] == {}
     assert info["built"]["_C_cudnn"] == bool(C_ext.WITH_CUDNN)
     if not torch.cuda.is_available():
         ok, why = cudnn.available("cuda")
@@ -283,6 +324,195 @@ def test_bad_input_messages_without_cuda():
         with pytest.raises(NotImplementedError):
             OPS.cudnn_conv_bias_act(torch.randn(1, 8, 4, 4), torch.randn(8, 8, 1, 1), None, None,
                                     [1, 1], [0, 0], [1, 1], 1, True)
+
+
+def _emulated_bwd_graph(calls):
+    """A CPU stand-in for the two C++ backward ops with their documented semantics
+    (aten in the input's dtype), recording which pattern ran."""
+    def run(pattern, dz, x, w, scale, shift, in_relu, stride, padding, dilation, groups):
+        calls.append(pattern)
+        v = x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+        if pattern == "dgrad_drelu_dbn":
+            gu = torch.ops.aten.convolution_backward(dz, x, w, None, stride, padding, dilation, False, [0, 0],
+                                                     groups, [True, False, False])[0]
+            dv = torch.where(v > 0, gu, torch.zeros_like(gu))
+            return dv, (dv * x).sum((0, 2, 3)), dv.sum((0, 2, 3))
+        u = v.relu() if in_relu else v
+        return torch.ops.aten.convolution_backward(dz, u, w, None, stride, padding, dilation, False, [0, 0],
+                                                   groups, [False, True, False])[1]
+    return run
+
+
+@pytest.fixture
+def graphs_on_cpu(monkeypatch):
+    """The cuDNN path reported available on the CPU for every dtype (the pattern gates
+    are tested in test_backward_pattern_table), the forward graphs absent (aten
+    fallback) and the backward graphs emulated: checks the Python wiring of the
+    backward around the graph outputs."""
+    calls = []
+    monkeypatch.setattr(cudnn, "available", lambda dev: (True, "test"))
+    monkeypatch.setattr(cudnn, "_capability", lambda dev: (9, 0))
+    monkeypatch.setattr(cudnn, "_cudnn_version", lambda: 90800)
+    monkeypatch.setattr(cudnn, "pattern_for", lambda *a, **k: (None, "test: forward graphs absent"))
+    real = cudnn.backward_pattern_for
+    monkeypatch.setattr(cudnn, "backward_pattern_for",
+                        lambda part, dtype, *a, **k: real(part, torch.float16, *a, **k))
+    monkeypatch.setattr(cudnn, "register", lambda: True)
+    monkeypatch.setattr(cudnn, "_run_bwd_graph", _emulated_bwd_graph(calls))
+    monkeypatch.setattr(cudnn, "_no_engine", {})
+    monkeypatch.setattr(cudnn, "_warned", set())
+    return calls
+
+
+def _conv2d_act_case(layout="channels_last", seed=5):
+    torch.manual_seed(seed)
+    x = make_input((2, 8, 7, 7), torch.float64, layout).requires_grad_()
+    w = torch.randn(16, 8, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    s = (torch.rand(8, dtype=torch.float64) + 0.5).requires_grad_()
+    t = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(2, 16, 4, 4, dtype=torch.float64, requires_grad=True)
+    return x, w, b, s, t, r
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_family_backward_uses_the_graphs(graphs_on_cpu, layout):
+    """conv2d_act through the ``cudnn`` family (FASTRES_CONV=cudnn's op): with the
+    backward graphs chosen, every gradient (x, weight, bias, scale, shift, residual; the
+    statistics' and the output ReLU's terms too) matches autograd of F.conv2d in float64,
+    and both graphs ran once per backward."""
+    from fastres import conv_ops
+    x, w, b, s, t, r = _conv2d_act_case(layout)
+    fam = conv_ops.family("cudnn")
+    y, m, v = fam.conv2d_act(x, w, b, s, t, r, [2, 2], [1, 1], [1, 1], 1, True, True, True)
+    ref = _reference64(x, w, b, s, t, r, [2, 2], [1, 1], True, True)
+    torch.testing.assert_close(y, ref)
+    leaves = [x, w, b, s, t, r]
+    gy = torch.randn_like(y)
+    loss = (y * gy).sum() + m.square().sum() + v.sum()
+    loss_ref = (ref * gy).sum() + ref.mean((0, 2, 3)).square().sum() + ref.var((0, 2, 3), unbiased=False).sum()
+    got, expect = torch.autograd.grad(loss, leaves), torch.autograd.grad(loss_ref, leaves)
+    assert graphs_on_cpu == ["dgrad_drelu_dbn", "scale_shift_relu_wgrad"]
+    for name, a, e in zip("x w b s t r".split(), got, expect):
+        torch.testing.assert_close(a, e, msg=lambda msg: f"grad {name}: {msg}")
+    assert got[0].is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    # only what is needed: no graph for a weight-only backward's dgrad
+    graphs_on_cpu.clear()
+    y, _, _ = fam.conv2d_act(x.detach(), w, None, s.detach(), t.detach(), None, [1, 1], [1, 1], [1, 1], 1, True,
+                             False, False)
+    torch.autograd.grad(y.sum(), [w])
+    assert graphs_on_cpu == ["scale_shift_relu_wgrad"]
+
+
+def test_family_backward_without_prologue_is_aten(graphs_on_cpu):
+    """No input prologue: nothing to fuse into dgrad/wgrad, aten's convolution_backward
+    (no graph call), same gradients."""
+    from fastres import conv_ops
+    x, w, b, _, _, r = _conv2d_act_case("contiguous")
+    y, _, _ = conv_ops.family("cudnn").conv2d_act(x, w, b, None, None, r, [2, 2], [1, 1], [1, 1], 1, False, True,
+                                                  False)
+    ref = _reference64(x, w, b, None, None, r, [2, 2], [1, 1], False, True)
+    got, expect = torch.autograd.grad(y.sum(), [x, w, b, r]), torch.autograd.grad(ref.sum(), [x, w, b, r])
+    assert graphs_on_cpu == []
+    for a, e in zip(got, expect):
+        torch.testing.assert_close(a, e)
+
+
+def test_backward_no_engine_falls_back_per_part(graphs_on_cpu, monkeypatch):
+    """cuDNN finding no engine for the dgrad graph at run time: one warning, that part
+    on aten + the fused elementwise kernels (same gradients), the wgrad graph still
+    used, the key remembered (not tried again) and reported by backend_info."""
+    from fastres import conv_ops
+    emulated = cudnn._run_bwd_graph
+
+    def no_dgrad(pattern, *a):
+        if pattern == "dgrad_drelu_dbn":
+            graphs_on_cpu.append("refused")
+            raise RuntimeError(cudnn.NO_ENGINE + " (test)")
+        return emulated(pattern, *a)
+
+    monkeypatch.setattr(cudnn, "_run_bwd_graph", no_dgrad)
+    x, w, b, s, t, r = _conv2d_act_case("contiguous")
+    leaves = [x, w, s, t]
+    ref = _reference64(x, w, None, s, t, None, [1, 1], [1, 1], True, False)
+    expect = torch.autograd.grad(ref.square().sum(), leaves)
+    fam = conv_ops.family("cudnn")
+    for i in range(2):
+        y, _, _ = fam.conv2d_act(x, w, None, s, t, None, [1, 1], [1, 1], [1, 1], 1, True, False, False)
+        if i == 0:
+            with pytest.warns(RuntimeWarning, match="no engine for the dgrad_drelu_dbn graph"):
+                got = torch.autograd.grad(y.square().sum(), leaves)
+        else:
+            got = torch.autograd.grad(y.square().sum(), leaves)
+        for a, e in zip(got, expect):
+            torch.testing.assert_close(a, e)
+    assert graphs_on_cpu == ["refused", "scale_shift_relu_wgrad", "scale_shift_relu_wgrad"]
+    assert any("dgrad_drelu_dbn" in m for m in cudnn.info("cpu")["no_engine"])
+    # any other error is not swallowed
+    monkeypatch.setattr(cudnn, "_run_bwd_graph", lambda *a: (_ for _ in ()).throw(RuntimeError("CUDA error: boom")))
+    y, _, _ = fam.conv2d_act(x, w, None, s, t, None, [1, 1], [1, 1], [1, 1], 1, True, False, False)
+    with pytest.raises(RuntimeError, match="boom"):
+        torch.autograd.grad(y.sum(), [w])
+
+
+def test_backend_info_reports_the_backward_choice(graphs_on_cpu, monkeypatch):
+    monkeypatch.setattr(cudnn, "_cudnn_version", lambda: 90500)
+    ci = cudnn.info("cpu")
+    assert ci["available"] and set(ci["patterns"]) == set(cudnn.PATTERNS)
+    for dt in ("bf16", "fp16"):
+        assert ci["backward"][dt]["wgrad"] == "scale_shift_relu_wgrad"
+        assert ci["backward"][dt]["dgrad"].startswith("fallback:") and "90800" in ci["backward"][dt]["dgrad"]
+
+
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_blocks_take_the_cudnn_path(graphs_on_cpu, kind, monkeypatch):
+    """FASTRES_CONV=cudnn with the graphs available: the blocks run through conv2d_act
+    (stats + prologue in training, folded epilogue in eval) on the ``cudnn`` family, the
+    backward through the graphs; float64 parity with torchvision in training (two steps:
+    outputs, every gradient, running stats) and eval."""
+    from torchvision.models import resnet as tvr
+    from resnet_ref import check_parity, randomize
+    from fastres import conv_backend, conv_ops
+    if kind == "basic":
+        ref, ours = tvr.BasicBlock(8, 8), fastres.BasicBlock(8, 8)
+    else:
+        ds = lambda: torch.nn.Sequential(tvr.conv1x1(16, 32, 2), torch.nn.BatchNorm2d(32))  # noqa: E731
+        ref, ours = tvr.Bottleneck(16, 8, 2, ds()), fastres.Bottleneck(16, 8, 2, ds())
+    randomize(ref)
+    ref, ours = ref.double(), ours.double()
+    ours.load_state_dict(ref.state_dict())
+    families = []
+    real = conv_ops.family
+    monkeypatch.setattr(conv_ops, "family", lambda n: families.append(n) or real(n))
+    conv_backend._resolve.cache_clear()
+    x = torch.randn(2, ref.conv1.in_channels, 6, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    try:
+        with conv_backend.use_conv("cudnn"):
+            assert conv_backend.conv_for(x.device) == "cudnn"
+            check_parity(ref, ours, x, train=True, tol=1e-9, steps=2, what=f"{kind} cudnn train")
+            n_convs = 2 if kind == "basic" else 4
+            assert families and set(families) == {"cudnn"} and len(families) == 2 * n_convs
+            n_prologue = 1 if kind == "basic" else 2  # conv2 (, conv3): the convs after a BN + ReLU
+            assert len(graphs_on_cpu) == 2 * 2 * n_prologue  # dgrad + wgrad of each, two steps
+            families.clear()
+            check_parity(ref, ours, x, train=False, tol=1e-9, what=f"{kind} cudnn eval")
+            assert families == ["cudnn"] * n_convs
+    finally:
+        conv_backend._resolve.cache_clear()
+
+
+def test_fake_kernels_backward_ops():
+    assert cudnn.register()
+    with FakeTensorMode():
+        x = torch.empty(2, 16, 9, 9).contiguous(memory_format=torch.channels_last)
+        w = torch.empty(32, 16, 3, 3)
+        dy = torch.empty(2, 32, 5, 5)
+        c = torch.empty(16)
+        dv, ds, dt = OPS.cudnn_dgrad_drelu_dbn(dy, w, x, c, c, [2, 2], [1, 1], [1, 1], 1)
+        assert dv.shape == x.shape and dv.is_contiguous(memory_format=torch.channels_last)
+        assert ds.shape == dt.shape == (16,) and ds.dtype == torch.float32
+        dw = OPS.cudnn_wgrad_scale_shift_relu(dy, x, c, c, [32, 16, 3, 3], [2, 2], [1, 1], [1, 1], 1, True)
+        assert dw.shape == (32, 16, 3, 3) and dw.is_contiguous() and dw.dtype == x.dtype
 
 
 # ============================================================================ GPU
@@ -506,6 +736,24 @@ def test_cuda_graph_capture_and_replay(dtype):
         torch.testing.assert_close(sq2, esq2, rtol=1e-5, atol=1e-3)
 
 
+def _capture_and_replay(step, x):
+    """Warm ``step`` up on a side stream (plans built), capture it in a CUDA graph, put new
+    data in ``x``, replay; returns (the replay's outputs, an eager step's outputs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = step()
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    return out, step()
+
+
 @gpu
 def test_cuda_graph_training_step():
     """A whole training step (stats forward + BN + ReLU + backward) captured and replayed."""
@@ -521,19 +769,7 @@ def test_cuda_graph_training_step():
         out = ((y.float() - mean.view(1, -1, 1, 1)) * torch.rsqrt(var.view(1, -1, 1, 1) + 1e-5)).relu()
         return torch.autograd.grad(out.square().mean(), [w, s, t])
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        grads = step()
-    x.copy_(torch.randn_like(x))
-    g.replay()
-    torch.cuda.synchronize()
-    eager = step()
+    grads, eager = _capture_and_replay(step, x)
     for a, e in zip(grads, eager):
         torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-4)
 
@@ -563,4 +799,196 @@ def test_backend_info_on_gpu():
     _need_gpu()
     ci = fastres.backend_info()["devices"]["cuda"]["cudnn_conv"]
     assert ci["available"] and ci["built"] and set(ci["patterns"]) == set(cudnn.PATTERNS)
+    assert set(ci["backward"]) == {"bf16", "fp16"}
     assert ci["capability"] == torch.cuda.get_device_capability()
+
+
+# ----------------------------------------------------------------------------- GPU: training backward
+BWD_SHAPES = [SHAPES[0], SHAPES[1], SHAPES[2]]
+
+
+def _fail_if_no_engine(fn, what):
+    """Run a graph op directly: cuDNN refusing a graph that backward_pattern_for
+    promises for this device is a wrong table (docs/DESIGN.md), reported as such."""
+    try:
+        return fn()
+    except RuntimeError as e:
+        if cudnn.NO_ENGINE not in str(e):
+            raise
+        pytest.fail(f"{what}: cuDNN {torch.backends.cudnn.version()} has no engine on "
+                    f"sm_{''.join(map(str, torch.cuda.get_device_capability()))} although backward_pattern_for "
+                    f"chooses it: correct the table (fastres/cudnn.py, docs/DESIGN.md): {e}")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", LOW_DT)
+@pytest.mark.parametrize("shape", BWD_SHAPES)
+def test_backward_graphs_parity(shape, dtype):
+    """The dgrad + dReLU + dBN-weight graph (dv, Σdv·x, Σdv) and the scale-shift-ReLU
+    wgrad graph against aten's convolution_backward on the prologue output: float64
+    truth, PyTorch's own result in ``dtype`` for the 2x rule."""
+    _need_gpu()
+    x32, w32, _, _, s, t, stride, pad = _data(shape, torch.float32)
+    x, w = x32.to(dtype), w32.to(dtype)
+    p = (x.shape[2] + 2 * pad[0] - w.shape[2]) // stride[0] + 1
+    dz = make_input((x.shape[0], w.shape[0], p, p), torch.float32, "channels_last", device="cuda").to(dtype)
+    for part in ("dgrad", "wgrad"):
+        pat = cudnn.choose_backward(part, x, w, s, t, True, stride, pad, [1, 1], 1)
+        if cudnn.backward_pattern_for(part, dtype, x.shape[1], w.shape[0], 1, scale=True, shift=True, in_relu=True,
+                                      capability=torch.cuda.get_device_capability(),
+                                      cudnn_version=torch.backends.cudnn.version())[0] is None:
+            pytest.skip(f"no {part} graph on this GPU/cuDNN: {pat[1]}")
+    dv, ds, dt = _fail_if_no_engine(
+        lambda: OPS.cudnn_dgrad_drelu_dbn(dz, w, x, s, t, stride, pad, [1, 1], 1), "dgrad_drelu_dbn")
+    dw = _fail_if_no_engine(
+        lambda: OPS.cudnn_wgrad_scale_shift_relu(dz, x, s, t, list(w.shape), stride, pad, [1, 1], 1, True),
+        "scale_shift_relu_wgrad")
+    assert dv.dtype == dtype and dv.shape == x.shape and dw.dtype == dtype and dw.shape == w.shape
+
+    def reference(xr, wr, dzr, acc):
+        v = xr.to(acc) * s.to(acc).view(1, -1, 1, 1) + t.to(acc).view(1, -1, 1, 1)
+        u = v.relu().to(xr.dtype)
+        gu, gw, _ = torch.ops.aten.convolution_backward(dzr, u, wr, None, stride, pad, [1, 1], False, [0, 0], 1,
+                                                        [True, True, False])
+        dvr = torch.where(v > 0, gu.to(acc), torch.zeros((), dtype=acc, device="cuda"))
+        return dvr.to(xr.dtype), (dvr * xr.to(acc)).sum((0, 2, 3)), dvr.sum((0, 2, 3)), gw
+
+    hi = reference(x.double(), w.double(), dz.double(), torch.float64)
+    lo = reference(x, w, dz, torch.float32)
+    for name, a, l_, h in zip(["dv", "dscale", "dshift", "dw"], (dv, ds, dt, dw), lo, hi):
+        assert_close_dtype(a, None, dtype, name, ref_low=l_, ref_hi=h)
+
+
+def _spy_graphs(monkeypatch):
+    """Count the forward and backward graph calls (the fused path, not a fallback)."""
+    calls = []
+    fwd, bwd = cudnn._run_graph, cudnn._run_bwd_graph
+    monkeypatch.setattr(cudnn, "_run_graph", lambda p, *a: calls.append(p) or fwd(p, *a))
+    monkeypatch.setattr(cudnn, "_run_bwd_graph", lambda p, *a: calls.append(p) or bwd(p, *a))
+    return calls
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32] + LOW_DT)
+def test_conv2d_act_training_step_through_the_graphs(dtype, monkeypatch, no_tf32):
+    """FASTRES_CONV=cudnn: conv2d_act with the BN+ReLU prologue and the statistics
+    (training forward genstats graph; dgrad + dReLU + dBN and scale-shift-ReLU wgrad graphs
+    in the backward; fp32: the fallbacks) — y, mean, var and the gradients of x, weight,
+    scale, shift against F.conv2d (float64 truth, PyTorch in ``dtype`` for the 2x rule)."""
+    _need_gpu()
+    from fastres import conv_backend, functional as Fn
+    calls = _spy_graphs(monkeypatch)
+    x32, w32, _, _, s32, t32, stride, pad = _data(SHAPES[0], torch.float32)
+    gen = torch.Generator("cuda").manual_seed(7)
+
+    def run(mode):
+        cast = torch.float64 if mode == "hi" else dtype
+        x, w = (v.to(cast).detach().requires_grad_() for v in (x32, w32))
+        s, t = (v.to(torch.float64 if mode == "hi" else torch.float32).detach().requires_grad_() for v in (s32, t32))
+        if mode == "ours":
+            with conv_backend.use_conv("cudnn"):
+                y, mean, var = Fn.conv2d_act(x, w, None, stride, pad, in_scale=s, in_shift=t, in_relu=True,
+                                             stats="moments")
+        else:
+            acc = torch.float64 if mode == "hi" else torch.float32
+            u = (x.to(acc) * s.view(1, -1, 1, 1) + t.view(1, -1, 1, 1)).relu().to(cast)
+            y = F.conv2d(u, w, None, stride, pad)
+            mean, var = y.to(acc).mean((0, 2, 3)), y.to(acc).var((0, 2, 3), unbiased=False)
+        gy = torch.randn(y.shape, device="cuda", generator=gen.manual_seed(7)).to(y.dtype)
+        loss = (y * gy).float().sum() + mean.float().square().sum() + var.float().sum()
+        return [y, mean, var] + list(torch.autograd.grad(loss, [x, w, s, t]))
+
+    ours, hi = run("ours"), run("hi")
+    names = ["y", "mean", "var", "grad x", "grad weight", "grad scale", "grad shift"]
+    if dtype == torch.float32:
+        assert calls == []  # fp32: no pattern, the fallbacks
+        for n, a, h in zip(names, ours, hi):
+            torch.testing.assert_close(a.double(), h, rtol=1e-4, atol=1e-4, msg=lambda m: f"{n}: {m}")
+        return
+    assert calls == ["scale_shift_relu_conv_genstats", "dgrad_drelu_dbn", "scale_shift_relu_wgrad"], calls
+    assert not cudnn._no_engine, cudnn._no_engine
+    lo = run("lo")
+    for n, a, l_, h in zip(names, ours, lo, hi):
+        assert_close_dtype(a, None, dtype, n, ref_low=l_, ref_hi=h)
+
+
+def _tv_pair(make_ref, make_ours, dtype, fmt=torch.channels_last):
+    from resnet_ref import randomize
+    ref = randomize(make_ref())
+    ours = make_ours()
+    ours.load_state_dict(ref.state_dict())
+    return (ref.to(dtype).to(memory_format=fmt).cuda(), ours.to(dtype).to(memory_format=fmt).cuda(),
+            copy.deepcopy(ref).double().cuda())
+
+
+@gpu
+@pytest.mark.parametrize("dtype", LOW_DT)
+def test_blocks_with_cudnn_vs_torchvision(dtype, monkeypatch):
+    """A Bottleneck with a stride-2 projection (every conv C, K % 8 == 0) in ``dtype``
+    under FASTRES_CONV=cudnn against torchvision's in ``dtype``, with a float64 copy as the
+    truth (2x rule): two training steps (outputs, input and every parameter gradient,
+    running statistics) and eval (folded conv + bias + add + ReLU graphs)."""
+    _need_gpu()
+    from torchvision.models import resnet as tvr
+    from resnet_ref import check_parity
+    calls = _spy_graphs(monkeypatch)
+
+    def ds():
+        return torch.nn.Sequential(tvr.conv1x1(64, 128, 2), torch.nn.BatchNorm2d(128))
+
+    ref, ours, truth = _tv_pair(lambda: tvr.Bottleneck(64, 32, 2, ds()),
+                                lambda: fastres.Bottleneck(64, 32, 2, ds()), dtype)
+    x = torch.randn(4, 64, 14, 14, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+    with fastres.use_conv("cudnn"):
+        check_parity(ref, ours, x, train=True, tol=1e-3, steps=2, what=f"bottleneck {dtype} cudnn train",
+                     truth=truth)
+        assert {"scale_shift_relu_conv_genstats", "conv_genstats", "dgrad_drelu_dbn",
+                "scale_shift_relu_wgrad"} <= set(calls), calls
+        calls.clear()
+        check_parity(ref, ours, x, train=False, tol=1e-3, what=f"bottleneck {dtype} cudnn eval", truth=truth)
+        assert calls == ["conv_bias_add_relu"] * 4, calls
+    assert not cudnn._no_engine, cudnn._no_engine
+
+
+@gpu
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_resnet50_with_cudnn_vs_torchvision(train, monkeypatch):
+    """resnet50 in bf16 (channels_last) under FASTRES_CONV=cudnn against torchvision's
+    bf16, float64 truth (2x rule): output, input gradient, every parameter gradient,
+    running statistics; the graphs ran and none was refused."""
+    _need_gpu()
+    import torchvision
+    from resnet_ref import check_parity
+    calls = _spy_graphs(monkeypatch)
+    ref, ours, truth = _tv_pair(lambda: torchvision.models.resnet50(num_classes=10),
+                                lambda: fastres.resnet50(num_classes=10), torch.bfloat16)
+    x = torch.randn(4, 3, 64, 64, device="cuda").to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    with fastres.use_conv("cudnn"):
+        check_parity(ref, ours, x, train=train, tol=1e-3, what=f"resnet50 bf16 cudnn {'train' if train else 'eval'}",
+                     truth=truth)
+    assert calls, "no cuDNN graph ran"
+    if train:
+        assert {"dgrad_drelu_dbn", "scale_shift_relu_wgrad"} <= set(calls), set(calls)
+    assert not cudnn._no_engine, cudnn._no_engine
+
+
+@gpu
+def test_cuda_graph_block_training_step_with_cudnn():
+    """A Bottleneck training step (forward through the genstats graphs, backward through
+    the dgrad/wgrad graphs) captured in a CUDA graph and replayed on new input: the same
+    gradients as the eager step."""
+    _need_gpu()
+    dtype = torch.bfloat16
+    torch.manual_seed(0)
+    block = fastres.Bottleneck(64, 16).to(dtype).to(memory_format=torch.channels_last).cuda()
+    params = [p for p in block.parameters()]
+    x = torch.randn(4, 64, 14, 14, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+
+    def step():
+        return torch.autograd.grad(block(x).float().square().mean(), params)
+
+    with fastres.use_conv("cudnn"):
+        grads, eager = _capture_and_replay(step, x)
+    for a, e in zip(grads, eager):
+        torch.testing.assert_close(a, e, rtol=1e-2, atol=1e-3)
+    assert not cudnn._no_engine, cudnn._no_engine

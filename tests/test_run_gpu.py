@@ -136,6 +136,7 @@ def test_full_profile_needs_a_known_part(tmp_path):
     r = _run(tmp_path / "out", "full", "nonsense", timeout=60)
     assert r.returncode == 2
     assert "full needs a PART" in r.stdout and "bench-variants" in r.stdout and "conv-bwd" in r.stdout
+    assert "12|cudnn" in r.stdout
 
 
 # ----------------------------------------------------------------------------- gpu_summary

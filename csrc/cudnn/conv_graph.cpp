@@ -5,6 +5,11 @@
 //   fastres::cudnn_conv_act_stats  [x*scale + shift -> ReLU] -> conv_fprop -> y,
 //                                  genstats(y) -> per-channel sum, sum of squares (fp32)
 //                                  (training forward: the "ConvBNfprop" pattern)
+//   fastres::cudnn_dgrad_drelu_dbn conv_dgrad -> ReLU mask of x*scale + shift -> dv,
+//                                  BN-backward weights -> Σdv·x, Σdv (fp32)
+//                                  (training backward: "DgradDreluBNBwdWeight")
+//   fastres::cudnn_wgrad_scale_shift_relu  [x*scale + shift -> ReLU] -> conv_wgrad -> dw
+//                                  (training backward: "ConvBNwgrad")
 //
 // The schemas are defined in ops.cpp (always, so the fake kernels of
 // fastres/cudnn.py exist on every build); this file adds the CUDA kernels and is
@@ -41,6 +46,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "common.h"
@@ -145,8 +151,15 @@ struct Graph {
     return t;
   }
 
-  void conv_fprop(const DescP& x, const DescP& w, const DescP& y, const std::vector<int64_t>& stride,
-                  const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation) {
+  // Finalizes one operation and appends it to the graph (kept alive with the plan).
+  void add_op(const DescP& op) {
+    op->finalize();
+    keep.push_back(op);
+    ops.push_back(op->get());
+  }
+
+  DescP conv_desc(const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+                  const std::vector<int64_t>& dilation) {
     auto conv = std::make_shared<Desc>(CUDNN_BACKEND_CONVOLUTION_DESCRIPTOR);
     conv->set_i64(CUDNN_ATTR_CONVOLUTION_SPATIAL_DIMS, 2);
     conv->set_dtype(CUDNN_ATTR_CONVOLUTION_COMP_TYPE, CUDNN_DATA_FLOAT);
@@ -158,21 +171,70 @@ struct Graph {
     conv->set_i64s(CUDNN_ATTR_CONVOLUTION_POST_PADDINGS, padding);
     conv->finalize();
     keep.push_back(conv);
-
-    auto op = std::make_shared<Desc>(CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR);
-    op->set_desc(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_X, *x);
-    op->set_desc(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_W, *w);
-    op->set_desc(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_Y, *y);
-    op->set_desc(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_CONV_DESC, *conv);
-    float alpha = 1.0f, beta = 0.0f;
-    op->set(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_ALPHA, CUDNN_TYPE_FLOAT, 1, &alpha);
-    op->set(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_BETA, CUDNN_TYPE_FLOAT, 1, &beta);
-    op->finalize();
-    keep.push_back(op);
-    ops.push_back(op->get());
+    return conv;
   }
 
-  // y = mode(x [, b]) in fp32.
+  // The backend attributes of one convolution operation kind: its descriptor type, the
+  // conv-descriptor / alpha / beta attributes and its two inputs and one output.
+  struct ConvKind {
+    cudnnBackendDescriptorType_t type;
+    cudnnBackendAttributeName_t conv, alpha, beta, in0, in1, out;
+  };
+  // y = fprop(x, w); dx = dgrad(dy, w); dw = wgrad(dy, x)
+  static constexpr ConvKind kFprop = {
+      CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_CONV_DESC,
+      CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_ALPHA, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_BETA,
+      CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_X, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_W,
+      CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_Y};
+  static constexpr ConvKind kDgrad = {
+      CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_DATA_DESCRIPTOR, CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_CONV_DESC,
+      CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_ALPHA, CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_BETA,
+      CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_DY, CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_W,
+      CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_DX};
+  static constexpr ConvKind kWgrad = {
+      CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_FILTER_DESCRIPTOR,
+      CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_CONV_DESC, CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_ALPHA,
+      CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_BETA, CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_DY,
+      CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_X, CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_DW};
+
+  // out = kind(in0, in1) with alpha 1, beta 0.
+  void conv(const ConvKind& kind, const DescP& in0, const DescP& in1, const DescP& out,
+            const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+            const std::vector<int64_t>& dilation) {
+    auto desc = conv_desc(stride, padding, dilation);
+    auto op = std::make_shared<Desc>(kind.type);
+    op->set_desc(kind.in0, *in0);
+    op->set_desc(kind.in1, *in1);
+    op->set_desc(kind.out, *out);
+    op->set_desc(kind.conv, *desc);
+    float alpha = 1.0f, beta = 0.0f;
+    op->set(kind.alpha, CUDNN_TYPE_FLOAT, 1, &alpha);
+    op->set(kind.beta, CUDNN_TYPE_FLOAT, 1, &beta);
+    add_op(op);
+  }
+
+  // BN backward weights: dscale = sum dy*(x-mean)*invstd, dbias = sum dy, and the
+  // three "equivalent" coefficients of the full BN backward (fp32, [1,C,1,1] each).
+  void bn_bwd_weights(const DescP& x, const DescP& dy, const DescP& mean, const DescP& invstd,
+                      const DescP& scale, const DescP& dscale, const DescP& dbias, const DescP& eq_dy,
+                      const DescP& eq_x, const DescP& eq_bias) {
+    auto op = std::make_shared<Desc>(CUDNN_BACKEND_OPERATION_BN_BWD_WEIGHTS_DESCRIPTOR);
+    op->set_dtype(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_MATH_PREC, CUDNN_DATA_FLOAT);
+    op->set_desc(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_X_DESC, *x);
+    op->set_desc(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_DY_DESC, *dy);
+    op->set_desc(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_MEAN_DESC, *mean);
+    op->set_desc(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_INVSTD_DESC, *invstd);
+    op->set_desc(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_BN_SCALE_DESC, *scale);
+    op->set_desc(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_DBN_SCALE_DESC, *dscale);
+    op->set_desc(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_DBN_BIAS_DESC, *dbias);
+    op->set_desc(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_EQ_DY_SCALE_DESC, *eq_dy);
+    op->set_desc(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_EQ_X_SCALE_DESC, *eq_x);
+    op->set_desc(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_EQ_BIAS, *eq_bias);
+    add_op(op);
+  }
+
+  // y = mode(x [, b]) in fp32. For RELU_BWD (an activation backward) b is dy and y is
+  // dx: dx = dy where x > 0, else 0 (the mask from the forward input x).
   void pointwise(cudnnPointwiseMode_t mode, const DescP& x, const DescP& b, const DescP& y) {
     auto pw = std::make_shared<Desc>(CUDNN_BACKEND_POINTWISE_DESCRIPTOR);
     pw->set(CUDNN_ATTR_POINTWISE_MODE, CUDNN_TYPE_POINTWISE_MODE, 1, &mode);
@@ -180,14 +242,13 @@ struct Graph {
     pw->finalize();
     keep.push_back(pw);
 
+    const bool bwd = mode == CUDNN_POINTWISE_RELU_BWD;
     auto op = std::make_shared<Desc>(CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR);
     op->set_desc(CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, *pw);
     op->set_desc(CUDNN_ATTR_OPERATION_POINTWISE_XDESC, *x);
-    if (b) op->set_desc(CUDNN_ATTR_OPERATION_POINTWISE_BDESC, *b);
-    op->set_desc(CUDNN_ATTR_OPERATION_POINTWISE_YDESC, *y);
-    op->finalize();
-    keep.push_back(op);
-    ops.push_back(op->get());
+    if (b) op->set_desc(bwd ? CUDNN_ATTR_OPERATION_POINTWISE_DYDESC : CUDNN_ATTR_OPERATION_POINTWISE_BDESC, *b);
+    op->set_desc(bwd ? CUDNN_ATTR_OPERATION_POINTWISE_DXDESC : CUDNN_ATTR_OPERATION_POINTWISE_YDESC, *y);
+    add_op(op);
   }
 
   void genstats(const DescP& x, const DescP& sum, const DescP& sumsq) {
@@ -198,9 +259,7 @@ struct Graph {
     op->set_desc(CUDNN_ATTR_OPERATION_GENSTATS_XDESC, *x);
     op->set_desc(CUDNN_ATTR_OPERATION_GENSTATS_SUMDESC, *sum);
     op->set_desc(CUDNN_ATTR_OPERATION_GENSTATS_SQSUMDESC, *sumsq);
-    op->finalize();
-    keep.push_back(op);
-    ops.push_back(op->get());
+    add_op(op);
   }
 };
 
@@ -399,28 +458,53 @@ std::vector<int64_t> strides4(const at::Tensor& t) {
   return nhwc_strides(t.sizes().vec());
 }
 
-void check_conv_args(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
-                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, const char* op) {
+// x and the weight's shape against the conv parameters (shared by every op).
+void check_conv_geometry(const at::Tensor& x, at::IntArrayRef w, at::IntArrayRef stride, at::IntArrayRef padding,
+                         at::IntArrayRef dilation, int64_t groups, const char* op) {
   TORCH_CHECK(x.is_cuda(), "fastres::", op, ": x must be a CUDA tensor, got ", x.device());
   TORCH_CHECK(x.dim() == 4, "fastres::", op, ": x must be 4-D (N, C, H, W), got shape ", x.sizes());
-  TORCH_CHECK(w.dim() == 4, "fastres::", op, ": weight must be 4-D (K, C/groups, R, S), got shape ", w.sizes());
+  TORCH_CHECK(w.size() == 4, "fastres::", op, ": weight must be 4-D (K, C/groups, R, S), got shape ", w);
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, "fastres::", op,
+              ": stride, padding and dilation must have 2 elements each");
+  TORCH_CHECK(groups >= 1 && x.size(1) == w[1] * groups && w[0] % groups == 0, "fastres::", op,
+              ": weight of shape ", w, " with groups=", groups, " does not match x of shape ", x.sizes());
+  cudnn_dtype(x.scalar_type());
+}
+
+void check_conv_args(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
+                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, const char* op) {
+  check_conv_geometry(x, w.sizes(), stride, padding, dilation, groups, op);
   TORCH_CHECK(w.device() == x.device(), "fastres::", op, ": weight is on ", w.device(), ", expected ",
               x.device());
   TORCH_CHECK(w.scalar_type() == x.scalar_type(), "fastres::", op, ": weight has dtype ", w.scalar_type(),
               ", expected ", x.scalar_type());
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, "fastres::", op,
-              ": stride, padding and dilation must have 2 elements each");
-  TORCH_CHECK(groups >= 1 && x.size(1) == w.size(1) * groups && w.size(0) % groups == 0, "fastres::", op,
-              ": weight of shape ", w.sizes(), " with groups=", groups, " does not match x of shape ",
-              x.sizes());
-  cudnn_dtype(x.scalar_type());
 }
 
-std::vector<int64_t> out_shape(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
+// x's memory format, dtype (torch's and cuDNN's), and x, w made channels_last (cuDNN's
+// fusion engines want NHWC; the output returns in x's memory format).
+std::tuple<at::MemoryFormat, at::ScalarType, cudnnDataType_t, at::Tensor, at::Tensor> channels_last_inputs(
+    const at::Tensor& x, const at::Tensor& w) {
+  return {memory_format_of(x), x.scalar_type(), cudnn_dtype(x.scalar_type()),
+          x.contiguous(at::MemoryFormat::ChannelsLast), w.contiguous(at::MemoryFormat::ChannelsLast)};
+}
+
+// A tensor of the conv output's shape (residual, dy), x's dtype and device; channels_last.
+at::Tensor output_like(const at::Tensor& t, const char* name, const std::vector<int64_t>& ys, const at::Tensor& x,
+                       const char* op) {
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(ys), "fastres::", op, ": ", name, " has shape ", t.sizes(),
+              ", expected ", at::IntArrayRef(ys));
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastres::", op, ": ", name, " has dtype ", t.scalar_type(),
+              ", expected ", x.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), "fastres::", op, ": ", name, " is on ", t.device(), ", expected ",
+              x.device());
+  return t.contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+std::vector<int64_t> out_shape(const at::Tensor& x, at::IntArrayRef w, at::IntArrayRef stride,
                                at::IntArrayRef padding, at::IntArrayRef dilation) {
-  std::vector<int64_t> s = {x.size(0), w.size(0), 0, 0};
+  std::vector<int64_t> s = {x.size(0), w[0], 0, 0};
   for (int i = 0; i < 2; ++i) {
-    s[2 + i] = (x.size(2 + i) + 2 * padding[i] - dilation[i] * (w.size(2 + i) - 1) - 1) / stride[i] + 1;
+    s[2 + i] = (x.size(2 + i) + 2 * padding[i] - dilation[i] * (w[2 + i] - 1) - 1) / stride[i] + 1;
   }
   TORCH_CHECK(s[2] > 0 && s[3] > 0, "fastres cudnn: empty convolution output ", s);
   return s;
@@ -449,11 +533,80 @@ void store(const std::vector<int64_t>& key, std::shared_ptr<Plan> p) {
   c.plans.emplace(key, std::move(p));
 }
 
-enum Pattern : int64_t { kConvBiasAct = 1, kConvActStats = 2 };
+enum Pattern : int64_t { kConvBiasAct = 1, kConvActStats = 2, kDgradDreluDbn = 3, kScaleShiftReluWgrad = 4 };
 enum Uid : int64_t {
-  kX = 1, kW, kY, kBias, kRes, kScale, kShift, kSum, kSumSq,
-  kVConv = 100, kVBias, kVRes, kVScaled, kVShifted, kVAct
+  kX = 1, kW, kY, kBias, kRes, kScale, kShift, kSum, kSumSq, kDY, kDV, kDW, kMean, kInvStd, kDScale, kDShift,
+  kEqDy, kEqX, kEqBias,
+  kVConv = 100, kVBias, kVRes, kVScaled, kVShifted, kVAct, kVDgrad, kVCentered, kVNormed
 };
+
+// The input prologue x -> [MUL scale] -> [ADD shift] -> [RELU_FWD] of the training
+// graphs (the previous BatchNorm, folded, and its ReLU). Its per-channel tensors are
+// declared (in this order: scale, shift) by declare_prologue, the chain by apply_prologue
+// with virtual intermediates of dtype `vdt`.
+struct Prologue {
+  DescP scale, shift;
+};
+
+Prologue declare_prologue(Graph& g, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                          cudnnDataType_t pdt) {
+  const int64_t C = x.size(1);
+  auto chan = [&](int64_t uid, const at::Tensor& t) {
+    return t.defined() ? g.tensor(uid, pdt, chan_dims(C), chan_strides(C), false, alignment_of(t.data_ptr()))
+                       : DescP();
+  };
+  Prologue p;
+  p.scale = chan(kScale, scale);
+  p.shift = chan(kShift, shift);
+  return p;
+}
+
+DescP apply_prologue(Graph& g, DescP cur, const Prologue& p, const std::vector<int64_t>& xd, bool relu,
+                     cudnnDataType_t vdt) {
+  if (p.scale) {
+    auto o = g.tensor(kVScaled, vdt, xd, nhwc_strides(xd), true, 16);
+    g.pointwise(CUDNN_POINTWISE_MUL, cur, p.scale, o);
+    cur = o;
+  }
+  if (p.shift) {
+    auto o = g.tensor(kVShifted, vdt, xd, nhwc_strides(xd), true, 16);
+    g.pointwise(CUDNN_POINTWISE_ADD, cur, p.shift, o);
+    cur = o;
+  }
+  if (relu) {
+    auto o = g.tensor(kVAct, vdt, xd, nhwc_strides(xd), true, 16);
+    g.pointwise(CUDNN_POINTWISE_RELU_FWD, cur, nullptr, o);
+    cur = o;
+  }
+  return cur;
+}
+
+
+// The start of a plan key: pattern, handle (plans are built for one handle, as torch's
+// own cuDNN v8 plan cache is thread-local), device, conv parameters, flags, TF32.
+std::vector<int64_t> base_key(Pattern pattern, cudnnHandle_t handle, const at::Tensor& x, int64_t groups,
+                              int64_t flags, at::IntArrayRef stride, at::IntArrayRef padding,
+                              at::IntArrayRef dilation) {
+  std::vector<int64_t> key = {pattern, reinterpret_cast<int64_t>(handle), x.get_device(), groups, flags,
+                              at::globalContext().allowTF32CuDNN() ? 1 : 0};
+  for (auto v : {stride, padding, dilation}) key.insert(key.end(), v.begin(), v.end());
+  return key;
+}
+
+// The cached plan of `key` (built by `build` on a miss), executed on `ptrs`.
+template <class Build>
+void run_cached(const std::vector<int64_t>& key, cudnnHandle_t handle, bool fp32_io, const std::vector<void*>& ptrs,
+                const at::Tensor& like, Build&& build) {
+  auto plan = lookup(key);
+  if (!plan) {
+    Graph g;
+    build(g);
+    // io_uids were pushed in declaration order, which every caller keeps equal to ptrs'
+    plan = build_plan(std::move(g), handle, fp32_io, ptrs, like);
+    store(key, plan);
+  }
+  execute(handle, *plan, ptrs, like);
+}
 
 }  // namespace
 
@@ -464,33 +617,20 @@ at::Tensor cudnn_conv_bias_act(const at::Tensor& x_in, const at::Tensor& w_in,
   const char* op = "cudnn_conv_bias_act";
   check_conv_args(x_in, w_in, stride, padding, dilation, groups, op);
   c10::cuda::CUDAGuard guard(x_in.device());
-  const auto fmt = memory_format_of(x_in);
-  const auto dt = x_in.scalar_type();
-  const auto cdt = cudnn_dtype(dt);
+  at::MemoryFormat fmt; at::ScalarType dt; cudnnDataType_t cdt; at::Tensor x, w;  // NOLINT (lambdas capture them)
+  std::tie(fmt, dt, cdt, x, w) = channels_last_inputs(x_in, w_in);
   const auto pdt = dt == at::kFloat ? at::kFloat : dt;  // per-channel operand dtype (see top)
-  at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
-  at::Tensor w = w_in.contiguous(at::MemoryFormat::ChannelsLast);
-  const auto ys = out_shape(x, w, stride, padding, dilation);
+  const auto ys = out_shape(x, w.sizes(), stride, padding, dilation);
   const int64_t K = ys[1];
   at::Tensor bias = chan_param(bias_in, K, pdt, x, op, "bias");
   at::Tensor res;
   if (residual_in.has_value() && residual_in->defined()) {
-    TORCH_CHECK(residual_in->sizes() == at::IntArrayRef(ys), "fastres::", op, ": residual has shape ",
-                residual_in->sizes(), ", expected ", at::IntArrayRef(ys));
-    TORCH_CHECK(residual_in->scalar_type() == dt, "fastres::", op, ": residual has dtype ",
-                residual_in->scalar_type(), ", expected ", dt);
-    TORCH_CHECK(residual_in->device() == x.device(), "fastres::", op, ": residual is on ",
-                residual_in->device(), ", expected ", x.device());
-    res = residual_in->contiguous(at::MemoryFormat::ChannelsLast);
+    res = output_like(*residual_in, "residual", ys, x, op);
   }
   at::Tensor y = at::empty(ys, x.options().memory_format(at::MemoryFormat::ChannelsLast));
 
   cudnnHandle_t handle = at::native::getCudnnHandle();  // this thread's, set to the current stream
-  // plans are built for one handle: the handle is part of the key (as torch's own
-  // cuDNN v8 plan cache is thread-local)
-  std::vector<int64_t> key = {kConvBiasAct, reinterpret_cast<int64_t>(handle), x.get_device(), groups, relu ? 1 : 0,
-                              at::globalContext().allowTF32CuDNN() ? 1 : 0};
-  for (auto v : {stride, padding, dilation}) key.insert(key.end(), v.begin(), v.end());
+  auto key = base_key(kConvBiasAct, handle, x, groups, relu ? 1 : 0, stride, padding, dilation);
   for (const auto* t : {&x, &w, &bias, &res, &y}) push_tensor_key(key, *t);
 
   // pointers in the order the graph declares its I/O tensors
@@ -499,9 +639,7 @@ at::Tensor cudnn_conv_bias_act(const at::Tensor& x_in, const at::Tensor& w_in,
   if (res.defined()) ptrs.push_back(res.data_ptr());
   ptrs.push_back(y.data_ptr());
 
-  auto plan = lookup(key);
-  if (!plan) {
-    Graph g;
+  run_cached(key, handle, dt == at::kFloat, ptrs, x, [&](Graph& g) {
     auto tx = g.tensor(kX, cdt, dims4(x), strides4(x), false, alignment_of(x.data_ptr()));
     auto tw = g.tensor(kW, cdt, dims4(w), strides4(w), false, alignment_of(w.data_ptr()));
     DescP tb, tr;
@@ -516,7 +654,7 @@ at::Tensor cudnn_conv_bias_act(const at::Tensor& x_in, const at::Tensor& w_in,
       return g.tensor(vuid, CUDNN_DATA_FLOAT, ys, nhwc_strides(ys), true, 16);
     };
     DescP cur = next(kVConv);
-    g.conv_fprop(tx, tw, cur, stride.vec(), padding.vec(), dilation.vec());
+    g.conv(Graph::kFprop, tx, tw, cur, stride.vec(), padding.vec(), dilation.vec());
     if (bias.defined()) {
       --left;
       auto o = next(kVBias);
@@ -535,11 +673,8 @@ at::Tensor cudnn_conv_bias_act(const at::Tensor& x_in, const at::Tensor& w_in,
       g.pointwise(CUDNN_POINTWISE_RELU_FWD, cur, nullptr, o);
       cur = o;
     }
-    // io_uids were pushed in declaration order: x, w, [bias], [res], y — as ptrs
-    plan = build_plan(std::move(g), handle, dt == at::kFloat, ptrs, x);
-    store(key, plan);
-  }
-  execute(handle, *plan, ptrs, x);
+    // declared: x, w, [bias], [res], y — as ptrs
+  });
   return fmt == at::MemoryFormat::ChannelsLast ? y : y.contiguous(fmt);
 }
 
@@ -550,27 +685,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cudnn_conv_act_stats(
   const char* op = "cudnn_conv_act_stats";
   check_conv_args(x_in, w_in, stride, padding, dilation, groups, op);
   c10::cuda::CUDAGuard guard(x_in.device());
-  const auto fmt = memory_format_of(x_in);
-  const auto dt = x_in.scalar_type();
-  const auto cdt = cudnn_dtype(dt);
-  const auto pdt = dt == at::kFloat ? at::kFloat : dt;
-  at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
-  at::Tensor w = w_in.contiguous(at::MemoryFormat::ChannelsLast);
+  at::MemoryFormat fmt; at::ScalarType dt; cudnnDataType_t cdt; at::Tensor x, w;  // NOLINT (lambdas capture them)
+  std::tie(fmt, dt, cdt, x, w) = channels_last_inputs(x_in, w_in);
+  const auto pdt = dt == at::kFloat ? at::kFloat : dt;  // per-channel operand dtype (see top)
   const int64_t C = x.size(1);
   at::Tensor scale = chan_param(scale_in, C, pdt, x, op, "scale");
   at::Tensor shift = chan_param(shift_in, C, pdt, x, op, "shift");
-  const auto ys = out_shape(x, w, stride, padding, dilation);
+  const auto ys = out_shape(x, w.sizes(), stride, padding, dilation);
   const int64_t K = ys[1];
   at::Tensor y = at::empty(ys, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   at::Tensor sum = at::empty({1, K, 1, 1}, x.options().dtype(at::kFloat));
   at::Tensor sumsq = at::empty({1, K, 1, 1}, x.options().dtype(at::kFloat));
 
   cudnnHandle_t handle = at::native::getCudnnHandle();  // this thread's, set to the current stream
-  // plans are built for one handle: the handle is part of the key (as torch's own
-  // cuDNN v8 plan cache is thread-local)
-  std::vector<int64_t> key = {kConvActStats, reinterpret_cast<int64_t>(handle), x.get_device(), groups, in_relu ? 1 : 0,
-                              at::globalContext().allowTF32CuDNN() ? 1 : 0};
-  for (auto v : {stride, padding, dilation}) key.insert(key.end(), v.begin(), v.end());
+  auto key = base_key(kConvActStats, handle, x, groups, in_relu ? 1 : 0, stride, padding, dilation);
   for (const auto* t : {&x, &w, &scale, &shift, &y, &sum, &sumsq}) push_tensor_key(key, *t);
 
   std::vector<void*> ptrs = {x.data_ptr()};
@@ -581,44 +709,133 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cudnn_conv_act_stats(
   ptrs.push_back(sum.data_ptr());
   ptrs.push_back(sumsq.data_ptr());
 
-  auto plan = lookup(key);
-  if (!plan) {
-    Graph g;
-    const auto xd = dims4(x);
-    DescP cur = g.tensor(kX, cdt, xd, strides4(x), false, alignment_of(x.data_ptr()));
-    DescP ts, tt;
-    if (scale.defined()) ts = g.tensor(kScale, cudnn_dtype(pdt), chan_dims(C), chan_strides(C), false,
-                                       alignment_of(scale.data_ptr()));
-    if (shift.defined()) tt = g.tensor(kShift, cudnn_dtype(pdt), chan_dims(C), chan_strides(C), false,
-                                       alignment_of(shift.data_ptr()));
+  run_cached(key, handle, dt == at::kFloat, ptrs, x, [&](Graph& g) {
+    auto tx = g.tensor(kX, cdt, dims4(x), strides4(x), false, alignment_of(x.data_ptr()));
+    auto pro = declare_prologue(g, x, scale, shift, cudnn_dtype(pdt));
     auto tw = g.tensor(kW, cdt, dims4(w), strides4(w), false, alignment_of(w.data_ptr()));
-    if (ts) {
-      auto o = g.tensor(kVScaled, CUDNN_DATA_FLOAT, xd, nhwc_strides(xd), true, 16);
-      g.pointwise(CUDNN_POINTWISE_MUL, cur, ts, o);
-      cur = o;
-    }
-    if (tt) {
-      auto o = g.tensor(kVShifted, CUDNN_DATA_FLOAT, xd, nhwc_strides(xd), true, 16);
-      g.pointwise(CUDNN_POINTWISE_ADD, cur, tt, o);
-      cur = o;
-    }
-    if (in_relu) {
-      auto o = g.tensor(kVAct, CUDNN_DATA_FLOAT, xd, nhwc_strides(xd), true, 16);
-      g.pointwise(CUDNN_POINTWISE_RELU_FWD, cur, nullptr, o);
-      cur = o;
-    }
+    DescP cur = apply_prologue(g, tx, pro, dims4(x), in_relu, CUDNN_DATA_FLOAT);
     auto ty = g.tensor(kY, cdt, ys, nhwc_strides(ys), false, alignment_of(y.data_ptr()));
-    g.conv_fprop(cur, tw, ty, stride.vec(), padding.vec(), dilation.vec());
+    g.conv(Graph::kFprop, cur, tw, ty, stride.vec(), padding.vec(), dilation.vec());
     auto tsum = g.tensor(kSum, CUDNN_DATA_FLOAT, chan_dims(K), chan_strides(K), false,
                          alignment_of(sum.data_ptr()));
     auto tsq = g.tensor(kSumSq, CUDNN_DATA_FLOAT, chan_dims(K), chan_strides(K), false,
                         alignment_of(sumsq.data_ptr()));
     g.genstats(ty, tsum, tsq);
-    plan = build_plan(std::move(g), handle, dt == at::kFloat, ptrs, x);
-    store(key, plan);
-  }
-  execute(handle, *plan, ptrs, x);
+  });
   return {fmt == at::MemoryFormat::ChannelsLast ? y : y.contiguous(fmt), sum.view({K}), sumsq.view({K})};
+}
+
+// Training backward, data gradient ("DgradDreluBNBwdWeight"): for a conv whose input
+// u = relu(x*scale + shift) is the previous BatchNorm (folded) + ReLU,
+//   dv = relu_bwd(conv_dgrad(dy, w), x*scale + shift)         (x's dtype, x's shape)
+//   dscale = sum dv*x,  dshift = sum dv                         (fp32, [C])
+// cuDNN's pattern is written with the BN's own mean/invstd/gamma/beta; the folded form
+// is the same graph with mean 0 and invstd 1 (then x̂ = x, bn(x) = x*scale + shift and
+// the DBN-weight outputs dscale/dbias are Σdv·x and Σdv). Its "equivalent" dBN
+// coefficients are required outputs of the operation and are discarded.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cudnn_dgrad_drelu_dbn(
+    const at::Tensor& dy_in, const at::Tensor& w_in, const at::Tensor& x_in, const at::Tensor& scale_in,
+    const at::Tensor& shift_in, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t groups) {
+  const char* op = "cudnn_dgrad_drelu_dbn";
+  check_conv_args(x_in, w_in, stride, padding, dilation, groups, op);
+  c10::cuda::CUDAGuard guard(x_in.device());
+  at::MemoryFormat fmt; at::ScalarType dt; cudnnDataType_t cdt; at::Tensor x, w;  // NOLINT (lambdas capture them)
+  std::tie(fmt, dt, cdt, x, w) = channels_last_inputs(x_in, w_in);
+  const auto ys = out_shape(x, w.sizes(), stride, padding, dilation);
+  at::Tensor dy = output_like(dy_in, "dy", ys, x, op);
+  const int64_t C = x.size(1);
+  at::Tensor scale = chan_param(scale_in, C, at::kFloat, x, op, "scale");
+  at::Tensor shift = chan_param(shift_in, C, at::kFloat, x, op, "shift");
+  TORCH_CHECK(scale.defined() && shift.defined(), "fastres::", op, ": scale and shift are required");
+  at::Tensor mean = at::zeros({C}, x.options().dtype(at::kFloat));
+  at::Tensor invstd = at::ones({C}, x.options().dtype(at::kFloat));
+  at::Tensor dv = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  auto per_c = [&] { return at::empty({C}, x.options().dtype(at::kFloat)); };
+  at::Tensor dscale = per_c(), dshift = per_c(), eq_dy = per_c(), eq_x = per_c(), eq_bias = per_c();
+
+  cudnnHandle_t handle = at::native::getCudnnHandle();
+  auto key = base_key(kDgradDreluDbn, handle, x, groups, 0, stride, padding, dilation);
+  for (const auto* t : {&dy, &w, &x, &mean, &invstd, &scale, &shift, &dv, &dscale, &dshift, &eq_dy, &eq_x, &eq_bias}) {
+    push_tensor_key(key, *t);
+  }
+  std::vector<void*> ptrs;
+  for (const auto* t : {&dy, &w, &x, &mean, &invstd, &scale, &shift, &dv, &dscale, &dshift, &eq_dy, &eq_x, &eq_bias}) {
+    ptrs.push_back(t->data_ptr());
+  }
+  run_cached(key, handle, dt == at::kFloat, ptrs, x, [&](Graph& g) {
+    const auto xd = dims4(x);
+    auto chan = [&](int64_t uid, const at::Tensor& t) {
+      return g.tensor(uid, CUDNN_DATA_FLOAT, chan_dims(C), chan_strides(C), false, alignment_of(t.data_ptr()));
+    };
+    auto tdy = g.tensor(kDY, cdt, ys, nhwc_strides(ys), false, alignment_of(dy.data_ptr()));
+    auto tw = g.tensor(kW, cdt, dims4(w), strides4(w), false, alignment_of(w.data_ptr()));
+    auto tx = g.tensor(kX, cdt, xd, strides4(x), false, alignment_of(x.data_ptr()));
+    auto tm = chan(kMean, mean);
+    auto tv = chan(kInvStd, invstd);
+    auto ts = chan(kScale, scale);
+    auto tb = chan(kShift, shift);
+    auto tdv = g.tensor(kDV, cdt, xd, nhwc_strides(xd), false, alignment_of(dv.data_ptr()));
+    auto tds = chan(kDScale, dscale);
+    auto tdb = chan(kDShift, dshift);
+    auto teq_dy = chan(kEqDy, eq_dy);
+    auto teq_x = chan(kEqX, eq_x);
+    auto teq_b = chan(kEqBias, eq_bias);
+    // declared: dy, w, x, mean, invstd, scale, shift, dv, dscale, dshift, eq_dy, eq_x, eq_bias — as ptrs
+    auto dgrad = g.tensor(kVDgrad, CUDNN_DATA_FLOAT, xd, nhwc_strides(xd), true, 16);
+    g.conv(Graph::kDgrad, tdy, tw, dgrad, stride.vec(), padding.vec(), dilation.vec());
+    auto centered = g.tensor(kVCentered, CUDNN_DATA_FLOAT, xd, nhwc_strides(xd), true, 16);
+    g.pointwise(CUDNN_POINTWISE_SUB, tx, tm, centered);
+    auto normed = g.tensor(kVNormed, CUDNN_DATA_FLOAT, xd, nhwc_strides(xd), true, 16);
+    g.pointwise(CUDNN_POINTWISE_MUL, centered, tv, normed);
+    auto pre = apply_prologue(g, normed, Prologue{ts, tb}, xd, false, CUDNN_DATA_FLOAT);
+    g.pointwise(CUDNN_POINTWISE_RELU_BWD, pre, dgrad, tdv);
+    g.bn_bwd_weights(tx, tdv, tm, tv, ts, tds, tdb, teq_dy, teq_x, teq_b);
+  });
+  return {fmt == at::MemoryFormat::ChannelsLast ? dv : dv.contiguous(fmt), dscale, dshift};
+}
+
+// Training backward, weight gradient ("scale-bias-relu-wgrad", ConvBNwgrad):
+//   dw = conv_wgrad(dy, [relu]([x*scale] [+ shift]))   (the prologue recomputed as x is
+// loaded, never stored; intermediates in x's dtype: u is rounded to x's dtype in the
+// forward too). dw in x's dtype, contiguous.
+at::Tensor cudnn_wgrad_scale_shift_relu(const at::Tensor& dy_in, const at::Tensor& x_in,
+                                        const std::optional<at::Tensor>& scale_in,
+                                        const std::optional<at::Tensor>& shift_in, at::IntArrayRef weight_size,
+                                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                        int64_t groups, bool in_relu) {
+  const char* op = "cudnn_wgrad_scale_shift_relu";
+  check_conv_geometry(x_in, weight_size, stride, padding, dilation, groups, op);
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const auto dt = x_in.scalar_type();
+  const auto cdt = cudnn_dtype(dt);
+  at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const auto ys = out_shape(x, weight_size, stride, padding, dilation);
+  at::Tensor dy = output_like(dy_in, "dy", ys, x, op);
+  const int64_t C = x.size(1);
+  at::Tensor scale = chan_param(scale_in, C, dt, x, op, "scale");
+  at::Tensor shift = chan_param(shift_in, C, dt, x, op, "shift");
+  at::Tensor dw = at::empty(weight_size, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+
+  cudnnHandle_t handle = at::native::getCudnnHandle();
+  auto key = base_key(kScaleShiftReluWgrad, handle, x, groups, in_relu ? 1 : 0, stride, padding, dilation);
+  for (const auto* t : {&dy, &x, &scale, &shift, &dw}) push_tensor_key(key, *t);
+  std::vector<void*> ptrs = {x.data_ptr()};
+  if (scale.defined()) ptrs.push_back(scale.data_ptr());
+  if (shift.defined()) ptrs.push_back(shift.data_ptr());
+  ptrs.push_back(dy.data_ptr());
+  ptrs.push_back(dw.data_ptr());
+  run_cached(key, handle, dt == at::kFloat, ptrs, x, [&](Graph& g) {
+    const auto xd = dims4(x);
+    auto tx = g.tensor(kX, cdt, xd, strides4(x), false, alignment_of(x.data_ptr()));
+    auto pro = declare_prologue(g, x, scale, shift, cdt);
+    auto tdy = g.tensor(kDY, cdt, ys, nhwc_strides(ys), false, alignment_of(dy.data_ptr()));
+    auto tdw = g.tensor(kDW, cdt, dims4(dw), strides4(dw), false, alignment_of(dw.data_ptr()));
+    // declared: x, [scale], [shift], dy, dw — as ptrs
+    auto u = apply_prologue(g, tx, pro, xd, in_relu, dt == at::kFloat ? CUDNN_DATA_FLOAT : cdt);
+    g.conv(Graph::kWgrad, tdy, u, tdw, stride.vec(), padding.vec(), dilation.vec());
+  });
+  return dw.contiguous();
 }
 
 std::string cudnn_version_string() {
@@ -632,6 +849,8 @@ std::string cudnn_version_string() {
 TORCH_LIBRARY_IMPL(fastres, CUDA, m) {
   m.impl("cudnn_conv_bias_act", &fastres::cudnn_graph::cudnn_conv_bias_act);
   m.impl("cudnn_conv_act_stats", &fastres::cudnn_graph::cudnn_conv_act_stats);
+  m.impl("cudnn_dgrad_drelu_dbn", &fastres::cudnn_graph::cudnn_dgrad_drelu_dbn);
+  m.impl("cudnn_wgrad_scale_shift_relu", &fastres::cudnn_graph::cudnn_wgrad_scale_shift_relu);
 }
 
 #endif  // FASTRES_WITH_CUDNN

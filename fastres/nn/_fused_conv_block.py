@@ -1,4 +1,6 @@
-"""A ResNet block's forward through the fused convolution (``FASTRES_CONV=fused``).
+"""A ResNet block's forward through the fused convolution (``FASTRES_CONV=fused``, or
+``FASTRES_CONV=cudnn``: the same composition with each conv2d_act call taking cuDNN's
+fused graphs, :mod:`fastres.cudnn`).
 
 Called from :mod:`fastres.nn.blocks` (``BasicBlock`` / ``Bottleneck``) through one hook;
 returns None when the block cannot take this path, and the block then runs its usual
@@ -79,11 +81,12 @@ def _eligible(block: nn.Module, x: Tensor) -> bool:
             return False  # vmap/jvp: the usual forward raises F.batch_norm's (functorch's) error for the update
         if conv.weight.dtype != block.conv1.weight.dtype:
             return False
-    # FASTRES_CONV=fused, or auto with every conv's shape class measured faster fused
+    # FASTRES_CONV=fused or cudnn (the cuDNN graphs), or auto with every conv's shape class
+    # measured faster fused
     cl = memory_format_of(x) == torch.channels_last
     dt = fold.compute_dtype(x, block.conv1.weight)
     keys = [conv_backend.shape_key(dt, cl, c.weight.shape, c.stride, c.dilation, c.groups) for c, _ in pairs]
-    if conv_backend.convs_for(x.device, keys) != "fused":
+    if conv_backend.convs_for(x.device, keys) not in ("fused", "cudnn"):
         return False
     if block.shortcut and ds is None or ds == "pad":
         if x.dtype != dt:  # autocast with an fp32 identity: the unfused rounding order applies
