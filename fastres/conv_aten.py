@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import backends, conv_backend, ops
+from . import backends, ops
 from ._reference import acc_dtype, memory_format_of
 
 Tensor = torch.Tensor
@@ -145,6 +145,7 @@ def onednn_conv_act(conv, x: Tensor, weight: Tensor, bias: Optional[Tensor], res
     ``onednn`` backend for the geometry of ``conv`` (an ``nn.Conv2d``), or ``None`` where
     it does not apply (:func:`fastres.conv_backend.use_onednn` off, or not
     :func:`onednn_supports`). ``bn`` is unused (the prepacked weight is found by weight)."""
+    from . import conv_backend  # (it imports this module)
     pad, stride, dil = list(conv.padding), list(conv.stride), list(conv.dilation)
     if not conv_backend.use_onednn() or not onednn_supports(x, weight, bias, residual, stride, pad, dil):
         return None

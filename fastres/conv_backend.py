@@ -51,7 +51,7 @@ from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
 import torch
 
-from . import backends
+from . import backends, conv_aten
 
 CONV_CHOICES = ("auto", "fused", "aten", "cudnn")
 BWD_CHOICES = ("auto", "triton", "aten")
@@ -170,16 +170,13 @@ def aten_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     ``epilogue``; ``composite`` with a prologue or statistics."""
     if prologue or stats:
         return "composite"
-    if _use_onednn[0]:
-        from . import conv_aten
-        if conv_aten.onednn_supports(x, weight, bias, residual, stride, padding, dilation):
-            return "onednn"
+    if _use_onednn[0] and conv_aten.onednn_supports(x, weight, bias, residual, stride, padding, dilation):
+        return "onednn"
     return "epilogue"
 
 
 def aten_impls_info(device_type: str) -> dict:
     """For :func:`conv_info`: the ``aten`` path's backends on ``device_type``, whether each can run there."""
-    from . import conv_aten
     onednn_ok = device_type == "cpu" and conv_aten.onednn_available()
     why = ("enabled" if _use_onednn[0] else "off (fastres.conv_backend.use_onednn(False))") if onednn_ok else \
         ("CPU only" if device_type != "cpu" else "this torch has no mkldnn._convolution_pointwise")

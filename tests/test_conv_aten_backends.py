@@ -230,3 +230,32 @@ def test_backend_info_reports_the_aten_backends():
         conv_backend.use_onednn(prev)
     from fastres import cli
     assert "aten conv backends: onednn" in cli.format_info(fastres.backend_info())
+
+
+@needs_onednn
+def test_prepacked_weights_only_where_offered_and_never_stale():
+    x, w, b, _, stride, padding = _case("c3to65_3x3s2", "channels_last")
+    geo = ([padding] * 2, [stride] * 2, [1, 1], 1)
+    assert conv_aten.packed_weight(w, x, *geo) is w  # not offered a store: the plain weight
+    store = {}
+    conv_aten.allow_prepack(w, store)
+    p = conv_aten.packed_weight(w, x, *geo)
+    assert p is not w and p.is_mkldnn and len(store) == 1
+    assert conv_aten.packed_weight(w, x, *geo) is p  # reordered once
+    with torch.no_grad():
+        expect = conv2d_act(x, w, b, stride, padding, activation="relu")
+        torch.testing.assert_close(conv_aten.onednn_conv2d_act(x, w, b, None, [stride] * 2, [padding] * 2, [1, 1],
+                                                               1, True, p), expect)
+        w.mul_(2.0)  # written in place: the reordered copy is stale, never served
+        assert conv_aten.packed_weight(w, x, *geo) is w
+        torch.testing.assert_close(conv2d_act(x, w, b, stride, padding, activation="relu"),
+                                   torch.relu(F.conv2d(x, w, b, stride, padding)), rtol=1e-4, atol=1e-5)
+
+
+def test_former_names_still_work():
+    """The moved names, re-exported where they were (fold never imports the layer above:
+    fastres/__init__ hands it the plan's entry point)."""
+    assert fastres.fold.eval_plan_forward is eval_plan.eval_plan_forward
+    assert fastres.fold.use_onednn is conv_backend.use_onednn
+    assert fastres.fold.onednn_conv_act is conv_aten.onednn_conv_act
+    assert fastres.models.eval_plan_forward is eval_plan.eval_plan_forward
