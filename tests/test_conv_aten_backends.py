@@ -177,10 +177,16 @@ def _block(cls=fastres.BasicBlock, planes=16, stride=2):
 
 @pytest.mark.parametrize("cls", [fastres.BasicBlock, fastres.Bottleneck], ids=["basic", "bottleneck"])
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "epilogue"])
-def test_block_eval_convs_run_the_conv2d_act_backend(cls, onednn, calls):
+def test_block_eval_convs_run_the_conv2d_act_backend(cls, onednn, calls, monkeypatch):
+    """Every eval conv of a block is a call of fastres.functional.conv2d_act that reaches
+    its backend (a block calling the oneDNN op, or F.conv2d, itself would count 0)."""
+    from fastres import functional as FF
     blk = _block(cls).eval()
     x = torch.randn(2, 8, 8, 8).contiguous(memory_format=torch.channels_last)
     n_convs = len(blk._units()) + 1
+    entry = []
+    real = FF.conv2d_act
+    monkeypatch.setattr(FF, "conv2d_act", lambda *a, **k: entry.append(1) or real(*a, **k))
     prev = conv_backend.use_onednn()
     conv_backend.use_onednn(onednn)
     try:
@@ -188,6 +194,7 @@ def test_block_eval_convs_run_the_conv2d_act_backend(cls, onednn, calls):
             blk(x)
     finally:
         conv_backend.use_onednn(prev)
+    assert len(entry) == n_convs
     if onednn and conv_aten.onednn_available():
         assert calls == {"onednn": n_convs, "onednn_add_relu_": 0, "epilogue": 0}
     else:
