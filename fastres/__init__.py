@@ -20,6 +20,9 @@ from .models import (ResNet, ResNet50, resnet18, resnet34, resnet50, resnet101, 
                      CifarResNet, cifar_resnet)
 from .convert import convert  # noqa: E402,F401
 from .inference import cuda_graph_inference  # noqa: E402,F401  (issue #13)
+# the eval plan moved up to fastres.models (it walks blocks; fold never imports a layer above
+# it): its former name fastres.fold.eval_plan_forward still works
+fold.eval_plan_forward = models.eval_plan_forward
 
 __all__ += ["fold", "models", "BasicBlock", "Bottleneck", "ResNet", "ResNet50", "resnet18", "resnet34",
             "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2", "resnext50_32x4d",

@@ -210,6 +210,10 @@ def format_info(info: dict) -> str:
         conv = d.get("conv")
         if conv:  # issue 10: which convolution conv2d_act runs (FASTRES_CONV / fastres.set_conv)
             lines.append(f"  conv: {conv['path']}  (requested {conv['requested']}; {conv['reason']})")
+            ab = conv.get("aten_backends")
+            if ab:  # the aten path's backends (fastres.conv_aten), chosen per call
+                lines.append("  aten conv backends: " + ", ".join(
+                    f"{k} ({'on' if v['available'] else 'off: ' + v.get('reason', '')})" for k, v in ab.items()))
         cd = d.get("cudnn_conv")
         if cd:  # issue 11: cuDNN fused-conv graphs (FASTRES_CONV=cudnn)
             state = "available" if cd["available"] else "unavailable"

@@ -27,6 +27,13 @@ plus the elementwise prologue backward (:func:`backward_parts`).
 ``triton``: always the Triton kernels).
 
 
+The ``aten`` path has three backends, chosen per call by :func:`aten_impl` (all in
+:mod:`fastres.conv_aten`): ``onednn`` (CPU fp32 inference: one oneDNN primitive with the
+bias, residual add and ReLU fused, prepacked weight; :func:`use_onednn` switches it),
+``epilogue`` (aten's convolution + fastres's fused bias/residual/ReLU op: every other
+call without prologue or statistics, any device) and ``composite`` (the aten
+composition :func:`fastres.conv_ops.conv2d_act_reference`, for a prologue or statistics).
+
 Order: :func:`set_conv` / :func:`use_conv`, then ``FASTRES_CONV=auto|fused|aten|cudnn``,
 then ``auto``. Independent of ``FASTRES_BACKEND`` (which picks the BN+ReLU ops).
 The ``auto`` look-up is one pure function of strings marked
@@ -44,7 +51,7 @@ from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
 import torch
 
-from . import backends
+from . import backends, conv_aten
 
 CONV_CHOICES = ("auto", "fused", "aten", "cudnn")
 BWD_CHOICES = ("auto", "triton", "aten")
@@ -124,10 +131,65 @@ def conv_for(device: torch.device) -> str:
     return path
 
 
+def path_for(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], dilation: Sequence[int],
+             groups: int) -> str:
+    """:func:`conv_for_key` of ``conv2d(x, weight)``, building the shape key only where
+    the ``auto`` table has a fused class on x's device (a string per call otherwise)."""
+    if requested_conv() == "auto":
+        dev = x.device
+        if not _auto_fuses_any(dev.type, _index(dev)):
+            return "aten"
+        return auto_choice(dev.type, _index(dev), conv_key(x, weight, stride, dilation, groups), "fwd")
+    return conv_for(x.device)
+
+
+# ----------------------------------------------------------------------------- the aten path's backends
+ATEN_IMPLS = {
+    "onednn": "CPU fp32 inference: one oneDNN primitive (bias, residual add, ReLU fused; prepacked weight)",
+    "epilogue": "aten's convolution + fastres's fused bias/residual/ReLU op (no prologue, no statistics)",
+    "composite": "the aten composition (a prologue or statistics)",
+}
+_use_onednn = [True]
+
+
+def use_onednn(enabled: Optional[bool] = None) -> bool:
+    """Get (or set) whether the ``aten`` path runs CPU fp32 inference as one oneDNN
+    primitive with the bias, residual add and ReLU fused in
+    (``torch.ops.mkldnn._convolution_pointwise``, the kernel inductor uses for frozen CPU
+    graphs; the ``onednn`` backend). On by default; returns the setting."""
+    if enabled is not None:
+        _use_onednn[0] = bool(enabled)
+    return _use_onednn[0]
+
+
+def aten_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+              residual: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
+              dilation: Sequence[int], prologue: bool, stats: bool) -> str:
+    """The ``aten`` path's backend for one validated conv2d_act call: ``onednn`` where
+    :func:`use_onednn` is on and :func:`fastres.conv_aten.onednn_supports` the call, else
+    ``epilogue``; ``composite`` with a prologue or statistics."""
+    if prologue or stats:
+        return "composite"
+    if _use_onednn[0] and conv_aten.onednn_supports(x, weight, bias, residual, stride, padding, dilation):
+        return "onednn"
+    return "epilogue"
+
+
+def aten_impls_info(device_type: str) -> dict:
+    """For :func:`conv_info`: the ``aten`` path's backends on ``device_type``, whether each can run there."""
+    onednn_ok = device_type == "cpu" and conv_aten.onednn_available()
+    why = ("enabled" if _use_onednn[0] else "off (fastres.conv_backend.use_onednn(False))") if onednn_ok else \
+        ("CPU only" if device_type != "cpu" else "this torch has no mkldnn._convolution_pointwise")
+    return {"onednn": {"available": onednn_ok and _use_onednn[0], "reason": why, "what": ATEN_IMPLS["onednn"]},
+            "epilogue": {"available": True, "what": ATEN_IMPLS["epilogue"]},
+            "composite": {"available": True, "what": ATEN_IMPLS["composite"]}}
+
+
 def conv_info(device_type: str) -> dict:
     """For :func:`fastres.backend_info`: the conv path on ``device_type`` and why."""
     path, reason, warning = _resolve(requested_conv(), device_type)
-    info = {"requested": requested_conv(), "path": path, "reason": reason, "fallback_warning": warning}
+    info = {"requested": requested_conv(), "path": path, "reason": reason, "fallback_warning": warning,
+            "aten_backends": aten_impls_info(device_type)}
     if requested_conv() == "auto":
         try:
             slug = device_slug(torch.device(device_type))

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from . import backends
 from ._reference import acc_dtype, conv2d_act_composite, memory_format_of
+from .ops import _unalias  # the custom-op glue both op families share
 
 Tensor = torch.Tensor
 
@@ -305,25 +306,6 @@ def _make_autograd(bwd_op):
                 None, None, None, None, None, None, None)
 
     return backward, setup_context
-
-
-def _unalias(outs, inputs):
-    """custom_op outputs may alias neither an input nor each other."""
-    seen = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, Tensor) and t.numel()}
-    fixed = []
-    ids = {id(t) for t in inputs if isinstance(t, Tensor)}
-    for o in outs:
-        if id(o) in ids:  # the same (e.g. empty) tensor twice: a fresh one
-            o = o.clone()
-        ids.add(id(o))
-        if o.numel():
-            ptr = o.untyped_storage().data_ptr()
-            if ptr in seen:
-                o = o.clone()
-                ptr = o.untyped_storage().data_ptr()
-            seen.add(ptr)
-        fixed.append(o)
-    return tuple(fixed)
 
 
 def _define(prefix: str, fwd_impl, bwd_impl) -> Tuple[object, object]:

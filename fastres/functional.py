@@ -155,8 +155,14 @@ def affine_act(input: Tensor, scale: Optional[Tensor] = None, shift: Optional[Te
 # ============================================================================
 __all__ += ["conv2d_act"]
 
+from . import conv_aten, conv_backend, conv_ops  # noqa: E402  (the conv op family, its backends and their choice)
+
 
 def _pair(v, name: str, minimum: int):
+    if type(v) is tuple and len(v) == 2:  # the common case (an nn.Conv2d's attributes): checked quickly
+        a, b = v
+        if type(a) is int and type(b) is int and a >= minimum and b >= minimum:
+            return [a, b]
     if isinstance(v, bool) or not isinstance(v, (int, tuple, list)):
         raise TypeError(f"fastres: conv2d_act {name} must be an int or a pair of ints, got {v!r}")
     pair = (v, v) if isinstance(v, int) else tuple(v)
@@ -195,8 +201,7 @@ def _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residua
     stride = _pair(stride, "stride", 1)
     padding = _pair(padding, "padding", 0)
     dilation = _pair(dilation, "dilation", 1)
-    from .conv_ops import out_size
-    p, q = out_size(h, w, kh, kw, stride, padding, dilation)
+    p, q = conv_ops.out_size(h, w, kh, kw, stride, padding, dilation)
     if p < 1 or q < 1:
         raise ValueError(f"fastres: the {kh}x{kw} kernel (dilation {tuple(dilation)}) is larger than the padded "
                          f"input {h}x{w} (padding {tuple(padding)}): the output would be {p}x{q}")
@@ -252,13 +257,14 @@ def conv2d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
     Differentiable w.r.t. ``x``, ``weight``, ``bias``, ``in_scale``, ``in_shift`` and
     ``residual``. ``y`` keeps x's memory format (channels_last in, channels_last out).
     The convolution is aten's or the fused Triton kernel: see
-    :mod:`fastres.conv_backend` (``FASTRES_CONV``, ``fastres.set_conv``). Twice (and more)
+    :mod:`fastres.conv_backend` (``FASTRES_CONV``, ``fastres.set_conv``); aten's runs, with
+    neither prologue nor statistics, as one oneDNN primitive for CPU fp32 inference or as
+    aten's convolution + the fused epilogue op (:mod:`fastres.conv_aten`). Twice (and more)
     differentiable; under functorch transforms and forward AD (:func:`transforms_active`)
     it runs the aten composition :func:`fastres._reference.conv2d_act_composite`. Under
     ``torch.autocast`` (non-fp64 input) x, weight and residual are cast to autocast's
     dtype first, as ``F.conv2d`` does.
     """
-    from . import conv_backend, conv_ops
     from ._reference import conv2d_act_composite as composite_conv2d_act
     if isinstance(x, Tensor) and x.is_floating_point() and x.dtype != torch.float64 \
             and torch.is_autocast_enabled(x.device.type):
@@ -283,14 +289,23 @@ def conv2d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
     want_stats = stats is not False
     if want_stats and out_shape[0] * out_shape[2] * out_shape[3] == 0:
         raise ValueError(f"fastres: conv2d_act stats need a non-empty output, got output shape {out_shape}")
+    relu = act == "relu"
     if transforms_active():  # vmap/grad/jvp, forward AD: the aten composition (see the module docstring)
         conv = composite_conv2d_act
     else:
-        path = conv_backend.conv_for_key(x.device, conv_backend.conv_key(x, weight, stride, dilation, groups))
-        fam = {"fused": "triton", "cudnn": "cudnn"}.get(path, "torch") if x.numel() > 0 else "torch"
-        conv = conv_ops.family(fam).conv2d_act
+        path = conv_backend.path_for(x, weight, stride, dilation, groups) if x.numel() > 0 else "aten"
+        if path == "aten":  # the aten path's backends (fastres.conv_aten): oneDNN, aten conv + epilogue
+            impl = conv_backend.aten_impl(x, weight, bias, residual, stride, padding, dilation,
+                                          in_scale is not None or in_shift is not None or in_relu, want_stats)
+            if impl == "onednn":
+                return conv_aten.onednn_conv2d_act(x, weight, bias, residual, stride, padding, dilation, groups,
+                                                   relu)
+            if impl == "epilogue":
+                return conv_aten.epilogue_conv2d_act(x, weight, bias, residual, stride, padding, dilation, groups,
+                                                     relu)
+        conv = conv_ops.family({"fused": "triton", "cudnn": "cudnn"}.get(path, "torch")).conv2d_act
     y, mean, var = conv(x, weight, bias, in_scale, in_shift, residual, stride, padding, dilation, groups, in_relu,
-                        act == "relu", want_stats)
+                        relu, want_stats)
     if not want_stats:
         return y
     if stats == "moments":

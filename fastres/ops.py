@@ -142,10 +142,15 @@ def _family_from_ops(name: str, prefix: str) -> Family:
 # ----------------------------------------------------------------------------- triton family
 def _unalias(outs, inputs):
     """custom_op outputs may alias neither an input nor each other: copy any that does
-    (e.g. a launcher that returns grad_y itself, or dz as both grad_x and grad_z)."""
+    (e.g. a launcher that returns grad_y itself, or dz as both grad_x and grad_z, or the
+    same (empty) tensor twice). Shared by the conv op family (``fastres.conv_ops``)."""
     seen = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, Tensor) and t.numel()}
+    ids = {id(t) for t in inputs if isinstance(t, Tensor)}
     fixed = []
     for o in outs:
+        if id(o) in ids:
+            o = o.clone()
+        ids.add(id(o))
         if o.numel():
             ptr = o.untyped_storage().data_ptr()
             if ptr in seen:

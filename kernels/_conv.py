@@ -27,7 +27,8 @@ the host side with Chan's formula (``_merge_stats``): no E[y^2]-E[y]^2 anywhere.
 Accumulation: fp32 for bf16/fp16/fp32 (fp32 inputs use IEEE fp32 products, not TF32),
 fp64 for fp64 (broadcast-multiply-reduce instead of tl.dot: fp64 is a parity dtype).
 
-Only torch and triton are imported: a kernel never imports a fastres module.
+Only torch, triton and the sibling kernel module ``_kernels`` (its ``@triton.jit`` cast
+helper) are imported: a kernel never imports a fastres module.
 """
 from __future__ import annotations
 
@@ -39,23 +40,14 @@ import torch
 import triton
 import triton.language as tl
 
+# z converted to ptr's element type (bf16 rounded to nearest even under the interpreter):
+# the BN kernels' helper, shared (kernels import only kernels)
+from ._kernels import _out as _cast
+
 Tensor = torch.Tensor
 
 
 # ----------------------------------------------------------------------------- kernel helpers
-@triton.jit
-def _cast(z, ptr, RNE_BF16: tl.constexpr):
-    """z converted to ptr's element type. RNE_BF16 (only under the interpreter, whose fp32 ->
-    bf16 cast truncates): round to nearest even by hand, as the GPU's cvt.rn does."""
-    if RNE_BF16:
-        bits = z.to(tl.uint32, bitcast=True)
-        rne = bits + 0x7FFF + ((bits >> 16) & 1)
-        rne = tl.where(z != z, bits | 0x400000, rne)  # NaN stays a (quiet) NaN
-        return (rne >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return z.to(ptr.dtype.element_ty)
-
-
 @triton.jit
 def _relu(z):
     # torch.relu: NaN stays NaN (tl.maximum would drop it on some targets)

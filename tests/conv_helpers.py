@@ -10,7 +10,8 @@ from fastres import backends, conv_backend, conv_ops
 
 @contextlib.contextmanager
 def conv_family(name: str):
-    """``torch``: FASTRES_CONV=aten (the plain aten composition); ``ops``: FASTRES_CONV=fused
+    """``torch``: FASTRES_CONV=aten (the aten path: the plain aten composition with a
+    prologue or statistics, its ``epilogue`` / ``onednn`` backends without); ``ops``: FASTRES_CONV=fused
     with ``fastres::conv2d_act`` (aten inside the custom-op machinery: fakes, autograd);
     ``triton``: FASTRES_CONV=fused with the Triton kernel (skipped, with the reason, where
     Triton cannot run)."""

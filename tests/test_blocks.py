@@ -13,6 +13,7 @@ from torch import nn
 from torchvision.models import resnet as tvr
 
 import fastres
+from fastres import conv_aten, ops
 from fastres import functional as FF
 from fastres.nn import BatchNormAct2d, PadShortcut
 from conftest import backend_params, run_on, targets
@@ -83,16 +84,30 @@ def test_forward_runs_the_fused_ops(monkeypatch, train):
     def no_unfused(*a, **k):
         raise AssertionError("nn.BatchNorm2d.forward must not run")
 
+    real_epilogue, real_family = conv_aten.epilogue_conv2d_act, ops.family
+
+    def epilogue(x, w, b, residual, stride, padding, dilation, groups, relu):
+        calls.append(("conv+epilogue", residual is not None, "relu" if relu else None))
+        return real_epilogue(x, w, b, residual, stride, padding, dilation, groups, relu)
+
+    def family(name):  # the fused epilogue op itself (conv2d_act's epilogue backend calls the op family)
+        fam = real_family(name)
+        return fam._replace(affine_act=lambda *a: calls.append("affine op") or fam.affine_act(*a))
+
     monkeypatch.setattr(FF, "batch_norm_act", bn)
     monkeypatch.setattr(FF, "affine_act", aff)
+    monkeypatch.setattr(conv_aten, "epilogue_conv2d_act", epilogue)
+    monkeypatch.setattr(ops, "family", family)
     monkeypatch.setattr(nn.BatchNorm2d, "__call__", no_unfused)
     ours.train(train)
     with torch.no_grad():
         ours(torch.randn(2, 8, 8, 8, dtype=torch.float64))
     if train:  # conv1 → BN+ReLU; downsample BN (no act); conv2 → BN + add + ReLU
-        assert calls == [("bn", False, "relu"), ("bn", False, None), ("bn", True, "relu")]
-    else:  # folded convs; the downsample's folded conv needs no epilogue at all
-        assert calls == [("affine", False, "relu"), ("affine", True, "relu")]
+        assert [c for c in calls if c[0] == "bn"] == [("bn", False, "relu"), ("bn", False, None), ("bn", True, "relu")]
+    else:  # folded convs through conv2d_act (fp64: aten conv + the fused epilogue op); the
+        # downsample's folded conv needs no epilogue op at all (its bias rides in the conv)
+        assert calls == [("conv+epilogue", False, "relu"), "affine op", ("conv+epilogue", False, None),
+                         ("conv+epilogue", True, "relu"), "affine op"]
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])

@@ -25,7 +25,7 @@ from torch import nn
 from torchvision.models import resnet as tvr
 
 import fastres
-from fastres import backends, fold
+from fastres import backends, conv_aten, fold
 from fastres.functional import batch_norm_act
 from fastres.nn import BatchNormAct2d
 
@@ -107,7 +107,7 @@ def test_cpu_inference_residual_at_1x1_output(hw, stride, layout):
 def test_onednn_fused_residual_not_used_at_1x1_output():
     """The routing itself: a 1x1 output with a residual goes to conv + the fused epilogue
     (the caller's path), a larger one to the one oneDNN primitive."""
-    if not fold._onednn_op():
+    if not conv_aten.onednn_available():
         pytest.skip("this torch has no oneDNN fused convolution (torch.ops.mkldnn._convolution_pointwise)")
     conv = nn.Conv2d(8, 16, 3, padding=1, bias=False)
     w, b = conv.weight.detach(), torch.randn(16)

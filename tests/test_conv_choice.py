@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import fastres
-from fastres import backends, conv_backend as CB, conv_ops
+from fastres import backends, conv_aten, conv_backend as CB, conv_ops
 from fastres.functional import conv2d_act
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -209,9 +209,12 @@ def test_auto_runs_the_chosen_kernels(cpu_table, monkeypatch, parts):
     for a, b in zip(grads, ref):
         torch.testing.assert_close(a, b)
     used.clear()
+    epilogue = []
+    real_epilogue = conv_aten.epilogue_conv2d_act
+    monkeypatch.setattr(conv_aten, "epilogue_conv2d_act", lambda *a: epilogue.append(1) or real_epilogue(*a))
     w3 = torch.randn(64, 64, 3, 3, dtype=torch.float64)
-    conv2d_act(x.detach(), w3, padding=1)  # K_B: cuDNN measured faster -> aten
-    assert used == ["torch"]
+    conv2d_act(x.detach(), w3, padding=1)  # K_B: cuDNN measured faster -> aten (no prologue: its epilogue backend)
+    assert used == [] and epilogue == [1]
 
 
 @needs_triton
@@ -275,19 +278,23 @@ def test_auto_routes_a_block_and_the_stem_by_the_table(cpu_table, monkeypatch):
     """Under auto a block goes through conv2d_act only when every conv's class is fused
     in the table; the stem when conv1's is."""
     from fastres import functional as FF
-    calls = []
+    calls, fams = [], []
     real = FF.conv2d_act
     monkeypatch.setattr(FF, "conv2d_act", lambda x, w, *a, **k: calls.append(tuple(w.shape)) or real(x, w, *a, **k))
+    real_family = conv_ops.family
+    monkeypatch.setattr(conv_ops, "family", lambda name: fams.append(name) or real_family(name))
     blk = fastres.BasicBlock(64, 64).double().eval()  # two 3x3 convs: K_B's class is aten
     x = torch.randn(1, 64, 3, 3, dtype=torch.float64)
     blk(x)
-    assert calls == []
+    # every conv through conv2d_act (the conv step's one home), on the aten path: no op family
+    assert calls == [(64, 64, 3, 3)] * 2 and fams == []
+    calls.clear()
     cpu_table[K_B.replace("bf16/nhwc", "fp64/nchw")]["fwd"] = "fused"
     CB.set_choice_table(CB.load_table())  # (clears the caches)
-    monkeypatch.setattr(conv_ops, "family", lambda name: conv_ops._families["ops"] if name == "triton"
-                        else conv_ops._families[name])  # the block logic, without the slow interpreter
+    monkeypatch.setattr(conv_ops, "family", lambda name: fams.append(name) or (
+        conv_ops._families["ops"] if name == "triton" else conv_ops._families[name]))  # without the slow interpreter
     blk(x)
-    assert calls == [(64, 64, 3, 3)] * 2
+    assert calls == [(64, 64, 3, 3)] * 2 and fams == ["triton"] * 2
     calls.clear()
     model = fastres.resnet18(num_classes=2).double().eval()
     model._stem(torch.randn(1, 3, 8, 8, dtype=torch.float64))

@@ -97,12 +97,17 @@ def test_fused_conv_block_runs_conv2d_act_with_stats_and_prologue(monkeypatch, t
 
 
 def test_aten_conv_keeps_the_usual_block_forward(monkeypatch):
+    """FASTRES_CONV=aten: the usual forward -- each conv through conv2d_act (the conv step's
+    one home) without prologue or statistics, then the fused BN op -- not the fused-conv
+    block forward (prologue, statistics)."""
     ref, ours = _blocks("basic")
     calls = []
-    monkeypatch.setattr(FF, "conv2d_act", lambda *a, **k: calls.append(1))
+    real = FF.conv2d_act
+    monkeypatch.setattr(FF, "conv2d_act", lambda *a, **k: calls.append(k) or real(*a, **k))
     with fastres.use_conv("aten"):
         ours(torch.randn(2, 8, 5, 5, dtype=torch.float64))
-    assert calls == []
+    assert len(calls) == len(ours._units()) + (ours.downsample is not None)
+    assert all(k.get("in_scale") is None and not k.get("in_relu") and not k.get("stats") for k in calls)
     assert conv_backend.conv_for(torch.device("cpu")) == "aten"
 
 

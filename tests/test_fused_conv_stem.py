@@ -66,12 +66,18 @@ def test_fused_conv_stem_parity_fp64(family, momentum, monkeypatch):
 
 
 def test_stem_without_fused_conv_is_unchanged(monkeypatch):
+    """FASTRES_CONV=aten: the usual stem (conv through conv2d_act's aten path without prologue
+    or statistics -- the conv step's one home -- then the fused BN op; unfolded modules in
+    eval), never the fused-conv stem (statistics from the conv)."""
     ref, ours = _stems()
-    monkeypatch.setattr(FF, "conv2d_act", lambda *a, **k: pytest.fail("conv2d_act under FASTRES_CONV=aten"))
+    calls = []
+    real = FF.conv2d_act
+    monkeypatch.setattr(FF, "conv2d_act", lambda *a, **k: calls.append(k) or real(*a, **k))
     x = torch.randn(2, 3, 13, 11, dtype=torch.float64)
     with fastres.use_conv("aten"):
         check_parity(ref, ours, x, train=True, tol=1e-9, what="stem aten train")
         check_parity(ref, ours, x, train=False, tol=1e-9, what="stem aten eval")
+    assert calls and all(k.get("in_scale") is None and not k.get("in_relu") and not k.get("stats") for k in calls)
 
 
 def test_fused_conv_stem_fx_keeps_torchvision_ops():

@@ -18,7 +18,8 @@ import torchvision
 from torch import nn
 
 import fastres
-from fastres import bench, cli, fold
+from fastres import bench, cli, conv_backend, fold
+from fastres.models import eval_plan
 from fastres._validate import DeviceError
 
 from conftest import GPU_MARKS
@@ -43,12 +44,12 @@ def _fmt(layout):
 def plan_calls(monkeypatch):
     """How many residual tails the eval plan ran (0: the plan was not used)."""
     calls = [0]
-    orig = fold._PlanUnit.add_relu_into
+    orig = eval_plan._PlanUnit.add_relu_into
 
     def counting(self, x, other):
         calls[0] += 1
         return orig(self, x, other)
-    monkeypatch.setattr(fold._PlanUnit, "add_relu_into", counting)
+    monkeypatch.setattr(eval_plan._PlanUnit, "add_relu_into", counting)
     return calls
 
 
@@ -116,7 +117,7 @@ def test_eval_plan_under_grad_mode():
     tv, fr = _pair("resnet18")
     x = torch.randn(1, 3, 32, 32)
     y = fr(x)  # parameters require grad: the module path, differentiable
-    assert y.grad_fn is not None and fold._PLANS.get(fr) is None  # no plan built
+    assert y.grad_fn is not None and eval_plan._PLANS.get(fr) is None  # no plan built
     y.sum().backward()
     assert fr.layer1[0].conv1.weight.grad is not None
     fr.requires_grad_(False)
@@ -124,7 +125,7 @@ def test_eval_plan_under_grad_mode():
     with torch.no_grad():
         ref = tv(x)
     torch.testing.assert_close(fr(x), ref, rtol=1e-4, atol=1e-4)
-    assert fold._PLANS.get(fr) is not None
+    assert eval_plan._PLANS.get(fr) is not None
 
 
 # ----------------------------------------------------------------------------- staleness
@@ -139,9 +140,9 @@ def test_eval_plan_is_never_stale(plan_calls):
     check()
     n = plan_calls[0]
     assert n > 0
-    plan = fold._PLANS[fr]
+    plan = eval_plan._PLANS[fr]
     check()
-    assert fold._PLANS[fr] is plan  # reused
+    assert eval_plan._PLANS[fr] is plan  # reused
     # load_state_dict (param.copy_), in-place writes to a weight and to the running stats
     tv2, _ = _pair("resnet18")
     randomize(tv2, seed=3, margin=True)
@@ -174,14 +175,14 @@ def test_eval_plan_is_never_stale(plan_calls):
     check()
     # .to() drops the plan and the folds; p.data.mul_ needs invalidate() (as the fold cache)
     fr.to(torch.float64)
-    assert fold._PLANS.get(fr) is None
+    assert eval_plan._PLANS.get(fr) is None
     fr.float()
     check()
     fr.layer1[0].conv1.weight.data.mul_(2.0)
     with torch.no_grad():
         tv.layer1[0].conv1.weight.mul_(2.0)
     fold.invalidate(fr)
-    assert fold._PLANS.get(fr) is None
+    assert eval_plan._PLANS.get(fr) is None
     check()
 
 
@@ -305,14 +306,14 @@ def test_fold_stem_option(plan_calls):
         tv.float()
         ref32 = tv(x)
         default = fr(x)
-    assert fold._PLANS[fr].stem is None
+    assert eval_plan._PLANS[fr].stem is None
     assert not fold.fold_stem()
     try:
         assert fold.fold_stem(True)
-        assert fold._PLANS.get(fr) is None  # switching drops the plans
+        assert eval_plan._PLANS.get(fr) is None  # switching drops the plans
         with torch.no_grad():
             got = fr(x)
-        assert fold._PLANS[fr].stem is not None
+        assert eval_plan._PLANS[fr].stem is not None
     finally:
         fold.fold_stem(False)
     ours, theirs = (got.double() - ref64).abs().max().item(), (ref32.double() - ref64).abs().max().item()
@@ -351,7 +352,7 @@ def test_eval_conv_has_at_most_one_epilogue(name, autocast, monkeypatch):
             self.ops.append(func.overloadpacket.__name__)
             return func(*args, **(kwargs or {}))
 
-    monkeypatch.setattr(fold, "_use_onednn", [False])  # the generic (GPU) path on the CPU
+    monkeypatch.setattr(conv_backend, "_use_onednn", [False])  # the generic (GPU) path on the CPU
     _, fr = _pair(name)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -375,4 +376,4 @@ def test_cifar_resnet_eval_takes_the_module_path(plan_calls):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         y = model(x)
-    assert y.shape == (2, 10) and plan_calls[0] == 0 and fold._PLANS.get(model) is None
+    assert y.shape == (2, 10) and plan_calls[0] == 0 and eval_plan._PLANS.get(model) is None

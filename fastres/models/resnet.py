@@ -25,6 +25,7 @@ from .. import conv_backend, fold
 from .. import functional as FF
 from .._reference import memory_format_of
 from ..nn import _fused_conv_block as FCB
+from .eval_plan import eval_plan_forward
 from ..nn.blocks import (BasicBlock, Bottleneck, PadShortcut, check_input, conv1x1, conv_bn_act,
                          make_norm, rename_error, unfused_requested)
 
@@ -217,11 +218,11 @@ class ResNet(nn.Module):
 
     @torch.jit.unused
     def _eval_plan(self, x: Tensor) -> Optional[Tensor]:
-        """fp32 CPU inference: the cached whole-model plan (:func:`fastres.fold.eval_plan_forward`),
+        """fp32 CPU inference: the cached whole-model plan (:func:`fastres.models.eval_plan.eval_plan_forward`),
         or ``None`` (training, grads, hooks, tracing, other dtypes/devices ...)."""
         if self.training or isinstance(x, torch.fx.Proxy):
             return None
-        return fold.eval_plan_forward(self, x)
+        return eval_plan_forward(self, x)
 
     # ---------------------------------------------------------------- fold cache
     def _apply(self, *args, **kwargs):

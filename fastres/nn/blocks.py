@@ -8,7 +8,10 @@ optimizer sees the same parameters. Only the forward differs:
 * training: conv → fused BN+ReLU; the last conv → one fused BN + residual add + ReLU;
   the downsample's BN is fused (no activation).
 * eval: each BN is folded into its conv (:mod:`fastres.fold`, cached, never stale)
-  and the conv is followed by one fused bias (+ residual) + ReLU step.
+  and the conv runs with the bias (+ residual) + ReLU in its epilogue.
+
+Every convolution of a block, in training and eval, is
+:func:`fastres.functional.conv2d_act` (the conv step's one home; see docs/DESIGN.md).
 
 A norm layer that is not a plain ``nn.BatchNorm2d`` (GroupNorm, FrozenBatchNorm2d,
 SyncBatchNorm, a subclass with its own forward) or a module with hooks falls back to
@@ -106,47 +109,31 @@ def _unfused(conv: nn.Module, bn: nn.Module, x: Tensor, residual: Optional[Tenso
     return torch.relu(y) if relu else y
 
 
-def _folded_conv_act(conv: nn.Conv2d, bn: nn.Module, x: Tensor, weight: Tensor, bias: Tensor,
-                     residual: Optional[Tensor], activation: Optional[str], dtype: torch.dtype) -> Tensor:
-    """conv with the folded weight, then the fused bias (+ residual) + act epilogue.
-
-    fp32/fp64: the folded bias rides in the convolution (free in oneDNN/cuDNN) and the
-    epilogue adds residual + ReLU; reduced precision: the conv runs bias-free and the
-    epilogue adds the fp32 bias, so the bias is never rounded to bf16/fp16. CPU fp32
-    inference (no gradient): one oneDNN primitive with bias, add and ReLU fused
-    (:func:`fastres.fold.onednn_conv_act`). (The fused conv kernels of their own issue
-    will take this step over.)
-    """
-    if dtype in (torch.float32, torch.float64):
-        y = fold.onednn_conv_act(conv, x, weight, bias, residual, activation, bn)  # CPU inference: one primitive
-        if y is not None:
-            return y
-        y = F.conv2d(x, weight, bias.to(dtype), conv.stride, conv.padding, conv.dilation, conv.groups)
-        if residual is None and activation is None:
-            return y
-        return FF.affine_act(y, None, None, residual, activation or "none")
-    y = F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
-    return FF.affine_act(y, None, bias, residual, activation or "none")
-
-
 def conv_bn_act(conv: nn.Module, bn: nn.Module, x: Tensor, residual: Optional[Tensor] = None,
                 activation: Optional[str] = "relu") -> Tensor:
     """``act(bn(conv(x)) + residual)`` with the fused ops, for a conv module and its BN.
 
-    Training (or a BN without running statistics): ``conv(x)`` then one fused
+    Every convolution of a plain ``nn.Conv2d`` runs :func:`fastres.functional.conv2d_act`
+    (the conv step's one home; its backend is chosen by :mod:`fastres.conv_backend`).
+    Training (or a BN without running statistics): the conv, then one fused
     BN(+add)(+ReLU) that updates the running statistics exactly as ``nn.BatchNorm2d``.
-    Eval: the folded conv, then one fused bias(+add)(+ReLU). Anything else (a norm
-    layer other than BatchNorm2d, hooks): the plain unfused computation.
+    Eval: the folded conv with the bias (+ residual) (+ ReLU) in its epilogue -- on the
+    CPU in fp32 inference one oneDNN primitive, else aten's conv + the fused epilogue op
+    (:mod:`fastres.conv_aten`). Anything else (a norm layer other than BatchNorm2d, a
+    conv with hooks or its own forward, hooks): the modules themselves, unfused.
     """
     if activation == "none":
         activation = None
     if not _fusable_bn(bn):
         return _unfused(conv, bn, x, residual, activation == "relu")
-    if not bn.training and bn.running_mean is not None and bn.running_var is not None and _foldable_conv(conv):
-        dtype = fold.compute_dtype(x, conv.weight)
-        weight, bias = fold.folded_conv_bn(conv, bn, dtype)
-        return _folded_conv_act(conv, bn, x, weight, bias, residual, activation, dtype)
-    return batch_norm_act_module(bn, conv(x), residual, activation)
+    if not _foldable_conv(conv):
+        return batch_norm_act_module(bn, conv(x), residual, activation)
+    if not bn.training and bn.running_mean is not None and bn.running_var is not None:
+        weight, bias = fold.folded_conv_bn(conv, bn, fold.compute_dtype(x, conv.weight))
+        return FF.conv2d_act(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups,
+                             residual=residual, activation=activation)
+    y = FF.conv2d_act(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return batch_norm_act_module(bn, y, residual, activation)
 
 
 def unfused_requested(relu: nn.Module) -> bool:
