@@ -9,6 +9,8 @@
 
 #include <optional>
 
+#include "geom.h"
+
 namespace fastres {
 
 // The one memory-format rule of docs/DESIGN.md.
@@ -76,9 +78,7 @@ inline at::Tensor empty_channels(const at::Tensor& x) {
   return at::empty({x.size(1)}, x.options().dtype(acc_dtype(x.scalar_type())));
 }
 
-// The kernels' view of x (N, C, HW and whether it is stored as rows of C channels):
-// Geom is the CPU kernels' struct (cpu/kernels.h) or the CUDA file's own.
-template <class Geom>
+// The kernels' view of x (N, C, HW and whether it is stored as rows of C channels).
 inline Geom geom_of(const at::Tensor& x, at::MemoryFormat fmt) {
   Geom g;
   g.N = x.size(0);

@@ -27,9 +27,13 @@ merge of the lane / chunk summaries, so a huge-magnitude near-constant channel k
 variance (never E[x^2] - E[x]^2).
 
 Offsets that scale with the tensor size are int64 (program ids / row and image indices
-are cast before they multiply a stride). A program's share of the tensor comes from one
-helper, :func:`_chunk`, called once per program; the per-tile bodies are written inline:
-the interpreter (TRITON_INTERPRET=1) pays a large fixed cost for every nested jit call.
+are cast before they multiply a stride). The tiling is written once, for every pass
+kernel: a program's share of the tensor comes from :func:`_chunk` and its channels from
+:func:`_channels` (each called once per program), and each tile's offsets and masks
+from :func:`_tile` (once per tile). Compiled, the helpers inline to the same
+instructions as the bodies they replace; under the interpreter (TRITON_INTERPRET=1) each
+nested jit call re-patches ``triton.language`` (~0.25 ms), which the per-tile call adds
+to every tile (a few % of the interpreter tests' time).
 
 Loops over a runtime count are ``while`` loops, not ``for t in range(0, n)``: Triton
 3.6's interpreter turns a runtime ``range`` bound into a Python int with ``int()`` of a
@@ -116,6 +120,66 @@ def _chunk(pid0, pid1, M, HW, PER, HW_PER, HJ,
     return a0, a1, b0, b1, tb_n, n_tiles, base
 
 
+@triton.jit
+def _channels(pid0, pid1, C, CL: tl.constexpr, BLOCK_B: tl.constexpr):
+    """The channels of a pass program (pid0, pid1), shared by every pass kernel.
+
+    Returns ``(chunk, cols, cmask, ch, pmask)``: the chunk index of the program's
+    partials; CL: its channel block ``cols`` [BLOCK_B] with mask ``cmask``, and ``ch`` /
+    ``pmask`` = the same as a [1, BLOCK_B] row for the per-channel parameter loads;
+    not CL: channel ``ch`` = pid0 (a scalar, ``pmask`` all true; cols = ch, cmask =
+    pmask).
+    """
+    if CL:
+        cols = pid1 * BLOCK_B + tl.arange(0, BLOCK_B)
+        cmask = cols < C
+        return pid0, cols, cmask, cols[None, :], cmask[None, :]
+    else:
+        return pid1, pid0, True, pid0, True
+
+
+@triton.jit
+def _tile(t, a0, a1, b0, b1, tb_n, base, cols, cmask, C, CHW,
+          CL: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Tile ``t`` of a pass program's share (``_chunk``; ``cols`` / ``cmask`` from
+    ``_channels``), shared by every pass kernel's tile loop.
+
+    Returns ``(offs, mask, valid)``: the [BLOCK_A, BLOCK_B] element offsets and mask,
+    and ``valid`` [BLOCK_A, 1], which rows (CL) or images (not CL) of the tile exist.
+    """
+    ia = tl.arange(0, BLOCK_A)
+    if CL:
+        rows = a0 + t * BLOCK_A + ia
+        valid = (rows < a1)[:, None]
+        mask = valid & cmask[None, :]
+        offs = rows[:, None] * C + cols[None, :]
+    else:
+        ta = t // tb_n
+        ns = a0 + ta * BLOCK_A + ia
+        hs = tl.multiple_of(b0 + (t - ta * tb_n) * BLOCK_B, BLOCK_B) + tl.arange(0, BLOCK_B)
+        valid = (ns < a1)[:, None]
+        mask = valid & (hs < b1)[None, :]
+        offs = (ns.to(tl.int64) * CHW + base)[:, None] + hs[None, :]
+    return offs, mask, valid
+
+
+@triton.jit
+def _finalize_cols(C, BLOCK_C: tl.constexpr):
+    """The channels ``cols`` [BLOCK_C] (and their mask) of a finalize program."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return cols, cols < C
+
+
+@triton.jit
+def _partials_tile(j0, cols, cmask, C, NUM_CHUNKS, BLOCK_J: tl.constexpr):
+    """Offsets and mask of the [BLOCK_J chunks, channels cols] tile from chunk j0 of a
+    [chunks, C] partials buffer (the finalize kernels' loop)."""
+    js = j0 + tl.arange(0, BLOCK_J)
+    mask = (js < NUM_CHUNKS)[:, None] & cmask[None, :]
+    offs = js[:, None] * C + cols[None, :]
+    return offs, mask
+
+
 # ----------------------------------------------------------------------------- statistics
 @triton.jit
 def _stats_kernel(x_ptr, pmean_ptr, pm2_ptr, pw_ptr, psum_ptr, M, C, HW, CHW, PER, HW_PER, HJ,
@@ -132,16 +196,11 @@ def _stats_kernel(x_ptr, pmean_ptr, pm2_ptr, pw_ptr, psum_ptr, M, C, HW, CHW, PE
     """
     pid0 = tl.program_id(0)
     pid1 = tl.program_id(1)
-    ia = tl.arange(0, BLOCK_A)
-    ib = tl.arange(0, BLOCK_B)
     a0, a1, b0, b1, tb_n, n_tiles, base = _chunk(pid0, pid1, M, HW, PER, HW_PER, HJ, CL, BLOCK_A, BLOCK_B)
+    chunk, cols, cmask, ch, pmask = _channels(pid0, pid1, C, CL, BLOCK_B)
     if CL:
-        chunk = pid0
-        cols = pid1 * BLOCK_B + ib
-        cmask = cols < C
-        k = tl.load(x_ptr + cols, mask=cmask, other=0.0)[None, :]
+        k = tl.load(x_ptr + ch, mask=pmask, other=0.0)
     else:
-        chunk = pid1
         k = tl.load(x_ptr + base)
     kf = k.to(ACC)
     shift = tl.where(kf - kf == 0, kf, 0.0)
@@ -155,23 +214,13 @@ def _stats_kernel(x_ptr, pmean_ptr, pm2_ptr, pw_ptr, psum_ptr, M, C, HW, CHW, PE
         w = tl.zeros([BLOCK_A, BLOCK_B], ACC)
     t = n_tiles * 0
     while t < n_tiles:  # (not range(0, n_tiles): see the module docstring)
-        if CL:
-            rows = a0 + t * BLOCK_A + ia
-            mask = (rows < a1)[:, None] & cmask[None, :]
-            offs = rows[:, None] * C + cols[None, :]
-        else:
-            ta = t // tb_n
-            ns = a0 + ta * BLOCK_A + ia
-            hs = tl.multiple_of(b0 + (t - ta * tb_n) * BLOCK_B, BLOCK_B) + ib
-            mask = (ns < a1)[:, None] & (hs < b1)[None, :]
-            offs = (ns.to(tl.int64) * CHW + base)[:, None] + hs[None, :]
+        offs, mask, valid = _tile(t, a0, a1, b0, b1, tb_n, base, cols, cmask, C, CHW, CL, BLOCK_A, BLOCK_B)
         x = tl.load(x_ptr + offs, mask=mask, other=k).to(ACC) - shift
         ssum += x
         # Welford, one running summary per register lane
         delta = x - mean
         if CL:
             # per-row factors: 1/count and (count-1)/count for a valid row, 0 otherwise
-            valid = (rows < a1)[:, None]
             w = w + valid.to(ACC)
             inv = tl.where(valid, 1.0 / tl.where(valid, w, 1.0), 0.0)
             fac = tl.where(valid, 1.0 - inv, 0.0)
@@ -211,17 +260,14 @@ def _stats_finalize(x_ptr, pmean_ptr, pm2_ptr, pw_ptr, psum_ptr, w_ptr, mean_ptr
     relative to K = x[0, c, 0, 0] (at offset c * STRIDE_C; 0 if not finite), added back
     here. A channel with non-finite values (its sum is not finite) gets that sum,
     +-Inf / NaN, as its mean and a NaN variance, like aten."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
+    cols, cmask = _finalize_cols(C, BLOCK_C)
     mean = tl.zeros([BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
     w = tl.zeros([BLOCK_C], ACC)
     ssum = tl.zeros([BLOCK_C], ACC)
     j0 = tl.full([], 0, tl.int32)  # a tensor even where NUM_CHUNKS == 1 is specialised to a constant
     while j0 < NUM_CHUNKS:
-        js = j0 + tl.arange(0, BLOCK_J)
-        mask = (js < NUM_CHUNKS)[:, None] & cmask[None, :]
-        offs = js[:, None] * C + cols[None, :]
+        offs, mask = _partials_tile(j0, cols, cmask, C, NUM_CHUNKS, BLOCK_J)
         ssum += tl.sum(tl.load(psum_ptr + offs, mask=mask, other=0.0), 0)
         bm = tl.load(pmean_ptr + offs, mask=mask, other=0.0)
         bq = tl.load(pm2_ptr + offs, mask=mask, other=0.0)
@@ -253,17 +299,8 @@ def _act_kernel(x_ptr, r_ptr, mean_ptr, scale_ptr, shift_ptr, y_ptr, M, C, HW, C
     """y = act((x - mean[c]) * scale[c] + shift[c] (+ residual)), one pass."""
     pid0 = tl.program_id(0)
     pid1 = tl.program_id(1)
-    ia = tl.arange(0, BLOCK_A)
-    ib = tl.arange(0, BLOCK_B)
     a0, a1, b0, b1, tb_n, n_tiles, base = _chunk(pid0, pid1, M, HW, PER, HW_PER, HJ, CL, BLOCK_A, BLOCK_B)
-    if CL:
-        cols = pid1 * BLOCK_B + ib
-        cmask = cols < C
-        ch = cols[None, :]
-        pmask = cmask[None, :]
-    else:
-        ch = pid0
-        pmask = True
+    chunk, cols, cmask, ch, pmask = _channels(pid0, pid1, C, CL, BLOCK_B)
     if HAS_MEAN:
         mean = tl.load(mean_ptr + ch, mask=pmask, other=0.0).to(ACC)
     if HAS_SCALE:
@@ -272,16 +309,7 @@ def _act_kernel(x_ptr, r_ptr, mean_ptr, scale_ptr, shift_ptr, y_ptr, M, C, HW, C
         shift = tl.load(shift_ptr + ch, mask=pmask, other=0.0).to(ACC)
     t = n_tiles * 0
     while t < n_tiles:  # (not range(0, n_tiles): see the module docstring)
-        if CL:
-            rows = a0 + t * BLOCK_A + ia
-            mask = (rows < a1)[:, None] & cmask[None, :]
-            offs = rows[:, None] * C + cols[None, :]
-        else:
-            ta = t // tb_n
-            ns = a0 + ta * BLOCK_A + ia
-            hs = tl.multiple_of(b0 + (t - ta * tb_n) * BLOCK_B, BLOCK_B) + ib
-            mask = (ns < a1)[:, None] & (hs < b1)[None, :]
-            offs = (ns.to(tl.int64) * CHW + base)[:, None] + hs[None, :]
+        offs, mask, valid = _tile(t, a0, a1, b0, b1, tb_n, base, cols, cmask, C, CHW, CL, BLOCK_A, BLOCK_B)
         z = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         if HAS_MEAN:
             z = z - mean
@@ -314,19 +342,8 @@ def _bwd_kernel(gy_ptr, x_ptr, y_ptr, mean_ptr, coef_ptr, gx_ptr, gz_ptr, ps_dz_
     """
     pid0 = tl.program_id(0)
     pid1 = tl.program_id(1)
-    ia = tl.arange(0, BLOCK_A)
-    ib = tl.arange(0, BLOCK_B)
     a0, a1, b0, b1, tb_n, n_tiles, base = _chunk(pid0, pid1, M, HW, PER, HW_PER, HJ, CL, BLOCK_A, BLOCK_B)
-    if CL:
-        chunk = pid0
-        cols = pid1 * BLOCK_B + ib
-        cmask = cols < C
-        ch = cols[None, :]
-        pmask = cmask[None, :]
-    else:
-        chunk = pid1
-        ch = pid0
-        pmask = True
+    chunk, cols, cmask, ch, pmask = _channels(pid0, pid1, C, CL, BLOCK_B)
     NEED_X: tl.constexpr = SUMS or GX_MODE == 2
     SUB_MEAN: tl.constexpr = CENTER or GX_MODE == 2
     if SUB_MEAN:
@@ -340,16 +357,7 @@ def _bwd_kernel(gy_ptr, x_ptr, y_ptr, mean_ptr, coef_ptr, gx_ptr, gz_ptr, ps_dz_
     s_dzx = tl.zeros([BLOCK_A, BLOCK_B], ACC)
     t = n_tiles * 0
     while t < n_tiles:  # (not range(0, n_tiles): see the module docstring)
-        if CL:
-            rows = a0 + t * BLOCK_A + ia
-            mask = (rows < a1)[:, None] & cmask[None, :]
-            offs = rows[:, None] * C + cols[None, :]
-        else:
-            ta = t // tb_n
-            ns = a0 + ta * BLOCK_A + ia
-            hs = tl.multiple_of(b0 + (t - ta * tb_n) * BLOCK_B, BLOCK_B) + ib
-            mask = (ns < a1)[:, None] & (hs < b1)[None, :]
-            offs = (ns.to(tl.int64) * CHW + base)[:, None] + hs[None, :]
+        offs, mask, valid = _tile(t, a0, a1, b0, b1, tb_n, base, cols, cmask, C, CHW, CL, BLOCK_A, BLOCK_B)
         dz = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(ACC)
         if RELU:
             yv = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -393,15 +401,12 @@ def _bwd_finalize(ps_dz_ptr, ps_dzx_ptr, var_ptr, w_ptr, gw_ptr, gb_ptr, coef_pt
     of the dx pass coef = [w * invstd | grad_bias / M | invstd * grad_weight / M].
     Otherwise (affine): grad_shift = S(dz) -> gb, grad_scale = S(dz x) -> gw.
     """
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
+    cols, cmask = _finalize_cols(C, BLOCK_C)
     s_dz = tl.zeros([BLOCK_C], ACC)
     s_dzx = tl.zeros([BLOCK_C], ACC)
     j0 = tl.full([], 0, tl.int32)  # a tensor even where NUM_CHUNKS == 1 is specialised to a constant
     while j0 < NUM_CHUNKS:
-        js = j0 + tl.arange(0, BLOCK_J)
-        mask = (js < NUM_CHUNKS)[:, None] & cmask[None, :]
-        offs = js[:, None] * C + cols[None, :]
+        offs, mask = _partials_tile(j0, cols, cmask, C, NUM_CHUNKS, BLOCK_J)
         s_dz += tl.sum(tl.load(ps_dz_ptr + offs, mask=mask, other=0.0), 0)
         s_dzx += tl.sum(tl.load(ps_dzx_ptr + offs, mask=mask, other=0.0), 0)
         j0 += BLOCK_J

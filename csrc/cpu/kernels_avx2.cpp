@@ -7,24 +7,8 @@
 #pragma GCC target("avx,avx2,fma,f16c")
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
-// sleef.h declares its vector functions only when the ISA macros are set;
-// `#pragma GCC target` does not set them, so do it for that header only.
-#define __AVX__ 1
-#define __AVX2__ 1
-#define __FMA__ 1
-#include <sleef.h>
-#undef __AVX__
-#undef __AVX2__
-#undef __FMA__
-#include <ATen/cpu/vec/vec.h>
-
-#include "kernels_impl.h"
+#include "kernels_isa.h"
 #pragma GCC pop_options
-
-#else  // no multi-ISA build: alias to the baseline kernels
-
-namespace fastres::cpu::AVX2 {
-const Kernels& kernels() { return DEFAULT::kernels(); }
-}  // namespace fastres::cpu::AVX2
-
+#else
+FASTRES_CPU_BASELINE_ALIAS(AVX2)
 #endif

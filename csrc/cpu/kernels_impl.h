@@ -46,56 +46,50 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 template <typename T>
 struct IO;
 
-template <>
-struct IO<float> {
+// float / double: accumulate in the type itself.
+template <typename T>
+struct IOPlain {
+  using acc_t = T;
+  using V = Vectorized<T>;
+  static constexpr int64_t W = V::size();
+  static V load(const T* p) { return V::loadu(p); }
+  static void store(T* p, const V& v) { v.store(p); }
+};
+
+// bfloat16 / half: accumulate in float, converted on load and store.
+template <typename T>
+struct IO16 {
+  static constexpr bool kBF16 = std::is_same_v<T, c10::BFloat16>;
   using acc_t = float;
   using V = Vectorized<float>;
   static constexpr int64_t W = V::size();
-  static V load(const float* p) { return V::loadu(p); }
-  static void store(float* p, const V& v) { v.store(p); }
-};
-
-template <>
-struct IO<double> {
-  using acc_t = double;
-  using V = Vectorized<double>;
-  static constexpr int64_t W = V::size();
-  static V load(const double* p) { return V::loadu(p); }
-  static void store(double* p, const V& v) { v.store(p); }
-};
-
-template <>
-struct IO<c10::BFloat16> {
-  using acc_t = float;
-  using V = Vectorized<float>;
-  static constexpr int64_t W = V::size();
-  static V load(const c10::BFloat16* p) {
+  static V load(const T* p) {
     V out;
-    at::vec::load_fp32_from_bf16(p, out);
+    if constexpr (kBF16) at::vec::load_fp32_from_bf16(p, out);
+    else at::vec::load_fp32_from_fp16(p, out);
     return out;
   }
-  static void store(c10::BFloat16* p, const V& v) {
-    at::vec::convert_float_bfloat16(v, v).store(p, static_cast<int>(W));
+  static void store(T* p, const V& v) {
+    if constexpr (kBF16) at::vec::convert_float_bfloat16(v, v).store(p, static_cast<int>(W));
+    else at::vec::convert_float_half(v, v).store(p, static_cast<int>(W));
   }
 };
 
-template <>
-struct IO<c10::Half> {
-  using acc_t = float;
-  using V = Vectorized<float>;
-  static constexpr int64_t W = V::size();
-  static V load(const c10::Half* p) {
-    V out;
-    at::vec::load_fp32_from_fp16(p, out);
-    return out;
-  }
-  static void store(c10::Half* p, const V& v) {
-    at::vec::convert_float_half(v, v).store(p, static_cast<int>(W));
-  }
-};
+template <> struct IO<float> : IOPlain<float> {};
+template <> struct IO<double> : IOPlain<double> {};
+template <> struct IO<c10::BFloat16> : IO16<c10::BFloat16> {};
+template <> struct IO<c10::Half> : IO16<c10::Half> {};
 
 template <typename T>
 using acc_of = typename IO<T>::acc_t;
+
+// The vector types of a kernel body on T: IOT (load / store of T), A (acc type),
+// V (vector of A) and W (its width).
+#define FASTRES_VEC_TYPES(T)   \
+  using IOT = IO<T>;           \
+  using A = acc_of<T>;         \
+  using V = typename IOT::V;   \
+  constexpr int64_t W = IOT::W
 
 // Scalar helpers with the same semantics as the vector code.
 template <typename A>
@@ -200,10 +194,7 @@ struct Welford {
 template <typename T>
 inline void unit_stats_nchw(const Geom& g, const T* x, int64_t c, int64_t l0, int64_t l1,
                             double& mean_out, double& m2_out, double& sum_out) {
-  using IOT = IO<T>;
-  using A = acc_of<T>;
-  using V = typename IOT::V;
-  constexpr int64_t W = IOT::W;
+  FASTRES_VEC_TYPES(T);
   const int64_t cnt = l1 - l0;
   // pass 1: sum
   V a0(0), a1(0), a2(0), a3(0);
@@ -269,10 +260,7 @@ inline int64_t rows_num_acc(int64_t C) {
 template <typename T>
 inline void unit_stats_rows(const Geom& g, const T* x, int64_t r0, int64_t r1, acc_of<T>* scratch,
                             double* pm, double* pq, double* ps) {
-  using IOT = IO<T>;
-  using A = acc_of<T>;
-  using V = typename IOT::V;
-  constexpr int64_t W = IOT::W;
+  FASTRES_VEC_TYPES(T);
   const int64_t C = g.C;
   const int64_t NA = rows_num_acc<T>(C);
   A* sums = scratch;               // [NA][C]
@@ -502,10 +490,7 @@ inline bool channel_blocked(const Geom& g, int64_t l2_bytes_per_element) {
 template <typename T, bool RELU, bool RES>
 inline void apply_plane(const T* xp, const T* rp, T* yp, int64_t len, acc_of<T> cs, acc_of<T> ss,
                         acc_of<T> bs) {
-  using IOT = IO<T>;
-  using A = acc_of<T>;
-  using V = typename IOT::V;
-  constexpr int64_t W = IOT::W;
+  FASTRES_VEC_TYPES(T);
   const V cv(cs), sv(ss), bv(bs);
   int64_t i = 0;
   for (; i + W <= len; i += W) {
@@ -525,10 +510,7 @@ inline void apply_plane(const T* xp, const T* rp, T* yp, int64_t len, acc_of<T> 
 template <typename T, bool RELU, bool RES>
 void apply_affine(const Geom& g, const T* x, const T* res, T* y, const acc_of<T>* center,
                   const acc_of<T>* scale, const acc_of<T>* shift) {
-  using IOT = IO<T>;
-  using A = acc_of<T>;
-  using V = typename IOT::V;
-  constexpr int64_t W = IOT::W;
+  FASTRES_VEC_TYPES(T);
   const int64_t C = g.C, M = g.M(), HW = g.HW;
   if (!g.rows) {
     at::parallel_for(0, g.N * C, std::max<int64_t>(1, kGrain / HW), [&](int64_t b, int64_t e) {
@@ -671,10 +653,7 @@ template <typename T, bool RELU, bool GZ, bool GX>
 inline void unit_dsum_nchw(const Geom& g, const T* gy, const T* x, const T* y, T* gz, T* gx,
                            acc_of<T> center, acc_of<T> gscale, int64_t c, int64_t l0, int64_t l1,
                            double& s1_out, double& s2_out) {
-  using IOT = IO<T>;
-  using A = acc_of<T>;
-  using V = typename IOT::V;
-  constexpr int64_t W = IOT::W;
+  FASTRES_VEC_TYPES(T);
   const V cv(center), kv(gscale);
   V s1a(0), s1b(0), s2a(0), s2b(0);
   A t1 = A(0), t2 = A(0);
@@ -712,10 +691,7 @@ template <typename T, bool RELU, bool GZ, bool GX>
 inline void unit_dsum_rows(const Geom& g, const T* gy, const T* x, const T* y, T* gz, T* gx,
                            const acc_of<T>* center, const acc_of<T>* gscale, int64_t r0, int64_t r1,
                            acc_of<T>* scratch, double* s1_out, double* s2_out) {
-  using IOT = IO<T>;
-  using A = acc_of<T>;
-  using V = typename IOT::V;
-  constexpr int64_t W = IOT::W;
+  FASTRES_VEC_TYPES(T);
   const int64_t C = g.C;
   const int64_t NA = rows_num_acc<T>(C);
   A* s1 = scratch;           // [NA][C]
@@ -846,10 +822,7 @@ void channel_dsums(const Geom& g, const T* gy, const T* x, const T* y, T* gz, T*
 template <typename T, bool RELU, bool FROM_GZ>
 inline void bwd_apply_plane(const T* gy, const T* x, const T* y, const T* gz, T* gx, int64_t off, int64_t len,
                             acc_of<T> cs, acc_of<T> as, acc_of<T> bs, acc_of<T> ds) {
-  using IOT = IO<T>;
-  using A = acc_of<T>;
-  using V = typename IOT::V;
-  constexpr int64_t W = IOT::W;
+  FASTRES_VEC_TYPES(T);
   const V cv(cs), av(as), bv(bs), dv(ds);
   int64_t i = 0;
   for (; i + W <= len; i += W) {
@@ -881,10 +854,7 @@ template <typename T, bool RELU, bool FROM_GZ>
 void bn_bwd_apply(const Geom& g, const T* gy, const T* x, const T* y, const T* gz, T* gx,
                   const acc_of<T>* center, const acc_of<T>* ka, const acc_of<T>* kb,
                   const acc_of<T>* kd) {
-  using IOT = IO<T>;
-  using A = acc_of<T>;
-  using V = typename IOT::V;
-  constexpr int64_t W = IOT::W;
+  FASTRES_VEC_TYPES(T);
   const int64_t C = g.C, M = g.M(), HW = g.HW;
   auto vdz = [&](int64_t k) {
     if constexpr (FROM_GZ) {
@@ -949,21 +919,15 @@ inline void bwd_channel_params(double S1, double S2, A var, A w, double eps, dou
   kd = static_cast<A>(-k * gbd / M);
 }
 
+// (the pointers are bn_bwd_t's, typed)
 template <typename T, bool RELU, bool GZ>
-void bn_bwd_blocked(const BnBwdArgs& a, const acc_of<T>* w) {
+void bn_bwd_blocked(const BnBwdArgs& a, const T* gy, const T* x, const T* y, T* gx, T* gz,
+                    const acc_of<T>* mean, const acc_of<T>* var, const acc_of<T>* w, acc_of<T>* gw_out,
+                    acc_of<T>* gb_out) {
   using A = acc_of<T>;
   const Geom& g = a.g;
   const Partition P = make_partition(g);
   const int64_t M = g.M();
-  const T* gy = static_cast<const T*>(a.gy);
-  const T* x = static_cast<const T*>(a.x);
-  const T* y = static_cast<const T*>(a.y);
-  T* gx = static_cast<T*>(a.gx);
-  T* gz = static_cast<T*>(a.gz);
-  const A* mean = static_cast<const A*>(a.mean);
-  const A* var = static_cast<const A*>(a.var);
-  A* gw_out = static_cast<A*>(a.gw);
-  A* gb_out = static_cast<A*>(a.gb);
   at::parallel_for(0, g.C, std::max<int64_t>(1, kGrain / M), [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
       double S1 = 0, S2 = 0;
@@ -996,18 +960,18 @@ void bn_bwd_t(const BnBwdArgs& a) {
   T* gz = static_cast<T*>(a.gz);
   const A* mean = static_cast<const A*>(a.mean);
   const A* var = static_cast<const A*>(a.var);
+  A* gw_out = static_cast<A*>(a.gw);
+  A* gb_out = static_cast<A*>(a.gb);
   const std::vector<A> w = param_or<A>(a.weight, C, A(1));
   // L2-resident per channel: gy, y (relu) and x for the reduction; gz or (gy, y) and x for dx.
   if (channel_blocked(g, static_cast<int64_t>(sizeof(T)) * (RELU ? 3 : 2) + (gz ? static_cast<int64_t>(sizeof(T)) : 0))) {
-    if (gz) bn_bwd_blocked<T, RELU, true>(a, w.data());
-    else bn_bwd_blocked<T, RELU, false>(a, w.data());
+    if (gz) bn_bwd_blocked<T, RELU, true>(a, gy, x, y, gx, gz, mean, var, w.data(), gw_out, gb_out);
+    else bn_bwd_blocked<T, RELU, false>(a, gy, x, y, gx, gz, mean, var, w.data(), gw_out, gb_out);
     return;
   }
   std::vector<double> S1, S2;
   if (gz) channel_dsums<T, RELU, true, false>(g, gy, x, y, gz, nullptr, mean, nullptr, S1, S2);
   else channel_dsums<T, RELU, false, false>(g, gy, x, y, nullptr, nullptr, mean, nullptr, S1, S2);
-  A* gw_out = static_cast<A*>(a.gw);
-  A* gb_out = static_cast<A*>(a.gb);
   std::vector<A> ka(C), kb(C), kd(C);
   for (int64_t c = 0; c < C; ++c)
     bwd_channel_params<A>(S1[c], S2[c], var[c], w[c], a.eps, M, gw_out[c], gb_out[c], ka[c], kb[c], kd[c]);
@@ -1024,10 +988,7 @@ void bn_bwd_impl(const BnBwdArgs& a) {
 // affine backward without parameter gradients: pure element-wise.
 template <typename T, bool RELU, bool GZ>
 void affine_bwd_elementwise(const Geom& g, const T* gy, const T* y, T* gx, T* gz, const acc_of<T>* scale) {
-  using IOT = IO<T>;
-  using A = acc_of<T>;
-  using V = typename IOT::V;
-  constexpr int64_t W = IOT::W;
+  FASTRES_VEC_TYPES(T);
   const int64_t C = g.C, M = g.M(), HW = g.HW;
   auto vbody = [&](int64_t k, const V& sv) {
     V d = IOT::load(gy + k);
@@ -1120,6 +1081,7 @@ void affine_fwd_entry(const AffineFwdArgs& a) { by_dtype<AffineFwdFn>(a); }
 void bn_bwd_entry(const BnBwdArgs& a) { by_dtype<BnBwdFn>(a); }
 void affine_bwd_entry(const AffineBwdArgs& a) { by_dtype<AffineBwdFn>(a); }
 
+#undef FASTRES_VEC_TYPES
 #define FASTRES_STR2(x) #x
 #define FASTRES_STR(x) FASTRES_STR2(x)
 

@@ -41,3 +41,9 @@
 #if defined(FASTRES_CPU_X86) && defined(__GNUC__) && !defined(__clang__)
 #define FASTRES_CPU_MULTI_ISA 1
 #endif
+
+// No multi-ISA build: a capability's kernel table is the baseline one.
+#define FASTRES_CPU_BASELINE_ALIAS(ISA) \
+  namespace fastres::cpu::ISA {         \
+  const Kernels& kernels() { return DEFAULT::kernels(); } \
+  }

@@ -1,16 +1,13 @@
-// CPU implementations of the fastres ops: tensor glue around the kernels of
-// kernels_impl.h (memory format, allocation, param dtypes, ISA selection).
+// CPU implementations of the fastres ops: the kernels of kernels_impl.h (ISA chosen
+// at run time) on the tensors prepared by ../op_prep.h (shared with the CUDA ops).
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
-#include <limits>
 #include <string>
 #include <tuple>
 
-#include "../common.h"
+#include "../op_prep.h"
 #include "kernels.h"
 
 namespace fastres::cpu {
@@ -44,7 +41,6 @@ DType dtype_of(const Tensor& x) {
   }
 }
 
-
 const void* ptr_or_null(const Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 
 void check_cpu(const Tensor& x, const char* op) {
@@ -52,147 +48,91 @@ void check_cpu(const Tensor& x, const char* op) {
   TORCH_CHECK(x.device().is_cpu(), "fastres::", op, ": expected a CPU tensor");
 }
 
+// The fields every forward / backward kernel takes, from the op's Prep.
+template <class Prep>
+void set_fwd(FwdArgs& a, const Prep& p, bool relu) {
+  a.g = p.g;
+  a.dt = dtype_of(p.xc);
+  a.x = p.xc.const_data_ptr();
+  a.res = ptr_or_null(p.r);
+  a.relu = relu;
+  a.y = p.y.mutable_data_ptr();
+}
+
+template <class Prep>
+void set_bwd(BwdArgs& a, const Prep& p, bool relu, bool need_grad_z) {
+  a.g = p.g;
+  a.dt = dtype_of(p.gyc);
+  a.gy = p.gyc.const_data_ptr();
+  a.x = ptr_or_null(p.xc);
+  a.y = ptr_or_null(p.yc);
+  a.relu = relu;
+  a.gx = p.gx.mutable_data_ptr();
+  a.gz = need_grad_z ? p.gz.mutable_data_ptr() : nullptr;
+}
+
 std::tuple<Tensor, Tensor, Tensor> bn_act_train_cpu(const Tensor& x, const optional<Tensor>& weight,
                                                     const optional<Tensor>& bias,
                                                     const optional<Tensor>& residual, double eps,
                                                     bool relu) {
-  constexpr const char* op = "bn_act_train";
-  check_cpu(x, op);
-  const auto fmt = memory_format_of(x);
-  const Tensor xc = x.contiguous(fmt);
-  Tensor y = empty_like_x(x, fmt);
-  Tensor mean = empty_channels(x);
-  Tensor var = empty_channels(x);
-  if (x.numel() == 0) {
-    // M == 0: the mean of nothing, like the aten reference (never reached in training).
-    mean.fill_(std::numeric_limits<double>::quiet_NaN());
-    var.fill_(std::numeric_limits<double>::quiet_NaN());
-    return {y, mean, var};
-  }
-  const Tensor w = channel_param(weight, x, op, "weight");
-  const Tensor b = channel_param(bias, x, op, "bias");
-  Tensor r;
-  if (residual.has_value() && residual->defined()) r = like_x(*residual, x, fmt, op, "residual");
+  check_cpu(x, BnActTrainPrep::op);
+  const BnActTrainPrep p(x, weight, bias, residual);
+  if (p.done) return p.result();
   BnFwdArgs a;
-  a.g = geom_of<Geom>(x, fmt);
-  a.dt = dtype_of(x);
-  a.x = xc.const_data_ptr();
-  a.res = ptr_or_null(r);
-  a.weight = ptr_or_null(w);
-  a.bias = ptr_or_null(b);
+  set_fwd(a, p, relu);
+  a.weight = ptr_or_null(p.w);
+  a.bias = ptr_or_null(p.b);
   a.eps = eps;
-  a.relu = relu;
-  a.y = y.mutable_data_ptr();
-  a.mean = mean.mutable_data_ptr();
-  a.var = var.mutable_data_ptr();
+  a.mean = p.mean.mutable_data_ptr();
+  a.var = p.var.mutable_data_ptr();
   active_kernels().bn_fwd(a);
-  return {y, mean, var};
+  return p.result();
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_train_backward_cpu(
     const Tensor& grad_y, const Tensor& x, const Tensor& y, const optional<Tensor>& weight,
     const Tensor& mean, const Tensor& var, double eps, bool relu, bool need_grad_z) {
-  constexpr const char* op = "bn_act_train_backward";
-  check_cpu(x, op);
-  const auto fmt = memory_format_of(x);
-  const auto acc = acc_dtype(x.scalar_type());
-  const int64_t C = x.size(1);
-  Tensor gx = empty_like_x(x, fmt);
-  Tensor gz = empty_like_x_if(need_grad_z, x, fmt);
-  if (x.numel() == 0) {
-    return {gx, at::zeros({C}, x.options().dtype(acc)), at::zeros({C}, x.options().dtype(acc)), gz};
-  }
-  Tensor gw = empty_channels(x);
-  Tensor gb = empty_channels(x);
-  const Tensor gyc = like_x(grad_y, x, fmt, op, "grad_y");
-  const Tensor xc = x.contiguous(fmt);
-  Tensor yc;
-  if (relu) yc = like_x(y, x, fmt, op, "y");
-  const Tensor w = channel_param(weight, x, op, "weight");
-  const Tensor m = channel_param(mean, x, op, "mean");
-  const Tensor v = channel_param(var, x, op, "var");
+  check_cpu(x, BnActTrainBackwardPrep::op);
+  const BnActTrainBackwardPrep p(grad_y, x, y, weight, mean, var, relu, need_grad_z);
+  if (p.done) return p.result();
   BnBwdArgs a;
-  a.g = geom_of<Geom>(x, fmt);
-  a.dt = dtype_of(x);
-  a.gy = gyc.const_data_ptr();
-  a.x = xc.const_data_ptr();
-  a.y = ptr_or_null(yc);
-  a.weight = ptr_or_null(w);
-  a.mean = m.const_data_ptr();
-  a.var = v.const_data_ptr();
+  set_bwd(a, p, relu, need_grad_z);
+  a.weight = ptr_or_null(p.w);
+  a.mean = p.m.const_data_ptr();
+  a.var = p.v.const_data_ptr();
   a.eps = eps;
-  a.relu = relu;
-  a.gx = gx.mutable_data_ptr();
-  a.gw = gw.mutable_data_ptr();
-  a.gb = gb.mutable_data_ptr();
-  a.gz = need_grad_z ? gz.mutable_data_ptr() : nullptr;
+  a.gw = p.gw.mutable_data_ptr();
+  a.gb = p.gb.mutable_data_ptr();
   active_kernels().bn_bwd(a);
-  return {gx, gw, gb, gz};
+  return p.result();
 }
 
 Tensor affine_act_cpu(const Tensor& x, const optional<Tensor>& scale, const optional<Tensor>& shift,
                       const optional<Tensor>& residual, bool relu) {
-  constexpr const char* op = "affine_act";
-  check_cpu(x, op);
-  const auto fmt = memory_format_of(x);
-  Tensor y = empty_like_x(x, fmt);
-  if (x.numel() == 0) return y;
-  const Tensor xc = x.contiguous(fmt);
-  const Tensor s = channel_param(scale, x, op, "scale");
-  const Tensor b = channel_param(shift, x, op, "shift");
-  Tensor r;
-  if (residual.has_value() && residual->defined()) r = like_x(*residual, x, fmt, op, "residual");
+  check_cpu(x, AffineActPrep::op);
+  const AffineActPrep p(x, scale, shift, residual);
+  if (p.done) return p.result();
   AffineFwdArgs a;
-  a.g = geom_of<Geom>(x, fmt);
-  a.dt = dtype_of(x);
-  a.x = xc.const_data_ptr();
-  a.res = ptr_or_null(r);
-  a.scale = ptr_or_null(s);
-  a.shift = ptr_or_null(b);
-  a.relu = relu;
-  a.y = y.mutable_data_ptr();
+  set_fwd(a, p, relu);
+  a.scale = ptr_or_null(p.s);
+  a.shift = ptr_or_null(p.b);
   active_kernels().affine_fwd(a);
-  return y;
+  return p.result();
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> affine_act_backward_cpu(
     const Tensor& grad_y, const Tensor& x, const Tensor& y, const optional<Tensor>& scale, bool relu,
     bool need_grad_z, bool need_param_grads) {
-  constexpr const char* op = "affine_act_backward";
-  check_cpu(x, op);
-  const auto fmt = memory_format_of(x);
-  const auto acc = acc_dtype(x.scalar_type());
-  const int64_t C = x.size(1);
-  Tensor gx = empty_like_x(x, fmt);
-  Tensor gz = empty_like_x_if(need_grad_z, x, fmt);
-  Tensor gs, gb;
-  if (need_param_grads) {
-    gs = (x.numel() == 0 ? at::zeros({C}, x.options().dtype(acc)) : empty_channels(x));
-    gb = (x.numel() == 0 ? at::zeros({C}, x.options().dtype(acc)) : empty_channels(x));
-  } else {
-    gs = at::empty({0}, x.options().dtype(acc));
-    gb = at::empty({0}, x.options().dtype(acc));
-  }
-  if (x.numel() == 0) return {gx, gz, gs, gb};
-  const Tensor gyc = like_x(grad_y, x, fmt, op, "grad_y");
-  Tensor xc, yc;
-  if (need_param_grads) xc = x.contiguous(fmt);
-  if (relu) yc = like_x(y, x, fmt, op, "y");
-  const Tensor s = channel_param(scale, x, op, "scale");
+  check_cpu(x, AffineActBackwardPrep::op);
+  const AffineActBackwardPrep p(grad_y, x, y, scale, relu, need_grad_z, need_param_grads);
+  if (p.done) return p.result();
   AffineBwdArgs a;
-  a.g = geom_of<Geom>(x, fmt);
-  a.dt = dtype_of(x);
-  a.gy = gyc.const_data_ptr();
-  a.x = ptr_or_null(xc);
-  a.y = ptr_or_null(yc);
-  a.scale = ptr_or_null(s);
-  a.relu = relu;
-  a.gx = gx.mutable_data_ptr();
-  a.gz = need_grad_z ? gz.mutable_data_ptr() : nullptr;
-  a.gscale = need_param_grads ? gs.mutable_data_ptr() : nullptr;
-  a.gshift = need_param_grads ? gb.mutable_data_ptr() : nullptr;
+  set_bwd(a, p, relu, need_grad_z);
+  a.scale = ptr_or_null(p.s);
+  a.gscale = need_param_grads ? p.gs.mutable_data_ptr() : nullptr;
+  a.gshift = need_param_grads ? p.gb.mutable_data_ptr() : nullptr;
   active_kernels().affine_bwd(a);
-  return {gx, gz, gs, gb};
+  return p.result();
 }
 
 }  // namespace

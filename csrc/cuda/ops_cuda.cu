@@ -20,7 +20,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #if defined(FASTRES_CUDA_EMULATION)
@@ -46,7 +45,7 @@
 #include <tuple>
 #include <type_traits>
 
-#include "../common.h"
+#include "../op_prep.h"
 #include "../schemas.h"
 
 namespace fastres::cuda_impl {
@@ -66,12 +65,6 @@ inline int pow2_at_least(int64_t v, int lo, int hi) {
   while (p < v && p < hi) p <<= 1;
   return p;
 }
-
-struct Geom {
-  int64_t N = 0, C = 0, HW = 0;
-  bool rows = false;
-  int64_t M() const { return N * HW; }
-};
 
 
 // Balanced split of [0, n) into k parts: start of part i (no overflow).
@@ -338,24 +331,7 @@ void launch_reduce(const Op& op, const Geom& g, const ReducePlan& p, cudaStream_
 // ---------------------------------------------------------------------------
 // Finalize kernels: one warp per channel; double precision merges.
 
-struct WelfordD {
-  double n, mean, m2, sum;
-};
-
-__device__ __forceinline__ void chan_merge_d(WelfordD& a, const WelfordD& b) {
-  if (b.n == 0.0) return;
-  if (a.n == 0.0) {
-    a = b;
-    return;
-  }
-  const double n = a.n + b.n;
-  const double d = b.mean - a.mean;
-  const double f = b.n / n;
-  a.mean += d * f;
-  a.m2 += b.m2 + d * d * a.n * f;
-  a.n = n;
-  a.sum += b.sum;
-}
+using WelfordD = WelfordS<double>;  // the finalize merges in double (chan_merge<double>)
 
 // mean/var of channel c from its J partials; writes mean, var and the
 // element-wise coefficients scale = w * invstd, shift = b.
@@ -372,7 +348,7 @@ __global__ void __launch_bounds__(kFinalizeWarps * 32)
     const int64_t k = c * J + j;
     const WelfordD b{static_cast<double>(pn[k]), static_cast<double>(pm[k]), static_cast<double>(pq[k]),
                      static_cast<double>(ps[k])};
-    chan_merge_d(s, b);
+    chan_merge(s, b);
   }
   for (int off = 16; off > 0; off >>= 1) {
     WelfordD o;
@@ -380,7 +356,7 @@ __global__ void __launch_bounds__(kFinalizeWarps * 32)
     o.mean = __shfl_down_sync(0xffffffffu, s.mean, off);
     o.m2 = __shfl_down_sync(0xffffffffu, s.m2, off);
     o.sum = __shfl_down_sync(0xffffffffu, s.sum, off);
-    chan_merge_d(s, o);  // lanes >= 32 - off merge garbage; only lane 0 is used
+    chan_merge(s, o);  // lanes >= 32 - off merge garbage; only lane 0 is used
   }
   if (lane == 0) {
     const double mean = isfinite(s.mean) ? s.mean : s.sum / static_cast<double>(M);
@@ -569,28 +545,15 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_train_cuda(const Tensor& x, const opti
                                                      const optional<Tensor>& bias,
                                                      const optional<Tensor>& residual, double eps,
                                                      bool relu) {
-  constexpr const char* opname = "bn_act_train";
-  check_cuda(x, opname);
+  check_cuda(x, BnActTrainPrep::op);
   FASTRES_DEVICE_GUARD(x);
-  const auto fmt = memory_format_of(x);
-  const auto acc = acc_dtype(x.scalar_type());
-  const int64_t C = x.size(1);
-  Tensor y = empty_like_x(x, fmt);
-  Tensor mean = empty_channels(x);
-  Tensor var = empty_channels(x);
-  if (x.numel() == 0) {
-    mean.fill_(std::numeric_limits<double>::quiet_NaN());
-    var.fill_(std::numeric_limits<double>::quiet_NaN());
-    return {y, mean, var};
-  }
-  const Tensor xc = x.contiguous(fmt);
-  const Tensor w = channel_param(weight, x, opname, "weight");
-  const Tensor b = channel_param(bias, x, opname, "bias");
-  Tensor r;
-  if (residual.has_value() && residual->defined()) r = like_x(*residual, x, fmt, opname, "residual");
-  const Geom g = geom_of<Geom>(x, fmt);
+  const BnActTrainPrep p(x, weight, bias, residual);
+  if (p.done) return p.result();
+  const Geom& g = p.g;
+  const int64_t C = g.C;
+  const Tensor &xc = p.xc, &w = p.w, &b = p.b, &r = p.r, &y = p.y, &mean = p.mean, &var = p.var;
   const ReducePlan plan = make_reduce_plan(g);
-  Tensor ws = at::empty({4 * C * plan.J + 2 * C}, x.options().dtype(acc));
+  Tensor ws = at::empty({4 * C * plan.J + 2 * C}, mean.options());
   cudaStream_t stream = FASTRES_CURRENT_STREAM();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastres_bn_act_train", [&] {
     using A = at::acc_type<scalar_t, true>;
@@ -615,35 +578,22 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_train_cuda(const Tensor& x, const opti
       });
     });
   });
-  return {y, mean, var};
+  return p.result();
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_train_backward_cuda(
     const Tensor& grad_y, const Tensor& x, const Tensor& y, const optional<Tensor>& weight,
     const Tensor& mean, const Tensor& var, double eps, bool relu, bool need_grad_z) {
-  constexpr const char* opname = "bn_act_train_backward";
-  check_cuda(x, opname);
+  check_cuda(x, BnActTrainBackwardPrep::op);
   FASTRES_DEVICE_GUARD(x);
-  const auto fmt = memory_format_of(x);
-  const auto acc = acc_dtype(x.scalar_type());
-  const int64_t C = x.size(1);
-  Tensor gx = empty_like_x(x, fmt);
-  Tensor gz = empty_like_x_if(need_grad_z, x, fmt);
-  if (x.numel() == 0) {
-    return {gx, at::zeros({C}, x.options().dtype(acc)), at::zeros({C}, x.options().dtype(acc)), gz};
-  }
-  Tensor gw = empty_channels(x);
-  Tensor gb = empty_channels(x);
-  const Tensor gyc = like_x(grad_y, x, fmt, opname, "grad_y");
-  const Tensor xc = x.contiguous(fmt);
-  Tensor yc;
-  if (relu) yc = like_x(y, x, fmt, opname, "y");
-  const Tensor w = channel_param(weight, x, opname, "weight");
-  const Tensor m = channel_param(mean, x, opname, "mean");
-  const Tensor v = channel_param(var, x, opname, "var");
-  const Geom g = geom_of<Geom>(x, fmt);
+  const BnActTrainBackwardPrep p(grad_y, x, y, weight, mean, var, relu, need_grad_z);
+  if (p.done) return p.result();
+  const Geom& g = p.g;
+  const int64_t C = g.C;
+  const Tensor &gyc = p.gyc, &xc = p.xc, &yc = p.yc, &w = p.w, &m = p.m, &v = p.v;
+  const Tensor &gx = p.gx, &gw = p.gw, &gb = p.gb, &gz = p.gz;
   const ReducePlan plan = make_reduce_plan(g);
-  Tensor ws = at::empty({2 * C * plan.J + 3 * C}, x.options().dtype(acc));
+  Tensor ws = at::empty({2 * C * plan.J + 3 * C}, gw.options());
   cudaStream_t stream = FASTRES_CURRENT_STREAM();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastres_bn_act_train_backward", [&] {
     using A = at::acc_type<scalar_t, true>;
@@ -674,23 +624,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_train_backward_cuda(
       });
     });
   });
-  return {gx, gw, gb, gz};
+  return p.result();
 }
 
 Tensor affine_act_cuda(const Tensor& x, const optional<Tensor>& scale, const optional<Tensor>& shift,
                        const optional<Tensor>& residual, bool relu) {
-  constexpr const char* opname = "affine_act";
-  check_cuda(x, opname);
+  check_cuda(x, AffineActPrep::op);
   FASTRES_DEVICE_GUARD(x);
-  const auto fmt = memory_format_of(x);
-  Tensor y = empty_like_x(x, fmt);
-  if (x.numel() == 0) return y;
-  const Tensor xc = x.contiguous(fmt);
-  const Tensor s = channel_param(scale, x, opname, "scale");
-  const Tensor b = channel_param(shift, x, opname, "shift");
-  Tensor r;
-  if (residual.has_value() && residual->defined()) r = like_x(*residual, x, fmt, opname, "residual");
-  const Geom g = geom_of<Geom>(x, fmt);
+  const AffineActPrep p(x, scale, shift, residual);
+  if (p.done) return p.result();
+  const Geom& g = p.g;
+  const Tensor &xc = p.xc, &s = p.s, &b = p.b, &r = p.r, &y = p.y;
   cudaStream_t stream = FASTRES_CURRENT_STREAM();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastres_affine_act", [&] {
     using A = at::acc_type<scalar_t, true>;
@@ -703,35 +647,20 @@ Tensor affine_act_cuda(const Tensor& x, const optional<Tensor>& scale, const opt
       });
     });
   });
-  return y;
+  return p.result();
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> affine_act_backward_cuda(
     const Tensor& grad_y, const Tensor& x, const Tensor& y, const optional<Tensor>& scale, bool relu,
     bool need_grad_z, bool need_param_grads) {
-  constexpr const char* opname = "affine_act_backward";
-  check_cuda(x, opname);
+  check_cuda(x, AffineActBackwardPrep::op);
   FASTRES_DEVICE_GUARD(x);
-  const auto fmt = memory_format_of(x);
-  const auto acc = acc_dtype(x.scalar_type());
-  const int64_t C = x.size(1);
-  Tensor gx = empty_like_x(x, fmt);
-  Tensor gz = empty_like_x_if(need_grad_z, x, fmt);
-  Tensor gs, gb;
-  if (need_param_grads) {
-    gs = x.numel() == 0 ? at::zeros({C}, x.options().dtype(acc)) : empty_channels(x);
-    gb = x.numel() == 0 ? at::zeros({C}, x.options().dtype(acc)) : empty_channels(x);
-  } else {
-    gs = at::empty({0}, x.options().dtype(acc));
-    gb = at::empty({0}, x.options().dtype(acc));
-  }
-  if (x.numel() == 0) return {gx, gz, gs, gb};
-  const Tensor gyc = like_x(grad_y, x, fmt, opname, "grad_y");
-  Tensor xc, yc;
-  if (need_param_grads) xc = x.contiguous(fmt);
-  if (relu) yc = like_x(y, x, fmt, opname, "y");
-  const Tensor s = channel_param(scale, x, opname, "scale");
-  const Geom g = geom_of<Geom>(x, fmt);
+  const AffineActBackwardPrep p(grad_y, x, y, scale, relu, need_grad_z, need_param_grads);
+  if (p.done) return p.result();
+  const Geom& g = p.g;
+  const int64_t C = g.C;
+  const Tensor &gyc = p.gyc, &xc = p.xc, &yc = p.yc, &s = p.s;
+  const Tensor &gx = p.gx, &gz = p.gz, &gs = p.gs, &gb = p.gb;
   cudaStream_t stream = FASTRES_CURRENT_STREAM();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastres_affine_act_backward", [&] {
     using A = at::acc_type<scalar_t, true>;
@@ -741,7 +670,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> affine_act_backward_cuda(
     scalar_t* gx_p = gx.mutable_data_ptr<scalar_t>();
     if (need_param_grads) {
       const ReducePlan plan = make_reduce_plan(g);
-      Tensor ws = at::empty({2 * C * plan.J}, x.options().dtype(acc));
+      Tensor ws = at::empty({2 * C * plan.J}, gs.options());
       A* p1 = ws.mutable_data_ptr<A>();
       A* p2 = p1 + C * plan.J;
       with_bool(relu, [&](auto RELU) {
@@ -766,7 +695,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> affine_act_backward_cuda(
       });
     }
   });
-  return {gx, gz, gs, gb};
+  return p.result();
 }
 
 }  // namespace
