@@ -142,6 +142,8 @@ class Recorder:
             JITFunction.run, triton.testing.do_bench = saved[0], saved[1]
             if saved[2] is not None:
                 Autotuner.do_bench = saved[2]
+            else:
+                del Autotuner.do_bench
 
 
 # ----------------------------------------------------------------------------- scenarios
@@ -307,15 +309,25 @@ def scenarios() -> List[Scenario]:
     return out + _conv_scenarios() + _untuned_scenarios()
 
 
+# The wgrad split count depends on the SM count on CUDA (2 programs per SM); recorded
+# on the CPU it would aim at 1024 programs: aim at the H200's 2 x 132 instead.
+H200_WGRAD_TARGET = 2 * 132
+
+
 def record(selected: List[Scenario]) -> List[Launch]:
     rec = Recorder()
-    with rec.active():
-        for sc in selected:
-            rec.scenario = sc.name
-            _conv._tuned.clear()  # each scenario runs the forward's tuner (every candidate)
-            for t in _conv_bwd._TUNED.values():
-                t.cache.clear()
-            sc.run()
+    saved_target = _conv_bwd.CONFIG["wgrad_target"]
+    _conv_bwd.CONFIG["wgrad_target"] = saved_target or H200_WGRAD_TARGET
+    try:
+        with rec.active():
+            for sc in selected:
+                rec.scenario = sc.name
+                _conv._tuned.clear()  # each scenario runs the forward's tuner (every candidate)
+                for t in _conv_bwd._TUNED.values():
+                    t.cache.clear()
+                sc.run()
+    finally:
+        _conv_bwd.CONFIG["wgrad_target"] = saved_target
     return rec.launches
 
 
