@@ -27,9 +27,10 @@ before a GPU session (docs/GPU.md):
 3. **Check** each cubin: it exists (ptxas passed); shared memory within the per-block
    limit (sm_90: 227 KiB of the 228 KiB per SM; sm_80: 163 KiB), registers per thread
    (<= 255) and per block (<= 64 Ki), spills (local memory) reported; and for the conv
-   kernels with 16-bit tl.dot that Hopper gets wgmma (mma.sync for a tiling of fewer
-   than 4 warps: wgmma needs a warp group) and Ampere mma.sync tensor-core
-   instructions, with pipelined loads (cp.async) where num_stages > 1.
+   kernels with 16-bit tl.dot that Hopper gets wgmma (mma.sync for a dot of fewer than
+   64 rows or fewer than 4 warps: wgmma needs a warp group) and Ampere mma.sync
+   tensor-core instructions, with pipelined loads (cp.async) where num_stages > 1 and
+   the channel counts allow 16-byte vectors (not C = 3, 4 per group, odd counts).
 
 Autotuning candidates may fail to fit a device (the tuner skips a tiling that raises
 OutOfResources / a compile error there): such a failure is a warning ("skip"), an error
@@ -75,6 +76,7 @@ SMEM_LIMIT = {90: 232448, 80: 166912}
 MAX_REGS = 255
 REGS_PER_BLOCK = 65536
 CONV_KERNELS = ("_conv_fwd_kernel", "_dgrad_kernel", "_wgrad_kernel")
+DOT_M = {"_conv_fwd_kernel": "BLOCK_M", "_dgrad_kernel": "BLOCK_M", "_wgrad_kernel": "BLOCK_K"}  # rows of its tl.dot
 
 
 # ----------------------------------------------------------------------------- recording
@@ -169,6 +171,7 @@ class Scenario:
     quick: bool = False             # in CI's subset (--quick)
     candidates: str = "first"       # autotuning candidates compiled: "first" (the untimed default) or "all"
     quick_archs: tuple = (90,)      # the archs --quick compiles it for (the first: every kept candidate)
+    aligned: bool = True            # channel counts multiples of 16 (16-byte vector loads: cp.async)
 
 
 def _bn_scenarios(dtype_name: str) -> List[Scenario]:
@@ -219,6 +222,13 @@ CONV_SHAPES = {
     "3x3g32": (16, 128, 14, 14, 128, 3, 3, 1, 1, 1, 32),   # ResNeXt (4 channels per group)
     "3x3d2odd": (2, 65, 9, 7, 33, 3, 3, 1, 2, 2, 1),       # dilation, odd sizes
 }
+
+
+def _aligned(sname: str) -> bool:
+    """Channels per group and output channels multiples of 16: the operand rows are
+    16-byte aligned vectors, which cp.async needs (C = 3, 4 per group, odd: not)."""
+    n, c, h, w, k, r, s, st, pd, dl, g = CONV_SHAPES[sname]
+    return (c // g) % 16 == 0 and k % 16 == 0
 
 # Flag sets (bias, in_scale, in_shift, in_relu, residual, relu, stats): the training
 # convs (stats; prologue = the previous BN + ReLU), the eval convs (folded bias,
@@ -279,7 +289,8 @@ def _conv_scenarios() -> List[Scenario]:
         for d in dtypes.split():
             out.append(Scenario(f"conv {d} {lay} {sname} {fname}",
                                 lambda d=d, s=sname, f=fname, cl=lay == "nhwc": _conv_step(d, s, f, cl),
-                                quick=d in qarchs, candidates=cands, quick_archs=qarchs.get(d, (90,))))
+                                quick=d in qarchs, candidates=cands, quick_archs=qarchs.get(d, (90,)),
+                                aligned=_aligned(sname)))
     return out
 
 
@@ -372,6 +383,7 @@ class Spec:
     options: object
     groups: set = field(default_factory=set)       # autotuning groups it is a candidate of
     required: bool = False                         # launched outside autotuning
+    aligned: bool = True                           # every scenario it comes from has aligned channels
     scenarios: List[str] = field(default_factory=list)
 
 
@@ -399,7 +411,7 @@ def specialise(launch: Launch, arch: int, binders: dict):
     return key, signature, constexprs, attrs, options
 
 
-def distinct(launches: List[Launch], arch: int) -> List[Spec]:
+def distinct(launches: List[Launch], arch: int, by_name: Dict[str, Scenario]) -> List[Spec]:
     binders: dict = {}
     specs: Dict[str, Spec] = {}
     for ln in launches:
@@ -413,6 +425,7 @@ def distinct(launches: List[Launch], arch: int) -> List[Spec]:
             sp.groups.add(ln.group)
         if ln.scenario not in sp.scenarios:
             sp.scenarios.append(ln.scenario)
+            sp.aligned = sp.aligned and by_name[ln.scenario].aligned
     # a launch that repeats a tuning candidate (the tuner's pick) is that candidate
     for sp in specs.values():
         if sp.required and sp.groups:
@@ -488,17 +501,23 @@ def check(sp: Spec, arch: int) -> dict:
     sixteen = ptr in ("*bf16", "*fp16")
     if sp.fn.__name__ in CONV_KERNELS and sixteen and _const(sp, "DOT") and not (
             _const(sp, "DOT_UPCAST") or _const(sp, "DOT_F32")):
-        # Hopper: wgmma needs a warp group (4 warps); a 2-warp tiling gets Ampere's mma.sync
-        mma = "wgmma" if arch >= 90 and sp.options.num_warps >= 4 else "mma.sync"
+        # Hopper's wgmma (what Triton emits for a dot whose M is a multiple of 64, with
+        # warp groups of 4 warps), else Ampere's mma.sync: a small tile gets the latter
+        dot_m = _const(sp, DOT_M[sp.fn.__name__])
+        wgmma = arch >= 90 and sp.options.num_warps % 4 == 0 and dot_m % 64 == 0
+        mma = "wgmma" if wgmma else "mma.sync"
         res["mma"] = mma in ptx
         if mma not in ptx:
             problems.append(f"no {mma} instruction (16-bit tl.dot not on tensor cores)")
-        elif arch >= 90 and mma != "wgmma":
-            notes.append("mma.sync, not wgmma (fewer than 4 warps)")
+        elif arch >= 90 and not wgmma:
+            notes.append(f"mma.sync, not wgmma (dot M {dot_m}, {sp.options.num_warps} warps)")
         if sp.options.num_stages > 1:
             res["cp_async"] = "cp.async" in ptx
             if "cp.async" not in ptx:
-                problems.append("loads not pipelined (no cp.async)")
+                if sp.aligned:
+                    problems.append("loads not pipelined (no cp.async)")
+                else:
+                    notes.append("no cp.async (channels not 16-aligned)")
     res["problems"], res["notes"] = problems, notes
     return res
 
@@ -523,7 +542,7 @@ def main(argv=None) -> int:
           f"{len(launches)} launches recorded in {time.time() - t0:.1f}s", flush=True)
     failures, results = 0, []
     for arch in archs:
-        specs = distinct(select(launches, by_name, a.quick, arch), arch)
+        specs = distinct(select(launches, by_name, a.quick, arch), arch, by_name)
         print(f"== sm_{arch}: {len(specs)} distinct compilations", flush=True)
         group_ok: Dict[int, bool] = {}
         group_members: Dict[int, List[str]] = {}
