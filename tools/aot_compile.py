@@ -434,7 +434,8 @@ def distinct(launches: List[Launch], arch: int, by_name: Dict[str, Scenario]) ->
 
 
 def _tool(name: str) -> Optional[str]:
-    path = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", name)
+    import triton.backends.nvidia as nv  # Triton's own ptxas / cuobjdump live in its bin/
+    path = os.path.join(os.path.dirname(nv.__file__), "bin", name)
     return path if os.path.exists(path) else None
 
 
