@@ -35,7 +35,7 @@ before a GPU session (docs/GPU.md):
 Autotuning candidates may fail to fit a device (the tuner skips a tiling that raises
 OutOfResources / a compile error there): such a failure is a warning ("skip"), an error
 only if no candidate of the tuning group compiles. Any other failure: exit status 1.
-The full set (the default) is ~470 compilations per arch, ~20 min per arch on 2 loaded
+The full set (the default) is ~470 compilations per arch, 6-20 min per arch on 2 loaded
 cores. ``--quick`` (CI's subset, ~100 compilations, 2-5 min) replays the scenarios marked
 quick: for sm_90 the BN kernels (both layouts, bf16 and fp64, every flag) and the three
 conv kernels with every flag on in bf16 (the default and the largest tiling), fp32 and
