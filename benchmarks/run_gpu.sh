@@ -193,6 +193,7 @@ on_kill() {  # the run itself got SIGTERM/SIGINT/SIGHUP (e.g. the device tool's 
     fi
     FAILED=1
     pack
+    rm -rf "$WORK"
     exit 143
 }
 

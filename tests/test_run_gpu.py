@@ -374,3 +374,36 @@ def test_dry_run_killed_tests_step_still_reports_what_finished(tmp_path):
         names = set(t.getnames())
     assert {"logs/tests.log", "logs/tests.shard0.jsonl", "logs/tests.shard1.jsonl",
             "logs/tests.shard0.log", "logs/tests.shard1.log"} <= names, names
+
+
+def test_dry_run_signalled_from_outside_packs_the_running_step(tmp_path):
+    """The device tool's own limit may signal the whole run: the running step is stopped,
+    recorded as killed with what it had logged, and the three files are written."""
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "test_device_hangs.py").write_text("import time\n\ndef test_device_hangs():\n    time.sleep(600)\n")
+    out, console = tmp_path / "out", tmp_path / "console.log"
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("RUN_GPU_TIMEOUT_", "FASTRES_GPU_"))}
+    e.update(FASTRES_GPU_DRY_RUN="1", PYTHON=sys.executable, PYTEST_ARGS=str(extra))
+    with open(console, "w") as f:
+        p = subprocess.Popen(["bash", SCRIPT, str(out), "quick", "tests", "plot"], cwd=ROOT, env=e, stdout=f,
+                             stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and "== tests (timeout" not in console.read_text():
+            time.sleep(0.2)
+        time.sleep(3)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=60) == 143, console.read_text()[-3000:]
+    finally:
+        p.kill()
+    assert sorted(os.listdir(out)) == OUT_FILES
+    text = (out / "summary.txt").read_text()
+    steps = _steps(text)
+    assert list(steps) == ["tests"] and steps["tests"][0] == "killed", text  # plot never ran
+    assert "signalled from outside" in text
+    with tarfile.open(out / "logs.tar.gz") as t:
+        names = set(t.getnames())
+        run_log = t.extractfile("logs/run.log").read().decode()
+    assert {"logs/tests.log", "logs/tests.shard0.log", "logs/tests.shard1.log"} <= names, names
+    assert "signalled from outside during step tests" in run_log, run_log[-2000:]
