@@ -12,7 +12,9 @@
 #   build      pip install --no-build-isolation --no-deps -e . for THIS GPU's arch only
 #              (TORCH_CUDA_ARCH_LIST from torch.cuda.get_device_capability, MAX_JOBS=nproc) (300 s)
 #   info       python -m fastres info (+ --json); fails when cuda or triton is unavailable (90 s)
-#   tests      pytest tests -m gpu (every test that runs CUDA/Triton kernels on the device) (210 s)
+#   tests      pytest tests -m gpu (every test that runs CUDA/Triton kernels on the device), in
+#              RUN_GPU_SHARDS=4 concurrent pytest processes (pytest-xdist -n where installed),
+#              cheap tests first, each outcome streamed to logs/tests.shardI.jsonl  (210 s)
 #   check      python -m fastres check (GPU default: fp32, bf16, fp16; ops, blocks, models) (150 s)
 #   bandwidth  pytest benchmarks/test_bench_kernels.py --benchmark-only, 10 rounds (GB/s) (120 s)
 #   bench      python -m fastres bench at the GPU defaults (resnet50, b256, 224px, bf16,
@@ -24,7 +26,7 @@
 # only after changing csrc/ — pip then rebuilds every unit, ~1 min).
 #
 # full PARTs (each starts with env, build, info and ends with plot):
-#   1 | tests       pytest tests -m 'not slow' (the whole suite; -n 8 with pytest-xdist)
+#   1 | tests       pytest tests -m 'not slow' (the whole suite, 8 shards)
 #   2 | slow        pytest tests -m slow
 #   3 | bandwidth   pytest benchmarks/test_bench_bn_act.py + test_bench_kernels.py (full rounds)
 #   4 | benchmarks  pytest benchmarks/test_bench_blocks.py + test_bench_models.py
@@ -49,14 +51,19 @@
 #   OUT/results.tar.gz   <device>/...  — what belongs under benchmarks/results/<device>/
 #                        (names carry device, dtype, batch and date); unpack with
 #                        tar xzf OUT/results.tar.gz -C benchmarks/results/
-#   OUT/logs.tar.gz      logs/<step>.log, logs/junit_<step>.xml, logs/env.txt,
-#                        logs/info_<device>_<date>.json, logs/run.log
+#   OUT/logs.tar.gz      logs/<step>.log, logs/env.txt, logs/info_<device>_<date>.json, logs/run.log;
+#                        test steps: logs/<step>.shardI.{log,jsonl} and logs/junit_<step>.shardI.xml
+#                        (.jsonl: tests/run_control.py's result log, complete up to a kill)
+# A step that hits its timeout gets SIGTERM (pytest then prints its summary and writes its
+# junit xml), SIGKILL 10 s later; what it wrote is packed all the same. A run signalled
+# from outside (TERM/INT/HUP) stops the running step, records it as killed and packs.
 #
 # Knobs: PYTHON (default: ./.venv/bin/python or python3, the first that has torch), FASTRES_GPU_BUDGET (seconds for
 # the whole run: quick 480, full 540, dry run 420), RUN_GPU_TIMEOUT_<STEP> (one step's
 # timeout, e.g. RUN_GPU_TIMEOUT_tests=300; '-' in a step name becomes '_'), MAX_JOBS,
 # TORCH_CUDA_ARCH_LIST (default: the present GPU's), PYTEST_ARGS (extra pytest args
-# for the tests steps), XDIST_WORKERS (full 1, default 8). Every step runs under `timeout`; the total budget clips each
+# for the tests steps), RUN_GPU_SHARDS (pytest processes of a tests step: tests 4, tests-all 8,
+# tests-slow 4; the dry run 2). Every step runs under `timeout`; the total budget clips each
 # step's timeout, and a step that gets no time left is recorded as skipped. Exit status:
 # 0 when every step exited 0.
 set -u
@@ -349,7 +356,9 @@ sys.exit(rc)' "$LOGS/info_${SLUG}_${DATE}.json" "$DRY"
 }
 
 do_tests() {  # do_tests STEP TIMEOUT PER_TEST_TIMEOUT SHARDS SELECTION...
-    local step="$1" tmo="$2" per="$3" n="${RUN_GPU_SHARDS:-$4}"; shift 4
+    local step="$1" tmo="$2" per="$3" n="$4"; shift 4
+    [ "$DRY" = 1 ] && n=2   # (2 cores: two shards prove the plumbing)
+    n="${RUN_GPU_SHARDS:-$n}"
     # FASTRES_TEST_TIMEOUT: a test running past PER_TEST_TIMEOUT dumps its stacks into the log
     export FASTRES_TEST_TIMEOUT="$per"
     if [ "$DRY" = 0 ] && "$PY" -c "import xdist" >/dev/null 2>&1; then
@@ -430,8 +439,9 @@ for step in $STEPS; do
     env)   do_env ;;
     build) do_build ;;
     info)  do_info ;;
-    # (shards: quick 4, the dry run 2; per-test watchdog 90 s in quick)
-    tests) do_tests tests 210 90 "$((DRY ? 2 : 4))" "${GPU_TESTS[@]}" ;;
+    # (do_tests STEP TIMEOUT PER-TEST-WATCHDOG SHARDS SELECTION: a test past its watchdog
+    #  time dumps its stacks into logs/STEP.shardI.log; pytest-timeout, if installed, fails it)
+    tests) do_tests tests 210 120 4 "${GPU_TESTS[@]}" ;;
     tests-all)  do_tests tests-all 480 300 8 "${ALL_TESTS[@]}" ;;
     tests-slow) do_tests tests-slow 480 400 4 "${SLOW_TESTS[@]}" ;;
     check) do_check ;;
