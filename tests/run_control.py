@@ -153,6 +153,14 @@ class ResultLog:
                    selected=getattr(cfg, "_fastres_selected", len(ids)),
                    digest=getattr(cfg, "_fastres_digest", selection_digest(ids)), n=len(ids), items=ids)
 
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_node_collection_finished(self, node, ids):
+        # under pytest-xdist the controller collects nothing: the first worker's ids instead
+        if not getattr(self, "_xdist_session", False):
+            self._xdist_session = True
+            self.write("session", pid=os.getpid(), shard="xdist", selected=len(ids),
+                       digest=selection_digest(list(ids)), n=len(ids), items=list(ids))
+
     def pytest_collectreport(self, report):
         if report.failed:
             self.write("collect", nodeid=report.nodeid, outcome="error", repr=short_repr(report))
