@@ -9,7 +9,11 @@ prints a few short lines (no line = nothing to report) read from what the step l
 * ``build``    — ninja's status lines in ``LOGDIR/build.log`` (``NINJA_STATUS`` carries
   the elapsed seconds, so each compiled file shows when it finished);
 * ``info``     — ``LOGDIR/info_*.json`` (``fastres.backend_info()``);
-* ``tests*``   — ``LOGDIR/junit_<step>.xml``: passed / failed / errors / skipped;
+* ``tests*``   — the streaming result logs ``LOGDIR/<step>[.shardI].jsonl`` (tests/run_control.py:
+  a JSON line per outcome, there also when the step was killed): counts, each shard's
+  state (finished / interrupted / killed while running which test), what never ran, the
+  slowest tests, every failure with its short repr, skip reasons; without them
+  ``LOGDIR/junit_<step>[.shardI].xml``: passed / failed / errors / skipped;
 * ``check``    — ``RESDIR/check_*.json``: PASS / FAIL / ERROR / SKIP and the worst error;
 * ``bench*``   — ``RESDIR/bench_*.json``: img/s per contender and mode, speed-up vs eager;
 * ``bandwidth`` / ``benchmarks*`` — ``RESDIR/benchmarks_*.json`` (pytest-benchmark):
@@ -114,31 +118,164 @@ def info_figures(logdir: str, since: Optional[float]) -> List[str]:
     return ["; ".join(out)]
 
 
+def _shard_key(path: str):
+    m = re.search(r"\.shard(\d+)\.", os.path.basename(path))
+    return int(m.group(1)) if m else -1
+
+
+def _step_files(logdir: str, step: str, prefix: str, ext: str) -> List[str]:
+    """LOGDIR/<prefix><step>.<ext> and the shards' <prefix><step>.shardI.<ext>, in shard order."""
+    paths = glob.glob(os.path.join(logdir, f"{prefix}{step}.{ext}"))
+    paths += glob.glob(os.path.join(logdir, f"{prefix}{step}.shard*.{ext}"))
+    return sorted(paths, key=_shard_key)
+
+
 def junit_figures(logdir: str, step: str) -> List[str]:
-    path = os.path.join(logdir, f"junit_{step}.xml")
-    if not os.path.isfile(path):
+    paths = _step_files(logdir, step, "junit_", "xml")
+    if not paths:
         return ["no junit xml (pytest did not finish?)"]
-    try:
-        root = ET.parse(path).getroot()
-    except ET.ParseError as e:
-        return [f"unreadable junit xml: {e}"]
-    suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
     tot = dict(tests=0, failures=0, errors=0, skipped=0)
     t = 0.0
-    for s in suites:
-        for k in tot:
-            tot[k] += int(s.get(k, 0) or 0)
-        t += float(s.get("time", 0) or 0)
+    bad = []
+    for path in paths:
+        try:
+            root = ET.parse(path).getroot()
+        except ET.ParseError as e:
+            return [f"unreadable junit xml {os.path.basename(path)}: {e}"]
+        suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+        for s in suites:
+            for k in tot:
+                tot[k] += int(s.get(k, 0) or 0)
+            t = max(t, float(s.get("time", 0) or 0))
+        for case in root.iter("testcase"):
+            if case.find("failure") is not None or case.find("error") is not None:
+                bad.append(f"{case.get('classname', '')}::{case.get('name', '')}")
     passed = tot["tests"] - tot["failures"] - tot["errors"] - tot["skipped"]
     lines = [f"passed {passed}, failed {tot['failures']}, errors {tot['errors']}, skipped {tot['skipped']} "
              f"(of {tot['tests']}; pytest {t:.0f} s)"]
-    bad = []
-    for case in root.iter("testcase"):
-        if case.find("failure") is not None or case.find("error") is not None:
-            bad.append(f"{case.get('classname', '')}::{case.get('name', '')}")
     if bad:
         lines.append("first failures: " + ", ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""))
     return lines
+
+
+def _read_jsonl(path: str) -> List[dict]:
+    out = []
+    with open(path, errors="replace") as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except ValueError:  # the last line of a process killed mid-write
+                continue
+    return out
+
+
+def _first_line(text: str) -> str:
+    return next((ln.strip() for ln in (text or "").splitlines() if ln.strip()), "")
+
+
+MAX_LISTED_FAILURES = 80
+
+
+def results_figures(logdir: str, step: str) -> Optional[List[str]]:
+    """The streaming result logs of a test step (None when there are none)."""
+    paths = _step_files(logdir, step, "", "jsonl")
+    if not paths:
+        return None
+    outcome: Dict[str, str] = OrderedDict()   # node id -> passed|failed|error|skipped|xfailed|xpassed
+    dur: Dict[str, float] = {}
+    reprs: Dict[str, str] = {}
+    reasons: Dict[str, int] = {}
+    selected, digests, shard_lines, not_run, other = 0, set(), [], [], []
+    for path in paths:
+        ev = _read_jsonl(path)
+        sess = next((e for e in ev if e.get("ev") == "session"), None)
+        started, done = [], set()
+        for e in ev:
+            kind, nid = e.get("ev"), e.get("nodeid", "")
+            if kind == "start":
+                started.append(nid)
+            elif kind == "report":
+                done.add(nid)
+                dur[nid] = dur.get(nid, 0.0) + float(e.get("duration") or 0)
+                o, phase = e.get("outcome"), e.get("phase")
+                if o == "failed":
+                    o = "failed" if phase == "call" else "error"
+                    reprs.setdefault(nid, f"{'' if phase == 'call' else phase + ': '}{e.get('repr', '')}")
+                elif o == "skipped":
+                    r = e.get("reason") or "?"
+                    reasons[r] = reasons.get(r, 0) + 1
+                prev = outcome.get(nid)  # (a failed teardown after a passed call: error)
+                outcome[nid] = o if prev is None or (o == "error" and prev != "failed") else prev
+            elif kind == "collect":
+                other.append(f"collection error: {nid}: {_first_line(e.get('repr', ''))[:200]}")
+                outcome[nid or path] = "error"
+                reprs[nid or path] = "collection: " + e.get("repr", "")
+            elif kind == "watchdog":
+                other.append(f"watchdog: {nid} ran past {e.get('seconds')} s (its stacks are in the shard's log)")
+        name = os.path.basename(path)
+        label = f"shard {sess.get('shard')}" if sess and sess.get("shard") else name
+        if sess is None:
+            shard_lines.append(f"{label}: no session line (killed before its tests were collected?)")
+            continue
+        items = sess.get("items") or []
+        selected += len(items)
+        digests.add(sess.get("digest"))
+        missing = [i for i in items if i not in done]
+        not_run += missing
+        running = [s for s in started if s not in done]
+        fin = next((e for e in ev if e.get("ev") == "finish"), None)
+        intr = next((e for e in ev if e.get("ev") == "interrupted"), None)
+        state = ("interrupted (SIGTERM: the step's timeout, or Ctrl-C)" if intr else
+                 f"finished, exit {fin.get('exitstatus')}" if fin else "killed (no finish line)")
+        last_t = max((float(e.get("t") or 0) for e in ev), default=0.0)
+        since = next((float(e.get("t") or 0) for e in reversed(ev)
+                      if e.get("ev") == "start" and running and e.get("nodeid") == running[-1]), last_t)
+        shard_lines.append(f"{label}: {len(done)} of {len(items)} run, {state}, last event at {last_t:.0f} s"
+                           + (f"; was running {running[-1]} (for {last_t - since:.0f}+ s)" if running else ""))
+    counts: Dict[str, int] = {}
+    for o in outcome.values():
+        counts[o] = counts.get(o, 0) + 1
+    c = lambda k: counts.get(k, 0)  # noqa: E731
+    head = (f"passed {c('passed')}, failed {c('failed')}, errors {c('error')}, skipped {c('skipped')}"
+            + "".join(f", {k} {c(k)}" for k in ("xfailed", "xpassed") if c(k))
+            + f" ({sum(counts.values())} run of {selected} selected; {len(paths)} result log(s))")
+    lines = [head] + ["  " + s for s in shard_lines]
+    if len(digests) > 1:
+        lines.append("WARNING: the shards collected different selections (digests "
+                     + ", ".join(sorted(str(d) for d in digests)) + "): the union may miss or repeat tests")
+    if not_run:
+        lines.append(f"not run ({len(not_run)}, the step ended first): " + ", ".join(not_run[:8])
+                     + (f" (+{len(not_run) - 8} more)" if len(not_run) > 8 else ""))
+    lines += other
+    if dur:
+        slow = sorted(dur.items(), key=lambda kv: -kv[1])[:8]
+        lines.append("slowest (setup + call + teardown):")
+        lines += [f"  {t:6.1f}s {n}" for n, t in slow]
+    bad = [n for n, o in outcome.items() if o in ("failed", "error")]
+    if bad:
+        by_msg: Dict[str, int] = OrderedDict()
+        for n in bad:
+            m = _first_line(reprs.get(n, ""))[:150]
+            by_msg[m] = by_msg.get(m, 0) + 1
+        if len(bad) > 3 and len(by_msg) < len(bad):
+            lines.append("failures by message: " + " | ".join(
+                f"{k}x {m}" for m, k in sorted(by_msg.items(), key=lambda kv: -kv[1])[:6]))
+        lines.append(f"failures ({len(bad)}; the full reprs are in logs/{step}*.jsonl):")
+        for n in bad[:MAX_LISTED_FAILURES]:
+            r = reprs.get(n, "")
+            at = re.search(r"^\s*at (\S+)$", r, re.M)
+            lines.append(f"  {outcome[n].upper()} {n}: {_first_line(r)[:220]}" + (f" (at {at.group(1)})" if at else ""))
+        if len(bad) > MAX_LISTED_FAILURES:
+            lines.append(f"  (+{len(bad) - MAX_LISTED_FAILURES} more)")
+    if reasons:
+        lines.append("skip reasons: " + " | ".join(f"{k}x {r[:100]}" for r, k in
+                                                   sorted(reasons.items(), key=lambda kv: -kv[1])[:5]))
+    return lines
+
+
+def tests_figures(logdir: str, step: str) -> List[str]:
+    lines = results_figures(logdir, step)
+    return junit_figures(logdir, step) if lines is None else lines
 
 
 def check_figures(resdir: str, since: Optional[float]) -> List[str]:
@@ -222,7 +359,7 @@ def figures(step: str, logdir: str, resdir: str, since: Optional[float] = None) 
     if step == "info":
         return info_figures(logdir, since)
     if step.startswith("tests"):
-        return junit_figures(logdir, step)
+        return tests_figures(logdir, step)
     if step == "check":
         return check_figures(resdir, since)
     if step.startswith("bench-") or step == "bench":

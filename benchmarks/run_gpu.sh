@@ -12,7 +12,9 @@
 #   build      pip install --no-build-isolation --no-deps -e . for THIS GPU's arch only
 #              (TORCH_CUDA_ARCH_LIST from torch.cuda.get_device_capability, MAX_JOBS=nproc) (300 s)
 #   info       python -m fastres info (+ --json); fails when cuda or triton is unavailable (90 s)
-#   tests      pytest tests -m gpu (every test that runs CUDA/Triton kernels on the device) (210 s)
+#   tests      pytest tests -m gpu (every test that runs CUDA/Triton kernels on the device), in
+#              RUN_GPU_SHARDS=4 concurrent pytest processes (pytest-xdist -n where installed),
+#              cheap tests first, each outcome streamed to logs/tests.shardI.jsonl  (210 s)
 #   check      python -m fastres check (GPU default: fp32, bf16, fp16; ops, blocks, models) (150 s)
 #   bandwidth  pytest benchmarks/test_bench_kernels.py --benchmark-only, 10 rounds (GB/s) (120 s)
 #   bench      python -m fastres bench at the GPU defaults (resnet50, b256, 224px, bf16,
@@ -24,7 +26,7 @@
 # only after changing csrc/ — pip then rebuilds every unit, ~1 min).
 #
 # full PARTs (each starts with env, build, info and ends with plot):
-#   1 | tests       pytest tests -m 'not slow' (the whole suite; -n 8 with pytest-xdist)
+#   1 | tests       pytest tests -m 'not slow' (the whole suite, 8 shards)
 #   2 | slow        pytest tests -m slow
 #   3 | bandwidth   pytest benchmarks/test_bench_bn_act.py + test_bench_kernels.py (full rounds)
 #   4 | benchmarks  pytest benchmarks/test_bench_blocks.py + test_bench_models.py
@@ -49,14 +51,19 @@
 #   OUT/results.tar.gz   <device>/...  — what belongs under benchmarks/results/<device>/
 #                        (names carry device, dtype, batch and date); unpack with
 #                        tar xzf OUT/results.tar.gz -C benchmarks/results/
-#   OUT/logs.tar.gz      logs/<step>.log, logs/junit_<step>.xml, logs/env.txt,
-#                        logs/info_<device>_<date>.json, logs/run.log
+#   OUT/logs.tar.gz      logs/<step>.log, logs/env.txt, logs/info_<device>_<date>.json, logs/run.log;
+#                        test steps: logs/<step>.shardI.{log,jsonl} and logs/junit_<step>.shardI.xml
+#                        (.jsonl: tests/run_control.py's result log, complete up to a kill)
+# A step that hits its timeout gets SIGTERM (pytest then prints its summary and writes its
+# junit xml), SIGKILL 10 s later; what it wrote is packed all the same. A run signalled
+# from outside (TERM/INT/HUP) stops the running step, records it as killed and packs.
 #
 # Knobs: PYTHON (default: ./.venv/bin/python or python3, the first that has torch), FASTRES_GPU_BUDGET (seconds for
 # the whole run: quick 480, full 540, dry run 420), RUN_GPU_TIMEOUT_<STEP> (one step's
 # timeout, e.g. RUN_GPU_TIMEOUT_tests=300; '-' in a step name becomes '_'), MAX_JOBS,
 # TORCH_CUDA_ARCH_LIST (default: the present GPU's), PYTEST_ARGS (extra pytest args
-# for the tests steps), XDIST_WORKERS (full 1, default 8). Every step runs under `timeout`; the total budget clips each
+# for the tests steps), RUN_GPU_SHARDS (pytest processes of a tests step: tests 4, tests-all 8,
+# tests-slow 4; the dry run 2). Every step runs under `timeout`; the total budget clips each
 # step's timeout, and a step that gets no time left is recorded as skipped. Exit status:
 # 0 when every step exited 0.
 set -u
@@ -176,6 +183,27 @@ pack() {  # (re)write OUT/summary.txt, OUT/results.tar.gz, OUT/logs.tar.gz
     done
 }
 
+STEP_PID=
+on_kill() {  # the run itself got SIGTERM/SIGINT/SIGHUP (e.g. the device tool's own time limit):
+             # stop the running step (timeout passes the TERM on: pytest writes its summary),
+             # record it and pack what there is
+    exec >>"$LOGS/run.log" 2>&1 </dev/null   # (tee may be gone with the same signal)
+    trap - TERM INT HUP
+    log "run_gpu: signalled from outside${STEP_PID:+ during step $STEP_NAME}; packing"
+    if [ -n "$STEP_PID" ]; then
+        kill -TERM "$STEP_PID" 2>/dev/null
+        local i
+        for i in 1 2 3 4 5 6; do kill -0 "$STEP_PID" 2>/dev/null || break; sleep 1; done
+        record "$STEP_NAME" killed "$(( $(date +%s) - STEP_START ))" "the whole run was signalled from outside"
+        "$PY" "$ROOT/benchmarks/gpu_summary.py" "$STEP_NAME" "$LOGS" "$RES" --since "$STEP_MARK" 2>&1 \
+            | sed 's/^/    /' >>"$SUMMARY"
+    fi
+    FAILED=1
+    pack
+    rm -rf "$WORK"
+    exit 143
+}
+
 record() {  # record NAME RC SECONDS [NOTE]
     local note="${4:-}"
     [ "$2" = 124 ] || [ "$2" = 137 ] && note="TIMEOUT${note:+ $note}"
@@ -198,8 +226,12 @@ run_step() {  # run_step NAME TIMEOUT CMD...  — log to LOGS/NAME.log, record r
     start=$(date +%s)
     local shown="$*"; shown="${shown//$'\n'/ }"
     log "== $name (timeout ${tmo}s): ${shown:0:240}"
-    timeout --kill-after=10 "$tmo" "$@" >"$LOGS/$name.log" 2>&1 </dev/null
+    # (in the background + wait: a signal to the run itself reaches on_kill at once)
+    timeout --kill-after=10 "$tmo" "$@" >"$LOGS/$name.log" 2>&1 </dev/null &
+    STEP_PID=$! STEP_NAME=$name STEP_START=$start STEP_MARK=$mark
+    wait "$STEP_PID"
     rc=$?
+    STEP_PID=
     local secs=$(( $(date +%s) - start ))
     tail -n 15 "$LOGS/$name.log"
     log "== $name: exit $rc after ${secs}s"
@@ -211,11 +243,39 @@ run_step() {  # run_step NAME TIMEOUT CMD...  — log to LOGS/NAME.log, record r
 }
 
 # ------------------------------------------------------------------ the steps
-pytest_common() {  # junit xml for STEP + per-test timeout where pytest-timeout exists
-    local step="$1" per_test="$2"
-    echo "-q -ra -p no:cacheprovider --durations=15 --junitxml=$LOGS/junit_$step.xml"
+pytest_common() {  # pytest options of every test step (each shard adds its own junit xml)
+    local per_test="$1"
+    echo "-q -ra -p no:cacheprovider --durations=15"
     if "$PY" -c "import pytest_timeout" >/dev/null 2>&1; then echo "--timeout=$per_test"; fi
 }
+
+# One pytest per shard, all at once (Triton's JIT is CPU-bound: 16 cores, one GPU), each
+# with FASTRES_SHARD=I/N (tests/run_control.py: cost order, round-robin deal), its own
+# streaming result log (FASTRES_RESULT_LOG, a JSON line per outcome, flushed), junit xml
+# and console log, all sharing the Triton cache. Exit status: the first failing shard's
+# (an empty shard's 5, "no tests", counts only when every shard is empty).
+run_shards() {  # run_shards STEP N LOGDIR PY PYTEST-ARGS...
+    local step="$1" n="$2" logs="$3" py="$4"; shift 4
+    local i r rc=0 empty=0 pids=()
+    trap 'echo "run_gpu: SIGTERM: waiting for the shards to stop (they print their summaries)"' TERM
+    for ((i = 0; i < n; i++)); do
+        FASTRES_SHARD="$i/$n" FASTRES_RESULT_LOG="$logs/$step.shard$i.jsonl" \
+            "$py" -m pytest "$@" --junitxml="$logs/junit_$step.shard$i.xml" \
+            >"$logs/$step.shard$i.log" 2>&1 </dev/null &
+        pids+=($!)
+    done
+    for ((i = 0; i < n; i++)); do
+        while :; do  # (a trapped signal interrupts wait: wait again until the shard is gone)
+            wait "${pids[$i]}"; r=$?
+            kill -0 "${pids[$i]}" 2>/dev/null || break
+        done
+        echo "shard $i/$n: pytest exit $r: $(grep -v '^\s*$' "$logs/$step.shard$i.log" | tail -n 1)"
+        if [ "$r" = 5 ]; then empty=$((empty + 1)); elif [ "$r" != 0 ] && [ "$rc" = 0 ]; then rc=$r; fi
+    done
+    [ "$rc" = 0 ] && [ "$empty" = "$n" ] && rc=5
+    return $rc
+}
+export -f run_shards
 
 env_report() {  # env_report PY — versions and machine, `key: value` lines (gpu_summary.py reads them)
     local PY="$1"
@@ -295,10 +355,23 @@ print("run_gpu: required backends available:", need)
 sys.exit(rc)' "$LOGS/info_${SLUG}_${DATE}.json" "$DRY"
 }
 
-do_tests() {  # do_tests STEP TIMEOUT PER_TEST_TIMEOUT SELECTION...
-    local step="$1" tmo="$2" per="$3"; shift 3
-    # shellcheck disable=SC2046
-    run_step "$step" "$tmo" "$PY" -m pytest "$@" $(pytest_common "$step" "$per") ${PYTEST_ARGS:-}
+do_tests() {  # do_tests STEP TIMEOUT PER_TEST_TIMEOUT SHARDS SELECTION...
+    local step="$1" tmo="$2" per="$3" n="$4"; shift 4
+    [ "$DRY" = 1 ] && n=2   # (2 cores: two shards prove the plumbing)
+    n="${RUN_GPU_SHARDS:-$n}"
+    # FASTRES_TEST_TIMEOUT: a test running past PER_TEST_TIMEOUT dumps its stacks into the log
+    export FASTRES_TEST_TIMEOUT="$per"
+    if [ "$DRY" = 0 ] && "$PY" -c "import xdist" >/dev/null 2>&1; then
+        # pytest-xdist where installed: one run, -n N workers; the controller logs every outcome
+        # shellcheck disable=SC2046
+        run_step "$step" "$tmo" env FASTRES_SHARD=0/1 FASTRES_RESULT_LOG="$LOGS/$step.jsonl" \
+            "$PY" -m pytest "$@" -n "$n" $(pytest_common "$per") --junitxml="$LOGS/junit_$step.xml" ${PYTEST_ARGS:-}
+    else
+        # shellcheck disable=SC2046
+        run_step "$step" "$tmo" bash -c 'run_shards "$@"' _ "$step" "$n" "$LOGS" "$PY" \
+            "$@" $(pytest_common "$per") ${PYTEST_ARGS:-}
+    fi
+    unset FASTRES_TEST_TIMEOUT
 }
 
 do_check() {
@@ -348,18 +421,17 @@ K_KERNELS="NHWC and bn_act_train and not backward"
 # (--infer-compile reduce-overhead: max-autotune's autotuning would not fit the 240 s; full 5, 9, 10 run it)
 QUICK_BENCH=(--iters 5 --repeats 3 --warmup 3 --compile-modes infer --infer-compile reduce-overhead --tag quick)
 RO=(--infer-compile reduce-overhead)
-XDIST=()
-if [ "$DRY" = 0 ] && "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST=(-n "${XDIST_WORKERS:-8}"); fi
 if [ "$DRY" = 1 ]; then
     # a tiny real selection: exercises pytest, the junit xml and the counts on the CPU
     GPU_TESTS=(tests/test_validation.py -k "dtype or device")
     ALL_TESTS=("${GPU_TESTS[@]}"); SLOW_TESTS=("${GPU_TESTS[@]}")
 else
     GPU_TESTS=(tests -m gpu)
-    ALL_TESTS=(tests -m "not slow" "${XDIST[@]}")
+    ALL_TESTS=(tests -m "not slow")
     SLOW_TESTS=(tests -m slow)
 fi
 
+trap on_kill TERM INT HUP
 log "profile $PROFILE ${PART:-}; steps: $STEPS; budget ${BUDGET}s; dry run $DRY; python $PY; device $SLUG; work $WORK"
 pack
 for step in $STEPS; do
@@ -367,9 +439,11 @@ for step in $STEPS; do
     env)   do_env ;;
     build) do_build ;;
     info)  do_info ;;
-    tests) do_tests tests 210 120 "${GPU_TESTS[@]}" ;;
-    tests-all)  do_tests tests-all 480 300 "${ALL_TESTS[@]}" ;;
-    tests-slow) do_tests tests-slow 480 400 "${SLOW_TESTS[@]}" ;;
+    # (do_tests STEP TIMEOUT PER-TEST-WATCHDOG SHARDS SELECTION: a test past its watchdog
+    #  time dumps its stacks into logs/STEP.shardI.log; pytest-timeout, if installed, fails it)
+    tests) do_tests tests 210 120 4 "${GPU_TESTS[@]}" ;;
+    tests-all)  do_tests tests-all 480 300 8 "${ALL_TESTS[@]}" ;;
+    tests-slow) do_tests tests-slow 480 400 4 "${SLOW_TESTS[@]}" ;;
     check) do_check ;;
     # (the dry run's tiny selection of each file follows the rounds)
     bandwidth)         do_benchmark bandwidth 120 10 "$K_KERNELS" benchmarks/test_bench_kernels.py ;;

@@ -12,6 +12,10 @@ selects exactly the cases that run CUDA / Triton kernels on the device; it is wh
 benchmarks/run_gpu.sh runs) and skips with the one reason ``NO_CUDA`` where no CUDA
 device is present. On a machine with one, a missing ``cuda`` or ``triton`` backend
 FAILS (a GPU run must never pass by skipping its kernels).
+
+benchmarks/run_gpu.sh's test steps: FASTRES_RESULT_LOG (a JSON line per test outcome, as
+it happens), FASTRES_SHARD=I/N (this process's shard, cheap tests first) and
+FASTRES_TEST_TIMEOUT (a watchdog that dumps a slow test's stacks): tests/run_control.py.
 """
 import contextlib
 import os
@@ -25,6 +29,8 @@ import pytest  # noqa: E402
 
 import fastres  # noqa: E402
 from fastres import backends  # noqa: E402
+
+import run_control  # noqa: E402  (tests/ is on sys.path, as for parity.py)
 
 HAS_CUDA = torch.cuda.is_available()
 _JIT = {"n": 0, "s": 0.0}
@@ -90,6 +96,10 @@ def targets(cpu=None, gpu=GPU_BACKENDS):
     cpu = backend_params("cpu") if cpu is None else list(cpu)
     return ([pytest.param(b, "cpu", id=b) for b in cpu]
             + [gpu_param(b, "cuda", id=f"gpu-{b}") for b in gpu])
+
+
+def pytest_configure(config):
+    run_control.configure(config)  # off unless FASTRES_RESULT_LOG / _SHARD / _TEST_TIMEOUT is set
 
 
 def pytest_collection_modifyitems(config, items):

@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 
@@ -24,6 +26,7 @@ OUT_FILES = ["logs.tar.gz", "results.tar.gz", "summary.txt"]
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import gpu_summary  # noqa: E402
+import run_control  # noqa: E402  (tests/run_control.py: result log, shards, watchdog)
 
 
 def _run(out, *args, env=None, timeout=600):
@@ -88,8 +91,12 @@ def test_dry_run_quick_profile_layout(tmp_path):
         info = json.load(t.extractfile(info_name))
     for step in QUICK_STEPS:
         assert f"logs/{step}.log" in logs, (step, sorted(logs))
-    for extra in ("logs/env.txt", "logs/junit_tests.xml", "logs/run.log"):
+    for extra in ("logs/env.txt", "logs/run.log"):
         assert extra in logs, (extra, sorted(logs))
+    for shard in (0, 1):  # the dry run's tests step: 2 shards, each with its log, result log, junit xml
+        for f in (f"logs/tests.shard{shard}.log", f"logs/tests.shard{shard}.jsonl", f"logs/junit_tests.shard{shard}.xml"):
+            assert f in logs, (f, sorted(logs))
+    assert re.search(r"shard 0/2: \d+ of \d+ run, finished, exit 0", figs["tests"]), figs["tests"]
     assert info["devices"]["cpu"]["available"]["cpp"] is True
 
 
@@ -188,3 +195,215 @@ def test_summary_bench_and_bandwidth_figures(tmp_path):
     (tmp_path / "benchmarks_h200_bf16_b256_bandwidth_2026-12-01.json").write_text(json.dumps(bm))
     lines = gpu_summary.figures("bandwidth", str(tmp_path), str(tmp_path))
     assert lines[1].strip() == "bn_act_train 256x256x56x56 NHWC bf16 [GB/s]: aten reference 1500 | fastres[triton] 3210"
+
+
+# ----------------------------------------------------------------------------- tests/run_control.py
+# A test file of its own, run by a pytest subprocess with only run_control as plugin (no
+# torch, no fastres: fast). Its tests cover every outcome the result log records.
+DEMO = """
+import json, os, time, pytest
+
+def test_a_passes():
+    pass
+
+def test_b_fails():
+    assert 1 + 1 == 3, "arithmetic is broken"
+
+def test_c_skips():
+    pytest.skip("no CUDA device")
+
+@pytest.fixture
+def broken():
+    raise RuntimeError("setup broke")
+
+def test_d_errors(broken):
+    pass
+
+@pytest.mark.parametrize("k", range(6))
+def test_e_resnet50_model(k):
+    pass
+
+def test_f_waits():
+    # WAIT=watchdog: until the watchdog has fired; WAIT=forever: until killed
+    what, log = os.environ.get("WAIT", ""), os.environ.get("FASTRES_RESULT_LOG", "")
+    deadline = time.time() + (60 if what == "watchdog" else 600 if what == "forever" else 0)
+    while time.time() < deadline:
+        if what == "watchdog" and '"ev": "watchdog"' in open(log).read():
+            return
+        time.sleep(0.05)
+    assert what != "watchdog", "the watchdog did not fire within 60 s"
+"""
+
+
+def _demo_pytest(tmp_path, *args, env=None, wait=True):
+    (tmp_path / "test_demo.py").write_text(DEMO)
+    e = {k: v for k, v in os.environ.items() if not k.startswith("FASTRES_")}
+    e.update(PYTHONPATH=os.path.join(ROOT, "tests"), **(env or {}))
+    cmd = [sys.executable, "-m", "pytest", "-p", "run_control", "-p", "no:cacheprovider", "-q", "test_demo.py", *args]
+    p = subprocess.Popen(cmd, cwd=tmp_path, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if wait:
+        out, _ = p.communicate(timeout=120)
+        return p.returncode, out
+    return p
+
+
+def _collected(out: str):
+    return [ln.strip() for ln in out.splitlines() if ln.startswith("test_demo.py::")]
+
+
+def test_shards_are_disjoint_cover_the_selection_and_run_models_last(tmp_path):
+    rc, out = _demo_pytest(tmp_path, "--collect-only")
+    assert rc == 0, out
+    full = _collected(out)
+    assert len(full) == 11, out
+    shards = []
+    for i in range(3):
+        rc, out = _demo_pytest(tmp_path, "--collect-only", env={"FASTRES_SHARD": f"{i}/3"})
+        assert rc == 0, out
+        shards.append(_collected(out))
+    flat = [n for s in shards for n in s]
+    assert sorted(flat) == sorted(full) and len(set(flat)) == len(flat), shards
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1, shards
+    for s in shards:  # cost order: the whole-model cases come after every op-level one in each shard
+        tiers = [run_control.cost_tier(n) for n in s]
+        assert tiers == sorted(tiers) and tiers[-1] == 2, s
+        assert sum("resnet50" in n for n in s) == 2, s  # and they are dealt evenly
+    # -k/-m first, then the shards: the shards of a selection cover exactly that selection
+    sel = []
+    for i in range(2):
+        rc, out = _demo_pytest(tmp_path, "--collect-only", "-k", "resnet50", env={"FASTRES_SHARD": f"{i}/2"})
+        sel += _collected(out)
+    assert sorted(sel) == sorted(n for n in full if "resnet50" in n)
+    rc, out = _demo_pytest(tmp_path, "--collect-only", env={"FASTRES_SHARD": "3/3"})
+    assert rc != 0 and "FASTRES_SHARD must be I/N" in out, out
+
+
+def test_cost_tier_orders_ops_blocks_models():
+    assert run_control.cost_tier("tests/test_edge_cases.py::test_nan[gpu-cuda]") == 0
+    assert run_control.cost_tier("tests/test_cudnn_conv.py::test_bottleneck_with_cudnn[bf16]") == 1
+    assert run_control.cost_tier("tests/test_cudnn_conv.py::test_resnet50_with_cudnn_vs_torchvision[train]") == 2
+    assert run_control.cost_tier("tests/test_models.py::test_small_resnet_each_backend[gpu-cuda]") == 2
+
+
+@pytest.mark.parametrize("sig", ["TERM", "KILL"])
+def test_result_log_survives_a_killed_run(tmp_path, sig):
+    """The step's timeout sends TERM (pytest stops, prints its summary, writes its junit
+    xml), then KILL: either way the outcomes logged so far reach the summary, and the
+    test that was running is named."""
+    log = tmp_path / "tests.shard0.jsonl"
+    p = _demo_pytest(tmp_path, f"--junitxml={tmp_path / 'junit_tests.shard0.xml'}", wait=False,
+                     env={"FASTRES_SHARD": "0/1", "FASTRES_RESULT_LOG": str(log), "WAIT": "forever"})
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (log.exists() and "test_f_waits" in log.read_text()):
+            time.sleep(0.1)
+        assert "test_f_waits" in log.read_text()
+        p.send_signal(getattr(signal, f"SIG{sig}"))
+        out, _ = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    lines = gpu_summary.figures("tests", str(tmp_path), str(tmp_path))
+    text = "\n".join(lines)
+    # (cost order: the six resnet50 cases come after test_f_waits, so they never ran)
+    assert lines[0].startswith("passed 1, failed 1, errors 1, skipped 1 (4 run of 11 selected"), text
+    state = "interrupted" if sig == "TERM" else "killed (no finish line)"
+    assert re.search(rf"shard 0/1: 4 of 11 run, {re.escape(state)}.*was running test_demo.py::test_f_waits", text), text
+    assert "FAILED test_demo.py::test_b_fails: AssertionError: arithmetic is broken" in text, text
+    assert "ERROR test_demo.py::test_d_errors: setup: RuntimeError: setup broke" in text, text
+    assert "1x no CUDA device" in text and "not run (7" in text, text
+    if sig == "TERM":  # the stacks at the signal, pytest's own summary and the junit xml
+        assert "test_f_waits" in out and "KeyboardInterrupt" in out, out[-3000:]
+        assert (tmp_path / "junit_tests.shard0.xml").exists()
+
+
+def test_watchdog_dumps_a_slow_tests_stacks_and_lets_it_run(tmp_path):
+    log = tmp_path / "r.jsonl"
+    rc, out = _demo_pytest(tmp_path, "-k", "waits", "-s",
+                           env={"FASTRES_TEST_TIMEOUT": "0.5", "FASTRES_RESULT_LOG": str(log), "WAIT": "watchdog"})
+    assert rc == 0, out  # the test went on and passed
+    assert "[watchdog] test_demo.py::test_f_waits has run 0.5 s" in out, out
+    assert re.search(r'File ".*test_demo\.py", line \d+ in test_f_waits', out), out
+    ev = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [e["nodeid"] for e in ev if e["ev"] == "watchdog"] == ["test_demo.py::test_f_waits"]
+
+
+def test_summary_of_result_logs_warns_and_tolerates_a_torn_line(tmp_path):
+    def write(i, digest, *extra):
+        rows = [dict(ev="session", shard=f"{i}/2", digest=digest, items=[f"t.py::a{i}", f"t.py::b{i}"]),
+                dict(ev="start", nodeid=f"t.py::a{i}"),
+                dict(ev="report", nodeid=f"t.py::a{i}", phase="call", outcome="passed", duration=1.5), *extra]
+        (tmp_path / f"tests-all.shard{i}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows) + '{"ev": "report", "nodeid": "t.py::b')  # torn by a kill
+    write(0, "aaa", dict(ev="collect", nodeid="t.py", outcome="error", repr="ImportError: no triton\nmore"))
+    write(1, "bbb")
+    text = "\n".join(gpu_summary.figures("tests-all", str(tmp_path), str(tmp_path)))
+    assert text.startswith("passed 2, failed 0, errors 1, skipped 0 (3 run of 4 selected; 2 result log(s))"), text
+    assert "WARNING: the shards collected different selections" in text
+    assert "collection error: t.py: ImportError: no triton" in text
+    assert "not run (2, the step ended first): t.py::b0, t.py::b1" in text
+    assert gpu_summary.figures("tests", str(tmp_path), str(tmp_path)) == ["no junit xml (pytest did not finish?)"]
+
+
+@pytest.mark.slow
+def test_dry_run_killed_tests_step_still_reports_what_finished(tmp_path):
+    """A test that sleeps past the tests step's timeout: the step is recorded as TIMEOUT,
+    and summary.txt still lists the outcomes of the tests that finished and names the one
+    that was running; the shards' logs come back in logs.tar.gz."""
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    # (the dry run selects -k "dtype or device": the names say "device")
+    (extra / "test_device_killed.py").write_text(
+        "import time\n\ndef test_device_ok():\n    pass\n\n\ndef test_device_sleeps():\n    time.sleep(600)\n")
+    for tmo in (40, 150):  # a loaded machine may not reach the sleeper in 40 s: once more with more time
+        out = tmp_path / f"out{tmo}"
+        r = _run(out, "quick", "tests", env={"RUN_GPU_TIMEOUT_tests": str(tmo), "PYTEST_ARGS": str(extra)},
+                 timeout=tmo + 120)
+        text = (out / "summary.txt").read_text()
+        if "was running" in text:
+            break
+    assert r.returncode != 0
+    assert sorted(os.listdir(out)) == OUT_FILES
+    rc, figs = _steps(text)["tests"]
+    assert rc == "124" and "TIMEOUT" in text, text
+    figs = "\n".join(figs)
+    assert re.search(r"was running \S*test_device_killed\.py::test_device_sleeps", figs), figs
+    m = re.search(r"passed (\d+), failed 0, errors 0, skipped (\d+) \((\d+) run of (\d+) selected", figs)
+    assert m and int(m.group(1)) > 0 and int(m.group(3)) == int(m.group(1)) + int(m.group(2)), figs
+    assert int(m.group(4)) > int(m.group(3)), figs  # the sleeper (and whatever came after it) never finished
+    with tarfile.open(out / "logs.tar.gz") as t:
+        names = set(t.getnames())
+    assert {"logs/tests.log", "logs/tests.shard0.jsonl", "logs/tests.shard1.jsonl",
+            "logs/tests.shard0.log", "logs/tests.shard1.log"} <= names, names
+
+
+def test_dry_run_signalled_from_outside_packs_the_running_step(tmp_path):
+    """The device tool's own limit may signal the whole run: the running step is stopped,
+    recorded as killed with what it had logged, and the three files are written."""
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "test_device_hangs.py").write_text("import time\n\ndef test_device_hangs():\n    time.sleep(600)\n")
+    out, console = tmp_path / "out", tmp_path / "console.log"
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("RUN_GPU_TIMEOUT_", "FASTRES_GPU_"))}
+    e.update(FASTRES_GPU_DRY_RUN="1", PYTHON=sys.executable, PYTEST_ARGS=str(extra))
+    with open(console, "w") as f:
+        p = subprocess.Popen(["bash", SCRIPT, str(out), "quick", "tests", "plot"], cwd=ROOT, env=e, stdout=f,
+                             stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and "== tests (timeout" not in console.read_text():
+            time.sleep(0.2)
+        time.sleep(3)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=60) == 143, console.read_text()[-3000:]
+    finally:
+        p.kill()
+    assert sorted(os.listdir(out)) == OUT_FILES
+    text = (out / "summary.txt").read_text()
+    steps = _steps(text)
+    assert list(steps) == ["tests"] and steps["tests"][0] == "killed", text  # plot never ran
+    assert "signalled from outside" in text
+    with tarfile.open(out / "logs.tar.gz") as t:
+        names = set(t.getnames())
+        run_log = t.extractfile("logs/run.log").read().decode()
+    assert {"logs/tests.log", "logs/tests.shard0.log", "logs/tests.shard1.log"} <= names, names
+    assert "signalled from outside during step tests" in run_log, run_log[-2000:]
