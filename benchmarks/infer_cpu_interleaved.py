@@ -29,7 +29,7 @@ fr2 = fastres.resnet50().eval(); fr2.load_state_dict(tv.state_dict()); fr2 = fr2
 fastres.fold.fold_stem(True)
 with torch.no_grad(): fr2(x)
 fastres.fold._fold_stem[0] = False  # (measurement only: fr2 keeps its stem-folded plan)
-assert fastres.models.eval_plan._PLANS[fr2].stem is not None
+assert fastres.models.eval_plan.plan_of(fr2).stem is not None
 def stem_on():
     return fr2(x)
 runs = {"torchvision": lambda: tv(x), "fastres(plan)": plan_on, "fastres(plan+fold_stem)": stem_on, "fastres(per-block)": plan_off, "compile(freezing)": lambda: cm(x)}

@@ -195,7 +195,7 @@ def _cached(conv, bn, dtype, tensors, stamp) -> Tuple[Tensor, Tensor]:
     refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
     pins = tuple(None if t is None else t.detach() for t in tensors)
     e = entries[key] = _Entry(refs, pins, stamp, weight, bias)
-    if dtype == torch.float32 and weight.device.type == "cpu":
+    if dtype in (torch.float32, torch.bfloat16) and weight.device.type == "cpu":
         conv_aten.allow_prepack(weight, e.packed)  # the oneDNN backend's reordered weights, kept here
     return weight, bias
 

@@ -218,7 +218,7 @@ def test_eval_plan_convs_run_the_onednn_backend(calls):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         model(x)
-    assert eval_plan._PLANS.get(model) is not None
+    assert eval_plan.plan_of(model) is not None
     blocks = [b for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for b in layer]
     tails = len(blocks)
     others = sum(len(b._units()) - 1 + (b.downsample is not None) for b in blocks)

@@ -3,8 +3,9 @@ per-block eval path, autocast bf16, ``fastres.cuda_graph_inference``, and the be
 inference contenders and latency fields.
 
 Parity against torchvision in eval mode: float64 (the per-block path; the plan is
-fp32-only), fp32 (the plan: error against torchvision fp64 at most 2x torchvision
-fp32's own), bf16 autocast (2x torchvision bf16's error against fp32). Batch 1 and 2,
+fp32/bf16 only), fp32 (the plan: error against torchvision fp64 at most 2x torchvision
+fp32's own), bf16 autocast (the bf16 plan where oneDNN has bf16 kernels, and the module
+path: 2x torchvision bf16's error against fp32). Batch 1 and 2,
 32x32 inputs so the last stage is 1x1, channels_last and contiguous inputs. Nothing
 here asserts on a timing.
 """
@@ -97,19 +98,101 @@ def test_fp64_eval_parity_with_torchvision(name, layout, plan_calls):
     assert plan_calls[0] == 0  # the plan is fp32-only
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_bf16_autocast_eval_parity_with_torchvision(name, plan_calls):
-    tv, fr = _pair(name)
-    tv, fr = tv.to(memory_format=torch.channels_last), fr.to(memory_format=torch.channels_last)
-    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+needs_bf16 = pytest.mark.skipif(not eval_plan._onednn_bf16(), reason="oneDNN has no bf16 kernels on this CPU: "
+                                "bf16 autocast takes the module path (test_bf16_autocast_without_onednn_bf16)")
+
+
+def _bf16_errors(tv, fr, x, stem=False):
+    """(ours, torchvision bf16's) max error against torchvision fp32, under bf16 autocast."""
     with torch.no_grad():
         hi = tv(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = tv(x)
             got = fr(x)
-    assert plan_calls[0] == 0
-    ours, theirs = (got.float() - hi).abs().max().item(), (low.float() - hi).abs().max().item()
+    assert got.dtype == low.dtype == torch.bfloat16  # the logits' dtype, as torchvision's
+    return got, (got.float() - hi).abs().max().item(), (low.float() - hi).abs().max().item(), hi
+
+
+@needs_bf16
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_bf16_autocast_eval_plan_parity_with_torchvision(name, batch, layout, plan_calls):
+    """bf16 autocast on a CPU with oneDNN bf16 kernels runs the bf16 eval plan (folded
+    weights and biases rounded once to bf16, the fused oneDNN primitives): error against
+    torchvision fp32 at most 2x torchvision bf16's own; the module path likewise."""
+    tv, fr = _pair(name)
+    fmt = _fmt(layout)
+    tv, fr = tv.to(memory_format=fmt), fr.to(memory_format=fmt)
+    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=fmt)  # the last stage is 1x1
+    got, ours, theirs, hi = _bf16_errors(tv, fr, x)
+    assert plan_calls[0] == _blocks(fr), "the bf16 eval plan did not run"
+    assert eval_plan.plan_of(fr, torch.bfloat16).dtype == torch.bfloat16
     assert ours <= 2 * theirs + 1e-3 * max(1.0, hi.abs().max().item()), (ours, theirs)
+    fold.use_eval_plan(False)
+    try:
+        _, ours_mod, theirs_mod, _ = _bf16_errors(tv, fr, x)
+    finally:
+        fold.use_eval_plan(True)
+    assert plan_calls[0] == _blocks(fr)  # (the module path did not count)
+    assert ours_mod <= 2 * theirs_mod + 1e-3 * max(1.0, hi.abs().max().item()), (ours_mod, theirs_mod)
+
+
+@needs_bf16
+def test_bf16_plan_with_folded_stem_and_bf16_input(plan_calls):
+    tv, fr = _pair("resnet50")
+    tv, fr = tv.to(memory_format=torch.channels_last), fr.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    fold.fold_stem(True)
+    try:
+        got, ours, theirs, hi = _bf16_errors(tv, fr, x)
+        assert eval_plan.plan_of(fr, torch.bfloat16).stem is not None
+        assert ours <= 2 * theirs + 1e-3 * max(1.0, hi.abs().max().item()), (ours, theirs)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16 input, as torchvision takes it
+            torch.testing.assert_close(fr(x.bfloat16()), tv(x.bfloat16()), rtol=0.1, atol=0.1 * hi.abs().max().item())
+    finally:
+        fold.fold_stem(False)
+    assert plan_calls[0] == 2 * _blocks(fr)
+
+
+@needs_bf16
+def test_fp32_and_bf16_plans_live_side_by_side(plan_calls):
+    """Alternating fp32 and bf16-autocast calls reuse one plan per dtype; a parameter
+    write drops both."""
+    tv, fr = _pair("resnet18")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        y32 = fr(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y16 = fr(x)
+        p32, p16 = eval_plan.plan_of(fr), eval_plan.plan_of(fr, torch.bfloat16)
+        assert p32 is not None and p16 is not None and p32 is not p16
+        assert torch.equal(fr(x), y32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(fr(x), y16)
+        assert eval_plan.plan_of(fr) is p32 and eval_plan.plan_of(fr, torch.bfloat16) is p16
+        fr.layer1[0].bn1.running_mean.add_(1.0)  # an in-place write: the stamp changes
+        y32b = fr(x)
+    assert eval_plan.plan_of(fr) is not p32 and eval_plan.plan_of(fr, torch.bfloat16) is None
+    assert not torch.equal(y32b, y32)
+    assert plan_calls[0] == 5 * _blocks(fr)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_bf16_autocast_without_onednn_bf16(name, plan_calls, monkeypatch):
+    """Where oneDNN has no bf16 kernels, and under fp16 autocast, no plan runs: the module
+    path, still within 2x torchvision's own error."""
+    monkeypatch.setattr(eval_plan, "_BF16", [False])
+    tv, fr = _pair(name)
+    tv, fr = tv.to(memory_format=torch.channels_last), fr.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    got, ours, theirs, hi = _bf16_errors(tv, fr, x)
+    assert plan_calls[0] == 0
+    assert ours <= 2 * theirs + 1e-3 * max(1.0, hi.abs().max().item()), (ours, theirs)
+    monkeypatch.setattr(eval_plan, "_BF16", [True])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        fr(x)
+    assert plan_calls[0] == 0 and eval_plan.plan_of(fr, torch.float16) is None
 
 
 def test_eval_plan_under_grad_mode():
@@ -117,7 +200,7 @@ def test_eval_plan_under_grad_mode():
     tv, fr = _pair("resnet18")
     x = torch.randn(1, 3, 32, 32)
     y = fr(x)  # parameters require grad: the module path, differentiable
-    assert y.grad_fn is not None and eval_plan._PLANS.get(fr) is None  # no plan built
+    assert y.grad_fn is not None and eval_plan.plan_of(fr) is None  # no plan built
     y.sum().backward()
     assert fr.layer1[0].conv1.weight.grad is not None
     fr.requires_grad_(False)
@@ -125,7 +208,7 @@ def test_eval_plan_under_grad_mode():
     with torch.no_grad():
         ref = tv(x)
     torch.testing.assert_close(fr(x), ref, rtol=1e-4, atol=1e-4)
-    assert eval_plan._PLANS.get(fr) is not None
+    assert eval_plan.plan_of(fr) is not None
 
 
 # ----------------------------------------------------------------------------- staleness
@@ -140,9 +223,9 @@ def test_eval_plan_is_never_stale(plan_calls):
     check()
     n = plan_calls[0]
     assert n > 0
-    plan = eval_plan._PLANS[fr]
+    plan = eval_plan.plan_of(fr)
     check()
-    assert eval_plan._PLANS[fr] is plan  # reused
+    assert eval_plan.plan_of(fr) is plan  # reused
     # load_state_dict (param.copy_), in-place writes to a weight and to the running stats
     tv2, _ = _pair("resnet18")
     randomize(tv2, seed=3, margin=True)
@@ -175,14 +258,14 @@ def test_eval_plan_is_never_stale(plan_calls):
     check()
     # .to() drops the plan and the folds; p.data.mul_ needs invalidate() (as the fold cache)
     fr.to(torch.float64)
-    assert eval_plan._PLANS.get(fr) is None
+    assert eval_plan.plan_of(fr) is None
     fr.float()
     check()
     fr.layer1[0].conv1.weight.data.mul_(2.0)
     with torch.no_grad():
         tv.layer1[0].conv1.weight.mul_(2.0)
     fold.invalidate(fr)
-    assert eval_plan._PLANS.get(fr) is None
+    assert eval_plan.plan_of(fr) is None
     check()
 
 
@@ -306,14 +389,14 @@ def test_fold_stem_option(plan_calls):
         tv.float()
         ref32 = tv(x)
         default = fr(x)
-    assert eval_plan._PLANS[fr].stem is None
+    assert eval_plan.plan_of(fr).stem is None
     assert not fold.fold_stem()
     try:
         assert fold.fold_stem(True)
-        assert eval_plan._PLANS.get(fr) is None  # switching drops the plans
+        assert eval_plan.plan_of(fr) is None  # switching drops the plans
         with torch.no_grad():
             got = fr(x)
-        assert eval_plan._PLANS[fr].stem is not None
+        assert eval_plan.plan_of(fr).stem is not None
     finally:
         fold.fold_stem(False)
     ours, theirs = (got.double() - ref64).abs().max().item(), (ref32.double() - ref64).abs().max().item()
@@ -376,4 +459,4 @@ def test_cifar_resnet_eval_takes_the_module_path(plan_calls):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         y = model(x)
-    assert y.shape == (2, 10) and plan_calls[0] == 0 and eval_plan._PLANS.get(model) is None
+    assert y.shape == (2, 10) and plan_calls[0] == 0 and eval_plan.plan_of(model) is None

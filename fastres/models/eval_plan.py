@@ -1,4 +1,5 @@
-"""The whole-model CPU eval plan of a fastres ``ResNet`` (fp32 inference).
+"""The whole-model CPU eval plan of a fastres ``ResNet`` (fp32 inference, and bf16 under
+``torch.autocast("cpu", torch.bfloat16)`` where oneDNN has bf16 kernels).
 
 Built from the folds of :mod:`fastres.fold` (cached per model, keyed by a stamp of every
 submodule, parameter and buffer under the fold cache's rules; dropped by
@@ -26,7 +27,7 @@ from ..nn.blocks import _FusedBlock, _foldable_conv, _fusable_bn
 
 Tensor = torch.Tensor
 
-__all__ = ["eval_plan_forward"]
+__all__ = ["eval_plan_forward", "plan_of", "plan_dtype"]
 
 
 class _PlanUnit:
@@ -34,8 +35,13 @@ class _PlanUnit:
     oneDNN backend functions, bound once."""
     __slots__ = ("weight", "bias", "pad", "stride", "dil", "groups", "packed", "conv_act", "add_relu_")
 
-    def __init__(self, conv: nn.Conv2d, bn: nn.Module):
-        self.weight, self.bias = fold.folded_conv_bn(conv, bn, torch.float32)
+    def __init__(self, conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype = torch.float32):
+        # (bf16: the fold computed in fp32, then the weight and the bias rounded once to bf16
+        # -- oneDNN's bf16 primitive with a fused add takes a bias of the input's dtype, and
+        # inductor's frozen bf16 graphs hold the same rounded constants)
+        self.weight, self.bias = fold.folded_conv_bn(conv, bn, dtype)
+        if self.bias.dtype != dtype:
+            self.bias = self.bias.to(dtype)
         self.pad, self.stride, self.dil = list(conv.padding), list(conv.stride), list(conv.dilation)
         self.groups = conv.groups
         self.packed: Dict[tuple, Tensor] = {}
@@ -64,12 +70,19 @@ class _PlanUnit:
 
 
 class _EvalPlan:
-    __slots__ = ("stamp", "pins", "stem", "blocks", "__weakref__")
+    __slots__ = ("stamp", "pins", "stem", "blocks", "dtype", "__weakref__")
 
 
-# model -> _EvalPlan; weak, and dropped by fold.invalidate() / clear_cache() like the folds.
-_PLANS: "weakref.WeakKeyDictionary[nn.Module, _EvalPlan]" = weakref.WeakKeyDictionary()
+# model -> {compute dtype: _EvalPlan}; weak, and dropped by fold.invalidate() / clear_cache()
+# like the folds.
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, Dict[torch.dtype, _EvalPlan]]" = weakref.WeakKeyDictionary()
 fold.register_derived_cache(_PLANS)
+
+
+def plan_of(model: nn.Module, dtype: torch.dtype = torch.float32) -> Optional[_EvalPlan]:
+    """The cached eval plan of ``model`` for ``dtype`` (``None`` if none is built)."""
+    plans = _PLANS.get(model)
+    return None if plans is None else plans.get(dtype)
 
 
 def _model_stamp(model: nn.Module):
@@ -98,7 +111,7 @@ def _model_stamp(model: nn.Module):
     return tuple(items), pins
 
 
-def _build_plan(model: nn.Module, stamp, pins) -> Optional[_EvalPlan]:
+def _build_plan(model: nn.Module, stamp, pins, dtype: torch.dtype = torch.float32) -> Optional[_EvalPlan]:
     for t in pins:
         if t.dtype not in (torch.float32, torch.int64) or t.device.type != "cpu":
             return None
@@ -127,19 +140,46 @@ def _build_plan(model: nn.Module, stamp, pins) -> Optional[_EvalPlan]:
                         and bn.running_var is not None):
                     return None
             with torch.no_grad():
-                pu = [_PlanUnit(c, b) for c, b in units]
+                pu = [_PlanUnit(c, b, dtype) for c, b in units]
             blocks.append((pu[:-1], pu[-1]) if ds is not None else (pu, None))
     plan = _EvalPlan()
-    plan.stamp, plan.pins, plan.blocks = stamp, pins, blocks
+    plan.stamp, plan.pins, plan.blocks, plan.dtype = stamp, pins, blocks, dtype
     plan.stem = None
     if fold.fold_stem():
         with torch.no_grad():
-            plan.stem = _PlanUnit(model.conv1, model.bn1)
+            plan.stem = _PlanUnit(model.conv1, model.bn1, dtype)
     return plan
 
 
 def _pair(v):
     return (v, v) if isinstance(v, int) else v
+
+
+_BF16: list = []
+
+
+def _onednn_bf16() -> bool:
+    """Whether oneDNN has bf16 convolution kernels on this CPU (avx512_bf16 / AMX, or
+    avx512 emulation where torch allows it), asked once."""
+    if not _BF16:
+        try:
+            _BF16.append(bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+        except (AttributeError, RuntimeError):
+            _BF16.append(False)
+    return _BF16[0]
+
+
+def plan_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype an eval plan would compute ``x`` in: fp32 for an fp32 input outside
+    autocast; bf16 under ``torch.autocast("cpu", dtype=torch.bfloat16)`` for an fp32 or
+    bf16 input where oneDNN has bf16 kernels (:func:`_onednn_bf16`); ``None`` otherwise
+    (fp16 autocast, other dtypes: the module-by-module path)."""
+    if torch.is_autocast_enabled("cpu"):
+        if (torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
+                and _onednn_bf16()):
+            return torch.bfloat16
+        return None
+    return torch.float32 if x.dtype == torch.float32 else None
 
 
 def eval_plan_forward(model: nn.Module, x: Tensor) -> Optional[Tensor]:
@@ -159,10 +199,12 @@ def eval_plan_forward(model: nn.Module, x: Tensor) -> Optional[Tensor]:
     :func:`fastres.fold.invalidate` drops it.
     """
     if (not fold.use_eval_plan() or not conv_backend.use_onednn() or type(x) is not torch.Tensor
-            or x.device.type != "cpu"
-            or x.dtype != torch.float32 or x.dim() != 4 or x.numel() == 0 or x.requires_grad):
+            or x.device.type != "cpu" or x.dim() != 4 or x.numel() == 0 or x.requires_grad):
         return None
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.is_autocast_enabled("cpu"):
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return None
+    dtype = plan_dtype(x)
+    if dtype is None:
         return None
     from torch.nn.modules import module as _module
     if (_module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
@@ -180,22 +222,28 @@ def eval_plan_forward(model: nn.Module, x: Tensor) -> Optional[Tensor]:
     if got is None:
         return None
     stamp, pins = got
-    plan = _PLANS.get(model)
+    plans = _PLANS.get(model)
+    plan = None if plans is None else plans.get(dtype)
     if plan is None or plan.stamp != stamp:
-        plan = _build_plan(model, stamp, pins)
+        if plans is not None and plan is not None:
+            plans.clear()  # stale: every dtype's plan was built from the old stamp
+        plan = _build_plan(model, stamp, pins, dtype)
         if plan is None:
             _PLANS.pop(model, None)
             return None
-        _PLANS[model] = plan
+        _PLANS.setdefault(model, {})[dtype] = plan
     w = model.conv1.weight
     if x.shape[1] != w.shape[1] * model.conv1.groups:
         return None  # the module path raises the clear error
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous()
     if plan.stem is not None:
-        y = model.maxpool(plan.stem(x, True))
-    else:  # as the module path: the fx graph's stem nodes compute exactly this
+        y = model.maxpool(plan.stem(x.to(dtype), True))
+    else:  # as the module path: the fx graph's stem nodes compute exactly this (under
+        # autocast conv1 computes in bf16 and bn1 keeps bf16, as in the module path)
         y = model.maxpool(torch.relu_(model.bn1(model.conv1(x))))
+        if y.dtype != dtype:  # (a bf16 input outside autocast never gets here: no plan)
+            y = y.to(dtype)
     for units, ds in plan.blocks:
         out = y
         for u in units[:-1]:
