@@ -380,7 +380,11 @@ _families["ops"] = ConvFamily("ops", *_define("", conv2d_act_reference, conv2d_a
 
 def family(name: str) -> ConvFamily:
     """The conv op family ``name``: ``torch`` (plain aten composition), ``ops``
-    (``fastres::conv2d_act``, aten inside) or ``triton`` (``fastres::triton_conv2d_act``)."""
+    (``fastres::conv2d_act``, aten inside) or ``triton`` (``fastres::triton_conv2d_act``, or
+    ``fastres::tritonop_conv2d_act`` when ``FASTRES_TRITON_OP`` selects the triton_op variant)."""
+    from . import _triton_ops
+    if name == "triton" and _triton_ops.enabled():
+        name = "triton_op"
     fam = _families.get(name)
     if fam is not None:
         return fam
@@ -391,6 +395,13 @@ def family(name: str) -> ConvFamily:
             from . import cudnn
             _families[name] = ConvFamily(name, *_define("cudnn_", cudnn.family_forward(conv2d_act_reference),
                                                         conv2d_act_backward_aten))
+            return _families[name]
+        if name == "triton_op":  # the same kernels as torch.library.triton_op (_triton_ops.py)
+            ok, msg = backends._triton_installed()
+            if not ok:
+                raise RuntimeError(f"fastres: the triton conv is unavailable: {msg}")
+            _families[name] = ConvFamily(name, *_triton_ops.define_conv_ops(_triton_forward,
+                                                                            conv2d_act_backward_triton))
             return _families[name]
         if name != "triton":
             raise ValueError(f"fastres: unknown conv op family {name!r}")
@@ -409,6 +420,9 @@ def preload() -> None:
     device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if any(backends.available("triton", d)[0] for d in device_types):
         family("triton")
+        from . import _triton_ops
+        if _triton_ops.enabled():
+            family("triton_op")
     from . import cudnn
     if cudnn.built()[0]:  # the cudnn family's ops (their fakes are needed by torch.compile on any device)
         family("cudnn")

@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
+
 Tensor = torch.Tensor
 
 
@@ -256,8 +258,9 @@ def _device_ctx(x: Tensor):
 
 def _launch(cfg: Config, args: tuple, meta: dict, m: int, kg: int, groups: int) -> None:
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(kg, cfg.block_n), groups)
-    _conv_fwd_kernel[grid](*args, **meta, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                           GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    launch(_conv_fwd_kernel)[grid](*args, **meta, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                                   BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, num_warps=cfg.num_warps,
+                                   num_stages=cfg.num_stages)
 
 
 def _pick_config(key: tuple, run, dtype, cg, kg, m) -> Config:
