@@ -1,0 +1,316 @@
+"""The Triton backend as ``torch.library.triton_op`` (fastres/_triton_ops.py): the
+switch, bit-identity with the custom ops (eager and torch.compile), opcheck, and every
+kernel launch going through the traceable hook.
+
+On the CPU (Triton interpreter): eager autograd through the triton_op ops, and
+``torch.compile(backend="aot_eager", fullgraph=True)`` graphs of the forward and
+backward ops, bit for bit against ``fastres::triton_*``. Two checks need a GPU:
+
+* autograd *through* a compiled graph: torch finds the tensors a user kernel writes by
+  compiling it to Triton IR, which the interpreter cannot do; every argument then counts
+  as written and AOTAutograd's partitioner rejects the joint graph (the backward seems
+  to write the forward's saved inputs). Same for opcheck's ``test_aot_dispatch_dynamic``
+  of the differentiable forward ops.
+* inductor: it cannot compile a user-defined Triton kernel on CPU tensors ("triton not
+  built with the 'cpu' backend").
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastres
+from fastres import _triton_ops, conv_ops, ops
+
+from conftest import HAS_CUDA, NO_CUDA, require_backend
+
+NO_IR = ("the interpreter cannot compile kernels to Triton IR, so torch counts every argument as written "
+         "and AOTAutograd cannot partition a joint graph of user kernels")
+NO_CPU_INDUCTOR = "inductor cannot compile user-defined Triton kernels on CPU tensors (no Triton 'cpu' backend)"
+DEVICES = ["cpu", pytest.param("cuda", marks=(pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)))]
+GPU = (pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA))
+
+
+@pytest.fixture(autouse=True)
+def _quiet_mutation_analysis():
+    """The interpreter's "assuming every input is mutated" warning (see the module docstring)."""
+    log = logging.getLogger("torch._higher_order_ops.triton_kernel_wrap")
+    prev = log.level
+    log.setLevel(logging.ERROR)
+    yield
+    log.setLevel(prev)
+
+
+@contextlib.contextmanager
+def triton_op(mode):
+    prev = _triton_ops.set_triton_op(mode)
+    try:
+        yield
+    finally:
+        _triton_ops.set_triton_op(prev)
+
+
+def _families(device):
+    require_backend("triton", device)
+    return ops.family("triton"), ops.family("triton_op")
+
+
+def _equal(got, ref, what):
+    assert len(got) == len(ref), what
+    for i, (g, r) in enumerate(zip(got, ref)):
+        assert g.dtype == r.dtype and g.shape == r.shape and g.stride() == r.stride(), (what, i)
+        assert torch.equal(g, r), f"{what}: output {i} differs by {(g.double() - r.double()).abs().max().item()}"
+
+
+def _bn_inputs(device, dtype=torch.float32, fmt=torch.channels_last, shape=(2, 5, 3, 4)):
+    g = torch.Generator().manual_seed(0)
+    pd = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def t(*s, d=dtype, scale=1.0, off=0.0):
+        return (torch.randn(s, generator=g, dtype=pd) * scale + off).to(device=device, dtype=d)
+
+    x = t(*shape).contiguous(memory_format=fmt)
+    r = t(*shape).contiguous(memory_format=fmt)
+    return x, t(shape[1], d=pd, scale=0.2, off=1.0), t(shape[1], d=pd), r, t(*shape).contiguous(memory_format=fmt)
+
+
+def _bn_graph(fam):
+    """Every BN op of ``fam`` once: the forward ops and, called directly, the backward ops."""
+    def f(x, w, b, r, gy):
+        y, m, v = fam.bn_act_train(x, w, b, r, 1e-5, True)
+        z = fam.affine_act(y, w, b, None, True)
+        gb = fam.bn_act_train_backward(gy, x, y, w, m, v, 1e-5, True, True)
+        ga = fam.affine_act_backward(gy, y, z, w, True, True, True)
+        return (y, m, v, z, *gb, *ga)
+    return f
+
+
+def _bn_autograd(fam, x, w, b, r, gy):
+    args = [a.detach().clone().requires_grad_(True) for a in (x, w, b, r)]
+    y, m, v = fam.bn_act_train(*args, 1e-5, True)
+    z = fam.affine_act(y, args[1], args[2], None, True)
+    grads = torch.autograd.grad((z * gy).sum(), args)
+    return (y.detach(), m, v, z.detach(), *grads)
+
+
+_CONV = ([1, 1], [1, 1], [1, 1], 1)  # stride, padding, dilation, groups
+
+
+def _conv_inputs(device, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 5, 6, generator=g).to(device, dtype).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(6, 4, 3, 3, generator=g) * 0.3).to(device, dtype)
+    s = (torch.rand(4, generator=g) + 0.5).to(device)
+    t = torch.randn(4, generator=g).to(device)
+    r = torch.randn(2, 6, 5, 6, generator=g).to(device, dtype).contiguous(memory_format=torch.channels_last)
+    return x, w, s, t, r
+
+
+def _conv_graph(fam):
+    def f(x, w, s, t, r):
+        y, m, v = fam.conv2d_act(x, w, None, s, t, r, *_CONV, True, True, True)
+        gy = y * 0.5
+        grads = fam.conv2d_act_backward(gy, m, v, x, w, s, t, y, m, *_CONV, True, True, [True] * 6)
+        return (y, m, v, *grads)
+    return f
+
+
+def _conv_autograd(fam, x, w, s, t, r):
+    args = [a.detach().clone().requires_grad_(True) for a in (x, w, s, t, r)]
+    y, m, v = fam.conv2d_act(args[0], args[1], None, args[2], args[3], args[4], *_CONV, True, True, True)
+    grads = torch.autograd.grad((y * y).sum() + m.sum() + v.sum(), args)
+    return (y.detach(), m.detach(), v.detach(), *grads)
+
+
+def _conv_families(device):
+    require_backend("triton", device)
+    return conv_ops.family("triton"), conv_ops.family("triton_op")
+
+
+# ----------------------------------------------------------------------------- the switch
+def test_switch_values_and_family_choice(monkeypatch):
+    assert _triton_ops._parse(None) == "auto" and _triton_ops._parse(True) == "1"
+    assert _triton_ops._parse(" Off ") == "0" and _triton_ops._parse("") == "auto"
+    with pytest.raises(ValueError, match="FASTRES_TRITON_OP must be one of auto, 1, 0.*'fast'"):
+        _triton_ops.set_triton_op("fast")
+    with triton_op("auto"):
+        assert not _triton_ops.enabled()  # auto: the custom ops until a GPU measurement says otherwise
+        assert ops.family("triton").name == "triton" and conv_ops.family("triton").name == "triton"
+    require_backend("triton", "cpu")
+    with triton_op(True):
+        assert _triton_ops.requested() == "1"
+        assert ops.family("triton").name == "triton_op"
+        assert ops.family("triton").bn_act_train is torch.ops.fastres.tritonop_bn_act_train
+        assert conv_ops.family("triton").conv2d_act is torch.ops.fastres.tritonop_conv2d_act
+    with triton_op("0"):
+        assert ops.family("triton").bn_act_train is torch.ops.fastres.triton_bn_act_train
+
+
+class _OpNames(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func.name()))
+        return func(*args, **(kwargs or {}))
+
+
+def test_functional_api_runs_the_selected_variant():
+    """``fastres.functional`` / the modules reach the triton_op ops when switched on."""
+    require_backend("triton", "cpu")
+    from fastres.functional import batch_norm_act
+    x, w, b, r, _ = _bn_inputs("cpu")
+    seen = {}
+    for mode in ("1", "0"):
+        with triton_op(mode), fastres.use_backend("triton"), _OpNames() as rec:
+            rm, rv = torch.zeros(5), torch.ones(5)
+            seen[mode] = (batch_norm_act(x, rm, rv, w, b, training=True, residual=r), rm, rv, rec.names)
+    assert "fastres::tritonop_bn_act_train" in seen["1"][3] and "fastres::triton_bn_act_train" not in seen["1"][3]
+    assert "fastres::triton_bn_act_train" in seen["0"][3]
+    _equal(seen["1"][:3], seen["0"][:3], "batch_norm_act")
+
+
+def test_every_launch_goes_through_the_hook():
+    """Each kernel the launchers start passes through ``kernels.launching``'s hook (a
+    launch that bypassed it would be invisible to torch.compile)."""
+    require_backend("triton", "cpu")
+    from fastres import kernels
+    from fastres.kernels import _conv, _conv_bwd
+    from fastres.kernels import _kernels as K
+    names = []
+
+    def hook(kernel):
+        names.append(kernel.fn.__name__)
+        return kernel
+
+    x, w, b, r, gy = _bn_inputs("cpu")
+    with kernels.launching(hook):
+        y, m, v = kernels.bn_act_train(x, w, b, r, 1e-5, True)
+        kernels.bn_act_train_backward(gy, x, y, w, m, v, 1e-5, True, True)
+        kernels.affine_act_backward(gy, x, y, w, True, True, True)
+        xc, wc, s, t, _ = _conv_inputs("cpu")
+        _conv.conv2d_act(xc, wc, None, s, t, None, *_CONV, True, True, True)
+        go = torch.randn(2, 6, 5, 6)
+        _conv_bwd.conv2d_act_dgrad(go, wc, xc, s, t, True, [1, 1], [1, 1], [1, 1], 1, True)
+        _conv_bwd.conv2d_act_wgrad(go, xc, s, t, True, wc.shape, [1, 1], [1, 1], [1, 1], 1, True)
+    expected = {K._stats_kernel, K._stats_finalize, K._act_kernel, K._bwd_kernel, K._bwd_finalize,
+                _conv._conv_fwd_kernel, _conv_bwd._dgrad_kernel, _conv_bwd._wgrad_kernel}
+    assert set(names) == {k.fn.__name__ for k in expected}
+    names.clear()
+    kernels.affine_act(x, w, b, r, True)  # outside launching(): no hook
+    assert names == []
+
+
+# ----------------------------------------------------------------------------- bit identity
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,fmt", [(torch.float32, torch.channels_last), (torch.float64, torch.contiguous_format),
+                                       (torch.bfloat16, torch.channels_last)], ids=["f32-nhwc", "f64-nchw", "bf16"])
+def test_bn_ops_eager_bit_identical(device, dtype, fmt):
+    cop, top = _families(device)
+    args = _bn_inputs(device, dtype, fmt)
+    _equal(_bn_graph(top)(*args), _bn_graph(cop)(*args), "ops")
+    _equal(_bn_autograd(top, *args), _bn_autograd(cop, *args), "autograd")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bn_ops_aot_eager_bit_identical(device):
+    cop, top = _families(device)
+    args = _bn_inputs(device)
+    torch._dynamo.reset()
+    got = torch.compile(_bn_graph(top), backend="aot_eager", fullgraph=True)(*args)
+    _equal(got, _bn_graph(cop)(*args), "aot_eager")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv_ops_eager_bit_identical(device):
+    cop, top = _conv_families(device)
+    args = _conv_inputs(device)
+    _equal(_conv_graph(top)(*args), _conv_graph(cop)(*args), "ops")
+    _equal(_conv_autograd(top, *args), _conv_autograd(cop, *args), "autograd")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv_ops_aot_eager_bit_identical(device):
+    cop, top = _conv_families(device)
+    args = _conv_inputs(device)
+    torch._dynamo.reset()
+    got = torch.compile(_conv_graph(top), backend="aot_eager", fullgraph=True)(*args)
+    _equal(got, _conv_graph(cop)(*args), "aot_eager")
+
+
+# ----------------------------------------------------------------------------- opcheck
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    _families(device)
+    _conv_families(device)
+    x, w, b, r, gy = _bn_inputs(device)
+    fwd_utils = None if device == "cuda" else ("test_schema", "test_autograd_registration", "test_faketensor")
+    ns = torch.ops.fastres
+    grad = [a.detach().clone().requires_grad_(True) for a in (x, w, b, r)]
+    torch.library.opcheck(ns.tritonop_bn_act_train, (*grad, 1e-5, True), test_utils=fwd_utils or
+                          torch.library._OPCHECK_DEFAULT_UTILS)
+    torch.library.opcheck(ns.tritonop_affine_act, (grad[0], grad[1], grad[2], None, True),
+                          test_utils=fwd_utils or torch.library._OPCHECK_DEFAULT_UTILS)
+    y, m, v = ns.triton_bn_act_train(x, w, b, r, 1e-5, True)
+    torch.library.opcheck(ns.tritonop_bn_act_train_backward, (gy, x, y, w, m, v, 1e-5, True, True))
+    torch.library.opcheck(ns.tritonop_affine_act_backward, (gy, x, y, w, True, False, True))
+    xc, wc, s, t, rc = _conv_inputs(device)
+    torch.library.opcheck(ns.tritonop_conv2d_act, (xc, wc, None, s, t, rc, *_CONV, True, True, False))
+    yc, mc, _ = ns.triton_conv2d_act(xc, wc, None, s, t, None, *_CONV, True, True, True)
+    torch.library.opcheck(ns.tritonop_conv2d_act_backward, (yc * 0.5, None, None, xc, wc, s, t, yc, mc, *_CONV,
+                                                           True, True, [True, True, False, True, True, False]))
+
+
+# ----------------------------------------------------------------------------- GPU: through compiled graphs
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason=f"{NO_CUDA} ({NO_IR}; {NO_CPU_INDUCTOR})")
+def test_autograd_through_compile_gpu(backend):
+    """Forward and backward of the BN and conv ops through one compiled graph (the joint
+    graph AOTAutograd partitions): aot_eager bit for bit, inductor (its own kernels for
+    the small aten ops around the user kernels) to rounding."""
+    cop, top = _families("cuda")
+    ccop, ctop = _conv_families("cuda")
+
+    def step(fam, cfam):
+        def f(x, w, b, r, gy, xc, wc, s, t, rc):
+            out = _bn_autograd(fam, x, w, b, r, gy)
+            return out + _conv_autograd(cfam, xc, wc, s, t, rc)
+        return f
+
+    args = _bn_inputs("cuda", torch.bfloat16) + _conv_inputs("cuda", torch.bfloat16)
+    ref = step(cop, ccop)(*args)
+    torch._dynamo.reset()
+    got = torch.compile(step(top, ctop), backend=backend, fullgraph=True)(*args)
+    if backend == "aot_eager":
+        _equal(got, ref, backend)
+    else:
+        for g, r in zip(got, ref):
+            torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason=f"{NO_CUDA} ({NO_CPU_INDUCTOR})")
+def test_model_training_step_inductor_gpu():
+    """A resnet18 training step with the triton_op variant under inductor matches the
+    same step with the custom ops under inductor (bf16, channels_last)."""
+    require_backend("triton", "cuda")
+    results = []
+    for mode in ("0", "1"):
+        torch.manual_seed(0)
+        model = fastres.resnet18(num_classes=10).cuda().to(memory_format=torch.channels_last)
+        x = torch.randn(8, 3, 64, 64, device="cuda").to(memory_format=torch.channels_last)
+        with triton_op(mode), fastres.use_backend("triton"):
+            torch._dynamo.reset()
+            cm = torch.compile(model, fullgraph=True)
+            with torch.autocast("cuda", torch.bfloat16):
+                loss = cm(x).float().square().mean()
+            loss.backward()
+        results.append((loss.detach(), model.fc.weight.grad.clone(), model.bn1.running_var.clone()))
+    for g, r in zip(results[1], results[0]):
+        torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-2)
