@@ -38,6 +38,9 @@
 #  10 | infer       resnet50 inference at batch 1, 32, 256, bf16: eager, torch.compile max-autotune and
 #                   reduce-overhead (CUDA graphs), fastres and fastres.cuda_graph_inference; p50/p90 latency
 #  11 | infer-fp16  the same in fp16
+#  12 | triton-op   tests/test_triton_op.py, then benchmarks/test_bench_triton_op.py: torch.compile (inductor)
+#                   training steps (resnet50 layer1.0 block, resnet50 b64; bf16, channels_last) with the Triton
+#                   kernels as opaque custom ops vs as torch.library.triton_op (FASTRES_TRITON_OP; docs/GPU.md)
 #
 # Output (nothing else is written to OUT; it is rewritten after every step, so a run cut
 # short still brings back what it did):
@@ -102,8 +105,10 @@ full)
     9|conv-fwd)       PART=conv-fwd;       MID="benchmarks-conv conv-choice" ;;
     10|infer)         PART=infer;          MID="infer-b1 infer-b32 infer-b256" ;;
     11|infer-fp16)    PART=infer-fp16;     MID="infer-fp16-b1 infer-fp16-b32 infer-fp16-b256" ;;
+    12|triton-op)     PART=triton-op;      MID="tests-triton-op benchmarks-triton-op" ;;
     *) echo "run_gpu.sh: full needs a PART: 1|tests 2|slow 3|bandwidth 4|benchmarks 5|bench" \
-            "6|bench-variants 7|bench-models 8|conv-bwd 9|conv-fwd 10|infer 11|infer-fp16 (got '${PART}')" >&2; exit 2 ;;
+            "6|bench-variants 7|bench-models 8|conv-bwd 9|conv-fwd 10|infer 11|infer-fp16 12|triton-op" \
+            "(got '${PART}')" >&2; exit 2 ;;
     esac
     STEPS="env build info $MID plot"
     DEFAULT_BUDGET=540 ;;
@@ -365,6 +370,7 @@ for step in $STEPS; do
     tests) do_tests tests 210 120 "${GPU_TESTS[@]}" ;;
     tests-all)  do_tests tests-all 480 300 "${ALL_TESTS[@]}" ;;
     tests-slow) do_tests tests-slow 480 400 "${SLOW_TESTS[@]}" ;;
+    tests-triton-op) do_tests tests-triton-op 150 120 tests/test_triton_op.py ;;
     check) do_check ;;
     # (the dry run's tiny selection of each file follows the rounds)
     bandwidth)         do_benchmark bandwidth 120 10 "$K_KERNELS" benchmarks/test_bench_kernels.py ;;
@@ -377,6 +383,7 @@ for step in $STEPS; do
                            benchmarks/test_bench_models.py ;;
     benchmarks-conv-bwd) do_benchmark benchmarks-conv-bwd 480 10 "stem" benchmarks/test_bench_conv_bwd.py ;;
     benchmarks-conv)   do_benchmark benchmarks-conv 420 10 "stem" benchmarks/test_bench_conv.py -k "not bwd" ;;
+    benchmarks-triton-op) do_benchmark benchmarks-triton-op 360 10 "bottleneck" benchmarks/test_bench_triton_op.py ;;
     conv-choice)       do_conv_choice ;;
     bench)          do_bench bench 240 "${QUICK_BENCH[@]}" ;;
     bench-full)     do_bench bench-full 420 ;;
