@@ -105,40 +105,108 @@ class _Twins:
     torch's Triton HOP can trace (it reads a ``JITFunction``'s arguments and constexprs)
     and that launches through the interpreter.
 
-    Torch finds the tensors a kernel writes by compiling it to Triton IR, which the
-    interpreter cannot do: there every tensor argument counts as written. A graph of the
-    ops without autograd stays exact (the "written" inputs come back unchanged); a joint
-    forward+backward graph does not partition (the backward seems to write the forward's
-    saved inputs), so the autograd-through-compile checks run on the GPU."""
-    lock = threading.Lock()
+    Torch finds the tensors a kernel writes by compiling it to Triton IR
+    (``identify_accessed_tensors``); without that, every argument counts as written and
+    AOTAutograd sees a backward "writing" the forward's saved inputs. Under the
+    interpreter every ``@triton.jit`` function is an interpreter function - fastres's
+    helpers and Triton's own (``tl.zeros`` …) - which the code generator would *call*
+    (leaking the interpreter's patches of ``triton.language``). So a twin's globals are
+    its module's with every interpreter function replaced by its twin and every
+    ``triton.language`` / ``fastres.kernels`` module by a copy that holds twins; and the
+    IR is generated for a CUDA target (:class:`_AnalysisDriver`: code generation only,
+    nothing compiles to a binary or runs)."""
+    lock = threading.RLock()
     twins: Dict[int, object] = {}
+    scopes: Dict[int, dict] = {}
+    modules: Dict[str, object] = {}
     cls = None
+    PROXIED = ("triton.language", __package__ + ".kernels")
+
+    @classmethod
+    def _class(cls):
+        if cls.cls is None:
+            from triton.runtime.jit import JITFunction
+
+            class InterpretedJIT(JITFunction):
+                def __init__(self, f):
+                    super().__init__(f.fn)
+                    self.interpreted = f
+                    # the JIT cache key hashes the helpers a kernel calls (interpreter
+                    # functions, which it refuses): key on the kernel itself
+                    self.hash = f"fastres-interpreted:{f.fn.__module__}.{f.fn.__qualname__}"
+
+                def __getitem__(self, grid):
+                    return self.interpreted[grid]
+
+                def run(self, *args, **kwargs):
+                    return self.interpreted.run(*args, **kwargs)
+
+            cls.cls = InterpretedJIT
+        return cls.cls
 
     @classmethod
     def get(cls, interp):
         twin = cls.twins.get(id(interp))
-        if twin is not None:
-            return twin
-        with cls.lock:
-            if cls.cls is None:
-                from triton.runtime.jit import JITFunction
+        if twin is None:
+            with cls.lock:
+                twin = cls.twins.get(id(interp))
+                if twin is None:
+                    twin = cls.twins[id(interp)] = cls._class()(interp)
+                    twin.__globals__ = cls._scope(interp.fn.__globals__)
+        return twin
 
-                class InterpretedJIT(JITFunction):
-                    def __init__(self, f):
-                        super().__init__(f.fn)
-                        self.interpreted = f
-                        # the JIT cache key hashes the helpers a kernel calls (interpreter
-                        # functions here, which it refuses): key on the kernel itself
-                        self.hash = f"fastres-interpreted:{f.fn.__module__}.{f.fn.__qualname__}"
+    @classmethod
+    def _scope(cls, g: dict) -> dict:
+        import types
+        scope = cls.scopes.get(id(g))
+        if scope is None:
+            scope = cls.scopes[id(g)] = dict(g)  # registered first: functions of g refer to it
+            for k, v in g.items():
+                if _interpreted(v):
+                    scope[k] = cls.get(v)
+                elif isinstance(v, types.ModuleType) and v.__name__.startswith(cls.PROXIED):
+                    scope[k] = cls._module(v)
+        return scope
 
-                    def __getitem__(self, grid):
-                        return self.interpreted[grid]
+    @classmethod
+    def _module(cls, mod):
+        import types
+        proxy = cls.modules.get(mod.__name__)
+        if proxy is None:
+            proxy = cls.modules[mod.__name__] = types.ModuleType(mod.__name__)
+            proxy.__dict__.update(cls._scope(vars(mod)))
+        return proxy
 
-                    def run(self, *args, **kwargs):
-                        return self.interpreted.run(*args, **kwargs)
 
-                cls.cls = InterpretedJIT
-            return cls.twins.setdefault(id(interp), cls.cls(interp))
+class _AnalysisDriver:
+    """The target Triton generates IR for while torch analyses an interpreter kernel's
+    accesses (under the interpreter no GPU driver is active)."""
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+        return GPUTarget("cuda", 90, 32)
+
+
+class _InterpretedLaunch:
+    """A twin's traceable launch (``TraceableTritonKernelWrapper``), traced with
+    :class:`_AnalysisDriver` active."""
+
+    def __init__(self, kernel):
+        from torch._higher_order_ops.triton_kernel_wrap import TraceableTritonKernelWrapper
+        self.wrapped = TraceableTritonKernelWrapper(_Twins.get(kernel), None, None)
+
+    def __getitem__(self, grid):
+        call = self.wrapped[grid]
+
+        def launch(*args, **kwargs):
+            from triton.runtime import driver
+            prev = driver._active  # None under the interpreter (reset_active() would look for a GPU)
+            driver.set_active(_AnalysisDriver())
+            try:
+                return call(*args, **kwargs)
+            finally:
+                driver._active = prev
+        return launch
 
 
 def wrap_kernel(kernel):
@@ -149,8 +217,7 @@ def wrap_kernel(kernel):
     if not is_wrap_triton_enabled():
         return kernel
     if _interpreted(kernel):
-        from torch._higher_order_ops.triton_kernel_wrap import TraceableTritonKernelWrapper
-        return TraceableTritonKernelWrapper(_Twins.get(kernel), None, None)
+        return _InterpretedLaunch(kernel)
     return torch.library.wrap_triton(kernel)
 
 

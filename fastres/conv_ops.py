@@ -294,6 +294,8 @@ def _make_autograd(bwd_op):
         stride, padding, dilation, groups, in_relu, relu = ctx.conf
         if grad_y is None:
             grad_y = torch.zeros_like(y if y is not None else x.new_empty(0))
+        if mean is None:  # no stats: mean/var were empty [0]; their gradients (opcheck gives some) carry nothing
+            grad_mean = grad_var = None
         # create_graph=True (grad mode on in the backward): differentiable aten formulas;
         # an ordinary backward (also AOTAutograd's traced one) runs the fused op as before
         bwd = conv2d_act_backward_differentiable if torch.is_grad_enabled() else bwd_op
