@@ -26,10 +26,11 @@ each op's shape arguments; a dynamic dimension is specialised by the first ``int
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) ``@triton.jit`` gives interpreter functions that
 ``wrap_triton`` refuses (torch 2.11) or passes through untraced (torch 2.14); there each
-kernel is traced as a ``JITFunction`` twin that launches through the interpreter, so
-``aot_eager`` runs the very graph inductor would get. Inductor itself cannot compile a
-user-defined Triton kernel on CPU tensors ("triton not built with the 'cpu' backend"):
-the inductor checks run on the GPU.
+kernel is traced as a ``JITFunction`` twin (:class:`_Twins`) that launches through the
+interpreter and whose writes torch analyses exactly, so ``aot_eager`` runs the very
+graphs inductor would get, autograd included (tests/test_triton_op.py). Inductor itself
+cannot compile a user-defined Triton kernel on CPU tensors ("triton not built with the
+'cpu' backend"): the inductor checks run on the GPU.
 """
 from __future__ import annotations
 
