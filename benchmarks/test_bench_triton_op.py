@@ -42,9 +42,8 @@ def test_compiled_train_step(benchmark, case, triton_op):
     if why:
         pytest.skip(why)
     path, (c, h, w) = CASES[case]
-    prev = _triton_ops.set_triton_op(triton_op == "on")
     try:
-        with fastres.use_backend("triton"):
+        with _triton_ops.use_triton_op(triton_op == "on"), fastres.use_backend("triton"):
             torch.manual_seed(0)
             model = fastres.resnet50()
             net = (model.get_submodule(path) if path else model).to(DEVICE, memory_format=torch.channels_last)
@@ -73,5 +72,4 @@ def test_compiled_train_step(benchmark, case, triton_op):
                                     backend="triton", compile="inductor", mode="train", shape=[BATCH, c, h, w],
                                     dtype="bf16", layout="NHWC", images=BATCH))
     finally:
-        _triton_ops.set_triton_op(prev)
         reset_compile()

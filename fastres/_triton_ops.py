@@ -34,9 +34,10 @@ cannot compile a user-defined Triton kernel on CPU tensors ("triton not built wi
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -86,6 +87,16 @@ def set_triton_op(mode) -> str:
             conv_ops.family("triton_op")
     _mode = new
     return prev
+
+
+@contextlib.contextmanager
+def use_triton_op(mode) -> Iterator[None]:
+    """``with use_triton_op(True): ...`` — :func:`set_triton_op` for a block."""
+    prev = set_triton_op(mode)
+    try:
+        yield
+    finally:
+        set_triton_op(prev)
 
 
 def _device_types() -> List[str]:

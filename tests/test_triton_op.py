@@ -11,7 +11,6 @@ checks are gpu-marked.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import pytest
@@ -20,12 +19,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastres
 from fastres import _triton_ops, conv_ops, ops
+from fastres._triton_ops import use_triton_op
 
 from conftest import HAS_CUDA, NO_CUDA, require_backend
 
 NO_CPU_INDUCTOR = "inductor cannot compile user-defined Triton kernels on CPU tensors (no Triton 'cpu' backend)"
-DEVICES = ["cpu", pytest.param("cuda", marks=(pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)))]
 GPU = (pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA))
+DEVICES = ["cpu", pytest.param("cuda", marks=GPU)]
 
 
 class _Records(logging.Handler):
@@ -52,15 +52,6 @@ def _exact_mutation_analysis():
         log.removeHandler(rec)
     bad = [m for m in rec.messages if "assuming every input is mutated" in m]
     assert not bad, bad[0]
-
-
-@contextlib.contextmanager
-def triton_op(mode):
-    prev = _triton_ops.set_triton_op(mode)
-    try:
-        yield
-    finally:
-        _triton_ops.set_triton_op(prev)
 
 
 def _families(device):
@@ -109,13 +100,13 @@ def _bn_autograd(fam, x, w, b, r, gy):
 _CONV = ([1, 1], [1, 1], [1, 1], 1)  # stride, padding, dilation, groups
 
 
-def _conv_inputs(device, dtype=torch.float32):
+def _conv_inputs(device, dtype=torch.float32, fmt=torch.channels_last):
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 4, 5, 6, generator=g).to(device, dtype).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 5, 6, generator=g).to(device, dtype).contiguous(memory_format=fmt)
     w = (torch.randn(6, 4, 3, 3, generator=g) * 0.3).to(device, dtype)
     s = (torch.rand(4, generator=g) + 0.5).to(device)
     t = torch.randn(4, generator=g).to(device)
-    r = torch.randn(2, 6, 5, 6, generator=g).to(device, dtype).contiguous(memory_format=torch.channels_last)
+    r = torch.randn(2, 6, 5, 6, generator=g).to(device, dtype).contiguous(memory_format=fmt)
     return x, w, s, t, r
 
 
@@ -146,16 +137,16 @@ def test_switch_values_and_family_choice(monkeypatch):
     assert _triton_ops._parse(" Off ") == "0" and _triton_ops._parse("") == "auto"
     with pytest.raises(ValueError, match="FASTRES_TRITON_OP must be one of auto, 1, 0.*'fast'"):
         _triton_ops.set_triton_op("fast")
-    with triton_op("auto"):
+    with use_triton_op("auto"):
         assert not _triton_ops.enabled()  # auto: the custom ops until a GPU measurement says otherwise
         assert ops.family("triton").name == "triton" and conv_ops.family("triton").name == "triton"
     require_backend("triton", "cpu")
-    with triton_op(True):
+    with use_triton_op(True):
         assert _triton_ops.requested() == "1"
         assert ops.family("triton").name == "triton_op"
         assert ops.family("triton").bn_act_train is torch.ops.fastres.tritonop_bn_act_train
         assert conv_ops.family("triton").conv2d_act is torch.ops.fastres.tritonop_conv2d_act
-    with triton_op("0"):
+    with use_triton_op("0"):
         assert ops.family("triton").bn_act_train is torch.ops.fastres.triton_bn_act_train
 
 
@@ -176,7 +167,7 @@ def test_functional_api_runs_the_selected_variant():
     x, w, b, r, _ = _bn_inputs("cpu")
     seen = {}
     for mode in ("1", "0"):
-        with triton_op(mode), fastres.use_backend("triton"), _OpNames() as rec:
+        with use_triton_op(mode), fastres.use_backend("triton"), _OpNames() as rec:
             rm, rv = torch.zeros(5), torch.ones(5)
             seen[mode] = (batch_norm_act(x, rm, rv, w, b, training=True, residual=r), rm, rv, rec.names)
     assert "fastres::tritonop_bn_act_train" in seen["1"][3] and "fastres::triton_bn_act_train" not in seen["1"][3]
@@ -216,40 +207,33 @@ def test_every_launch_goes_through_the_hook():
 
 
 # ----------------------------------------------------------------------------- bit identity
+KINDS = {"bn": (_families, _bn_inputs, _bn_graph, _bn_autograd),
+         "conv": (_conv_families, _conv_inputs, _conv_graph, _conv_autograd)}
+
+
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("dtype,fmt", [(torch.float32, torch.channels_last), (torch.float64, torch.contiguous_format),
                                        (torch.bfloat16, torch.channels_last)], ids=["f32-nhwc", "f64-nchw", "bf16"])
-def test_bn_ops_eager_bit_identical(device, dtype, fmt):
-    cop, top = _families(device)
-    args = _bn_inputs(device, dtype, fmt)
-    _equal(_bn_graph(top)(*args), _bn_graph(cop)(*args), "ops")
-    _equal(_bn_autograd(top, *args), _bn_autograd(cop, *args), "autograd")
+def test_ops_eager_bit_identical(device, kind, dtype, fmt):
+    """Every op called directly, and autograd through the differentiable ones."""
+    families, inputs, graph, autograd = KINDS[kind]
+    cop, top = families(device)
+    args = inputs(device, dtype, fmt)
+    _equal(graph(top)(*args), graph(cop)(*args), "ops")
+    _equal(autograd(top, *args), autograd(cop, *args), "autograd")
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_bn_ops_aot_eager_bit_identical(device):
-    cop, top = _families(device)
-    args = _bn_inputs(device)
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_ops_aot_eager_bit_identical(device, kind):
+    """Every op in one compiled graph (no autograd: the backward ops called directly)."""
+    families, inputs, graph, _ = KINDS[kind]
+    cop, top = families(device)
+    args = inputs(device)
     torch._dynamo.reset()
-    got = torch.compile(_bn_graph(top), backend="aot_eager", fullgraph=True)(*args)
-    _equal(got, _bn_graph(cop)(*args), "aot_eager")
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_conv_ops_eager_bit_identical(device):
-    cop, top = _conv_families(device)
-    args = _conv_inputs(device)
-    _equal(_conv_graph(top)(*args), _conv_graph(cop)(*args), "ops")
-    _equal(_conv_autograd(top, *args), _conv_autograd(cop, *args), "autograd")
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_conv_ops_aot_eager_bit_identical(device):
-    cop, top = _conv_families(device)
-    args = _conv_inputs(device)
-    torch._dynamo.reset()
-    got = torch.compile(_conv_graph(top), backend="aot_eager", fullgraph=True)(*args)
-    _equal(got, _conv_graph(cop)(*args), "aot_eager")
+    got = torch.compile(graph(top), backend="aot_eager", fullgraph=True)(*args)
+    _equal(got, graph(cop)(*args), "aot_eager")
 
 
 # ----------------------------------------------------------------------------- opcheck
@@ -296,33 +280,29 @@ def _train(f, args):
     return [o.detach() for o in out] + [a.grad for i, a in enumerate(leaves) if i != 4]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_autograd_through_aot_eager_bit_identical(device):
+@pytest.mark.parametrize("device,backend", [
+    ("cpu", "aot_eager"), pytest.param("cuda", "aot_eager", marks=GPU),
+    pytest.param("cuda", "inductor", marks=(pytest.mark.gpu, pytest.mark.skipif(
+        not HAS_CUDA, reason=f"{NO_CUDA} (on the CPU: {NO_CPU_INDUCTOR})")))])
+def test_autograd_through_compile(device, backend):
     """Forward and backward of the BN and conv ops through one compiled graph (the joint
-    graph AOTAutograd partitions into forward and backward)."""
+    graph AOTAutograd partitions into forward and backward). aot_eager: bit for bit
+    against eager custom ops; inductor (its own kernels for the small aten ops around
+    the user kernels): to rounding against the custom ops under inductor."""
     cop, top = _families(device)
     ccop, ctop = _conv_families(device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     args = _bn_inputs(device, dtype) + _conv_inputs(device, dtype)
     torch._dynamo.reset()
-    got = _train(torch.compile(_forward(top, ctop), backend="aot_eager", fullgraph=True), args)
-    _equal(got, _train(_forward(cop, ccop), args), "aot_eager autograd")
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason=f"{NO_CUDA} ({NO_CPU_INDUCTOR})")
-def test_autograd_through_inductor_gpu():
-    """The same under inductor (its own kernels for the small aten ops around the user
-    kernels): to rounding against the custom ops under inductor."""
-    cop, top = _families("cuda")
-    ccop, ctop = _conv_families("cuda")
-    args = _bn_inputs("cuda", torch.bfloat16) + _conv_inputs("cuda", torch.bfloat16)
+    ref_fn = _forward(cop, ccop)
+    ref = _train(ref_fn if backend == "aot_eager" else torch.compile(ref_fn, fullgraph=True), args)
     torch._dynamo.reset()
-    ref = _train(torch.compile(_forward(cop, ccop), fullgraph=True), args)
-    torch._dynamo.reset()
-    got = _train(torch.compile(_forward(top, ctop), fullgraph=True), args)
-    for g, r in zip(got, ref):
-        torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-2)
+    got = _train(torch.compile(_forward(top, ctop), backend=backend, fullgraph=True), args)
+    if backend == "aot_eager":
+        _equal(got, ref, "aot_eager autograd")
+    else:
+        for g, r in zip(got, ref):
+            torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.gpu
@@ -336,7 +316,7 @@ def test_model_training_step_inductor_gpu():
         torch.manual_seed(0)
         model = fastres.resnet18(num_classes=10).cuda().to(memory_format=torch.channels_last)
         x = torch.randn(8, 3, 64, 64, device="cuda").to(memory_format=torch.channels_last)
-        with triton_op(mode), fastres.use_backend("triton"):
+        with use_triton_op(mode), fastres.use_backend("triton"):
             torch._dynamo.reset()
             cm = torch.compile(model, fullgraph=True)
             with torch.autocast("cuda", torch.bfloat16):
@@ -375,7 +355,7 @@ def test_block_training_through_aot_eager_cpu():
     for mode, compiler in (("0", None), ("1", aot_autograd(fw_compiler=record, bw_compiler=record))):
         b = copy.deepcopy(block)
         xx = x.clone().requires_grad_()
-        with triton_op(mode), fastres.use_backend("triton"):
+        with use_triton_op(mode), fastres.use_backend("triton"):
             torch._dynamo.reset()
             run = b if compiler is None else torch.compile(b, backend=compiler, fullgraph=True)
             y = run(xx)
