@@ -299,16 +299,10 @@ def define_bn_ops(K) -> None:
 
 
 # ----------------------------------------------------------------------------- fused conv ops
-def _pretune_conv(args) -> None:
-    """The fused conv forward picks its tiling by timing candidates (kernels/_conv.py's
-    ``_pick_config``), which cannot run on fake tensors: while tracing on a GPU, tune this
-    problem once on real stand-ins of the same shapes, strides and dtypes, so that the
-    traced launch finds its tiling chosen (the custom op's choice for the same problem)."""
+def on_real_standins(fn, args):
+    """``fn(*args)`` outside every tracing mode, each tensor of ``args`` replaced by a real
+    one of the same shape, strides, dtype and device (random values)."""
     from torch.utils._python_dispatch import _disable_current_modes
-    from .kernels import _conv
-    x = args[0]
-    if x.device.type != "cuda" or _conv.INTERPRETED:
-        return
 
     def real(t):
         if not isinstance(t, Tensor):
@@ -316,7 +310,17 @@ def _pretune_conv(args) -> None:
         return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).normal_()
 
     with _disable_current_modes():
-        _conv.conv2d_act(*(real(a) for a in args))
+        return fn(*(real(a) for a in args))
+
+
+def _pretune_conv(args) -> None:
+    """The fused conv forward picks its tiling by timing candidates (kernels/_conv.py's
+    ``_pick_config``), which cannot run on fake tensors: while tracing on a GPU, tune this
+    problem once on real stand-ins, so that the traced launch finds its tiling chosen
+    (the custom op's choice for the same problem)."""
+    from .kernels import _conv
+    if args[0].device.type == "cuda" and not _conv.INTERPRETED:
+        on_real_standins(_conv.conv2d_act, args)
 
 
 def define_conv_ops(fwd_impl, bwd_impl) -> Tuple[object, object]:

@@ -206,6 +206,22 @@ def test_every_launch_goes_through_the_hook():
     assert names == []
 
 
+def test_real_standins_while_tracing():
+    """What tunes the fused conv's tiling while a GPU graph is traced: real tensors of the
+    traced ones' shapes, strides and dtypes, outside fake mode."""
+    from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+    seen = []
+    with FakeTensorMode():
+        x = torch.empty(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+        w = torch.empty(6, dtype=torch.float64)
+        assert is_fake(x)
+        _triton_ops.on_real_standins(lambda *a: seen.extend(a), (x, w, [1, 1], True))
+    got_x, got_w, stride, flag = seen
+    assert not is_fake(got_x) and not is_fake(got_w) and stride == [1, 1] and flag is True
+    assert got_x.shape == x.shape and got_x.stride() == x.stride() and got_w.dtype == torch.float64
+    assert torch.isfinite(got_x).all()
+
+
 # ----------------------------------------------------------------------------- bit identity
 KINDS = {"bn": (_families, _bn_inputs, _bn_graph, _bn_autograd),
          "conv": (_conv_families, _conv_inputs, _conv_graph, _conv_autograd)}
