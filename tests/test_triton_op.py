@@ -150,6 +150,27 @@ def test_switch_values_and_family_choice(monkeypatch):
         assert ops.family("triton").bn_act_train is torch.ops.fastres.triton_bn_act_train
 
 
+def test_switch_from_the_environment():
+    """FASTRES_TRITON_OP=1 at import: the variant is on and its ops are registered by
+    ``import fastres`` (torch.compile cannot register ops mid-trace); a bad value fails
+    the import naming the variable."""
+    import os
+    import subprocess
+    import sys
+    code = ("import torch, fastres; from fastres import _triton_ops as t; "
+            "print(t.requested(), t.enabled(), hasattr(torch.ops.fastres, 'tritonop_bn_act_train'), "
+            "hasattr(torch.ops.fastres, 'tritonop_conv2d_act'))")
+    env = dict(os.environ, FASTRES_TRITON_OP="1", TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET", "1"))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    expect_ops = fastres.backends.available("triton", "cpu")[0] or torch.cuda.is_available()
+    assert r.stdout.split() == ["1", "True", str(expect_ops), str(expect_ops)], r.stdout
+    env["FASTRES_TRITON_OP"] = "sometimes"
+    r = subprocess.run([sys.executable, "-c", "import fastres"], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0 and "FASTRES_TRITON_OP must be one of auto, 1, 0" in r.stderr, r.stderr[-3000:]
+
+
 class _OpNames(TorchDispatchMode):
     def __init__(self):
         super().__init__()
