@@ -40,7 +40,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import backends
+from . import _triton_ops, backends
 from ._reference import acc_dtype, conv2d_act_composite, memory_format_of
 
 Tensor = torch.Tensor
@@ -384,7 +384,6 @@ def family(name: str) -> ConvFamily:
     """The conv op family ``name``: ``torch`` (plain aten composition), ``ops``
     (``fastres::conv2d_act``, aten inside) or ``triton`` (``fastres::triton_conv2d_act``, or
     ``fastres::tritonop_conv2d_act`` when ``FASTRES_TRITON_OP`` selects the triton_op variant)."""
-    from . import _triton_ops
     if name == "triton" and _triton_ops.enabled():
         name = "triton_op"
     fam = _families.get(name)
@@ -422,7 +421,6 @@ def preload() -> None:
     device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if any(backends.available("triton", d)[0] for d in device_types):
         family("triton")
-        from . import _triton_ops
         if _triton_ops.enabled():
             family("triton_op")
     from . import cudnn

@@ -171,6 +171,29 @@ def test_switch_from_the_environment():
     assert r.returncode != 0 and "FASTRES_TRITON_OP must be one of auto, 1, 0" in r.stderr, r.stderr[-3000:]
 
 
+def test_switch_is_a_guard_of_compiled_code():
+    """Flipping the switch after compiling recompiles onto the other variant."""
+    require_backend("triton", "cpu")
+    from fastres.functional import batch_norm_act
+    graphs = []
+
+    def backend(gm, _inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    x, w, b, r, _ = _bn_inputs("cpu")
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: batch_norm_act(x, None, None, w, b, training=True, residual=r),
+                      backend=backend, fullgraph=True)
+    with fastres.use_backend("triton"):
+        for mode in ("0", "1", "0"):
+            with use_triton_op(mode):
+                f(x)
+    assert len(graphs) == 2, graphs
+    assert "fastres.triton_bn_act_train" in graphs[0] and "tritonop" not in graphs[0]
+    assert "fastres.tritonop_bn_act_train" in graphs[1]
+
+
 class _OpNames(TorchDispatchMode):
     def __init__(self):
         super().__init__()
