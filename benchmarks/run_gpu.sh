@@ -43,6 +43,9 @@
 #  12 | cudnn       pytest benchmarks/test_bench_cudnn_conv.py (cuDNN fused-conv graphs vs aten, every
 #                   ResNet-50 conv, b256 bf16 + fp16 NHWC: infer, train-fwd, dgrad, wgrad) and
 #                   benchmarks/test_bench_blocks.py with FASTRES_CONV=cudnn (the ResNet-50 bottlenecks)
+#  13 | triton-op   tests/test_triton_op.py, then benchmarks/test_bench_triton_op.py: torch.compile (inductor)
+#                   training steps (resnet50 layer1.0 block, resnet50 b64; bf16, channels_last) with the Triton
+#                   kernels as opaque custom ops vs as torch.library.triton_op (FASTRES_TRITON_OP; docs/GPU.md)
 #
 # Output (nothing else is written to OUT; it is rewritten after every step, so a run cut
 # short still brings back what it did):
@@ -113,8 +116,10 @@ full)
     10|infer)         PART=infer;          MID="infer-b1 infer-b32 infer-b256" ;;
     11|infer-fp16)    PART=infer-fp16;     MID="infer-fp16-b1 infer-fp16-b32 infer-fp16-b256" ;;
     12|cudnn)         PART=cudnn;          MID="benchmarks-cudnn-conv benchmarks-cudnn-blocks" ;;
+    13|triton-op)     PART=triton-op;      MID="tests-triton-op benchmarks-triton-op" ;;
     *) echo "run_gpu.sh: full needs a PART: 1|tests 2|slow 3|bandwidth 4|benchmarks 5|bench" \
             "6|bench-variants 7|bench-models 8|conv-bwd 9|conv-fwd 10|infer 11|infer-fp16 12|cudnn" \
+            "13|triton-op" \
             "(got '${PART}')" >&2; exit 2 ;;
     esac
     STEPS="env build info $MID plot"
@@ -444,6 +449,7 @@ for step in $STEPS; do
     tests) do_tests tests 210 120 4 "${GPU_TESTS[@]}" ;;
     tests-all)  do_tests tests-all 480 300 8 "${ALL_TESTS[@]}" ;;
     tests-slow) do_tests tests-slow 480 400 4 "${SLOW_TESTS[@]}" ;;
+    tests-triton-op) do_tests tests-triton-op 150 120 1 tests/test_triton_op.py ;;
     check) do_check ;;
     # (the dry run's tiny selection of each file follows the rounds)
     bandwidth)         do_benchmark bandwidth 120 10 "$K_KERNELS" benchmarks/test_bench_kernels.py ;;
@@ -456,6 +462,7 @@ for step in $STEPS; do
                            benchmarks/test_bench_models.py ;;
     benchmarks-conv-bwd) do_benchmark benchmarks-conv-bwd 480 10 "stem" benchmarks/test_bench_conv_bwd.py ;;
     benchmarks-conv)   do_benchmark benchmarks-conv 420 10 "stem" benchmarks/test_bench_conv.py -k "not bwd" ;;
+    benchmarks-triton-op) do_benchmark benchmarks-triton-op 360 10 "bottleneck" benchmarks/test_bench_triton_op.py ;;
     conv-choice)       do_conv_choice ;;
     benchmarks-cudnn-conv) do_benchmark benchmarks-cudnn-conv 300 10 "stem" benchmarks/test_bench_cudnn_conv.py ;;
     # (FASTRES_CONV=cudnn: the fastres blocks' convs through the cuDNN graphs; torchvision's unchanged)

@@ -40,7 +40,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import backends
+from . import _triton_ops, backends
 from ._reference import acc_dtype, conv2d_act_composite, memory_format_of
 from .ops import _unalias  # the custom-op glue both op families share
 
@@ -295,6 +295,8 @@ def _make_autograd(bwd_op):
         stride, padding, dilation, groups, in_relu, relu = ctx.conf
         if grad_y is None:
             grad_y = torch.zeros_like(y if y is not None else x.new_empty(0))
+        if mean is None:  # no stats: mean/var were empty [0]; their gradients (opcheck gives some) carry nothing
+            grad_mean = grad_var = None
         # create_graph=True (grad mode on in the backward): differentiable aten formulas;
         # an ordinary backward (also AOTAutograd's traced one) runs the fused op as before
         bwd = conv2d_act_backward_differentiable if torch.is_grad_enabled() else bwd_op
@@ -362,7 +364,10 @@ _families["ops"] = ConvFamily("ops", *_define("", conv2d_act_reference, conv2d_a
 
 def family(name: str) -> ConvFamily:
     """The conv op family ``name``: ``torch`` (plain aten composition), ``ops``
-    (``fastres::conv2d_act``, aten inside) or ``triton`` (``fastres::triton_conv2d_act``)."""
+    (``fastres::conv2d_act``, aten inside) or ``triton`` (``fastres::triton_conv2d_act``, or
+    ``fastres::tritonop_conv2d_act`` when ``FASTRES_TRITON_OP`` selects the triton_op variant)."""
+    if name == "triton" and _triton_ops.enabled():
+        name = "triton_op"
     fam = _families.get(name)
     if fam is not None:
         return fam
@@ -373,6 +378,13 @@ def family(name: str) -> ConvFamily:
             from . import cudnn
             _families[name] = ConvFamily(name, *_define("cudnn_", cudnn.family_forward(conv2d_act_reference),
                                                         cudnn.family_backward(_grad_conv_out)))
+            return _families[name]
+        if name == "triton_op":  # the same kernels as torch.library.triton_op (_triton_ops.py)
+            ok, msg = backends._triton_installed()
+            if not ok:
+                raise RuntimeError(f"fastres: the triton conv is unavailable: {msg}")
+            _families[name] = ConvFamily(name, *_triton_ops.define_conv_ops(_triton_forward,
+                                                                            conv2d_act_backward_triton))
             return _families[name]
         if name != "triton":
             raise ValueError(f"fastres: unknown conv op family {name!r}")
@@ -391,6 +403,8 @@ def preload() -> None:
     device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if any(backends.available("triton", d)[0] for d in device_types):
         family("triton")
+        if _triton_ops.enabled():
+            family("triton_op")
     from . import cudnn
     if cudnn.built()[0]:  # the cudnn family's ops (their fakes are needed by torch.compile on any device)
         family("cudnn")

@@ -27,7 +27,7 @@ from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
-from . import backends
+from . import _triton_ops, backends
 from . import _reference as ref
 from ._reference import acc_dtype, memory_format_of
 
@@ -225,7 +225,10 @@ _lock = threading.Lock()
 
 
 def family(name: str) -> Family:
-    """The op family of backend ``name`` (registering it on first use)."""
+    """The op family of backend ``name`` (registering it on first use). ``triton`` is the
+    triton_op variant (``fastres/_triton_ops.py``) when ``FASTRES_TRITON_OP`` selects it."""
+    if name == "triton" and _triton_ops.enabled():
+        name = "triton_op"
     fam = _families.get(name)
     if fam is not None:
         return fam
@@ -248,6 +251,13 @@ def family(name: str) -> Family:
             _define_python_ops("triton_", kernels)
             _register_family("triton_")
             _families["triton"] = _family_from_ops("triton", "triton_")
+        elif name == "triton_op":  # the same launchers as torch.library.triton_op (_triton_ops.py)
+            ok, msg = backends._triton_installed()
+            if not ok:
+                raise RuntimeError(f"fastres: the triton backend is unavailable: {msg}")
+            from . import kernels
+            _triton_ops.define_bn_ops(kernels)
+            _families[name] = _family_from_ops(name, _triton_ops.PREFIX)
         elif name == "reference_ops":  # tests: the aten reference behind the custom-op machinery
             _define_python_ops("ref_", ref)
             _register_family("ref_")
@@ -265,3 +275,5 @@ def preload() -> None:
     for name in ("cpp", "cuda", "triton"):
         if any(backends.available(name, d)[0] for d in device_types):
             family(name)
+    if _triton_ops.enabled() and any(backends.available("triton", d)[0] for d in device_types):
+        family("triton_op")

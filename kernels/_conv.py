@@ -43,6 +43,7 @@ import triton.language as tl
 # z converted to ptr's element type (bf16 rounded to nearest even under the interpreter):
 # the BN kernels' helper, shared (kernels import only kernels)
 from ._kernels import _out as _cast
+from ._launch import launch
 
 Tensor = torch.Tensor
 
@@ -248,8 +249,9 @@ def _device_ctx(x: Tensor):
 
 def _launch(cfg: Config, args: tuple, meta: dict, m: int, kg: int, groups: int) -> None:
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(kg, cfg.block_n), groups)
-    _conv_fwd_kernel[grid](*args, **meta, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                           GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    launch(_conv_fwd_kernel)[grid](*args, **meta, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                                   BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, num_warps=cfg.num_warps,
+                                   num_stages=cfg.num_stages)
 
 
 def _pick_config(key: tuple, run, dtype, cg, kg, m) -> Config:

@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from . import _kernels as K
-from ._launch import _INTERPRETED, _acc, _cdiv, _device_ctx, _finalize_meta, _p2, _rne, _tl_acc
+from ._launch import _INTERPRETED, _acc, _cdiv, _device_ctx, _finalize_meta, _p2, _rne, _tl_acc, launch
 
 Tensor = torch.Tensor
 IntPair = Union[int, Sequence[int]]
@@ -456,12 +456,12 @@ def conv2d_act_dgrad(grad_out: Tensor, weight: Tensor, x: Tensor, in_scale: Opti
                       DOT=x.dtype != torch.float64, DOT_F32=_INTERPRETED and x.dtype in _LOW,
                       IEEE=x.dtype in (torch.float32, torch.float64), ACC=_tl_acc(x.dtype))
         if tuned is not None:  # pragma: no cover - needs a GPU
-            tuned[grid](*args, **consts, MIN_BM=min_bm)
+            launch(tuned)[grid](*args, **consts, MIN_BM=min_bm)
         else:
-            _dgrad_kernel[grid(fixed)](*args, **consts, MIN_BM=min_bm, **fixed)
+            launch(_dgrad_kernel)[grid(fixed)](*args, **consts, MIN_BM=min_bm, **fixed)
         if need_in_grads:
             fgrid, fmeta = _finalize_meta(c, n_part)
-            K._bwd_finalize[fgrid](part[0], part[1], xc, xc, grad_s, grad_t, xc, c, n_part, 1, 1.0,
+            launch(K._bwd_finalize)[fgrid](part[0], part[1], xc, xc, grad_s, grad_t, xc, c, n_part, 1, 1.0,
                                    BN=False, HAS_W=False, ACC=_tl_acc(x.dtype), **fmeta)
     return gx.contiguous(memory_format=fmt), grad_s, grad_t
 
@@ -518,9 +518,9 @@ def conv2d_act_wgrad(grad_out: Tensor, x: Tensor, in_scale: Optional[Tensor], in
                       DOT=x.dtype != torch.float64, DOT_F32=_INTERPRETED and x.dtype in _LOW,
                       IEEE=x.dtype in (torch.float32, torch.float64), ACC=_tl_acc(x.dtype))
         if tuned is not None:  # pragma: no cover - needs a GPU
-            tuned[grid](*args, **consts)
+            launch(tuned)[grid](*args, **consts)
         else:
-            _wgrad_kernel[grid(fixed)](*args, **consts, **fixed)
+            launch(_wgrad_kernel)[grid(fixed)](*args, **consts, **fixed)
     if splits == 1:
         return buf[0], gbuf[0]
     return buf.sum(0), gbuf.sum(0)

@@ -7,6 +7,14 @@ interpreter still has the old conversion, :func:`apply` re-patches ``tensor.__in
 the way 3.8 does, inside the interpreter's own patch scope (restored with it), so the
 kernels keep their ``range`` loops: on a GPU those are the loops Triton software-pipelines.
 Nothing changes on a GPU or on a Triton that is already fixed.
+
+Second fix (Triton 3.6 and 3.8): a call of one ``@triton.jit`` function from another
+(``InterpretedFunction.__call__``, e.g. ``tl.zeros`` or a reduction's combine function,
+both in ``triton.language.standard``) patches ``triton.language`` for the interpreter
+and never restores the patch: after the first kernel run ``triton.language.core`` stays
+half-interpreted, and generating Triton IR in that process fails (torch's analysis of a
+user kernel under ``torch.library.triton_op`` does that: fastres/_triton_ops.py).
+:func:`apply` makes that call restore its patches when it returns.
 """
 from __future__ import annotations
 
@@ -20,12 +28,42 @@ def _index(self):
     return int(self.handle.data.squeeze())
 
 
+def _scoped_device_calls(I) -> None:
+    """``InterpretedFunction.__call__`` restoring the patch scope it opens."""
+    cls = getattr(I, "InterpretedFunction", None)
+    try:
+        src = inspect.getsource(cls.__call__) if cls is not None else ""
+    except (OSError, TypeError):
+        src = ""
+    if "_patch_lang(self.fn)" not in src or "restore" in src:  # another layout, or already fixed
+        return
+
+    def __call__(self, *args, **kwargs):
+        scope = I._patch_lang(self.fn)
+        try:
+            fn = self.rewrite()
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:
+                raise I.InterpreterError(repr(e)) from e
+        finally:
+            if hasattr(scope, "restore"):
+                scope.restore()
+
+    cls.__call__ = __call__
+
+
 def apply() -> bool:
-    """Install the fix where it is needed; True when installed (now or before)."""
+    """Install the fixes where they are needed; True when the first is installed (now or before)."""
     if _applied:
         return _applied[0]
     ok = False
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        try:
+            from triton.runtime import interpreter as I
+            _scoped_device_calls(I)
+        except ImportError:
+            pass
         try:
             from triton.runtime import interpreter as I
             orig = getattr(I, "_patch_lang_tensor", None)

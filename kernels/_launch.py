@@ -1,11 +1,18 @@
 """Launchers: allocate outputs, pick a tiling, launch, return (docs/DESIGN.md semantics).
 
 Pure functions of tensors: no host syncs, no op registration (fastres/ops.py wraps
-these in torch.library.custom_op). Imports torch and triton only.
+these in torch.library.custom_op; fastres/_triton_ops.py in torch.library.triton_op).
+Imports torch and triton only.
+
+Every launch goes through :func:`launch`: the kernel itself, or, inside
+:func:`launching` (the ``triton_op`` variant), the kernel as the given hook wraps it
+(``torch.library.wrap_triton``), so that torch.compile records each launch as a
+user-defined Triton kernel that inductor sees, instead of an opaque call.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -37,6 +44,25 @@ CONFIG = {
 # Under TRITON_INTERPRET=1 the kernels are InterpretedFunctions, whose fp32 -> bf16 cast
 # truncates; the kernels then round to nearest even by hand (the GPU cast already does).
 _INTERPRETED = not isinstance(K._act_kernel, triton.runtime.JITFunction)
+
+
+_HOOK: "contextvars.ContextVar" = contextvars.ContextVar("fastres_kernel_launch_hook", default=None)
+
+
+def launch(kernel):
+    """``kernel`` as it is launched here: itself, or ``hook(kernel)`` inside :func:`launching`."""
+    hook = _HOOK.get()
+    return kernel if hook is None else hook(kernel)
+
+
+@contextlib.contextmanager
+def launching(hook):
+    """Launch every kernel of the launchers called in this block through ``hook``."""
+    token = _HOOK.set(hook)
+    try:
+        yield
+    finally:
+        _HOOK.reset(token)
 
 
 def _rne(dtype: torch.dtype) -> bool:
@@ -160,7 +186,7 @@ def _launch_act(xc: Tensor, res: Optional[Tensor], mean: Optional[Tensor], scale
     plan = _plan(xc, cl)
     acc = _tl_acc(xc.dtype)
     d = xc  # dummy pointer for absent operands (never dereferenced)
-    K._act_kernel[plan.grid](xc, d if res is None else res, d if mean is None else mean,
+    launch(K._act_kernel)[plan.grid](xc, d if res is None else res, d if mean is None else mean,
                              d if scale is None else scale, d if shift is None else shift, y, *plan.args,
                              HAS_MEAN=mean is not None, HAS_SCALE=scale is not None,
                              HAS_SHIFT=shift is not None, HAS_RES=res is not None, RELU=bool(relu),
@@ -187,10 +213,10 @@ def bn_act_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], re
     # separate allocations: custom_op outputs may not share storage
     mean, var, scale = (torch.empty((c,), dtype=acc, device=x.device) for _ in range(3))
     with _device_ctx(x):
-        K._stats_kernel[plan.grid](xc, part[0], part[1], part[2], part[3], *plan.args, ACC=tacc, **plan.meta)
+        launch(K._stats_kernel)[plan.grid](xc, part[0], part[1], part[2], part[3], *plan.args, ACC=tacc, **plan.meta)
         fgrid, fmeta = _finalize_meta(c, plan.chunks)
         stride_c = 1 if cl else x.shape[2] * x.shape[3]  # of x[0, c, 0, 0]
-        K._stats_finalize[fgrid](xc, part[0], part[1], part[2], part[3], xc if weight is None else weight,
+        launch(K._stats_finalize)[fgrid](xc, part[0], part[1], part[2], part[3], xc if weight is None else weight,
                                  mean, var, scale, c, stride_c, plan.chunks, float(eps),
                                  HAS_W=weight is not None, ACC=tacc, **fmeta)
         _launch_act(xc, res, mean, scale, bias, y, relu, cl)
@@ -212,7 +238,7 @@ def affine_act(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], resi
 # ----------------------------------------------------------------------------- backward
 def _launch_bwd(plan: _Plan, gy, xc, yc, mean, coef, gx, gz, part, relu, sums, center, gx_mode, has_a):
     d = xc
-    K._bwd_kernel[plan.grid](gy, xc, d if yc is None else yc, d if mean is None else mean,
+    launch(K._bwd_kernel)[plan.grid](gy, xc, d if yc is None else yc, d if mean is None else mean,
                              d if coef is None else coef, d if gx is None else gx, d if gz is None else gz,
                              d if part is None else part[0], d if part is None else part[1], *plan.args,
                              RELU=bool(relu), SUMS=sums, CENTER=center, GX_MODE=gx_mode, HAS_A=has_a,
@@ -244,7 +270,7 @@ def bn_act_train_backward(grad_y: Tensor, x: Tensor, y: Tensor, weight: Optional
         _launch_bwd(plan, gy, xc, yc, mean, None, None, None, part, relu, sums=True, center=True,
                     gx_mode=0, has_a=False)
         fgrid, fmeta = _finalize_meta(c, plan.chunks)
-        K._bwd_finalize[fgrid](part[0], part[1], var, xc if weight is None else weight, grad_w, grad_b,
+        launch(K._bwd_finalize)[fgrid](part[0], part[1], var, xc if weight is None else weight, grad_w, grad_b,
                                coef, c, plan.chunks, m, float(eps), BN=True, HAS_W=weight is not None,
                                ACC=_tl_acc(x.dtype), **fmeta)
         _launch_bwd(plan, gy, xc, yc, mean, coef, grad_x, grad_z if need_grad_z else None, None, relu,
@@ -276,6 +302,6 @@ def affine_act_backward(grad_y: Tensor, x: Tensor, y: Tensor, scale: Optional[Te
                     sums=bool(need_param_grads), center=False, gx_mode=1, has_a=scale is not None)
         if need_param_grads:
             fgrid, fmeta = _finalize_meta(c, plan.chunks)
-            K._bwd_finalize[fgrid](part[0], part[1], xc, xc, grad_s, grad_t, xc, c, plan.chunks, 1,
+            launch(K._bwd_finalize)[fgrid](part[0], part[1], xc, xc, grad_s, grad_t, xc, c, plan.chunks, 1,
                                    1.0, BN=False, HAS_W=False, ACC=_tl_acc(x.dtype), **fmeta)
     return grad_x, grad_z, grad_s, grad_t

@@ -264,6 +264,47 @@ def test_single_rank_group_is_batch_norm_act(dist_results):
     _check(dist_results, "subgroup")
 
 
+def _collectives_case(rank, world):
+    """The issue's budget: per training forward ONE collective (count, mean and M2 of
+    every channel), per backward ONE (the two gradient reductions), on every CPU backend,
+    also on a rank with no sample."""
+    names = ("all_reduce", "all_gather_into_tensor", "all_gather", "broadcast", "reduce_scatter_tensor",
+             "all_to_all_single")
+    orig = {n: getattr(dist, n) for n in names if hasattr(dist, n)}
+    calls = []
+
+    def counting(n):
+        def f(*args, **kwargs):
+            calls.append(n)
+            return orig[n](*args, **kwargs)
+        return f
+
+    for n in orig:
+        setattr(dist, n, counting(n))
+    try:
+        for backend in _cpu_backends():
+            for parts in ((4, 4), (0, 8)):
+                with _use(backend):
+                    m = convert_sync_batchnorm(BatchNormAct2d(3, activation="relu", dtype=F64))
+                    g = torch.Generator().manual_seed(5)
+                    sl = _part(parts, rank)
+                    x = torch.randn(8, 3, 4, 4, generator=g, dtype=F64)[sl].requires_grad_()
+                    r = torch.randn(8, 3, 4, 4, generator=g, dtype=F64)[sl].requires_grad_()
+                    calls.clear()
+                    y = m(x, r)
+                    _expect(len(calls) == 1, f"{backend} {parts}: the forward ran {len(calls)} collectives {calls}")
+                    calls.clear()
+                    (y * y).sum().backward()
+                    _expect(len(calls) == 1, f"{backend} {parts}: the backward ran {len(calls)} collectives {calls}")
+    finally:
+        for n, f in orig.items():
+            setattr(dist, n, f)
+
+
+def test_one_collective_per_forward_and_backward(dist_results):
+    _check(dist_results, "collectives")
+
+
 # ============================================================================ block and resnet18
 def _model_cases(rank, world):
     import torchvision
@@ -371,6 +412,7 @@ _CASES = {
                                                                    if b != "reference_ops"]),
     "compile": _compile_case,
     "subgroup": _subgroup_case,
+    "collectives": _collectives_case,
     "models": _model_cases,
     "ddp 4+4": lambda rank, world: _ddp_case(rank, world, (4, 4)),
     "ddp 3+5": lambda rank, world: _ddp_case(rank, world, (3, 5)),

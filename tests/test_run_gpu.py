@@ -144,6 +144,7 @@ def test_full_profile_needs_a_known_part(tmp_path):
     assert r.returncode == 2
     assert "full needs a PART" in r.stdout and "bench-variants" in r.stdout and "conv-bwd" in r.stdout
     assert "12|cudnn" in r.stdout
+    assert "13|triton-op" in r.stdout
 
 
 # ----------------------------------------------------------------------------- gpu_summary
@@ -407,3 +408,21 @@ def test_dry_run_signalled_from_outside_packs_the_running_step(tmp_path):
         run_log = t.extractfile("logs/run.log").read().decode()
     assert {"logs/tests.log", "logs/tests.shard0.log", "logs/tests.shard1.log"} <= names, names
     assert "signalled from outside during step tests" in run_log, run_log[-2000:]
+
+
+@pytest.mark.slow
+def test_dry_run_triton_op_part(tmp_path):
+    """full part 13: the triton_op tests and the compiled-training benchmark (which skips,
+    with its reason, on the CPU), packed into the three files."""
+    out = tmp_path / "out"
+    r = _run(out, "full", "triton-op")
+    assert r.returncode == 0, r.stdout[-6000:]
+    assert sorted(os.listdir(out)) == OUT_FILES, r.stdout[-3000:]
+    steps = _steps((out / "summary.txt").read_text())
+    assert list(steps) == ["env", "build", "info", "tests-triton-op", "benchmarks-triton-op", "plot"], steps
+    assert all(rc == "0" for rc, _ in steps.values()), steps
+    m = re.search(r"passed (\d+), failed (\d+), errors (\d+)", " ".join(steps["tests-triton-op"][1]))
+    assert m and int(m.group(1)) > 0 and m.group(2) == "0" and m.group(3) == "0", steps["tests-triton-op"]
+    with tarfile.open(out / "logs.tar.gz") as t:
+        log = t.extractfile("logs/benchmarks-triton-op.log").read().decode()
+    assert "inductor cannot compile user-defined Triton kernels on CPU tensors" in log or "skipped" in log, log
