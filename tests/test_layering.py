@@ -20,7 +20,7 @@ LAYERS = (
     ("kernels", ("fastres.kernels", "fastres._C")),
     ("base", ("fastres._reference", "fastres._validate")),
     ("ops", ("fastres.backends", "fastres.ops", "fastres.conv_ops", "fastres.conv_backend", "fastres.conv_aten",
-             "fastres.conv_choice_table", "fastres.cudnn")),
+             "fastres.conv_choice_table", "fastres.cudnn", "fastres._triton_ops")),
     ("functional", ("fastres.functional",)),
     ("fold", ("fastres.fold",)),
     ("nn", ("fastres.nn",)),
