@@ -66,7 +66,7 @@ _LOW = (torch.bfloat16, torch.float16)
 CONFIG = {
     "interp": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1),
     "fp64": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=8, num_warps=4, num_stages=2),
-    "gpu": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+    "gpu": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),  # (K 64: wgmma on sm_90)
     "part_unit": None,  # fixed tilings: partial-row unit (divides BLOCK_M; None = BLOCK_M)
     "wgrad_rows": 4096,
     "wgrad_target": None,
