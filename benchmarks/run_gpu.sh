@@ -46,6 +46,9 @@
 #  13 | triton-op   tests/test_triton_op.py, then benchmarks/test_bench_triton_op.py: torch.compile (inductor)
 #                   training steps (resnet50 layer1.0 block, resnet50 b64; bf16, channels_last) with the Triton
 #                   kernels as opaque custom ops vs as torch.library.triton_op (FASTRES_TRITON_OP; docs/GPU.md)
+#  14 | bench-conv  python -m fastres bench --conv-paths: fastres[triton] with the Triton fused conv and
+#                   fastres[cuda] with cuDNN's fused graphs, next to the same backends on aten convs,
+#                   torchvision and torchvision + torch.compile (train), b256 bf16
 #
 # Output (nothing else is written to OUT; it is rewritten after every step, so a run cut
 # short still brings back what it did):
@@ -117,9 +120,10 @@ full)
     11|infer-fp16)    PART=infer-fp16;     MID="infer-fp16-b1 infer-fp16-b32 infer-fp16-b256" ;;
     12|cudnn)         PART=cudnn;          MID="benchmarks-cudnn-conv benchmarks-cudnn-blocks" ;;
     13|triton-op)     PART=triton-op;      MID="tests-triton-op benchmarks-triton-op" ;;
+    14|bench-conv)    PART=bench-conv;     MID="bench-conv" ;;
     *) echo "run_gpu.sh: full needs a PART: 1|tests 2|slow 3|bandwidth 4|benchmarks 5|bench" \
             "6|bench-variants 7|bench-models 8|conv-bwd 9|conv-fwd 10|infer 11|infer-fp16 12|cudnn" \
-            "13|triton-op" \
+            "13|triton-op 14|bench-conv" \
             "(got '${PART}')" >&2; exit 2 ;;
     esac
     STEPS="env build info $MID plot"
@@ -471,6 +475,10 @@ for step in $STEPS; do
                            -k "bottleneck and (torchvision or cuda)" ;;
     bench)          do_bench bench 240 "${QUICK_BENCH[@]}" ;;
     bench-full)     do_bench bench-full 420 ;;
+    # (the fused convolutions in the whole model: fastres[triton] with FASTRES_CONV=fused, fastres[cuda]
+    #  with cuDNN's graphs, next to the same backends on aten convs, torchvision and torch.compile)
+    bench-conv)     do_bench bench-conv 420 --conv-paths --backend triton,cuda --compile-modes train \
+                        --iters 10 --repeats 3 --tag conv ;;
     bench-fp32)     do_bench bench-fp32 150 --dtype fp32 --compile-modes infer "${RO[@]}" ;;
     bench-fp16)     do_bench bench-fp16 150 --dtype fp16 --compile-modes infer "${RO[@]}" ;;
     bench-nchw)     do_bench bench-nchw 150 --no-channels-last --compile-modes infer "${RO[@]}" ;;

@@ -168,6 +168,7 @@ class BenchConfig:
     compile: bool
     compile_modes: List[str]
     compile_fastres: bool
+    conv_paths: bool
     iters: int
     repeats: int
     warmup: int
@@ -235,6 +236,7 @@ def resolve_config(args) -> BenchConfig:
                       channels_last=pick("channels_last"), modes=modes, backends=args.backend,
                       compile=bool(compile_on), compile_modes=compile_modes,
                       compile_fastres=bool(getattr(args, "compile_fastres", False)),
+                      conv_paths=bool(getattr(args, "conv_paths", False)),
                       iters=pick("iters"), repeats=pick("repeats"), warmup=pick("warmup"), device=str(dev),
                       num_classes=num_classes, seed=args.seed, out=out, plot=not args.no_plot,
                       progress=not args.no_progress, tag=args.tag or "",
@@ -267,6 +269,7 @@ class Contender:
     cuda_graph: bool = False  # fastres.cuda_graph_inference (GPU inference)
     graphs: bool = False        # the step is captured in a CUDA graph and replayed
     alternative: bool = False   # a compiled torchvision contender: what a user could pick instead
+    conv: Optional[str] = None  # the conv path while it runs (fastres.conv_backend.use_conv; None: the default)
 
 
 def fastres_backends(cfg: BenchConfig) -> Tuple[List[str], List[str]]:
@@ -290,6 +293,21 @@ def fastres_backends(cfg: BenchConfig) -> Tuple[List[str], List[str]]:
         elif spec != "all" or (b, dev_type) not in (("cuda", "cpu"), ("cpp", "cuda")):  # not for another device
             notes.append(f"fastres[{b}] not run: {why}")
     return run, notes
+
+
+# --conv-paths: the fused convolution of each backend (issues 10 and 11) as contenders of their own
+CONV_PATHS = {"triton": "fused", "cuda": "cudnn"}
+
+
+def conv_path_unavailable(path: str, device: torch.device) -> Optional[str]:
+    """Why ``FASTRES_CONV=path`` cannot run its fused convolution on ``device`` (None: it can)."""
+    if device.type != "cuda":
+        return f"the {path} conv path runs on CUDA GPUs only"
+    if path == "cudnn":
+        from fastres import cudnn
+        ok, why = cudnn.available(device.type)
+        return None if ok else why
+    return None
 
 
 def contenders(cfg: BenchConfig) -> Tuple[List[Contender], List[str]]:
@@ -321,6 +339,10 @@ def contenders(cfg: BenchConfig) -> Tuple[List[Contender], List[str]]:
             out.append(Contender(f"fastres[{b}]+cudagraph", "fastres", b, False, modes=("infer",), cuda_graph=True))
         if cfg.compile_fastres:
             out.append(Contender(f"fastres[{b}]+compile", "fastres", b, True))
+        if cfg.conv_paths and b in CONV_PATHS:
+            path = CONV_PATHS[b]
+            why = conv_path_unavailable(path, torch.device(cfg.device))
+            out.append(Contender(f"fastres[{b}]+conv({path})", "fastres", b, False, conv=path, skip=why))
     if cfg.cuda_graphs:  # each eager contender once more, captured in a CUDA graph
         out += [Contender(c.name + "+graphs", c.kind, c.backend, False, modes=c.modes, graphs=True)
                 for c in list(out) if not c.compiled and not c.cuda_graph]
@@ -601,7 +623,13 @@ class _Job:
 
     def ctx(self):
         import fastres
-        return fastres.use_backend(self.c.backend) if self.c.backend else contextlib.nullcontext()
+        from fastres import conv_backend
+        stack = contextlib.ExitStack()
+        if self.c.backend:
+            stack.enter_context(fastres.use_backend(self.c.backend))
+        if self.c.conv:
+            stack.enter_context(conv_backend.use_conv(self.c.conv))
+        return stack
 
 
 def _new_row(c: Contender, mode: str, cfg: BenchConfig, device: torch.device, date: str) -> Dict[str, object]:

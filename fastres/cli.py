@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="which modes get the torch.compile contender (default both)")
     pb.add_argument("--compile-fastres", action="store_true",
                     help="also run each fastres backend under torch.compile")
+    pb.add_argument("--conv-paths", action="store_true",
+                    help="also run fastres[triton] with the Triton fused convolution (FASTRES_CONV=fused) and "
+                         "fastres[cuda] with cuDNN's fused conv graphs (FASTRES_CONV=cudnn) as contenders of "
+                         "their own (CUDA only; first calls autotune/build plans, untimed)")
     pb.add_argument("--cuda-graphs", action="store_true",
                     help="also time each eager contender with its whole step (forward, backward, SGD; or the "
                          "inference forward) captured in a CUDA graph and replayed (CUDA only)")

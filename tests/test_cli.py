@@ -495,3 +495,36 @@ def test_train_example_image_folder(tmp_path):
     assert out["global_step"] == 2  # 4 training images, batch 2
     assert len(out["history"]["val_acc"]) == 1 and 0.0 <= out["history"]["val_acc"][0] <= 1.0
     assert out["model"].fc.out_features == 2  # classes from the folders
+
+
+# ============================================================================ --conv-paths
+def test_bench_conv_paths_adds_the_fused_conv_contenders(monkeypatch):
+    """--conv-paths: fastres[triton] with FASTRES_CONV=fused and fastres[cuda] with cuDNN's
+    graphs (FASTRES_CONV=cudnn) as contenders of their own; skipped, saying why, where the
+    path cannot run (the CPU; a GPU without the cuDNN graphs)."""
+    from fastres import cudnn
+    monkeypatch.setattr(bench, "fastres_backends", lambda cfg: (["torch", "triton", "cuda"], []))
+    for dev in ("cpu", "cuda"):
+        monkeypatch.setattr(cudnn, "available", lambda device_type: (False, "cuDNN graphs not built"))
+        cfg = bench.resolve_config(parse("bench", "--device", "cpu", "--conv-paths", "--no-compile"))
+        cfg.device = dev
+        conts = {c.name: c for c in bench.contenders(cfg)[0]}
+        fused, cud = conts["fastres[triton]+conv(fused)"], conts["fastres[cuda]+conv(cudnn)"]
+        assert (fused.backend, fused.conv, cud.backend, cud.conv) == ("triton", "fused", "cuda", "cudnn")
+        assert "fastres[torch]+conv(fused)" not in conts and "fastres[torch]+conv(aten)" not in conts
+        if dev == "cpu":
+            assert "CUDA GPUs only" in fused.skip and "CUDA GPUs only" in cud.skip
+        else:
+            assert fused.skip is None and cud.skip == "cuDNN graphs not built"
+    cfg = bench.resolve_config(parse("bench", "--device", "cpu", "--no-compile"))
+    assert not any(c.conv for c in bench.contenders(cfg)[0])  # off by default
+
+
+def test_bench_job_runs_under_its_conv_path():
+    from fastres import conv_backend
+    before = conv_backend.requested_conv()
+    job = bench._Job(c=bench.Contender("x", "fastres", "torch", False, conv="fused"), mode="infer", row={})
+    with job.ctx():
+        assert conv_backend.requested_conv() == "fused"
+        assert backends.backend_for(torch.device("cpu")) == "torch"
+    assert conv_backend.requested_conv() == before
