@@ -41,7 +41,8 @@ def _tool(*args, timeout=900):
 
 def _launched_kernels():
     """Names of the @triton.jit functions of kernels/ that a launcher launches
-    (``kernel[grid](...)``, directly or through ``triton.autotune``)."""
+    (``kernel[grid](...)`` or ``launch(kernel)[grid](...)``, directly or through
+    ``triton.autotune``)."""
     jit, launched = set(), set()
     for f in KERNEL_FILES:
         src = open(os.path.join(ROOT, "kernels", f)).read()
@@ -50,6 +51,7 @@ def _launched_kernels():
                     "jit" in ast.unparse(d) for d in node.decorator_list):
                 jit.add(node.name)
         launched |= set(re.findall(r"(\w+)\[[^\]\n]*\]\(", src))
+        launched |= set(re.findall(r"launch\((?:K\.)?(\w+)\)\[", src))  # launch([K.]kernel)[grid](...): the triton_op hook
         launched |= set(re.findall(r'\("\w+", _\w+, (_\w+kernel)', src))  # the autotuned ones
     return {k for k in launched if k in jit}
 
