@@ -198,13 +198,13 @@ def eval_plan_forward(model: nn.Module, x: Tensor) -> Optional[Tensor]:
     (``_version``), moved or re-laid-out — the same rules as the fold cache;
     :func:`fastres.fold.invalidate` drops it.
     """
-    if (not fold.use_eval_plan() or not conv_backend.use_onednn() or type(x) is not torch.Tensor
-            or x.device.type != "cpu" or x.dim() != 4 or x.numel() == 0 or x.requires_grad):
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # (first: no traced shape arithmetic)
         return None
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if (not fold.use_eval_plan() or not conv_backend.use_onednn() or type(x) is not torch.Tensor
+            or x.device.type != "cpu" or x.dim() != 4 or x.requires_grad):
         return None
     dtype = plan_dtype(x)
-    if dtype is None:
+    if dtype is None or x.numel() == 0:
         return None
     from torch.nn.modules import module as _module
     if (_module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
