@@ -105,7 +105,9 @@ def test_trace_matches_eager_and_is_portable(train):
         warnings.simplefilter("always", torch.jit.TracerWarning)
         traced = torch.jit.trace(copy.deepcopy(model).train(train), x, check_trace=False)
     # no Python control flow of fastres's baked into the trace
-    assert not [w for w in seen if "fastres" in w.filename and issubclass(w.category, torch.jit.TracerWarning)]
+    baked = [f"{w.filename}:{w.lineno}: {w.message}" for w in seen
+             if "fastres" in w.filename and issubclass(w.category, torch.jit.TracerWarning)]
+    assert not baked, "\n".join(baked[:5])
     assert "fastres::" not in str(traced.inlined_graph)  # aten only: runs and saves without fastres
     y, yt = _run_pair(model, traced, x, train)
     assert rel_err(yt, y) < 1e-10
