@@ -379,18 +379,15 @@ def family(name: str) -> ConvFamily:
             _families[name] = ConvFamily(name, *_define("cudnn_", cudnn.family_forward(conv2d_act_reference),
                                                         cudnn.family_backward(_grad_conv_out)))
             return _families[name]
-        if name == "triton_op":  # the same kernels as torch.library.triton_op (_triton_ops.py)
-            ok, msg = backends._triton_installed()
-            if not ok:
-                raise RuntimeError(f"fastres: the triton conv is unavailable: {msg}")
-            _families[name] = ConvFamily(name, *_triton_ops.define_conv_ops(_triton_forward,
-                                                                            conv2d_act_backward_triton))
-            return _families[name]
-        if name != "triton":
+        if name not in ("triton", "triton_op"):
             raise ValueError(f"fastres: unknown conv op family {name!r}")
         ok, msg = backends._triton_installed()
         if not ok:
             raise RuntimeError(f"fastres: the triton conv is unavailable: {msg}")
+        if name == "triton_op":  # the same kernels as torch.library.triton_op (_triton_ops.py)
+            _families[name] = ConvFamily(name, *_triton_ops.define_conv_ops(_triton_forward,
+                                                                            conv2d_act_backward_triton))
+            return _families[name]
         # the backward: the Triton dgrad/wgrad kernels of kernels/_conv_bwd.py where they
         # exist (FASTRES_CONV_BWD=aten forces aten; under FASTRES_CONV=auto the measured choice per
         # shape class, conv_backend.backward_parts), else aten's convolution_backward

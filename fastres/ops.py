@@ -243,21 +243,18 @@ def family(name: str) -> Family:
                 _register_family("")
                 _families["cpp"] = _family_from_ops("cpp", "")
                 _families["cuda"] = _family_from_ops("cuda", "")
-        elif name == "triton":
+        elif name in ("triton", "triton_op"):
             ok, msg = backends._triton_installed()
             if not ok:
                 raise RuntimeError(f"fastres: the triton backend is unavailable: {msg}")
             from . import kernels  # fastres.kernels (the top-level kernels/ folder)
-            _define_python_ops("triton_", kernels)
-            _register_family("triton_")
-            _families["triton"] = _family_from_ops("triton", "triton_")
-        elif name == "triton_op":  # the same launchers as torch.library.triton_op (_triton_ops.py)
-            ok, msg = backends._triton_installed()
-            if not ok:
-                raise RuntimeError(f"fastres: the triton backend is unavailable: {msg}")
-            from . import kernels
-            _triton_ops.define_bn_ops(kernels)
-            _families[name] = _family_from_ops(name, _triton_ops.PREFIX)
+            if name == "triton":
+                _define_python_ops("triton_", kernels)
+                _register_family("triton_")
+                _families["triton"] = _family_from_ops("triton", "triton_")
+            else:  # the same launchers as torch.library.triton_op (_triton_ops.py)
+                _triton_ops.define_bn_ops(kernels)
+                _families[name] = _family_from_ops(name, _triton_ops.PREFIX)
         elif name == "reference_ops":  # tests: the aten reference behind the custom-op machinery
             _define_python_ops("ref_", ref)
             _register_family("ref_")
