@@ -164,12 +164,21 @@ def use_onednn(enabled: Optional[bool] = None) -> bool:
 
 def aten_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
               residual: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
-              dilation: Sequence[int], prologue: bool, stats: bool) -> str:
+              dilation: Sequence[int], prologue: bool, stats: bool, *, relu: bool) -> str:
     """The ``aten`` path's backend for one validated conv2d_act call: ``onednn`` where
-    :func:`use_onednn` is on and :func:`fastres.conv_aten.onednn_supports` the call, else
-    ``epilogue``; ``composite`` with a prologue or statistics."""
+    :func:`use_onednn` is on, there is an epilogue to fuse (a bias, a residual or the
+    ReLU) and :func:`fastres.conv_aten.onednn_supports` the call, else ``epilogue``;
+    ``composite`` with a prologue or statistics.
+
+    A bare convolution (a training-mode block conv under ``torch.no_grad``) is aten's own
+    convolution, the very call torchvision makes: the primitive would fuse nothing there,
+    and on torch 2.11 its result for a contiguous (NCHW) input is 3-6x further from
+    float64 than aten's (measured: aten's NCHW conv is not oneDNN's blocked kernel there),
+    which made a whole fp32 train-mode forward up to 3x less accurate than torchvision's."""
     if prologue or stats:
         return "composite"
+    if not (relu or bias is not None or residual is not None):
+        return "epilogue"
     if _use_onednn[0] and conv_aten.onednn_supports(x, weight, bias, residual, stride, padding, dilation):
         return "onednn"
     return "epilogue"

@@ -296,7 +296,8 @@ def conv2d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
         path = conv_backend.path_for(x, weight, stride, dilation, groups) if x.numel() > 0 else "aten"
         if path == "aten":  # the aten path's backends (fastres.conv_aten): oneDNN, aten conv + epilogue
             impl = conv_backend.aten_impl(x, weight, bias, residual, stride, padding, dilation,
-                                          in_scale is not None or in_shift is not None or in_relu, want_stats)
+                                          in_scale is not None or in_shift is not None or in_relu, want_stats,
+                                          relu=relu)
             if impl == "onednn":
                 return conv_aten.onednn_conv2d_act(x, weight, bias, residual, stride, padding, dilation, groups,
                                                    relu)

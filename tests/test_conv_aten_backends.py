@@ -135,7 +135,7 @@ def test_fallback_to_the_epilogue_backend(why, calls):
         elif why != "switched_off":
             assert not conv_aten.onednn_supports(*args)
         if why == "meta":  # a non-CPU device (conv2d_act itself does not run on meta: autocast has no meta)
-            assert conv_backend.aten_impl(*args, False, False) == "epilogue"
+            assert conv_backend.aten_impl(*args, False, False, relu=True) == "epilogue"
             y = conv_aten.epilogue_conv2d_act(*args, 1, True)
             assert y.device.type == "meta" and y.shape == r.shape
             return
@@ -163,7 +163,24 @@ def test_prologue_or_stats_take_the_composite(kind, calls):
             conv2d_act(x, w, b, stride, padding, stats=True)
     assert calls == {"onednn": 0, "onednn_add_relu_": 0, "epilogue": 0}
     assert conv_backend.aten_impl(x, w, b, None, [1, 1], [1, 1], [1, 1], kind == "prologue",
-                                  kind == "stats") == "composite"
+                                  kind == "stats", relu=False) == "composite"
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_bare_conv_is_atens_own(shape, layout, calls):
+    """Nothing to fuse (a training-mode block conv under no_grad): aten's convolution,
+    bit for bit what torchvision computes. (It took the oneDNN primitive, whose NCHW
+    result on torch 2.11 is 3-6x further from float64 than aten's: the train-mode
+    accuracy gap of test_inference.py::test_eval_plan_is_never_stale.)"""
+    x, w, _, _, stride, padding = _case(shape, layout)
+    with torch.no_grad():
+        y = conv2d_act(x, w, None, stride, padding)
+        expect = F.conv2d(x, w, None, stride, padding)
+    assert calls == {"onednn": 0, "onednn_add_relu_": 0, "epilogue": 1}
+    assert torch.equal(y, expect)
+    assert conv_backend.aten_impl(x, w, None, None, [stride] * 2, [padding] * 2, [1, 1], False, False,
+                                  relu=False) == "epilogue"
 
 
 # ----------------------------------------------------------------------------- one home: blocks and the plan

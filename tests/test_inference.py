@@ -213,14 +213,6 @@ def test_eval_plan_under_grad_mode():
 
 
 # ----------------------------------------------------------------------------- staleness
-_OLD_TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 14)
-
-
-@pytest.mark.xfail(_OLD_TORCH, strict=True, reason=(
-    "OPEN BUG found 2026-12-01 on torch 2.11 (the GPU machine's stack): fastres's fp32 train-mode forward "
-    "of resnet18 (batch 2, 32x32) is up to 3x further from fp64 than torchvision's (5.0e-4 vs 1.7e-4) for "
-    "some inputs, a fresh model included -- not a staleness issue; 2.14 is within the 2x rule. Not yet "
-    "bisected (suspects: the conv path under no_grad, the oneDNN primitive of torch 2.11)."))
 def test_eval_plan_is_never_stale(plan_calls):
     tv, fr = _pair("resnet18")
     x = torch.randn(2, 3, 32, 32)
