@@ -74,6 +74,17 @@ def enabled() -> bool:
     return _mode == "1"
 
 
+def info() -> Dict[str, object]:
+    """For :func:`fastres.backend_info`: the switch, whether the Triton backend runs through
+    the triton_op variant, and why."""
+    on = enabled()
+    why = {"1": "FASTRES_TRITON_OP=1 / set_triton_op(True)", "0": "FASTRES_TRITON_OP=0 / set_triton_op(False)",
+           "auto": "auto: the custom ops until a GPU measurement shows the triton_op variant faster "
+                   "(run_gpu.sh full 13; none yet)"}[_mode]
+    return {"requested": _mode, "enabled": on, "variant": "triton_op + wrap_triton" if on else "custom_op",
+            "reason": why}
+
+
 def set_triton_op(mode) -> str:
     """Choose the variant: ``True``/``"1"``, ``False``/``"0"``, ``None``/``"auto"``.
     Returns the previous setting. Registers the variant's ops now when it is switched on

@@ -206,6 +206,7 @@ def backend_info() -> Dict[str, object]:
     from . import cudnn  # the cuDNN fused-conv graphs (issue 11)
     for dev in devices:
         per_device[dev]["cudnn_conv"] = cudnn.info(dev)
+    from . import _triton_ops  # which variant the Triton family is (FASTRES_TRITON_OP), issue 12
     from .conv_backend import conv_info  # the conv path (FASTRES_CONV), issue 10
     for dev in per_device:
         per_device[dev]["conv"] = conv_info(dev)
@@ -216,6 +217,7 @@ def backend_info() -> Dict[str, object]:
                   "triton_interpret": triton_interpret(), "_C_cudnn": cudnn.built()[0]},
         "torch": torch.__version__,
         "cuda_available": torch.cuda.is_available(),
+        "triton_op": _triton_ops.info(),
         "devices": per_device,
     }
 

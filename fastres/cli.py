@@ -197,6 +197,9 @@ def format_info(info: dict) -> str:
     if built.get("triton_interpret"):
         tri += "  [TRITON_INTERPRET=1: Triton runs in its interpreter]"
     lines.append(f"  triton          : {'yes' if built.get('triton') else 'no'}  — {tri}")
+    top = info.get("triton_op")
+    if top:  # issue 12: the Triton family as custom ops or as triton_op + wrap_triton
+        lines.append(f"triton ops as: {top['variant']}  (FASTRES_TRITON_OP={top['requested']}; {top['reason']})")
     for dev, d in info.get("devices", {}).items():
         lines.append(f"device {dev}: fused ops run on backend '{d['backend']}'")
         for b in BACKENDS:

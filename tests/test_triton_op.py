@@ -150,6 +150,17 @@ def test_switch_values_and_family_choice(monkeypatch):
         assert ops.family("triton").bn_act_train is torch.ops.fastres.triton_bn_act_train
 
 
+def test_backend_info_and_fastres_info_report_the_switch():
+    from fastres import cli
+    for mode, variant in (("auto", "custom_op"), ("0", "custom_op"), ("1", "triton_op + wrap_triton")):
+        with use_triton_op(mode):
+            info = fastres.backend_info()["triton_op"]
+            assert info["requested"] == mode and info["variant"] == variant
+            assert info["enabled"] is (mode == "1")
+            text = cli.format_info(fastres.backend_info())
+            assert f"triton ops as: {variant}  (FASTRES_TRITON_OP={mode};" in text
+
+
 def test_switch_from_the_environment():
     """FASTRES_TRITON_OP=1 at import: the variant is on and its ops are registered by
     ``import fastres`` (torch.compile cannot register ops mid-trace); a bad value fails
