@@ -74,6 +74,21 @@ def enabled() -> bool:
     return _mode == "1"
 
 
+def cached_family(families: Dict[str, object], lock: threading.Lock, name: str, build):
+    """The op family ``name`` from ``families`` (``fastres.ops`` / ``fastres.conv_ops``), built
+    by ``build(name)`` once, under ``lock``, on first use; ``triton`` stands for the
+    triton_op variant when the switch selects it (:func:`enabled`)."""
+    if name == "triton" and enabled():
+        name = "triton_op"
+    fam = families.get(name)
+    if fam is not None:
+        return fam
+    with lock:
+        if name not in families:
+            families[name] = build(name)
+        return families[name]
+
+
 def info() -> Dict[str, object]:
     """For :func:`fastres.backend_info`: the switch, whether the Triton backend runs through
     the triton_op variant, and why."""

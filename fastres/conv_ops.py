@@ -366,33 +366,25 @@ def family(name: str) -> ConvFamily:
     """The conv op family ``name``: ``torch`` (plain aten composition), ``ops``
     (``fastres::conv2d_act``, aten inside) or ``triton`` (``fastres::triton_conv2d_act``, or
     ``fastres::tritonop_conv2d_act`` when ``FASTRES_TRITON_OP`` selects the triton_op variant)."""
-    if name == "triton" and _triton_ops.enabled():
-        name = "triton_op"
-    fam = _families.get(name)
-    if fam is not None:
-        return fam
-    with _lock:
-        if name in _families:
-            return _families[name]
-        if name == "cudnn":  # issue 11: cuDNN graphs where a pattern applies, the aten forward elsewhere
-            from . import cudnn
-            _families[name] = ConvFamily(name, *_define("cudnn_", cudnn.family_forward(conv2d_act_reference),
-                                                        cudnn.family_backward(_grad_conv_out)))
-            return _families[name]
-        if name not in ("triton", "triton_op"):
-            raise ValueError(f"fastres: unknown conv op family {name!r}")
-        ok, msg = backends._triton_installed()
-        if not ok:
-            raise RuntimeError(f"fastres: the triton conv is unavailable: {msg}")
-        if name == "triton_op":  # the same kernels as torch.library.triton_op (_triton_ops.py)
-            _families[name] = ConvFamily(name, *_triton_ops.define_conv_ops(_triton_forward,
-                                                                            conv2d_act_backward_triton))
-            return _families[name]
-        # the backward: the Triton dgrad/wgrad kernels of kernels/_conv_bwd.py where they
-        # exist (FASTRES_CONV_BWD=aten forces aten; under FASTRES_CONV=auto the measured choice per
-        # shape class, conv_backend.backward_parts), else aten's convolution_backward
-        _families[name] = ConvFamily(name, *_define("triton_", _triton_forward, conv2d_act_backward_triton))
-        return _families[name]
+    return _triton_ops.cached_family(_families, _lock, name, _build_family)
+
+
+def _build_family(name: str) -> ConvFamily:
+    if name == "cudnn":  # issue 11: cuDNN graphs where a pattern applies, the aten forward elsewhere
+        from . import cudnn
+        return ConvFamily(name, *_define("cudnn_", cudnn.family_forward(conv2d_act_reference),
+                                         cudnn.family_backward(_grad_conv_out)))
+    if name not in ("triton", "triton_op"):
+        raise ValueError(f"fastres: unknown conv op family {name!r}")
+    ok, msg = backends._triton_installed()
+    if not ok:
+        raise RuntimeError(f"fastres: the triton conv is unavailable: {msg}")
+    if name == "triton_op":  # the same kernels as torch.library.triton_op (_triton_ops.py)
+        return ConvFamily(name, *_triton_ops.define_conv_ops(_triton_forward, conv2d_act_backward_triton))
+    # the backward: the Triton dgrad/wgrad kernels of kernels/_conv_bwd.py where they
+    # exist (FASTRES_CONV_BWD=aten forces aten; under FASTRES_CONV=auto the measured choice per
+    # shape class, conv_backend.backward_parts), else aten's convolution_backward
+    return ConvFamily(name, *_define("triton_", _triton_forward, conv2d_act_backward_triton))
 
 
 def preload() -> None:

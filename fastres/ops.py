@@ -227,41 +227,35 @@ _lock = threading.Lock()
 def family(name: str) -> Family:
     """The op family of backend ``name`` (registering it on first use). ``triton`` is the
     triton_op variant (``fastres/_triton_ops.py``) when ``FASTRES_TRITON_OP`` selects it."""
-    if name == "triton" and _triton_ops.enabled():
-        name = "triton_op"
-    fam = _families.get(name)
-    if fam is not None:
-        return fam
-    with _lock:
-        if name in _families:
-            return _families[name]
-        if name in ("cpp", "cuda"):
-            loaded, _, msg = backends._C_status()
-            if not loaded:
-                raise RuntimeError(msg)
-            if "cpp" not in _families:  # one registration serves both: CPU and CUDA dispatch keys
-                _register_family("")
-                _families["cpp"] = _family_from_ops("cpp", "")
-                _families["cuda"] = _family_from_ops("cuda", "")
-        elif name in ("triton", "triton_op"):
-            ok, msg = backends._triton_installed()
-            if not ok:
-                raise RuntimeError(f"fastres: the triton backend is unavailable: {msg}")
-            from . import kernels  # fastres.kernels (the top-level kernels/ folder)
-            if name == "triton":
-                _define_python_ops("triton_", kernels)
-                _register_family("triton_")
-                _families["triton"] = _family_from_ops("triton", "triton_")
-            else:  # the same launchers as torch.library.triton_op (_triton_ops.py)
-                _triton_ops.define_bn_ops(kernels)
-                _families[name] = _family_from_ops(name, _triton_ops.PREFIX)
-        elif name == "reference_ops":  # tests: the aten reference behind the custom-op machinery
-            _define_python_ops("ref_", ref)
-            _register_family("ref_")
-            _families[name] = _family_from_ops(name, "ref_")
-        else:
-            raise ValueError(f"fastres: unknown backend {name!r}")
+    return _triton_ops.cached_family(_families, _lock, name, _build_family)
+
+
+def _build_family(name: str) -> Family:
+    if name in ("cpp", "cuda"):
+        loaded, _, msg = backends._C_status()
+        if not loaded:
+            raise RuntimeError(msg)
+        if "cpp" not in _families:  # one registration serves both: CPU and CUDA dispatch keys
+            _register_family("")
+            _families["cpp"] = _family_from_ops("cpp", "")
+            _families["cuda"] = _family_from_ops("cuda", "")
         return _families[name]
+    if name in ("triton", "triton_op"):
+        ok, msg = backends._triton_installed()
+        if not ok:
+            raise RuntimeError(f"fastres: the triton backend is unavailable: {msg}")
+        from . import kernels  # fastres.kernels (the top-level kernels/ folder)
+        if name == "triton":
+            _define_python_ops("triton_", kernels)
+            _register_family("triton_")
+            return _family_from_ops("triton", "triton_")
+        _triton_ops.define_bn_ops(kernels)  # the same launchers as torch.library.triton_op (_triton_ops.py)
+        return _family_from_ops(name, _triton_ops.PREFIX)
+    if name == "reference_ops":  # tests: the aten reference behind the custom-op machinery
+        _define_python_ops("ref_", ref)
+        _register_family("ref_")
+        return _family_from_ops(name, "ref_")
+    raise ValueError(f"fastres: unknown backend {name!r}")
 
 
 def preload() -> None:
