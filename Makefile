@@ -80,7 +80,7 @@ GPUSTACK_TESTS  ?= tests/test_compat.py tests/test_batchnorm_parity.py tests/tes
                    tests/test_ops_registration.py tests/test_conv_act.py tests/test_conv_bwd_kernels.py \
                    tests/test_fused_conv_blocks.py tests/test_conv_higher_order.py tests/test_higher_order.py \
                    tests/test_dropin.py tests/test_inference.py tests/test_saving.py tests/test_checkpointing.py \
-                   tests/test_aot_compile.py
+                   tests/test_aot_compile.py tests/test_conv_aten_backends.py
 # Left out (the main leg runs them on 2.14): inductor compiles, the Triton gradchecks
 # (test_triton_kernels checks those gradients in fp64), the big archs in fp64 / fp32.
 GPUSTACK_PYTEST ?= -m "not slow" -k "not inductor and not (gradcheck_functional and triton) \
