@@ -270,16 +270,18 @@ def _pick_config(key: tuple, run, dtype, cg, kg, m) -> Config:
         _tuned[key] = cfg = _candidates(dtype, cg, kg, m)[0]
         return cfg
     from triton.testing import do_bench
-    best, best_t = None, float("inf")
+    best, best_t, errors = None, float("inf"), []
     for c in _candidates(dtype, cg, kg, m):
         try:
             t = do_bench(lambda: run(c), warmup=5, rep=20)
-        except Exception:  # out of shared memory / registers on this device
+        except Exception as e:  # out of shared memory / registers on this device
+            errors.append(f"{c}: {type(e).__name__}: {e}")
             continue
         if t < best_t:
             best, best_t = c, t
     if best is None:
-        raise RuntimeError(f"fastres: no conv2d_act tiling compiles for {key}")
+        raise RuntimeError(f"fastres: no conv2d_act tiling compiles for {key}; each candidate failed:\n  "
+                           + "\n  ".join(errors))
     _tuned[key] = best
     return best
 

@@ -304,6 +304,29 @@ def test_multi_tile_stats_merge_interpreter():
     torch.testing.assert_close(var, y.var(dim=(0, 2, 3), unbiased=False), rtol=1e-12, atol=1e-12)
 
 
+def test_tuner_names_every_failed_candidate(monkeypatch):
+    """GPU tuner (run here with the interpreter switch off and a failing timer): when no
+    tiling runs on the device, the error lists each candidate and why it failed."""
+    import triton.testing
+    from kernels import _conv
+
+    def refuse(fn, **kw):
+        raise RuntimeError("out of resource: shared memory")
+
+    monkeypatch.setattr(_conv, "INTERPRETED", False)
+    monkeypatch.setattr(triton.testing, "do_bench", refuse)
+    monkeypatch.delenv("FASTRES_CONV_CONFIG", raising=False)
+    monkeypatch.delenv("FASTRES_CONV_AUTOTUNE", raising=False)
+    key = ("test-key", torch.bfloat16)
+    cands = _conv._candidates(torch.bfloat16, 64, 64, 4096)
+    with pytest.raises(RuntimeError, match="no conv2d_act tiling compiles") as info:
+        _conv._pick_config(key, lambda c: None, torch.bfloat16, 64, 64, 4096)
+    msg = str(info.value)
+    assert msg.count("out of resource: shared memory") == len(cands) > 0
+    assert str(cands[0]) in msg
+    assert key not in _conv._tuned
+
+
 # ----------------------------------------------------------------------------- registration
 def _op_args(dtype=torch.float64, stats=True):
     case = _make("3x3s2", dtype)
