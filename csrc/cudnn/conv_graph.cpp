@@ -44,6 +44,8 @@
 #include <cudnn.h>
 #include <torch/library.h>
 
+#include <dlfcn.h>
+
 #include <atomic>
 #include <cfloat>
 #include <cstdint>
@@ -1059,15 +1061,33 @@ std::string cudnn_version_string() {
 }
 
 // ----------------------------------------------------------------------------- deviceless check
+// cuDNN's runtime-compiled (runtime fusion) engines load the CUDA driver library to
+// compile; where it cannot be loaded (a machine without the NVIDIA driver) heuristics
+// leave them out (CUDNN_STATUS_NOT_SUPPORTED_RUNTIME_PREREQUISITE_MISSING) and only the
+// pre-compiled engines are checked.
+bool driver_library_loadable() {
+  for (const char* name : {"libcuda.so.1", "libcuda.so"}) {
+    void* h = dlopen(name, RTLD_LAZY | RTLD_LOCAL);
+    if (h != nullptr) {
+      dlclose(h);
+      return true;
+    }
+  }
+  return false;
+}
+
 // fastres_cudnn::graph_check(pattern, dtype, device_json, x, w, stride, padding, dilation,
-//                            options, deterministic, allow_tf32) -> (ok, detail, configs, plans)
+//                            options, deterministic, allow_tf32)
+//   -> (ok, detail, configs, plans, runtime_compiled)
 // Builds the graph of `pattern` (the builders above) for the device described by
 // `device_json` (cuDNN's CUDNN_ATTR_DEVICEPROP_JSON_REPRESENTATION; cuDNN >= 9.8), without
 // a handle or a GPU, asks heuristics (mode A, then FALLBACK) and finalizes plans until
 // one does. options: "bias", "residual", "relu" (conv_bias_add_relu), "scale", "shift",
 // "in_relu" (the prologue of conv_genstats and scale_shift_relu_wgrad). ok=False with
-// the reason where a descriptor, the heuristics or every plan failed.
-std::tuple<bool, std::string, int64_t, int64_t> graph_check(
+// the reason where a descriptor, the heuristics or every plan failed. runtime_compiled:
+// whether runtime-compiled engines could be considered here (driver_library_loadable);
+// where not, ok=False says only that no pre-compiled engine supports the graph.
+std::tuple<bool, std::string, int64_t, int64_t, bool> graph_check(
     const std::string& pattern, const std::string& dtype, const std::string& device_json, at::IntArrayRef x,
     at::IntArrayRef w, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
     const std::vector<std::string>& options, bool deterministic, bool allow_tf32) {
@@ -1118,6 +1138,7 @@ std::tuple<bool, std::string, int64_t, int64_t> graph_check(
   o.fp32_io = io == CUDNN_DATA_FLOAT;
   o.allow_tf32 = allow_tf32;
   o.deterministic = deterministic;
+  const bool rtc = driver_library_loadable();
   try {
     Desc dev(CUDNN_BACKEND_DEVICEPROP_DESCRIPTOR, "CUDNN_BACKEND_DEVICEPROP_DESCRIPTOR", "target device");
     dev.set(A(CUDNN_ATTR_DEVICEPROP_JSON_REPRESENTATION), CUDNN_TYPE_CHAR, static_cast<int64_t>(device_json.size()),
@@ -1133,9 +1154,12 @@ std::tuple<bool, std::string, int64_t, int64_t> graph_check(
     Target t;
     t.devprop = &dev;
     Found f = find_plans(g, t, o, 1);
-    return {true, "plan finalized (" + f.plans[0]->what() + ")", f.configs, static_cast<int64_t>(f.plans.size())};
+    return {true, "plan finalized (" + f.plans[0]->what() + ")", f.configs, static_cast<int64_t>(f.plans.size()),
+            rtc};
   } catch (const Failure& e) {
-    return {false, e.what(), 0, 0};
+    std::string why = e.what();
+    if (!rtc) why += " [runtime-compiled engines not considered: libcuda.so.1 cannot be loaded here]";
+    return {false, why, 0, 0, rtc};
   }
 }
 
@@ -1153,7 +1177,7 @@ TORCH_LIBRARY_IMPL(fastres, CUDA, m) {
 TORCH_LIBRARY(fastres_cudnn, m) {
   m.def("graph_check(str pattern, str dtype, str device_json, int[] x, int[] w, int[] stride, int[] padding, "
         "int[] dilation, str[] options, bool deterministic, bool allow_tf32) "
-        "-> (bool ok, str detail, int configs, int plans)",
+        "-> (bool ok, str detail, int configs, int plans, bool runtime_compiled)",
         &fastres::cudnn_graph::graph_check);
 }
 
