@@ -1163,6 +1163,32 @@ std::tuple<bool, std::string, int64_t, int64_t, bool> graph_check(
   }
 }
 
+// fastres_cudnn::device_json(device) -> str: cuDNN's own device-property JSON of a CUDA
+// device (needs that GPU): what DEVICE_PROPS in fastres/cudnn.py is checked against.
+std::string device_json(int64_t device) {
+  TORCH_CHECK(cudnnGetVersion() >= 90800, "fastres_cudnn::device_json: needs cuDNN >= 9.8, found ",
+              cudnn_version_string());
+  try {
+    Desc dev(CUDNN_BACKEND_DEVICEPROP_DESCRIPTOR, "CUDNN_BACKEND_DEVICEPROP_DESCRIPTOR", "cuda:" + std::to_string(device));
+    int32_t id = static_cast<int32_t>(device);
+    dev.set(A(CUDNN_ATTR_DEVICEPROP_DEVICE_ID), CUDNN_TYPE_INT32, 1, &id);
+    dev.finalize();
+    int64_t n = 0;
+    cudnnStatus_t s = cudnnBackendGetAttribute(dev.get(), CUDNN_ATTR_DEVICEPROP_JSON_REPRESENTATION, CUDNN_TYPE_CHAR,
+                                               0, &n, nullptr);
+    if (s != CUDNN_STATUS_SUCCESS) throw Failure("CUDNN_ATTR_DEVICEPROP_JSON_REPRESENTATION size: " + status_text(s));
+    std::string out(static_cast<size_t>(n), '\0');
+    s = cudnnBackendGetAttribute(dev.get(), CUDNN_ATTR_DEVICEPROP_JSON_REPRESENTATION, CUDNN_TYPE_CHAR, n, &n,
+                                 out.data());
+    if (s != CUDNN_STATUS_SUCCESS) throw Failure("CUDNN_ATTR_DEVICEPROP_JSON_REPRESENTATION: " + status_text(s));
+    while (!out.empty() && out.back() == '\0') out.pop_back();
+    return out;
+  } catch (const Failure& e) {
+    TORCH_CHECK(false, "fastres_cudnn::device_json: ", e.what());
+  }
+  return "";
+}
+
 }  // namespace cudnn_graph
 }  // namespace fastres
 
@@ -1179,6 +1205,7 @@ TORCH_LIBRARY(fastres_cudnn, m) {
         "int[] dilation, str[] options, bool deterministic, bool allow_tf32) "
         "-> (bool ok, str detail, int configs, int plans, bool runtime_compiled)",
         &fastres::cudnn_graph::graph_check);
+  m.def("device_json(int device) -> str", &fastres::cudnn_graph::device_json);
 }
 
 #endif  // FASTRES_WITH_CUDNN
