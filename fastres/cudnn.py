@@ -26,7 +26,8 @@ per call which graph pattern applies (:func:`pattern_for`, :func:`backward_patte
 and falls back where none does — the forward to the aten composition, each backward
 part to aten's ``convolution_backward`` (cuDNN's unfused dgrad/wgrad) plus the existing
 fused elementwise kernels (``affine_act`` / ``affine_act_backward``) — or where cuDNN
-finds no engine for a graph at run time (remembered per shape, one warning).
+refuses a graph before its plan first ran (remembered per graph key with the reason, one
+warning; docs/DESIGN.md "Failures").
 :func:`family_backward` is the backward of the ``cudnn`` conv family
 (``FASTRES_CONV=cudnn``), :func:`prologue_conv_backward` the part shared with the raw
 op's autograd.
@@ -58,6 +59,23 @@ MIN_CUDNN = {"dgrad_drelu_dbn": 90800, "scale_shift_relu_wgrad": 8800}
 FALLBACK = "aten"
 DTYPE_NAME = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 NO_ENGINE = "fastres cudnn: no engine supports this graph"  # csrc/cudnn/conv_graph.cpp's message
+
+# bf16 dgrad goes to the fallback up front: cuDNN documents the fused dgrad + dReLU +
+# dBN-weight pattern (DgradDreluBNBwdWeight) with fp16 I/O only (cudnn-frontend's sample
+# "Dgrad Drelu DBNweight" is fp16; no bf16 variant is documented), and the deviceless
+# check (fastres_cudnn::graph_check, cuDNN 9.24) finds no pre-compiled engine for the bf16
+# graph on sm_80 or sm_90 while it finds one for fp16 (docs/DESIGN.md).
+BF16_DGRAD_WHY = ("bf16 dgrad_drelu_dbn is not in cuDNN's documented support (DgradDreluBNBwdWeight: fp16 I/O); "
+                  "the deviceless check finds no pre-compiled sm_80/sm_90 engine for it")
+# The I/O dtypes cuDNN documents per fused pattern (fastres asks for these; anything else
+# is the fallback up front or, for the inference graph, cuDNN's decision at run time).
+DOCUMENTED_DTYPES = {
+    "conv_bias_add_relu": ("fp16", "bf16", "fp32"),
+    "conv_genstats": ("fp16", "bf16"),
+    "scale_shift_relu_conv_genstats": ("fp16", "bf16"),
+    "dgrad_drelu_dbn": ("fp16",),
+    "scale_shift_relu_wgrad": ("fp16", "bf16"),
+}
 
 _lock = threading.Lock()
 _no_engine: dict = {}  # key -> message; graphs cuDNN found no engine for (fall back)
@@ -136,6 +154,8 @@ def backward_pattern_for(part: str, dtype: torch.dtype, in_channels: int, out_ch
                       f"{part} (aten.convolution_backward) is the whole work")
     if dtype not in (torch.float16, torch.bfloat16):
         return None, f"the {pattern} engines take fp16/bf16 only, not {dtype}"
+    if part == "dgrad" and dtype == torch.bfloat16:
+        return None, BF16_DGRAD_WHY
     if capability is None or capability[0] not in (8, 9):
         return None, f"the {pattern} engines are for sm_80/sm_90 (Ampere/Hopper), not {capability}"
     if groups != 1:
@@ -168,7 +188,11 @@ def info(device_type: str) -> dict:
             cudnn_version=_cudnn_version())) for part in ("dgrad", "wgrad")} for dt in (torch.bfloat16, torch.float16)}
             if ok else {}),
         "fallback": FALLBACK,
-        "no_engine": sorted(set(_no_engine.values())),
+        "documented_dtypes": {k: list(v) for k, v in DOCUMENTED_DTYPES.items()},
+        "bf16_dgrad": f"fallback: {BF16_DGRAD_WHY}",
+        # the graphs cuDNN refused so far: "pattern dtype x-shape operands: reason"
+        "no_engine": sorted(f"{k[0]} {DTYPE_NAME.get(k[2], str(k[2]))} x{k[3]} {list(k[1])}: {v}"
+                            for k, v in list(_no_engine.items())),
     }
 
 
@@ -302,8 +326,11 @@ def choose_backward(part: str, x: Tensor, weight: Tensor, in_scale, in_shift, in
     pattern, why = backward_pattern_for(part, x.dtype, x.shape[1], weight.shape[0], groups,
                                         scale=in_scale is not None, shift=in_shift is not None, in_relu=in_relu,
                                         capability=_capability(x.device), cudnn_version=_cudnn_version())
-    if pattern is not None and _key(x, weight, stride, padding, dilation, groups, pattern) in _no_engine:
-        return None, "cuDNN found no engine for this graph earlier"
+    if pattern is not None:
+        refused = _no_engine.get(_key(x, weight, stride, padding, dilation, groups, pattern,
+                                      _bwd_operands(in_scale, in_shift, in_relu)))
+        if refused is not None:
+            return None, f"cuDNN refused this graph earlier: {refused}"
     return pattern, why
 
 
@@ -343,14 +370,16 @@ def prologue_conv_backward(dz: Tensor, x: Tensor, w: Tensor, scale: Optional[Ten
     dgrad = choose_backward("dgrad", x, w, scale, shift, in_relu, *conf)[0] if need_u else None
     wgrad = choose_backward("wgrad", x, w, scale, shift, in_relu, *conf)[0] if need_w else None
     if dgrad is not None and register():
-        out = _try_graph(dgrad, x, w, conf, lambda: _run_bwd_graph(dgrad, dz, x, w, scale, shift, in_relu, *conf))
+        out = _try_graph(dgrad, x, w, conf, lambda: _run_bwd_graph(dgrad, dz, x, w, scale, shift, in_relu, *conf),
+                         _bwd_operands(scale, shift, in_relu))
         if out is not None:
             dv, ds, dt = out
             gx = _fused_ops(x.device).affine_act(dv, scale, None, None, False) if need_x else None
             gs, gt = (ds if need_s else None), (dt if need_t else None)
             need_u = False
     if wgrad is not None and register():
-        out = _try_graph(wgrad, x, w, conf, lambda: _run_bwd_graph(wgrad, dz, x, w, scale, shift, in_relu, *conf))
+        out = _try_graph(wgrad, x, w, conf, lambda: _run_bwd_graph(wgrad, dz, x, w, scale, shift, in_relu, *conf),
+                         _bwd_operands(scale, shift, in_relu))
         if out is not None:
             gw = out.to(w.dtype).contiguous()
             need_w = False
@@ -444,9 +473,31 @@ def reference_forward(x, weight, bias, in_scale, in_shift, residual, stride, pad
     return y, mean, var
 
 
-def _key(x, weight, stride, padding, dilation, groups, pattern):
-    return (pattern, x.dtype, tuple(x.shape), tuple(x.stride()), tuple(weight.shape), tuple(stride),
-            tuple(padding), tuple(dilation), groups, x.device.index)
+def _modes(dtype: torch.dtype) -> Tuple[bool, bool]:
+    """(deterministic, tf32) as the C++ side reads them: they choose which engines are
+    acceptable (csrc/cudnn/conv_graph.cpp, engine_rejection), so they are part of a key."""
+    det = bool(torch.are_deterministic_algorithms_enabled() or torch.backends.cudnn.deterministic)
+    tf32 = bool(torch.backends.cudnn.allow_tf32) if dtype == torch.float32 else True
+    return det, tf32
+
+
+def _key(x, weight, stride, padding, dilation, groups, pattern, operands=()):
+    """The identity of one cuDNN graph for the refused-graph memory: the pattern, which
+    optional operands are present (``operands``: names, e.g. ("bias", "relu")), dtype,
+    shapes, conv parameters, device and the engine filters (deterministic, TF32). Strides
+    are not part of it: the C++ side makes every operand dense channels_last first."""
+    return (pattern, tuple(sorted(operands)), x.dtype, tuple(x.shape), tuple(weight.shape), tuple(stride),
+            tuple(padding), tuple(dilation), groups, x.device.index) + _modes(x.dtype)
+
+
+def _fwd_operands(bias, in_scale, in_shift, residual, in_relu, relu) -> Tuple[str, ...]:
+    named = (("bias", bias is not None), ("scale", in_scale is not None), ("shift", in_shift is not None),
+             ("residual", residual is not None), ("in_relu", bool(in_relu)), ("relu", bool(relu)))
+    return tuple(n for n, on in named if on)
+
+
+def _bwd_operands(scale, shift, in_relu) -> Tuple[str, ...]:
+    return _fwd_operands(None, scale, shift, None, in_relu, False)
 
 
 def choose(x: Tensor, weight: Tensor, bias, in_scale, in_shift, residual, stride, padding, dilation, groups,
@@ -463,8 +514,11 @@ def choose(x: Tensor, weight: Tensor, bias, in_scale, in_shift, residual, stride
                                prologue=in_scale is not None or in_shift is not None or in_relu,
                                residual=residual is not None, bias=bias is not None, relu=relu, stats=stats,
                                capability=cap)
-    if pattern is not None and _key(x, weight, stride, padding, dilation, groups, pattern) in _no_engine:
-        return None, "cuDNN found no engine for this graph earlier"
+    if pattern is not None:
+        refused = _no_engine.get(_key(x, weight, stride, padding, dilation, groups, pattern,
+                                      _fwd_operands(bias, in_scale, in_shift, residual, in_relu, relu)))
+        if refused is not None:
+            return None, f"cuDNN refused this graph earlier: {refused}"
     return pattern, why
 
 
@@ -489,18 +543,24 @@ def _warn_once(msg: str) -> None:
             warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
-def _try_graph(pattern: str, x: Tensor, weight: Tensor, conf, run: Callable):
-    """``run()``, or None where cuDNN has no engine for the graph (the key is remembered,
-    reported by :func:`info`, with one warning); any other error propagates."""
+def _try_graph(pattern: str, x: Tensor, weight: Tensor, conf, run: Callable, operands=()):
+    """``run()``, or None where cuDNN refused the graph before its plan ever ran (the C++
+    error starts with :data:`NO_ENGINE` and names the descriptor / attribute / status):
+    the key (:func:`_key`, with the ``operands`` present) is remembered with that reason,
+    reported by :func:`info`, warned about once, and the caller runs the fallback. Any
+    other error (a plan that fails after having run, a CUDA error) propagates."""
     try:
         return run()
     except RuntimeError as e:
-        if NO_ENGINE not in str(e):
+        text = str(e)
+        if NO_ENGINE not in text:
             raise
-    key = _key(x, weight, *conf, pattern)
-    msg = (f"fastres: cuDNN has no engine for the {pattern} graph (x {tuple(x.shape)} {x.dtype}, "
-           f"weight {tuple(weight.shape)}); using the aten fallback for it")
-    _no_engine[key] = msg
+    reason = text[text.index(NO_ENGINE) + len(NO_ENGINE):].split("\n")[0].strip().rstrip(";").strip() or "(no details)"
+    key = _key(x, weight, *conf, pattern, operands)
+    msg = (f"fastres: cuDNN refused the {pattern} graph (x {tuple(x.shape)} {x.dtype}, weight "
+           f"{tuple(weight.shape)}, operands {sorted(operands)}): {reason}; using the aten fallback for it")
+    with _lock:
+        _no_engine[key] = reason
     _warn_once(msg)
     return None
 
@@ -518,7 +578,8 @@ def conv2d_act_forward(x, weight, bias, in_scale, in_shift, residual, stride, pa
     if pattern is None or not register():
         return fallback(*args)
     acc = acc_dtype(x.dtype)
-    out = _try_graph(pattern, x, weight, (stride, padding, dilation, groups), lambda: _run_graph(pattern, *args[:-1]))
+    out = _try_graph(pattern, x, weight, (stride, padding, dilation, groups), lambda: _run_graph(pattern, *args[:-1]),
+                     _fwd_operands(bias, in_scale, in_shift, residual, in_relu, relu))
     if out is None:
         return fallback(*args)
     if pattern == "conv_bias_add_relu":
@@ -564,7 +625,94 @@ def conv_act_stats(x: Tensor, weight: Tensor, in_scale: Optional[Tensor] = None,
                               False, True)
 
 
+# ----------------------------------------------------------------------------- deviceless check
+# cuDNN's device-property JSON (CUDNN_ATTR_DEVICEPROP_JSON_REPRESENTATION, cuDNN >= 9.8)
+# for the targets fastres is checked against, written by hand: these are the fields cuDNN
+# 9.24 reads (its finalize errors name each missing one, 'convert_child_from_json(...,
+# "<field>", ...)' in the CUDNN_LOGLEVEL_DBG=2 log); the values are the public
+# specifications of an H200 SXM (sm_90) and an A100 SXM4 80GB (sm_80). deviceVer is
+# major*100 + minor*10, smCountOrigin 0 = the full device. Unverified until a GPU run
+# compares them with the real device's serialization (test_device_props_match_the_gpu).
+_SM90 = {
+    "maxGridSize": [2147483647, 65535, 65535], "maxBlockSize": [1024, 1024, 64], "regsPerBlock": 65536,
+    "multiProcessorCount": 132, "smCountOrigin": 0, "warpSize": 32, "maxSharedMemoryPerBlock": 49152,
+    "maxSharedMemoryPerBlockOptin": 232448, "reservedSharedMemoryPerBlock": 1024, "maxRegistersPerSM": 65536,
+    "maxCtasPerSM": 32, "maxThreadsPerBlock": 1024, "maxThreadsPerSM": 2048, "pciDeviceId": 0x2335,
+    "isTccDriver": 0, "supportCoopLaunch": 1, "smClockRateKHz": 1980000, "memClockRateKHz": 3201000,
+    "l2CacheSize": 52428800, "deviceName": "NVIDIA H200", "totalGlobalMem": 150754820096, "cudaDeviceId": 0,
+    "deviceVer": 900, "driverVer": 13000,
+}
+_SM80 = dict(_SM90, multiProcessorCount=108, maxSharedMemoryPerBlockOptin=166912, l2CacheSize=41943040,
+             pciDeviceId=0x20B2, smClockRateKHz=1410000, memClockRateKHz=1593000, deviceName="NVIDIA A100-SXM4-80GB",
+             totalGlobalMem=85198045184, deviceVer=800)
+DEVICE_PROPS = {"sm_90": _SM90, "sm_80": _SM80}
+
+# The graphs fastres builds (pattern, optional operands): eval blocks (conv + bias + ReLU,
+# the projection's conv + bias, the last conv + bias + residual + ReLU), training forward
+# (the first conv's plain genstats, the later convs' BN+ReLU prologue) and backward.
+CHECKED_GRAPHS = (
+    ("conv_bias_add_relu", ("bias", "relu")),
+    ("conv_bias_add_relu", ("bias",)),
+    ("conv_bias_add_relu", ("bias", "residual", "relu")),
+    ("conv_genstats", ()),
+    ("scale_shift_relu_conv_genstats", ("scale", "shift", "in_relu")),
+    ("dgrad_drelu_dbn", ("scale", "shift", "in_relu")),
+    ("scale_shift_relu_wgrad", ("scale", "shift", "in_relu")),
+)
+DTYPE_STR = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def deviceless_available() -> Tuple[bool, str]:
+    """Can :func:`graph_check` run here (no GPU needed)? (ok, the exact reason if not)."""
+    ok, why = built()
+    if not ok:
+        return False, why
+    if not hasattr(torch.ops, "fastres_cudnn") or not hasattr(torch.ops.fastres_cudnn, "graph_check"):
+        return False, "fastres._C has no fastres_cudnn::graph_check (built before it existed: rebuild)"
+    v = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    if v is None:
+        return False, "torch reports no loadable cuDNN library"
+    if v < 90800:
+        return False, f"deviceless plans need cuDNN >= 9.8 (CUDNN_BACKEND_DEVICEPROP_DESCRIPTOR), found {v}"
+    return True, f"cuDNN {v}"
+
+
+def graph_check(pattern: str, dtype: torch.dtype, target: str = "sm_90", x_shape=(8, 64, 56, 56),
+                w_shape=(64, 64, 3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), operands=(),
+                deterministic: bool = False, allow_tf32: bool = True) -> dict:
+    """Build the ``pattern`` graph (the C++ builders the ops use) for ``target``
+    (:data:`DEVICE_PROPS`) without a GPU and ask cuDNN's heuristics for an engine whose
+    plan finalizes: ``{ok, detail, configs, plans, runtime_compiled}``. ``detail`` names
+    the failing descriptor/attribute and cuDNN's status where ``ok`` is False;
+    ``runtime_compiled`` False means cuDNN could not consider its runtime-compiled engines
+    here (no CUDA driver library), so ``ok`` False only says no pre-compiled engine fits."""
+    ok, why = deviceless_available()
+    if not ok:
+        raise RuntimeError(f"fastres: the deviceless cuDNN check is unavailable: {why}")
+    if target not in DEVICE_PROPS:
+        raise ValueError(f"fastres: target must be one of {sorted(DEVICE_PROPS)}, got {target!r}")
+    if dtype not in DTYPE_STR:
+        raise ValueError(f"fastres: dtype must be float32, float16 or bfloat16, got {dtype}")
+    import json
+    opts = [] if pattern == "dgrad_drelu_dbn" else list(operands)
+    r = torch.ops.fastres_cudnn.graph_check(pattern, DTYPE_STR[dtype], json.dumps(DEVICE_PROPS[target]),
+                                            list(x_shape), list(w_shape), list(stride), list(padding),
+                                            list(dilation), opts, deterministic, allow_tf32)
+    return dict(zip(("ok", "detail", "configs", "plans", "runtime_compiled"), r))
+
+
+def deviceless_table(target: str = "sm_90", dtypes=(torch.bfloat16, torch.float16, torch.float32)) -> dict:
+    """{"pattern[+operands]": {dtype name: graph_check result}} for :data:`CHECKED_GRAPHS`
+    on ``target`` (a 64-channel 3x3 conv; the graphs are shape-generic for C, K % 8 == 0)."""
+    out = {}
+    for pattern, ops in CHECKED_GRAPHS:
+        name = pattern + ("" if not ops or pattern != "conv_bias_add_relu" else "[" + "+".join(ops) + "]")
+        out[name] = {DTYPE_STR[dt]: graph_check(pattern, dt, target, operands=ops) for dt in dtypes}
+    return out
+
+
 __all__: List[str] = ["available", "built", "pattern_for", "backward_pattern_for", "info", "register",
                       "conv2d_act_forward", "reference_forward", "family_forward", "family_backward",
                       "prologue_conv_backward", "conv_bias_act", "conv_act_stats", "PATTERNS", "FWD_PATTERNS",
-                      "BWD_PATTERNS", "FALLBACK"]
+                      "BWD_PATTERNS", "FALLBACK", "graph_check", "deviceless_available", "deviceless_table",
+                      "DEVICE_PROPS", "CHECKED_GRAPHS", "DOCUMENTED_DTYPES", "BF16_DGRAD_WHY"]

@@ -10,24 +10,28 @@
 //                                  (training backward: "DgradDreluBNBwdWeight")
 //   fastres::cudnn_wgrad_scale_shift_relu  [x*scale + shift -> ReLU] -> conv_wgrad -> dw
 //                                  (training backward: "ConvBNwgrad")
+//   fastres_cudnn::graph_check     deviceless: builds one of the graphs above for a device
+//                                  described by cuDNN's device-property JSON (no GPU needed,
+//                                  cuDNN >= 9.8) and reports whether heuristics find an
+//                                  engine whose plan finalizes (docs/DESIGN.md).
 //
-// The schemas are defined in ops.cpp (always, so the fake kernels of
+// The schemas of the four ops are defined in ops.cpp (always, so the fake kernels of
 // fastres/cudnn.py exist on every build); this file adds the CUDA kernels and is
 // compiled only where the cuDNN headers were found (FASTRES_WITH_CUDNN, setup.py /
 // CMakeLists.txt). It is a plain .cpp (host compiler): no device code here.
 //
-// Layout: cuDNN's fusion engines want NHWC, so x, weight, residual and y are used
-// channels_last inside; y comes back in x's memory format (docs/DESIGN.md's rule).
-// Per-channel operands (bias, scale, shift) are in x's dtype for bf16/fp16 (the
-// dtype of cuDNN's own fusion samples; the engines for fp32 operands with 16-bit
-// I/O are not documented), fp32 for fp32; intermediates and compute are fp32.
+// One graph builder per pattern (build_*), shared by the run-time ops and graph_check,
+// so that the deviceless check tests exactly the descriptors the ops use. Builders take
+// shapes only; every I/O tensor is declared dense NHWC (canonical strides) with a 16-byte
+// pointer alignment, and the ops make their inputs so (a copy where a pointer is not
+// 16-byte aligned or the strides are not dense channels_last).
 //
-// Plans: built once per key (everything a plan depends on: device, pattern, dtypes,
-// shapes, strides, conv parameters, pointer alignment, TF32 permission), through
-// heuristics mode A then FALLBACK; FASTRES_CUDNN_AUTOTUNE=1 times the candidate
-// engines on first use (not while a CUDA graph is being captured). The workspace
-// comes from the caching allocator and the handle is torch's for the current stream:
-// no host synchronisation per call, CUDA-graph capturable once the plan exists.
+// Failures: everything before a plan's first successful execution (a descriptor that
+// does not finalize, heuristics without a usable config, no plan that finalizes, the
+// workspace allocation, the first cudnnBackendExecute) raises an error that starts with
+// kNoEngine and names the descriptor / attribute / tensor and cuDNN's status and message;
+// fastres/cudnn.py falls back (aten conv + fused kernels) and remembers the graph. After
+// a plan has run once, a failure is a real error (same details, without kNoEngine).
 #if defined(FASTRES_WITH_CUDNN)
 
 #include <ATen/ATen.h>
@@ -40,40 +44,59 @@
 #include <cudnn.h>
 #include <torch/library.h>
 
+#include <dlfcn.h>
+
+#include <atomic>
+#include <cfloat>
 #include <cstdint>
 #include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <sstream>
+#include <stdexcept>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "common.h"
+
+// CUDNN_ATTR_POINTWISE_NAN_PROPAGATION, CUDNN_TYPE_NAN_PROPOGATION, CUDNN_PROPAGATE_NAN and
+// the handle attributes are marked deprecated in cuDNN 9.x headers but are still what the
+// backend reads (ReLU: "Required only for comparison based pointwise modes"; the handle of
+// an operation graph / plan when no device-property descriptor is given).
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
 
 namespace fastres {
 namespace cudnn_graph {
 namespace {
 
-#define FASTRES_CUDNN_CHECK(expr)                                                     \
-  do {                                                                                \
-    cudnnStatus_t status_ = (expr);                                                   \
-    if (status_ != CUDNN_STATUS_SUCCESS) {                                            \
-      char msg_[1024] = {0};                                                          \
-      cudnnGetLastErrorString(msg_, sizeof(msg_));                                    \
-      TORCH_CHECK(false, "fastres cudnn: ", #expr, " failed: ", cudnnGetErrorString(status_), \
-                  " ", msg_);                                                         \
-    }                                                                                 \
-  } while (0)
-
-// The message the Python side recognises as "this graph has no engine here".
+// The message the Python side recognises as "this graph has no engine here" (fall back).
 constexpr const char* kNoEngine = "fastres cudnn: no engine supports this graph";
 
-// RAII owner of one backend descriptor.
+std::string status_text(cudnnStatus_t s) {
+  char msg[1024] = {0};
+  cudnnGetLastErrorString(msg, sizeof(msg));
+  std::string out = cudnnGetErrorString(s);
+  if (msg[0] != '\0') out += std::string(" (") + msg + ")";
+  return out;
+}
+
+// A cuDNN call that failed while a graph or plan was built: the text names the call,
+// the descriptor (type and role), the attribute, and cuDNN's status and message.
+struct Failure : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// RAII owner of one backend descriptor; `what` names it in error messages, e.g.
+// "CUDNN_BACKEND_TENSOR_DESCRIPTOR 'x' (uid 1)".
 class Desc {
  public:
-  explicit Desc(cudnnBackendDescriptorType_t type) {
-    FASTRES_CUDNN_CHECK(cudnnBackendCreateDescriptor(type, &d_));
+  Desc(cudnnBackendDescriptorType_t type, const char* type_name, std::string role)
+      : what_(std::string(type_name) + (role.empty() ? "" : " '" + role + "'")) {
+    cudnnStatus_t s = cudnnBackendCreateDescriptor(type, &d_);
+    if (s != CUDNN_STATUS_SUCCESS) throw Failure("cudnnBackendCreateDescriptor(" + what_ + "): " + status_text(s));
   }
   ~Desc() {
     if (d_ != nullptr) cudnnBackendDestroyDescriptor(d_);
@@ -82,35 +105,63 @@ class Desc {
   Desc& operator=(const Desc&) = delete;
 
   cudnnBackendDescriptor_t get() const { return d_; }
+  const std::string& what() const { return what_; }
 
-  void set(cudnnBackendAttributeName_t a, cudnnBackendAttributeType_t t, int64_t n, const void* v) {
-    FASTRES_CUDNN_CHECK(cudnnBackendSetAttribute(d_, a, t, n, v));
+  void set(cudnnBackendAttributeName_t a, const char* a_name, cudnnBackendAttributeType_t t, int64_t n,
+           const void* v) {
+    cudnnStatus_t s = cudnnBackendSetAttribute(d_, a, t, n, v);
+    if (s != CUDNN_STATUS_SUCCESS) {
+      throw Failure("cudnnBackendSetAttribute(" + what_ + ", " + a_name + "): " + status_text(s));
+    }
   }
-  void set_i64(cudnnBackendAttributeName_t a, int64_t v) { set(a, CUDNN_TYPE_INT64, 1, &v); }
-  void set_i64s(cudnnBackendAttributeName_t a, const std::vector<int64_t>& v) {
-    set(a, CUDNN_TYPE_INT64, static_cast<int64_t>(v.size()), v.data());
+  void set_i64(cudnnBackendAttributeName_t a, const char* n, int64_t v) { set(a, n, CUDNN_TYPE_INT64, 1, &v); }
+  void set_i64s(cudnnBackendAttributeName_t a, const char* n, const std::vector<int64_t>& v) {
+    set(a, n, CUDNN_TYPE_INT64, static_cast<int64_t>(v.size()), v.data());
   }
-  void set_dtype(cudnnBackendAttributeName_t a, cudnnDataType_t v) {
-    set(a, CUDNN_TYPE_DATA_TYPE, 1, &v);
+  void set_dtype(cudnnBackendAttributeName_t a, const char* n, cudnnDataType_t v) {
+    set(a, n, CUDNN_TYPE_DATA_TYPE, 1, &v);
   }
-  void set_bool(cudnnBackendAttributeName_t a, bool b) {
+  void set_bool(cudnnBackendAttributeName_t a, const char* n, bool b) {
     bool v = b;
-    set(a, CUDNN_TYPE_BOOLEAN, 1, &v);
+    set(a, n, CUDNN_TYPE_BOOLEAN, 1, &v);
   }
-  void set_desc(cudnnBackendAttributeName_t a, const Desc& d) {
+  void set_double(cudnnBackendAttributeName_t a, const char* n, double v) { set(a, n, CUDNN_TYPE_DOUBLE, 1, &v); }
+  void set_desc(cudnnBackendAttributeName_t a, const char* n, const Desc& d) {
     cudnnBackendDescriptor_t v = d.get();
-    set(a, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &v);
+    set(a, n, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &v);
   }
-  void set_handle(cudnnBackendAttributeName_t a, cudnnHandle_t h) {
-    set(a, CUDNN_TYPE_HANDLE, 1, &h);
+  void set_handle(cudnnBackendAttributeName_t a, const char* n, cudnnHandle_t h) {
+    set(a, n, CUDNN_TYPE_HANDLE, 1, &h);
   }
-  void finalize() { FASTRES_CUDNN_CHECK(cudnnBackendFinalize(d_)); }
-  bool try_finalize() { return cudnnBackendFinalize(d_) == CUDNN_STATUS_SUCCESS; }
+  void finalize() {
+    cudnnStatus_t s = cudnnBackendFinalize(d_);
+    if (s != CUDNN_STATUS_SUCCESS) throw Failure("cudnnBackendFinalize(" + what_ + "): " + status_text(s));
+  }
+  // "" on success, else the failure text (for the candidates loop: a config whose plan
+  // does not finalize is skipped, its reason kept for the message).
+  std::string try_finalize() {
+    cudnnStatus_t s = cudnnBackendFinalize(d_);
+    return s == CUDNN_STATUS_SUCCESS ? std::string() : "cudnnBackendFinalize(" + what_ + "): " + status_text(s);
+  }
 
  private:
   cudnnBackendDescriptor_t d_ = nullptr;
+  std::string what_;
 };
 using DescP = std::shared_ptr<Desc>;
+
+// DESC(TYPE, role) / A(ATTR): the enum and its name for the messages.
+#define FR_DESC(type, role) std::make_shared<Desc>(type, #type, role)
+#define A(attr) attr, #attr
+
+const char* dtype_name(cudnnDataType_t t) {
+  switch (t) {
+    case CUDNN_DATA_FLOAT: return "float32";
+    case CUDNN_DATA_HALF: return "float16";
+    case CUDNN_DATA_BFLOAT16: return "bfloat16";
+    default: return "other";
+  }
+}
 
 cudnnDataType_t cudnn_dtype(at::ScalarType t) {
   switch (t) {
@@ -123,32 +174,67 @@ cudnnDataType_t cudnn_dtype(at::ScalarType t) {
   return CUDNN_DATA_FLOAT;
 }
 
-int64_t alignment_of(const void* p) {
-  auto v = reinterpret_cast<std::uintptr_t>(p);
-  int64_t a = 1;
-  while (a < 16 && (v % static_cast<std::uintptr_t>(a * 2)) == 0) a *= 2;
-  return a;
+// Every I/O tensor is declared with this pointer alignment; the ops copy an input whose
+// pointer is not aligned so (vectorised engines load 16 bytes at a time).
+constexpr int64_t kAlign = 16;
+
+// (K) per-channel vector as a [1, K, 1, 1] tensor (NHWC strides of that shape).
+std::vector<int64_t> chan_dims(int64_t k) { return {1, k, 1, 1}; }
+std::vector<int64_t> chan_strides(int64_t k) { return {k, 1, k, k}; }
+// The canonical NHWC strides of dims [N, C, H, W]: for every I/O tensor (dense
+// channels_last) and the fp32 intermediates. torch's strides of size-1 dimensions can be
+// anything (a 1x1 filter made channels_last keeps [C, 1, 1, 1]); cuDNN infers the
+// layout from the strides, so they are normalised here (same memory, same addresses).
+std::vector<int64_t> nhwc_strides(const std::vector<int64_t>& d) {
+  return {d[1] * d[2] * d[3], 1, d[3] * d[1], d[1]};
 }
+
+enum Pattern : int64_t { kConvBiasAct = 1, kConvActStats = 2, kDgradDreluDbn = 3, kScaleShiftReluWgrad = 4 };
+const char* pattern_name(Pattern p) {
+  switch (p) {
+    case kConvBiasAct: return "conv_bias_add_relu";
+    case kConvActStats: return "conv_genstats";
+    case kDgradDreluDbn: return "dgrad_drelu_dbn";
+    case kScaleShiftReluWgrad: return "scale_shift_relu_wgrad";
+  }
+  return "?";
+}
+
+enum Uid : int64_t {
+  kX = 1, kW, kY, kBias, kRes, kScale, kShift, kSum, kSumSq, kDY, kDV, kDW, kMean, kInvStd, kDScale, kDShift,
+  kEqDy, kEqX, kEqBias,
+  kVConv = 100, kVBias, kVRes, kVScaled, kVShifted, kVAct, kVDgrad, kVCentered, kVNormed
+};
 
 // Builds the operations of one graph; keeps every descriptor alive with the plan.
 struct Graph {
   std::vector<DescP> keep;
   std::vector<cudnnBackendDescriptor_t> ops;
-  std::vector<int64_t> io_uids;  // non-virtual tensors, in variant-pack order
+  std::vector<int64_t> io_uids;  // non-virtual tensors, in declaration order
 
-  DescP tensor(int64_t uid, cudnnDataType_t dt, std::vector<int64_t> dims,
-               std::vector<int64_t> strides, bool is_virtual, int64_t align) {
-    auto t = std::make_shared<Desc>(CUDNN_BACKEND_TENSOR_DESCRIPTOR);
-    t->set_dtype(CUDNN_ATTR_TENSOR_DATA_TYPE, dt);
-    t->set_i64s(CUDNN_ATTR_TENSOR_DIMENSIONS, dims);
-    t->set_i64s(CUDNN_ATTR_TENSOR_STRIDES, strides);
-    t->set_i64(CUDNN_ATTR_TENSOR_UNIQUE_ID, uid);
-    t->set_i64(CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT, align);
-    t->set_bool(CUDNN_ATTR_TENSOR_IS_VIRTUAL, is_virtual);
+  DescP tensor(int64_t uid, const char* name, cudnnDataType_t dt, const std::vector<int64_t>& dims,
+               const std::vector<int64_t>& strides, bool is_virtual) {
+    std::ostringstream role;
+    role << name << (is_virtual ? " (virtual" : " (uid ") << (is_virtual ? ", uid " : "") << uid << ", "
+         << dtype_name(dt) << ")";
+    auto t = FR_DESC(CUDNN_BACKEND_TENSOR_DESCRIPTOR, role.str());
+    t->set_dtype(A(CUDNN_ATTR_TENSOR_DATA_TYPE), dt);
+    t->set_i64s(A(CUDNN_ATTR_TENSOR_DIMENSIONS), dims);
+    t->set_i64s(A(CUDNN_ATTR_TENSOR_STRIDES), strides);
+    t->set_i64(A(CUDNN_ATTR_TENSOR_UNIQUE_ID), uid);
+    t->set_i64(A(CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT), kAlign);
+    t->set_bool(A(CUDNN_ATTR_TENSOR_IS_VIRTUAL), is_virtual);
     t->finalize();
     keep.push_back(t);
     if (!is_virtual) io_uids.push_back(uid);
     return t;
+  }
+  DescP nhwc(int64_t uid, const char* name, cudnnDataType_t dt, const std::vector<int64_t>& dims,
+             bool is_virtual = false) {
+    return tensor(uid, name, dt, dims, nhwc_strides(dims), is_virtual);
+  }
+  DescP chan(int64_t uid, const char* name, cudnnDataType_t dt, int64_t c) {
+    return tensor(uid, name, dt, chan_dims(c), chan_strides(c), false);
   }
 
   // Finalizes one operation and appends it to the graph (kept alive with the plan).
@@ -160,56 +246,58 @@ struct Graph {
 
   DescP conv_desc(const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
                   const std::vector<int64_t>& dilation) {
-    auto conv = std::make_shared<Desc>(CUDNN_BACKEND_CONVOLUTION_DESCRIPTOR);
-    conv->set_i64(CUDNN_ATTR_CONVOLUTION_SPATIAL_DIMS, 2);
-    conv->set_dtype(CUDNN_ATTR_CONVOLUTION_COMP_TYPE, CUDNN_DATA_FLOAT);
+    auto conv = FR_DESC(CUDNN_BACKEND_CONVOLUTION_DESCRIPTOR, "conv");
+    conv->set_i64(A(CUDNN_ATTR_CONVOLUTION_SPATIAL_DIMS), 2);
+    conv->set_dtype(A(CUDNN_ATTR_CONVOLUTION_COMP_TYPE), CUDNN_DATA_FLOAT);
     cudnnConvolutionMode_t mode = CUDNN_CROSS_CORRELATION;
-    conv->set(CUDNN_ATTR_CONVOLUTION_CONV_MODE, CUDNN_TYPE_CONVOLUTION_MODE, 1, &mode);
-    conv->set_i64s(CUDNN_ATTR_CONVOLUTION_DILATIONS, dilation);
-    conv->set_i64s(CUDNN_ATTR_CONVOLUTION_FILTER_STRIDES, stride);
-    conv->set_i64s(CUDNN_ATTR_CONVOLUTION_PRE_PADDINGS, padding);
-    conv->set_i64s(CUDNN_ATTR_CONVOLUTION_POST_PADDINGS, padding);
+    conv->set(A(CUDNN_ATTR_CONVOLUTION_CONV_MODE), CUDNN_TYPE_CONVOLUTION_MODE, 1, &mode);
+    conv->set_i64s(A(CUDNN_ATTR_CONVOLUTION_DILATIONS), dilation);
+    conv->set_i64s(A(CUDNN_ATTR_CONVOLUTION_FILTER_STRIDES), stride);
+    conv->set_i64s(A(CUDNN_ATTR_CONVOLUTION_PRE_PADDINGS), padding);
+    conv->set_i64s(A(CUDNN_ATTR_CONVOLUTION_POST_PADDINGS), padding);
     conv->finalize();
     keep.push_back(conv);
     return conv;
   }
 
-  // The backend attributes of one convolution operation kind: its descriptor type, the
-  // conv-descriptor / alpha / beta attributes and its two inputs and one output.
-  struct ConvKind {
-    cudnnBackendDescriptorType_t type;
-    cudnnBackendAttributeName_t conv, alpha, beta, in0, in1, out;
-  };
-  // y = fprop(x, w); dx = dgrad(dy, w); dw = wgrad(dy, x)
-  static constexpr ConvKind kFprop = {
-      CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_CONV_DESC,
-      CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_ALPHA, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_BETA,
-      CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_X, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_W,
-      CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_Y};
-  static constexpr ConvKind kDgrad = {
-      CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_DATA_DESCRIPTOR, CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_CONV_DESC,
-      CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_ALPHA, CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_BETA,
-      CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_DY, CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_W,
-      CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_DX};
-  static constexpr ConvKind kWgrad = {
-      CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_FILTER_DESCRIPTOR,
-      CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_CONV_DESC, CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_ALPHA,
-      CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_BETA, CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_DY,
-      CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_X, CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_DW};
-
-  // out = kind(in0, in1) with alpha 1, beta 0.
-  void conv(const ConvKind& kind, const DescP& in0, const DescP& in1, const DescP& out,
-            const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
-            const std::vector<int64_t>& dilation) {
+  // y = fprop(x, w); dx = dgrad(dy, w); dw = wgrad(dy, x): alpha 1, beta 0 (fp32).
+  void conv_fprop(const DescP& x, const DescP& w, const DescP& y, const std::vector<int64_t>& stride,
+                  const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation) {
     auto desc = conv_desc(stride, padding, dilation);
-    auto op = std::make_shared<Desc>(kind.type);
-    op->set_desc(kind.in0, *in0);
-    op->set_desc(kind.in1, *in1);
-    op->set_desc(kind.out, *out);
-    op->set_desc(kind.conv, *desc);
+    auto op = FR_DESC(CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR, "conv_fprop");
+    op->set_desc(A(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_X), *x);
+    op->set_desc(A(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_W), *w);
+    op->set_desc(A(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_Y), *y);
+    op->set_desc(A(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_CONV_DESC), *desc);
     float alpha = 1.0f, beta = 0.0f;
-    op->set(kind.alpha, CUDNN_TYPE_FLOAT, 1, &alpha);
-    op->set(kind.beta, CUDNN_TYPE_FLOAT, 1, &beta);
+    op->set(A(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_ALPHA), CUDNN_TYPE_FLOAT, 1, &alpha);
+    op->set(A(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_BETA), CUDNN_TYPE_FLOAT, 1, &beta);
+    add_op(op);
+  }
+  void conv_dgrad(const DescP& dy, const DescP& w, const DescP& dx, const std::vector<int64_t>& stride,
+                  const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation) {
+    auto desc = conv_desc(stride, padding, dilation);
+    auto op = FR_DESC(CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_DATA_DESCRIPTOR, "conv_dgrad");
+    op->set_desc(A(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_DY), *dy);
+    op->set_desc(A(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_W), *w);
+    op->set_desc(A(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_DX), *dx);
+    op->set_desc(A(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_CONV_DESC), *desc);
+    float alpha = 1.0f, beta = 0.0f;
+    op->set(A(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_ALPHA), CUDNN_TYPE_FLOAT, 1, &alpha);
+    op->set(A(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_BETA), CUDNN_TYPE_FLOAT, 1, &beta);
+    add_op(op);
+  }
+  void conv_wgrad(const DescP& dy, const DescP& x, const DescP& dw, const std::vector<int64_t>& stride,
+                  const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation) {
+    auto desc = conv_desc(stride, padding, dilation);
+    auto op = FR_DESC(CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_FILTER_DESCRIPTOR, "conv_wgrad");
+    op->set_desc(A(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_DY), *dy);
+    op->set_desc(A(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_X), *x);
+    op->set_desc(A(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_DW), *dw);
+    op->set_desc(A(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_CONV_DESC), *desc);
+    float alpha = 1.0f, beta = 0.0f;
+    op->set(A(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_ALPHA), CUDNN_TYPE_FLOAT, 1, &alpha);
+    op->set(A(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_BETA), CUDNN_TYPE_FLOAT, 1, &beta);
     add_op(op);
   }
 
@@ -218,100 +306,392 @@ struct Graph {
   void bn_bwd_weights(const DescP& x, const DescP& dy, const DescP& mean, const DescP& invstd,
                       const DescP& scale, const DescP& dscale, const DescP& dbias, const DescP& eq_dy,
                       const DescP& eq_x, const DescP& eq_bias) {
-    auto op = std::make_shared<Desc>(CUDNN_BACKEND_OPERATION_BN_BWD_WEIGHTS_DESCRIPTOR);
-    op->set_dtype(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_MATH_PREC, CUDNN_DATA_FLOAT);
-    op->set_desc(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_X_DESC, *x);
-    op->set_desc(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_DY_DESC, *dy);
-    op->set_desc(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_MEAN_DESC, *mean);
-    op->set_desc(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_INVSTD_DESC, *invstd);
-    op->set_desc(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_BN_SCALE_DESC, *scale);
-    op->set_desc(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_DBN_SCALE_DESC, *dscale);
-    op->set_desc(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_DBN_BIAS_DESC, *dbias);
-    op->set_desc(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_EQ_DY_SCALE_DESC, *eq_dy);
-    op->set_desc(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_EQ_X_SCALE_DESC, *eq_x);
-    op->set_desc(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_EQ_BIAS, *eq_bias);
+    auto op = FR_DESC(CUDNN_BACKEND_OPERATION_BN_BWD_WEIGHTS_DESCRIPTOR, "bn_bwd_weights");
+    op->set_dtype(A(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_MATH_PREC), CUDNN_DATA_FLOAT);
+    op->set_desc(A(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_X_DESC), *x);
+    op->set_desc(A(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_DY_DESC), *dy);
+    op->set_desc(A(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_MEAN_DESC), *mean);
+    op->set_desc(A(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_INVSTD_DESC), *invstd);
+    op->set_desc(A(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_BN_SCALE_DESC), *scale);
+    op->set_desc(A(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_DBN_SCALE_DESC), *dscale);
+    op->set_desc(A(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_DBN_BIAS_DESC), *dbias);
+    op->set_desc(A(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_EQ_DY_SCALE_DESC), *eq_dy);
+    op->set_desc(A(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_EQ_X_SCALE_DESC), *eq_x);
+    op->set_desc(A(CUDNN_ATTR_OPERATION_BN_BWD_WEIGHTS_EQ_BIAS), *eq_bias);
     add_op(op);
   }
 
   // y = mode(x [, b]) in fp32. For RELU_BWD (an activation backward) b is dy and y is
   // dx: dx = dy where x > 0, else 0 (the mask from the forward input x).
-  void pointwise(cudnnPointwiseMode_t mode, const DescP& x, const DescP& b, const DescP& y) {
-    auto pw = std::make_shared<Desc>(CUDNN_BACKEND_POINTWISE_DESCRIPTOR);
-    pw->set(CUDNN_ATTR_POINTWISE_MODE, CUDNN_TYPE_POINTWISE_MODE, 1, &mode);
-    pw->set_dtype(CUDNN_ATTR_POINTWISE_MATH_PREC, CUDNN_DATA_FLOAT);
+  void pointwise(cudnnPointwiseMode_t mode, const char* name, const DescP& x, const DescP& b, const DescP& y) {
+    auto pw = FR_DESC(CUDNN_BACKEND_POINTWISE_DESCRIPTOR, name);
+    pw->set(A(CUDNN_ATTR_POINTWISE_MODE), CUDNN_TYPE_POINTWISE_MODE, 1, &mode);
+    pw->set_dtype(A(CUDNN_ATTR_POINTWISE_MATH_PREC), CUDNN_DATA_FLOAT);
+    const bool relu = mode == CUDNN_POINTWISE_RELU_FWD || mode == CUDNN_POINTWISE_RELU_BWD;
+    if (relu) {
+      // Comparison-based modes: the header documents NaN propagation as required for
+      // them (only CUDNN_PROPAGATE_NAN supported; the default NOT_PROPAGATE is not);
+      // plain ReLU = lower clip 0, slope 0, upper clip the fp32 maximum (math precision fp32).
+      cudnnNanPropagation_t nan = CUDNN_PROPAGATE_NAN;
+      pw->set(A(CUDNN_ATTR_POINTWISE_NAN_PROPAGATION), CUDNN_TYPE_NAN_PROPOGATION, 1, &nan);
+      pw->set_double(A(CUDNN_ATTR_POINTWISE_RELU_LOWER_CLIP), 0.0);
+      pw->set_double(A(CUDNN_ATTR_POINTWISE_RELU_UPPER_CLIP), static_cast<double>(FLT_MAX));
+      pw->set_double(A(CUDNN_ATTR_POINTWISE_RELU_LOWER_CLIP_SLOPE), 0.0);
+    }
     pw->finalize();
     keep.push_back(pw);
 
     const bool bwd = mode == CUDNN_POINTWISE_RELU_BWD;
-    auto op = std::make_shared<Desc>(CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR);
-    op->set_desc(CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, *pw);
-    op->set_desc(CUDNN_ATTR_OPERATION_POINTWISE_XDESC, *x);
-    if (b) op->set_desc(bwd ? CUDNN_ATTR_OPERATION_POINTWISE_DYDESC : CUDNN_ATTR_OPERATION_POINTWISE_BDESC, *b);
-    op->set_desc(bwd ? CUDNN_ATTR_OPERATION_POINTWISE_DXDESC : CUDNN_ATTR_OPERATION_POINTWISE_YDESC, *y);
+    auto op = FR_DESC(CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR, name);
+    op->set_desc(A(CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR), *pw);
+    op->set_desc(A(CUDNN_ATTR_OPERATION_POINTWISE_XDESC), *x);
+    if (b) {
+      if (bwd) {
+        op->set_desc(A(CUDNN_ATTR_OPERATION_POINTWISE_DYDESC), *b);
+      } else {
+        op->set_desc(A(CUDNN_ATTR_OPERATION_POINTWISE_BDESC), *b);
+      }
+    }
+    if (bwd) {
+      op->set_desc(A(CUDNN_ATTR_OPERATION_POINTWISE_DXDESC), *y);
+    } else {
+      op->set_desc(A(CUDNN_ATTR_OPERATION_POINTWISE_YDESC), *y);
+    }
     add_op(op);
   }
 
   void genstats(const DescP& x, const DescP& sum, const DescP& sumsq) {
-    auto op = std::make_shared<Desc>(CUDNN_BACKEND_OPERATION_GEN_STATS_DESCRIPTOR);
+    auto op = FR_DESC(CUDNN_BACKEND_OPERATION_GEN_STATS_DESCRIPTOR, "genstats");
     cudnnGenStatsMode_t mode = CUDNN_GENSTATS_SUM_SQSUM;
-    op->set(CUDNN_ATTR_OPERATION_GENSTATS_MODE, CUDNN_TYPE_GENSTATS_MODE, 1, &mode);
-    op->set_dtype(CUDNN_ATTR_OPERATION_GENSTATS_MATH_PREC, CUDNN_DATA_FLOAT);
-    op->set_desc(CUDNN_ATTR_OPERATION_GENSTATS_XDESC, *x);
-    op->set_desc(CUDNN_ATTR_OPERATION_GENSTATS_SUMDESC, *sum);
-    op->set_desc(CUDNN_ATTR_OPERATION_GENSTATS_SQSUMDESC, *sumsq);
+    op->set(A(CUDNN_ATTR_OPERATION_GENSTATS_MODE), CUDNN_TYPE_GENSTATS_MODE, 1, &mode);
+    op->set_dtype(A(CUDNN_ATTR_OPERATION_GENSTATS_MATH_PREC), CUDNN_DATA_FLOAT);
+    op->set_desc(A(CUDNN_ATTR_OPERATION_GENSTATS_XDESC), *x);
+    op->set_desc(A(CUDNN_ATTR_OPERATION_GENSTATS_SUMDESC), *sum);
+    op->set_desc(A(CUDNN_ATTR_OPERATION_GENSTATS_SQSUMDESC), *sumsq);
     add_op(op);
   }
 };
 
+// ----------------------------------------------------------------------------- graph builders
+// Shapes of one convolution: x [N, C, H, W], w [K, C/groups, R, S], y [N, K, P, Q].
+struct ConvShape {
+  std::vector<int64_t> x, w, y, stride, padding, dilation;
+};
+
+std::vector<int64_t> out_dims(const std::vector<int64_t>& x, const std::vector<int64_t>& w,
+                              const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+                              const std::vector<int64_t>& dilation) {
+  std::vector<int64_t> s = {x[0], w[0], 0, 0};
+  for (int i = 0; i < 2; ++i) {
+    s[2 + i] = (x[2 + i] + 2 * padding[i] - dilation[i] * (w[2 + i] - 1) - 1) / stride[i] + 1;
+  }
+  TORCH_CHECK(s[2] > 0 && s[3] > 0, "fastres cudnn: empty convolution output ", at::IntArrayRef(s));
+  return s;
+}
+
+// The input prologue x -> [MUL scale] -> [ADD shift] -> [RELU_FWD] of the training
+// graphs (the previous BatchNorm, folded, and its ReLU), intermediates of dtype vdt.
+DescP apply_prologue(Graph& g, DescP cur, const DescP& scale, const DescP& shift, const std::vector<int64_t>& xd,
+                     bool relu, cudnnDataType_t vdt) {
+  if (scale) {
+    auto o = g.nhwc(kVScaled, "x*scale", vdt, xd, true);
+    g.pointwise(CUDNN_POINTWISE_MUL, "prologue MUL scale", cur, scale, o);
+    cur = o;
+  }
+  if (shift) {
+    auto o = g.nhwc(kVShifted, "x*scale+shift", vdt, xd, true);
+    g.pointwise(CUDNN_POINTWISE_ADD, "prologue ADD shift", cur, shift, o);
+    cur = o;
+  }
+  if (relu) {
+    auto o = g.nhwc(kVAct, "relu(x*scale+shift)", vdt, xd, true);
+    g.pointwise(CUDNN_POINTWISE_RELU_FWD, "prologue RELU_FWD", cur, nullptr, o);
+    cur = o;
+  }
+  return cur;
+}
+
+// Inference: conv_fprop -> [ADD bias] -> [ADD residual] -> [RELU_FWD]; declared I/O:
+// x, w, [bias], [residual], y. pdt: the dtype of bias (x's dtype for 16-bit, fp32 for fp32).
+void build_conv_bias_act(Graph& g, cudnnDataType_t io, cudnnDataType_t pdt, const ConvShape& s, bool bias,
+                         bool res, bool relu) {
+  auto tx = g.nhwc(kX, "x", io, s.x);
+  auto tw = g.nhwc(kW, "w", io, s.w);
+  const int64_t K = s.y[1];
+  DescP tb, tr;
+  if (bias) tb = g.chan(kBias, "bias", pdt, K);
+  if (res) tr = g.nhwc(kRes, "residual", io, s.y);
+  int left = (bias ? 1 : 0) + (res ? 1 : 0) + (relu ? 1 : 0);
+  // the tensor produced by the next op: y itself for the last op, else a virtual fp32
+  auto next = [&](int64_t vuid, const char* name) {
+    if (left == 0) return g.nhwc(kY, "y", io, s.y);
+    return g.nhwc(vuid, name, CUDNN_DATA_FLOAT, s.y, true);
+  };
+  DescP cur = next(kVConv, "conv(x, w)");
+  g.conv_fprop(tx, tw, cur, s.stride, s.padding, s.dilation);
+  if (bias) {
+    --left;
+    auto o = next(kVBias, "conv+bias");
+    g.pointwise(CUDNN_POINTWISE_ADD, "epilogue ADD bias", cur, tb, o);
+    cur = o;
+  }
+  if (res) {
+    --left;
+    auto o = next(kVRes, "conv+bias+residual");
+    g.pointwise(CUDNN_POINTWISE_ADD, "epilogue ADD residual", cur, tr, o);
+    cur = o;
+  }
+  if (relu) {
+    --left;
+    auto o = next(kVAct, "relu(...)");
+    g.pointwise(CUDNN_POINTWISE_RELU_FWD, "epilogue RELU_FWD", cur, nullptr, o);
+  }
+}
+
+// Training forward: [x*scale + shift -> ReLU] -> conv_fprop -> y -> genstats; declared
+// I/O: x, [scale], [shift], w, y, sum, sumsq.
+void build_conv_act_stats(Graph& g, cudnnDataType_t io, cudnnDataType_t pdt, const ConvShape& s, bool scale,
+                          bool shift, bool in_relu) {
+  const int64_t C = s.x[1], K = s.y[1];
+  auto tx = g.nhwc(kX, "x", io, s.x);
+  DescP ts = scale ? g.chan(kScale, "scale", pdt, C) : DescP();
+  DescP tt = shift ? g.chan(kShift, "shift", pdt, C) : DescP();
+  auto tw = g.nhwc(kW, "w", io, s.w);
+  DescP cur = apply_prologue(g, tx, ts, tt, s.x, in_relu, CUDNN_DATA_FLOAT);
+  auto ty = g.nhwc(kY, "y", io, s.y);
+  g.conv_fprop(cur, tw, ty, s.stride, s.padding, s.dilation);
+  auto tsum = g.chan(kSum, "sum", CUDNN_DATA_FLOAT, K);
+  auto tsq = g.chan(kSumSq, "sumsq", CUDNN_DATA_FLOAT, K);
+  g.genstats(ty, tsum, tsq);
+}
+
+// Training backward, data gradient ("DgradDreluBNBwdWeight"): declared I/O: dy, w, x,
+// mean, invstd, scale, shift, dv, dscale, dshift, eq_dy, eq_x, eq_bias (per-channel fp32).
+void build_dgrad_drelu_dbn(Graph& g, cudnnDataType_t io, const ConvShape& s) {
+  const int64_t C = s.x[1];
+  const auto& xd = s.x;
+  auto tdy = g.nhwc(kDY, "dy", io, s.y);
+  auto tw = g.nhwc(kW, "w", io, s.w);
+  auto tx = g.nhwc(kX, "x", io, xd);
+  auto tm = g.chan(kMean, "mean", CUDNN_DATA_FLOAT, C);
+  auto tv = g.chan(kInvStd, "invstd", CUDNN_DATA_FLOAT, C);
+  auto ts = g.chan(kScale, "scale", CUDNN_DATA_FLOAT, C);
+  auto tb = g.chan(kShift, "shift", CUDNN_DATA_FLOAT, C);
+  auto tdv = g.nhwc(kDV, "dv", io, xd);
+  auto tds = g.chan(kDScale, "dscale", CUDNN_DATA_FLOAT, C);
+  auto tdb = g.chan(kDShift, "dshift", CUDNN_DATA_FLOAT, C);
+  auto teq_dy = g.chan(kEqDy, "eq_dy_scale", CUDNN_DATA_FLOAT, C);
+  auto teq_x = g.chan(kEqX, "eq_x_scale", CUDNN_DATA_FLOAT, C);
+  auto teq_b = g.chan(kEqBias, "eq_bias", CUDNN_DATA_FLOAT, C);
+  auto dgrad = g.nhwc(kVDgrad, "dgrad(dy, w)", CUDNN_DATA_FLOAT, xd, true);
+  g.conv_dgrad(tdy, tw, dgrad, s.stride, s.padding, s.dilation);
+  auto centered = g.nhwc(kVCentered, "x-mean", CUDNN_DATA_FLOAT, xd, true);
+  g.pointwise(CUDNN_POINTWISE_SUB, "SUB mean", tx, tm, centered);
+  auto normed = g.nhwc(kVNormed, "(x-mean)*invstd", CUDNN_DATA_FLOAT, xd, true);
+  g.pointwise(CUDNN_POINTWISE_MUL, "MUL invstd", centered, tv, normed);
+  auto pre = apply_prologue(g, normed, ts, tb, xd, false, CUDNN_DATA_FLOAT);
+  g.pointwise(CUDNN_POINTWISE_RELU_BWD, "RELU_BWD", pre, dgrad, tdv);
+  g.bn_bwd_weights(tx, tdv, tm, tv, ts, tds, tdb, teq_dy, teq_x, teq_b);
+}
+
+// Training backward, weight gradient (ConvBNwgrad): declared I/O: x, [scale], [shift],
+// dy, dw. Prologue intermediates in x's dtype (fp32 for fp32): u is rounded to x's
+// dtype in the forward too, and cudnn-frontend's sample keeps them 16-bit.
+void build_wgrad(Graph& g, cudnnDataType_t io, const ConvShape& s, bool scale, bool shift, bool in_relu) {
+  const int64_t C = s.x[1];
+  auto tx = g.nhwc(kX, "x", io, s.x);
+  DescP ts = scale ? g.chan(kScale, "scale", io, C) : DescP();
+  DescP tt = shift ? g.chan(kShift, "shift", io, C) : DescP();
+  auto tdy = g.nhwc(kDY, "dy", io, s.y);
+  auto tdw = g.nhwc(kDW, "dw", io, s.w);
+  auto u = apply_prologue(g, tx, ts, tt, s.x, in_relu, io);
+  g.conv_wgrad(tdy, u, tdw, s.stride, s.padding, s.dilation);
+}
+
+// ----------------------------------------------------------------------------- plans
+struct Options {
+  bool fp32_io = false;
+  bool allow_tf32 = true;
+  bool deterministic = false;
+  bool autotune = false;
+};
+
+// Where a plan is built: a handle (run time) or a device-property descriptor (deviceless).
+struct Target {
+  cudnnHandle_t handle = nullptr;
+  const Desc* devprop = nullptr;
+};
+
 struct Plan {
-  std::vector<DescP> keep;  // the graph's descriptors, the op graph, the plan
+  std::vector<DescP> keep;  // the graph's descriptors, the op graph, the configs, the plan
   DescP plan;
   std::vector<int64_t> uids;
   int64_t workspace = 0;
+  Pattern pattern = kConvBiasAct;
+  std::atomic<bool> ran{false};  // executed successfully at least once
 };
 
-// Per-call execution: a variant pack of the data pointers (same order as uids).
-void execute(cudnnHandle_t handle, const Plan& p, const std::vector<void*>& ptrs,
-             const at::Tensor& like) {
-  TORCH_INTERNAL_ASSERT(ptrs.size() == p.uids.size());
-  at::Tensor ws;
-  void* ws_ptr = nullptr;
-  if (p.workspace > 0) {
-    ws = at::empty({p.workspace}, like.options().dtype(at::kByte).memory_format(at::MemoryFormat::Contiguous));
-    ws_ptr = ws.data_ptr();
-  }
-  Desc vp(CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR);
-  vp.set(CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, CUDNN_TYPE_INT64, static_cast<int64_t>(p.uids.size()),
-         p.uids.data());
-  vp.set(CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS, CUDNN_TYPE_VOID_PTR, static_cast<int64_t>(ptrs.size()),
-         ptrs.data());
-  vp.set(CUDNN_ATTR_VARIANT_PACK_WORKSPACE, CUDNN_TYPE_VOID_PTR, 1, &ws_ptr);
-  vp.finalize();
-  FASTRES_CUDNN_CHECK(cudnnBackendExecute(handle, p.plan->get(), vp.get()));
-}
-
-bool engine_allowed(const Desc& cfg, bool fp32_io) {
-  if (!fp32_io || at::globalContext().allowTF32CuDNN()) return true;
-  // fp32 without TF32 permission: no engine that down-converts its inputs.
-  Desc engine(CUDNN_BACKEND_ENGINE_DESCRIPTOR);
+// Why an engine config is not acceptable under `o` ("" = acceptable): determinism
+// (CUDNN_NUMERICAL_NOTE_NONDETERMINISTIC) and fp32 without TF32 permission
+// (TENSOR_CORE / DOWN_CONVERT_INPUTS, as torch's own cuDNN v8 filter). Notes that cannot
+// be read reject the engine whenever a filter applies.
+std::string engine_rejection(const Desc& cfg, const Options& o) {
+  const bool tf32_filter = o.fp32_io && !o.allow_tf32;
+  if (!o.deterministic && !tf32_filter) return "";
+  Desc engine(CUDNN_BACKEND_ENGINE_DESCRIPTOR, "CUDNN_BACKEND_ENGINE_DESCRIPTOR", "of a heuristics config");
   cudnnBackendDescriptor_t e = engine.get();
   int64_t n = 0;
-  if (cudnnBackendGetAttribute(cfg.get(), CUDNN_ATTR_ENGINECFG_ENGINE, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1,
-                               &n, &e) != CUDNN_STATUS_SUCCESS) {
-    return true;
-  }
+  cudnnStatus_t s = cudnnBackendGetAttribute(cfg.get(), CUDNN_ATTR_ENGINECFG_ENGINE, CUDNN_TYPE_BACKEND_DESCRIPTOR,
+                                             1, &n, &e);
+  if (s != CUDNN_STATUS_SUCCESS) return "CUDNN_ATTR_ENGINECFG_ENGINE unreadable: " + status_text(s);
   cudnnBackendNumericalNote_t notes[CUDNN_NUMERICAL_NOTE_TYPE_COUNT];
   int64_t count = 0;
-  if (cudnnBackendGetAttribute(e, CUDNN_ATTR_ENGINE_NUMERICAL_NOTE, CUDNN_TYPE_NUMERICAL_NOTE,
-                               CUDNN_NUMERICAL_NOTE_TYPE_COUNT, &count, notes) != CUDNN_STATUS_SUCCESS) {
-    return true;
-  }
+  s = cudnnBackendGetAttribute(e, CUDNN_ATTR_ENGINE_NUMERICAL_NOTE, CUDNN_TYPE_NUMERICAL_NOTE,
+                               CUDNN_NUMERICAL_NOTE_TYPE_COUNT, &count, notes);
+  if (s != CUDNN_STATUS_SUCCESS) return "CUDNN_ATTR_ENGINE_NUMERICAL_NOTE unreadable: " + status_text(s);
   for (int64_t i = 0; i < count; ++i) {
-    if (notes[i] == CUDNN_NUMERICAL_NOTE_DOWN_CONVERT_INPUTS || notes[i] == CUDNN_NUMERICAL_NOTE_TENSOR_CORE) {
-      return false;
+    if (o.deterministic && notes[i] == CUDNN_NUMERICAL_NOTE_NONDETERMINISTIC) {
+      return "CUDNN_NUMERICAL_NOTE_NONDETERMINISTIC under torch.use_deterministic_algorithms";
+    }
+    if (tf32_filter && (notes[i] == CUDNN_NUMERICAL_NOTE_DOWN_CONVERT_INPUTS ||
+                        notes[i] == CUDNN_NUMERICAL_NOTE_TENSOR_CORE)) {
+      return "TENSOR_CORE/DOWN_CONVERT_INPUTS note on fp32 without torch.backends.cudnn.allow_tf32";
     }
   }
-  return true;
+  return "";
+}
+
+// The op graph of `g` and up to `max_plans` finalized plans: heuristics mode A, then
+// FALLBACK. Throws Failure (with what was tried) when there is none.
+struct Found {
+  DescP opg;
+  std::vector<DescP> cfgs, plans;
+  int64_t configs = 0;  // configs heuristics returned (all modes tried)
+};
+
+Found find_plans(Graph& g, const Target& t, const Options& o, size_t max_plans) {
+  Found f;
+  f.opg = FR_DESC(CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR, "operation graph");
+  f.opg->set(A(CUDNN_ATTR_OPERATIONGRAPH_OPS), CUDNN_TYPE_BACKEND_DESCRIPTOR, static_cast<int64_t>(g.ops.size()),
+             g.ops.data());
+  if (t.handle != nullptr) f.opg->set_handle(A(CUDNN_ATTR_OPERATIONGRAPH_HANDLE), t.handle);
+  f.opg->finalize();
+
+  std::ostringstream tried;
+  for (cudnnBackendHeurMode_t mode : {CUDNN_HEUR_MODE_A, CUDNN_HEUR_MODE_FALLBACK}) {
+    const char* mname = mode == CUDNN_HEUR_MODE_A ? "CUDNN_HEUR_MODE_A" : "CUDNN_HEUR_MODE_FALLBACK";
+    Desc heur(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR, "CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR", mname);
+    heur.set_desc(A(CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH), *f.opg);
+    heur.set(A(CUDNN_ATTR_ENGINEHEUR_MODE), CUDNN_TYPE_HEUR_MODE, 1, &mode);
+    if (t.devprop != nullptr) heur.set_desc(A(CUDNN_ATTR_ENGINEHEUR_DEVICEPROP), *t.devprop);
+    std::string err = heur.try_finalize();
+    if (!err.empty()) {
+      tried << mname << ": " << err << "; ";
+      continue;
+    }
+    int64_t count = 0;
+    cudnnStatus_t s = cudnnBackendGetAttribute(heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS,
+                                               CUDNN_TYPE_BACKEND_DESCRIPTOR, 0, &count, nullptr);
+    if (s != CUDNN_STATUS_SUCCESS || count <= 0) {
+      tried << mname << ": 0 engine configs" << (s != CUDNN_STATUS_SUCCESS ? " (" + status_text(s) + ")" : "")
+            << "; ";
+      continue;
+    }
+    std::vector<DescP> cfgs;
+    std::vector<cudnnBackendDescriptor_t> raw;
+    for (int64_t i = 0; i < count; ++i) {
+      cfgs.push_back(FR_DESC(CUDNN_BACKEND_ENGINECFG_DESCRIPTOR, std::string(mname) + " #" + std::to_string(i)));
+      raw.push_back(cfgs.back()->get());
+    }
+    int64_t got = 0;
+    s = cudnnBackendGetAttribute(heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS, CUDNN_TYPE_BACKEND_DESCRIPTOR, count,
+                                 &got, raw.data());
+    if (s != CUDNN_STATUS_SUCCESS) {
+      tried << mname << ": CUDNN_ATTR_ENGINEHEUR_RESULTS: " << status_text(s) << "; ";
+      continue;
+    }
+    f.configs += got;
+    int rejected = 0, failed = 0;
+    std::string first_reject, first_fail;
+    for (int64_t i = 0; i < got && i < count && f.plans.size() < max_plans; ++i) {
+      std::string why = engine_rejection(*cfgs[i], o);
+      if (!why.empty()) {
+        if (rejected++ == 0) first_reject = why;
+        continue;
+      }
+      auto ep = FR_DESC(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR, std::string("plan of ") + mname + " #" +
+                                                                    std::to_string(i));
+      if (t.handle != nullptr) ep->set_handle(A(CUDNN_ATTR_EXECUTION_PLAN_HANDLE), t.handle);
+      if (t.devprop != nullptr) ep->set_desc(A(CUDNN_ATTR_EXECUTION_PLAN_DEVICEPROP), *t.devprop);
+      ep->set_desc(A(CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG), *cfgs[i]);
+      err = ep->try_finalize();
+      if (!err.empty()) {
+        if (failed++ == 0) first_fail = err;
+        continue;
+      }
+      f.plans.push_back(ep);
+      f.cfgs.push_back(cfgs[i]);
+    }
+    tried << mname << ": " << got << " engine configs";
+    if (rejected) tried << ", " << rejected << " rejected (" << first_reject << ")";
+    if (failed) tried << ", " << failed << " plans did not finalize (first: " << first_fail << ")";
+    tried << "; ";
+    if (!f.plans.empty()) break;
+  }
+  if (f.plans.empty()) throw Failure("no usable engine config: " + tried.str());
+  return f;
+}
+
+int64_t workspace_of(const DescP& ep) {
+  int64_t ws = 0, n = 0;
+  cudnnStatus_t s = cudnnBackendGetAttribute(ep->get(), CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE, CUDNN_TYPE_INT64,
+                                             1, &n, &ws);
+  if (s != CUDNN_STATUS_SUCCESS) {
+    throw Failure("cudnnBackendGetAttribute(" + ep->what() + ", CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE): " +
+                  status_text(s));
+  }
+  return ws;
+}
+
+// Pointers for the variant pack: uid -> device pointer.
+using Ptrs = std::vector<std::pair<int64_t, void*>>;
+
+// One cudnnBackendExecute of `ep` ("" = success, else the failure text). Allocation
+// failures (workspace) are reported the same way.
+std::string execute_once(cudnnHandle_t handle, const Desc& ep, const std::vector<int64_t>& uids, int64_t workspace,
+                         const Ptrs& ptrs, const at::Tensor& like) {
+  std::vector<void*> data;
+  for (int64_t uid : uids) {
+    void* p = nullptr;
+    for (const auto& kv : ptrs) {
+      if (kv.first == uid) p = kv.second;
+    }
+    TORCH_INTERNAL_ASSERT(p != nullptr, "fastres cudnn: no data pointer for tensor uid ", uid);
+    data.push_back(p);
+  }
+  at::Tensor ws;
+  void* ws_ptr = nullptr;
+  if (workspace > 0) {
+    try {
+      ws = at::empty({workspace}, like.options().dtype(at::kByte).memory_format(at::MemoryFormat::Contiguous));
+    } catch (const c10::Error& e) {
+      return "allocating the plan's workspace of " + std::to_string(workspace) + " bytes failed: " + e.what_without_backtrace();
+    }
+    ws_ptr = ws.data_ptr();
+  }
+  try {
+    Desc vp(CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR, "CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR", "");
+    vp.set(A(CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS), CUDNN_TYPE_INT64, static_cast<int64_t>(uids.size()), uids.data());
+    vp.set(A(CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS), CUDNN_TYPE_VOID_PTR, static_cast<int64_t>(data.size()),
+           data.data());
+    vp.set(A(CUDNN_ATTR_VARIANT_PACK_WORKSPACE), CUDNN_TYPE_VOID_PTR, 1, &ws_ptr);
+    vp.finalize();
+    cudnnStatus_t s = cudnnBackendExecute(handle, ep.get(), vp.get());
+    if (s != CUDNN_STATUS_SUCCESS) return "cudnnBackendExecute(" + ep.what() + "): " + status_text(s);
+  } catch (const Failure& e) {
+    return e.what();
+  }
+  return "";
 }
 
 bool autotune_enabled() {
@@ -319,105 +699,42 @@ bool autotune_enabled() {
   return v != nullptr && (std::string(v) == "1" || std::string(v) == "true");
 }
 
-// Op graph -> heuristics (mode A, then FALLBACK) -> the first plan that finalizes
-// (or, with FASTRES_CUDNN_AUTOTUNE=1 and not capturing, the fastest of them).
-std::shared_ptr<Plan> build_plan(Graph&& g, cudnnHandle_t handle, bool fp32_io,
-                                 const std::vector<void*>& ptrs, const at::Tensor& like) {
+// Graph -> plan (the first that finalizes, or with autotune the fastest of up to 8).
+std::shared_ptr<Plan> build_plan(Pattern pattern, Graph&& g, cudnnHandle_t handle, const Options& o,
+                                 const Ptrs& ptrs, const at::Tensor& like) {
   auto plan = std::make_shared<Plan>();
-  auto opg = std::make_shared<Desc>(CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR);
-  opg->set(CUDNN_ATTR_OPERATIONGRAPH_OPS, CUDNN_TYPE_BACKEND_DESCRIPTOR, static_cast<int64_t>(g.ops.size()),
-           g.ops.data());
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
-  opg->set_handle(CUDNN_ATTR_OPERATIONGRAPH_HANDLE, handle);
-#pragma GCC diagnostic pop
-  if (!opg->try_finalize()) {
-    TORCH_CHECK(false, kNoEngine, " (the operation graph was rejected)");
-  }
-
-  const bool tune = autotune_enabled() &&
-                    c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
-  std::vector<DescP> candidates;
-  for (cudnnBackendHeurMode_t mode : {CUDNN_HEUR_MODE_A, CUDNN_HEUR_MODE_FALLBACK}) {
-    Desc heur(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR);
-    heur.set_desc(CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, *opg);
-    heur.set(CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, 1, &mode);
-    if (!heur.try_finalize()) continue;
-    int64_t count = 0;
-    if (cudnnBackendGetAttribute(heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS, CUDNN_TYPE_BACKEND_DESCRIPTOR, 0,
-                                 &count, nullptr) != CUDNN_STATUS_SUCCESS || count <= 0) {
-      continue;
-    }
-    std::vector<DescP> cfgs;
-    std::vector<cudnnBackendDescriptor_t> raw;
-    for (int64_t i = 0; i < count; ++i) {
-      cfgs.push_back(std::make_shared<Desc>(CUDNN_BACKEND_ENGINECFG_DESCRIPTOR));
-      raw.push_back(cfgs.back()->get());
-    }
-    int64_t got = 0;
-    if (cudnnBackendGetAttribute(heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS, CUDNN_TYPE_BACKEND_DESCRIPTOR, count,
-                                 &got, raw.data()) != CUDNN_STATUS_SUCCESS) {
-      continue;
-    }
-    for (int64_t i = 0; i < got && i < count; ++i) {
-      if (!engine_allowed(*cfgs[i], fp32_io)) continue;
-      auto ep = std::make_shared<Desc>(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR);
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
-      ep->set_handle(CUDNN_ATTR_EXECUTION_PLAN_HANDLE, handle);
-#pragma GCC diagnostic pop
-      ep->set_desc(CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, *cfgs[i]);
-      if (!ep->try_finalize()) continue;
-      candidates.push_back(ep);
-      plan->keep.push_back(cfgs[i]);
-      if (!tune) break;
-      if (candidates.size() >= 8) break;
-    }
-    if (!candidates.empty()) break;
-  }
-  TORCH_CHECK(!candidates.empty(), kNoEngine, " (no engine config of heuristics mode A or FALLBACK "
-              "could be finalized)");
-
+  plan->pattern = pattern;
+  Target t;
+  t.handle = handle;
+  Found f = find_plans(g, t, o, o.autotune ? 8 : 1);
   plan->keep.insert(plan->keep.end(), g.keep.begin(), g.keep.end());
-  plan->keep.push_back(opg);
+  plan->keep.push_back(f.opg);
+  plan->keep.insert(plan->keep.end(), f.cfgs.begin(), f.cfgs.end());
   plan->uids = g.io_uids;
-
-  auto workspace_of = [](const DescP& ep) {
-    int64_t ws = 0, n = 0;
-    FASTRES_CUDNN_CHECK(cudnnBackendGetAttribute(ep->get(), CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE,
-                                                 CUDNN_TYPE_INT64, 1, &n, &ws));
-    return ws;
-  };
-
   size_t best = 0;
-  if (candidates.size() > 1) {
+  if (f.plans.size() > 1) {
     // First-use timing: 1 warm-up + 3 timed runs per candidate on the current stream.
     float best_ms = -1.0f;
-    for (size_t i = 0; i < candidates.size(); ++i) {
-      Plan trial;
-      trial.plan = candidates[i];
-      trial.uids = plan->uids;
-      trial.workspace = workspace_of(candidates[i]);
-      try {
-        execute(handle, trial, ptrs, like);
-        at::cuda::CUDAEvent start(cudaEventDefault), stop(cudaEventDefault);
-        auto stream = at::cuda::getCurrentCUDAStream();
-        start.record(stream);
-        for (int r = 0; r < 3; ++r) execute(handle, trial, ptrs, like);
-        stop.record(stream);
-        stop.synchronize();
-        const float ms = start.elapsed_time(stop);
-        if (best_ms < 0.0f || ms < best_ms) {
-          best_ms = ms;
-          best = i;
-        }
-      } catch (const c10::Error&) {
-        continue;  // an engine that fails to run is not a candidate
+    for (size_t i = 0; i < f.plans.size(); ++i) {
+      const int64_t ws = workspace_of(f.plans[i]);
+      if (!execute_once(handle, *f.plans[i], plan->uids, ws, ptrs, like).empty()) continue;
+      at::cuda::CUDAEvent start(cudaEventDefault), stop(cudaEventDefault);
+      auto stream = at::cuda::getCurrentCUDAStream();
+      start.record(stream);
+      bool ok = true;
+      for (int r = 0; r < 3 && ok; ++r) ok = execute_once(handle, *f.plans[i], plan->uids, ws, ptrs, like).empty();
+      stop.record(stream);
+      stop.synchronize();
+      if (!ok) continue;
+      const float ms = start.elapsed_time(stop);
+      if (best_ms < 0.0f || ms < best_ms) {
+        best_ms = ms;
+        best = i;
       }
     }
   }
-  plan->plan = candidates[best];
-  plan->keep.push_back(candidates[best]);
+  plan->plan = f.plans[best];
+  plan->keep.push_back(f.plans[best]);
   plan->workspace = workspace_of(plan->plan);
   return plan;
 }
@@ -431,6 +748,49 @@ Cache& cache() {
   return *c;
 }
 
+std::shared_ptr<Plan> lookup(const std::vector<int64_t>& key) {
+  auto& c = cache();
+  std::lock_guard<std::mutex> g(c.mu);
+  auto it = c.plans.find(key);
+  return it == c.plans.end() ? nullptr : it->second;
+}
+
+void store(const std::vector<int64_t>& key, std::shared_ptr<Plan> p) {
+  auto& c = cache();
+  std::lock_guard<std::mutex> g(c.mu);
+  c.plans.emplace(key, std::move(p));
+}
+
+void forget(const std::vector<int64_t>& key) {
+  auto& c = cache();
+  std::lock_guard<std::mutex> g(c.mu);
+  c.plans.erase(key);
+}
+
+Options current_options(bool fp32_io) {
+  Options o;
+  o.fp32_io = fp32_io;
+  o.allow_tf32 = at::globalContext().allowTF32CuDNN();
+  o.deterministic = at::globalContext().deterministicAlgorithms() || at::globalContext().deterministicCuDNN();
+  o.autotune = autotune_enabled() &&
+               c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
+  return o;
+}
+
+// The start of a plan key: pattern, handle (plans are built for one handle, as torch's
+// own cuDNN v8 plan cache is thread-local), device, conv parameters, flags, TF32
+// permission, deterministic mode.
+std::vector<int64_t> base_key(Pattern pattern, cudnnHandle_t handle, const at::Tensor& x, int64_t groups,
+                              int64_t flags, const Options& o, at::IntArrayRef stride, at::IntArrayRef padding,
+                              at::IntArrayRef dilation) {
+  std::vector<int64_t> key = {pattern, reinterpret_cast<int64_t>(handle), x.get_device(), groups, flags,
+                              o.allow_tf32 ? 1 : 0, o.deterministic ? 1 : 0};
+  for (auto v : {stride, padding, dilation}) key.insert(key.end(), v.begin(), v.end());
+  return key;
+}
+
+// Every I/O tensor is dense channels_last with a 16-byte-aligned pointer, so only its
+// presence, dtype and sizes enter the key (undefined: -1).
 void push_tensor_key(std::vector<int64_t>& key, const at::Tensor& t) {
   if (!t.defined()) {
     key.push_back(-1);
@@ -438,26 +798,41 @@ void push_tensor_key(std::vector<int64_t>& key, const at::Tensor& t) {
   }
   key.push_back(static_cast<int64_t>(t.scalar_type()));
   for (auto s : t.sizes()) key.push_back(s);
-  for (auto s : t.strides()) key.push_back(s);
-  key.push_back(alignment_of(t.data_ptr()));
 }
 
-std::vector<int64_t> dims4(const at::Tensor& t) { return t.sizes().vec(); }
-// (K) per-channel vector as a [1, K, 1, 1] tensor.
-std::vector<int64_t> chan_dims(int64_t k) { return {1, k, 1, 1}; }
-std::vector<int64_t> chan_strides(int64_t k) { return {k, 1, k, k}; }
-// The canonical NHWC strides of dims [N, C, H, W]: for every (dense channels_last)
-// I/O tensor and the fp32 intermediates. torch's strides of size-1 dimensions can be
-// anything (a 1x1 filter made channels_last keeps [C, 1, 1, 1]); cuDNN infers the
-// layout from the strides, so they are normalised here (same memory, same addresses).
-std::vector<int64_t> nhwc_strides(const std::vector<int64_t>& d) {
-  return {d[1] * d[2] * d[3], 1, d[3] * d[1], d[1]};
-}
-std::vector<int64_t> strides4(const at::Tensor& t) {
-  TORCH_INTERNAL_ASSERT(t.is_contiguous(at::MemoryFormat::ChannelsLast));
-  return nhwc_strides(t.sizes().vec());
+// The cached plan of `key` (built by `build` on a miss), executed on `ptrs`. Before the
+// plan's first successful run every failure raises kNoEngine + the details (the Python
+// side falls back); afterwards it is a real error with the same details.
+template <class Build>
+void run_cached(Pattern pattern, const std::vector<int64_t>& key, cudnnHandle_t handle, const Options& o,
+                const Ptrs& ptrs, const at::Tensor& like, Build&& build) {
+  auto plan = lookup(key);
+  if (!plan) {
+    try {
+      Graph g;
+      build(g);
+      plan = build_plan(pattern, std::move(g), handle, o, ptrs, like);
+    } catch (const Failure& e) {
+      TORCH_CHECK(false, kNoEngine, " (", pattern_name(pattern), " graph, cuDNN ", cudnnGetVersion(), "): ",
+                  e.what());
+    }
+    store(key, plan);
+  }
+  const std::string err = execute_once(handle, *plan->plan, plan->uids, plan->workspace, ptrs, like);
+  if (err.empty()) {
+    plan->ran.store(true);
+    return;
+  }
+  if (!plan->ran.load()) {
+    forget(key);
+    TORCH_CHECK(false, kNoEngine, " (", pattern_name(pattern), " graph, cuDNN ", cudnnGetVersion(),
+                "): its first execution failed: ", err);
+  }
+  TORCH_CHECK(false, "fastres cudnn: the ", pattern_name(pattern),
+              " plan failed after it had run successfully before: ", err);
 }
 
+// ----------------------------------------------------------------------------- argument checks
 // x and the weight's shape against the conv parameters (shared by every op).
 void check_conv_geometry(const at::Tensor& x, at::IntArrayRef w, at::IntArrayRef stride, at::IntArrayRef padding,
                          at::IntArrayRef dilation, int64_t groups, const char* op) {
@@ -480,15 +855,32 @@ void check_conv_args(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef s
               ", expected ", x.scalar_type());
 }
 
-// x's memory format, dtype (torch's and cuDNN's), and x, w made channels_last (cuDNN's
-// fusion engines want NHWC; the output returns in x's memory format).
-std::tuple<at::MemoryFormat, at::ScalarType, cudnnDataType_t, at::Tensor, at::Tensor> channels_last_inputs(
-    const at::Tensor& x, const at::Tensor& w) {
-  return {memory_format_of(x), x.scalar_type(), cudnn_dtype(x.scalar_type()),
-          x.contiguous(at::MemoryFormat::ChannelsLast), w.contiguous(at::MemoryFormat::ChannelsLast)};
+bool aligned(const at::Tensor& t) {
+  return reinterpret_cast<std::uintptr_t>(t.data_ptr()) % static_cast<std::uintptr_t>(kAlign) == 0;
 }
 
-// A tensor of the conv output's shape (residual, dy), x's dtype and device; channels_last.
+// t as the graphs declare it: dense channels_last (a copy of a view with other strides)
+// with a 16-byte-aligned pointer (a fresh copy of a dense tensor that is not aligned so,
+// e.g. a view at an odd storage offset).
+at::Tensor nhwc_input(const at::Tensor& t) {
+  at::Tensor c = t.contiguous(at::MemoryFormat::ChannelsLast);
+  if (!aligned(c)) c = c.clone(at::MemoryFormat::ChannelsLast);
+  return c;
+}
+
+// A per-channel parameter of length n, in dtype dt, dense, 16-byte aligned.
+at::Tensor chan_param(const std::optional<at::Tensor>& p, int64_t n, at::ScalarType dt, const at::Tensor& x,
+                      const char* op, const char* name) {
+  if (!p.has_value() || !p->defined()) return at::Tensor();
+  TORCH_CHECK(p->numel() == n, "fastres::", op, ": ", name, " must have ", n, " elements, got ", p->numel());
+  TORCH_CHECK(p->device() == x.device(), "fastres::", op, ": ", name, " is on ", p->device(), ", expected ",
+              x.device());
+  at::Tensor c = p->to(dt).contiguous().view({n});
+  if (!aligned(c)) c = c.clone();
+  return c;
+}
+
+// A tensor of the conv output's shape (residual, dy), x's dtype and device; as nhwc_input.
 at::Tensor output_like(const at::Tensor& t, const char* name, const std::vector<int64_t>& ys, const at::Tensor& x,
                        const char* op) {
   TORCH_CHECK(t.sizes() == at::IntArrayRef(ys), "fastres::", op, ": ", name, " has shape ", t.sizes(),
@@ -497,119 +889,28 @@ at::Tensor output_like(const at::Tensor& t, const char* name, const std::vector<
               ", expected ", x.scalar_type());
   TORCH_CHECK(t.device() == x.device(), "fastres::", op, ": ", name, " is on ", t.device(), ", expected ",
               x.device());
-  return t.contiguous(at::MemoryFormat::ChannelsLast);
+  return nhwc_input(t);
 }
 
-std::vector<int64_t> out_shape(const at::Tensor& x, at::IntArrayRef w, at::IntArrayRef stride,
-                               at::IntArrayRef padding, at::IntArrayRef dilation) {
-  std::vector<int64_t> s = {x.size(0), w[0], 0, 0};
-  for (int i = 0; i < 2; ++i) {
-    s[2 + i] = (x.size(2 + i) + 2 * padding[i] - dilation[i] * (w[2 + i] - 1) - 1) / stride[i] + 1;
-  }
-  TORCH_CHECK(s[2] > 0 && s[3] > 0, "fastres cudnn: empty convolution output ", s);
+ConvShape conv_shape(const at::Tensor& x, at::IntArrayRef w, at::IntArrayRef stride, at::IntArrayRef padding,
+                     at::IntArrayRef dilation) {
+  ConvShape s;
+  s.x = x.sizes().vec();
+  s.w = w.vec();
+  s.stride = stride.vec();
+  s.padding = padding.vec();
+  s.dilation = dilation.vec();
+  s.y = out_dims(s.x, s.w, s.stride, s.padding, s.dilation);
   return s;
 }
 
-// A per-channel parameter of length n, in dtype dt, dense.
-at::Tensor chan_param(const std::optional<at::Tensor>& p, int64_t n, at::ScalarType dt, const at::Tensor& x,
-                      const char* op, const char* name) {
-  if (!p.has_value() || !p->defined()) return at::Tensor();
-  TORCH_CHECK(p->numel() == n, "fastres::", op, ": ", name, " must have ", n, " elements, got ", p->numel());
-  TORCH_CHECK(p->device() == x.device(), "fastres::", op, ": ", name, " is on ", p->device(), ", expected ",
-              x.device());
-  return p->to(dt).contiguous().view({n});
-}
-
-std::shared_ptr<Plan> lookup(const std::vector<int64_t>& key) {
-  auto& c = cache();
-  std::lock_guard<std::mutex> g(c.mu);
-  auto it = c.plans.find(key);
-  return it == c.plans.end() ? nullptr : it->second;
-}
-
-void store(const std::vector<int64_t>& key, std::shared_ptr<Plan> p) {
-  auto& c = cache();
-  std::lock_guard<std::mutex> g(c.mu);
-  c.plans.emplace(key, std::move(p));
-}
-
-enum Pattern : int64_t { kConvBiasAct = 1, kConvActStats = 2, kDgradDreluDbn = 3, kScaleShiftReluWgrad = 4 };
-enum Uid : int64_t {
-  kX = 1, kW, kY, kBias, kRes, kScale, kShift, kSum, kSumSq, kDY, kDV, kDW, kMean, kInvStd, kDScale, kDShift,
-  kEqDy, kEqX, kEqBias,
-  kVConv = 100, kVBias, kVRes, kVScaled, kVShifted, kVAct, kVDgrad, kVCentered, kVNormed
-};
-
-// The input prologue x -> [MUL scale] -> [ADD shift] -> [RELU_FWD] of the training
-// graphs (the previous BatchNorm, folded, and its ReLU). Its per-channel tensors are
-// declared (in this order: scale, shift) by declare_prologue, the chain by apply_prologue
-// with virtual intermediates of dtype `vdt`.
-struct Prologue {
-  DescP scale, shift;
-};
-
-Prologue declare_prologue(Graph& g, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
-                          cudnnDataType_t pdt) {
-  const int64_t C = x.size(1);
-  auto chan = [&](int64_t uid, const at::Tensor& t) {
-    return t.defined() ? g.tensor(uid, pdt, chan_dims(C), chan_strides(C), false, alignment_of(t.data_ptr()))
-                       : DescP();
-  };
-  Prologue p;
-  p.scale = chan(kScale, scale);
-  p.shift = chan(kShift, shift);
-  return p;
-}
-
-DescP apply_prologue(Graph& g, DescP cur, const Prologue& p, const std::vector<int64_t>& xd, bool relu,
-                     cudnnDataType_t vdt) {
-  if (p.scale) {
-    auto o = g.tensor(kVScaled, vdt, xd, nhwc_strides(xd), true, 16);
-    g.pointwise(CUDNN_POINTWISE_MUL, cur, p.scale, o);
-    cur = o;
-  }
-  if (p.shift) {
-    auto o = g.tensor(kVShifted, vdt, xd, nhwc_strides(xd), true, 16);
-    g.pointwise(CUDNN_POINTWISE_ADD, cur, p.shift, o);
-    cur = o;
-  }
-  if (relu) {
-    auto o = g.tensor(kVAct, vdt, xd, nhwc_strides(xd), true, 16);
-    g.pointwise(CUDNN_POINTWISE_RELU_FWD, cur, nullptr, o);
-    cur = o;
-  }
-  return cur;
-}
-
-
-// The start of a plan key: pattern, handle (plans are built for one handle, as torch's
-// own cuDNN v8 plan cache is thread-local), device, conv parameters, flags, TF32.
-std::vector<int64_t> base_key(Pattern pattern, cudnnHandle_t handle, const at::Tensor& x, int64_t groups,
-                              int64_t flags, at::IntArrayRef stride, at::IntArrayRef padding,
-                              at::IntArrayRef dilation) {
-  std::vector<int64_t> key = {pattern, reinterpret_cast<int64_t>(handle), x.get_device(), groups, flags,
-                              at::globalContext().allowTF32CuDNN() ? 1 : 0};
-  for (auto v : {stride, padding, dilation}) key.insert(key.end(), v.begin(), v.end());
-  return key;
-}
-
-// The cached plan of `key` (built by `build` on a miss), executed on `ptrs`.
-template <class Build>
-void run_cached(const std::vector<int64_t>& key, cudnnHandle_t handle, bool fp32_io, const std::vector<void*>& ptrs,
-                const at::Tensor& like, Build&& build) {
-  auto plan = lookup(key);
-  if (!plan) {
-    Graph g;
-    build(g);
-    // io_uids were pushed in declaration order, which every caller keeps equal to ptrs'
-    plan = build_plan(std::move(g), handle, fp32_io, ptrs, like);
-    store(key, plan);
-  }
-  execute(handle, *plan, ptrs, like);
+at::Tensor nhwc_empty(const std::vector<int64_t>& sizes, const at::Tensor& like) {
+  return at::empty(sizes, like.options().memory_format(at::MemoryFormat::ChannelsLast));
 }
 
 }  // namespace
 
+// ----------------------------------------------------------------------------- the ops
 at::Tensor cudnn_conv_bias_act(const at::Tensor& x_in, const at::Tensor& w_in,
                                const std::optional<at::Tensor>& bias_in,
                                const std::optional<at::Tensor>& residual_in, at::IntArrayRef stride,
@@ -617,63 +918,26 @@ at::Tensor cudnn_conv_bias_act(const at::Tensor& x_in, const at::Tensor& w_in,
   const char* op = "cudnn_conv_bias_act";
   check_conv_args(x_in, w_in, stride, padding, dilation, groups, op);
   c10::cuda::CUDAGuard guard(x_in.device());
-  at::MemoryFormat fmt; at::ScalarType dt; cudnnDataType_t cdt; at::Tensor x, w;  // NOLINT (lambdas capture them)
-  std::tie(fmt, dt, cdt, x, w) = channels_last_inputs(x_in, w_in);
-  const auto pdt = dt == at::kFloat ? at::kFloat : dt;  // per-channel operand dtype (see top)
-  const auto ys = out_shape(x, w.sizes(), stride, padding, dilation);
-  const int64_t K = ys[1];
-  at::Tensor bias = chan_param(bias_in, K, pdt, x, op, "bias");
+  const auto fmt = memory_format_of(x_in);
+  const auto dt = x_in.scalar_type();
+  const auto cdt = cudnn_dtype(dt);
+  at::Tensor x = nhwc_input(x_in), w = nhwc_input(w_in);
+  const ConvShape s = conv_shape(x, w.sizes(), stride, padding, dilation);
+  const int64_t K = s.y[1];
+  at::Tensor bias = chan_param(bias_in, K, dt, x, op, "bias");  // x's dtype (fp32 for fp32)
   at::Tensor res;
-  if (residual_in.has_value() && residual_in->defined()) {
-    res = output_like(*residual_in, "residual", ys, x, op);
-  }
-  at::Tensor y = at::empty(ys, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (residual_in.has_value() && residual_in->defined()) res = output_like(*residual_in, "residual", s.y, x, op);
+  at::Tensor y = nhwc_empty(s.y, x);
 
   cudnnHandle_t handle = at::native::getCudnnHandle();  // this thread's, set to the current stream
-  auto key = base_key(kConvBiasAct, handle, x, groups, relu ? 1 : 0, stride, padding, dilation);
+  const Options o = current_options(dt == at::kFloat);
+  auto key = base_key(kConvBiasAct, handle, x, groups, relu ? 1 : 0, o, stride, padding, dilation);
   for (const auto* t : {&x, &w, &bias, &res, &y}) push_tensor_key(key, *t);
-
-  // pointers in the order the graph declares its I/O tensors
-  std::vector<void*> ptrs = {x.data_ptr(), w.data_ptr()};
-  if (bias.defined()) ptrs.push_back(bias.data_ptr());
-  if (res.defined()) ptrs.push_back(res.data_ptr());
-  ptrs.push_back(y.data_ptr());
-
-  run_cached(key, handle, dt == at::kFloat, ptrs, x, [&](Graph& g) {
-    auto tx = g.tensor(kX, cdt, dims4(x), strides4(x), false, alignment_of(x.data_ptr()));
-    auto tw = g.tensor(kW, cdt, dims4(w), strides4(w), false, alignment_of(w.data_ptr()));
-    DescP tb, tr;
-    if (bias.defined()) tb = g.tensor(kBias, cudnn_dtype(pdt), chan_dims(K), chan_strides(K), false,
-                                      alignment_of(bias.data_ptr()));
-    if (res.defined()) tr = g.tensor(kRes, cdt, dims4(res), strides4(res), false, alignment_of(res.data_ptr()));
-    const int n_pw = (bias.defined() ? 1 : 0) + (res.defined() ? 1 : 0) + (relu ? 1 : 0);
-    int left = n_pw;
-    // the tensor produced by the next op: y itself for the last op, else a virtual fp32
-    auto next = [&](int64_t vuid) {
-      if (left == 0) return g.tensor(kY, cdt, ys, nhwc_strides(ys), false, alignment_of(y.data_ptr()));
-      return g.tensor(vuid, CUDNN_DATA_FLOAT, ys, nhwc_strides(ys), true, 16);
-    };
-    DescP cur = next(kVConv);
-    g.conv(Graph::kFprop, tx, tw, cur, stride.vec(), padding.vec(), dilation.vec());
-    if (bias.defined()) {
-      --left;
-      auto o = next(kVBias);
-      g.pointwise(CUDNN_POINTWISE_ADD, cur, tb, o);
-      cur = o;
-    }
-    if (res.defined()) {
-      --left;
-      auto o = next(kVRes);
-      g.pointwise(CUDNN_POINTWISE_ADD, cur, tr, o);
-      cur = o;
-    }
-    if (relu) {
-      --left;
-      auto o = next(kVAct);
-      g.pointwise(CUDNN_POINTWISE_RELU_FWD, cur, nullptr, o);
-      cur = o;
-    }
-    // declared: x, w, [bias], [res], y — as ptrs
+  Ptrs ptrs = {{kX, x.data_ptr()}, {kW, w.data_ptr()}, {kY, y.data_ptr()}};
+  if (bias.defined()) ptrs.emplace_back(kBias, bias.data_ptr());
+  if (res.defined()) ptrs.emplace_back(kRes, res.data_ptr());
+  run_cached(kConvBiasAct, key, handle, o, ptrs, x, [&](Graph& g) {
+    build_conv_bias_act(g, cdt, cdt, s, bias.defined(), res.defined(), relu);
   });
   return fmt == at::MemoryFormat::ChannelsLast ? y : y.contiguous(fmt);
 }
@@ -685,42 +949,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cudnn_conv_act_stats(
   const char* op = "cudnn_conv_act_stats";
   check_conv_args(x_in, w_in, stride, padding, dilation, groups, op);
   c10::cuda::CUDAGuard guard(x_in.device());
-  at::MemoryFormat fmt; at::ScalarType dt; cudnnDataType_t cdt; at::Tensor x, w;  // NOLINT (lambdas capture them)
-  std::tie(fmt, dt, cdt, x, w) = channels_last_inputs(x_in, w_in);
-  const auto pdt = dt == at::kFloat ? at::kFloat : dt;  // per-channel operand dtype (see top)
-  const int64_t C = x.size(1);
-  at::Tensor scale = chan_param(scale_in, C, pdt, x, op, "scale");
-  at::Tensor shift = chan_param(shift_in, C, pdt, x, op, "shift");
-  const auto ys = out_shape(x, w.sizes(), stride, padding, dilation);
-  const int64_t K = ys[1];
-  at::Tensor y = at::empty(ys, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  at::Tensor sum = at::empty({1, K, 1, 1}, x.options().dtype(at::kFloat));
-  at::Tensor sumsq = at::empty({1, K, 1, 1}, x.options().dtype(at::kFloat));
+  const auto fmt = memory_format_of(x_in);
+  const auto dt = x_in.scalar_type();
+  const auto cdt = cudnn_dtype(dt);
+  at::Tensor x = nhwc_input(x_in), w = nhwc_input(w_in);
+  const ConvShape s = conv_shape(x, w.sizes(), stride, padding, dilation);
+  const int64_t C = s.x[1], K = s.y[1];
+  at::Tensor scale = chan_param(scale_in, C, dt, x, op, "scale");
+  at::Tensor shift = chan_param(shift_in, C, dt, x, op, "shift");
+  at::Tensor y = nhwc_empty(s.y, x);
+  // zeroed before every run: an engine may accumulate the statistics into them
+  at::Tensor sum = at::zeros({1, K, 1, 1}, x.options().dtype(at::kFloat));
+  at::Tensor sumsq = at::zeros({1, K, 1, 1}, x.options().dtype(at::kFloat));
 
-  cudnnHandle_t handle = at::native::getCudnnHandle();  // this thread's, set to the current stream
-  auto key = base_key(kConvActStats, handle, x, groups, in_relu ? 1 : 0, stride, padding, dilation);
-  for (const auto* t : {&x, &w, &scale, &shift, &y, &sum, &sumsq}) push_tensor_key(key, *t);
-
-  std::vector<void*> ptrs = {x.data_ptr()};
-  if (scale.defined()) ptrs.push_back(scale.data_ptr());
-  if (shift.defined()) ptrs.push_back(shift.data_ptr());
-  ptrs.push_back(w.data_ptr());
-  ptrs.push_back(y.data_ptr());
-  ptrs.push_back(sum.data_ptr());
-  ptrs.push_back(sumsq.data_ptr());
-
-  run_cached(key, handle, dt == at::kFloat, ptrs, x, [&](Graph& g) {
-    auto tx = g.tensor(kX, cdt, dims4(x), strides4(x), false, alignment_of(x.data_ptr()));
-    auto pro = declare_prologue(g, x, scale, shift, cudnn_dtype(pdt));
-    auto tw = g.tensor(kW, cdt, dims4(w), strides4(w), false, alignment_of(w.data_ptr()));
-    DescP cur = apply_prologue(g, tx, pro, dims4(x), in_relu, CUDNN_DATA_FLOAT);
-    auto ty = g.tensor(kY, cdt, ys, nhwc_strides(ys), false, alignment_of(y.data_ptr()));
-    g.conv(Graph::kFprop, cur, tw, ty, stride.vec(), padding.vec(), dilation.vec());
-    auto tsum = g.tensor(kSum, CUDNN_DATA_FLOAT, chan_dims(K), chan_strides(K), false,
-                         alignment_of(sum.data_ptr()));
-    auto tsq = g.tensor(kSumSq, CUDNN_DATA_FLOAT, chan_dims(K), chan_strides(K), false,
-                        alignment_of(sumsq.data_ptr()));
-    g.genstats(ty, tsum, tsq);
+  cudnnHandle_t handle = at::native::getCudnnHandle();
+  const Options o = current_options(dt == at::kFloat);
+  auto key = base_key(kConvActStats, handle, x, groups, in_relu ? 1 : 0, o, stride, padding, dilation);
+  for (const auto* t : {&x, &w, &scale, &shift, &y}) push_tensor_key(key, *t);
+  Ptrs ptrs = {{kX, x.data_ptr()}, {kW, w.data_ptr()}, {kY, y.data_ptr()}, {kSum, sum.data_ptr()},
+               {kSumSq, sumsq.data_ptr()}};
+  if (scale.defined()) ptrs.emplace_back(kScale, scale.data_ptr());
+  if (shift.defined()) ptrs.emplace_back(kShift, shift.data_ptr());
+  run_cached(kConvActStats, key, handle, o, ptrs, x, [&](Graph& g) {
+    build_conv_act_stats(g, cdt, cdt, s, scale.defined(), shift.defined(), in_relu);
   });
   return {fmt == at::MemoryFormat::ChannelsLast ? y : y.contiguous(fmt), sum.view({K}), sumsq.view({K})};
 }
@@ -740,65 +991,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cudnn_dgrad_drelu_dbn(
   const char* op = "cudnn_dgrad_drelu_dbn";
   check_conv_args(x_in, w_in, stride, padding, dilation, groups, op);
   c10::cuda::CUDAGuard guard(x_in.device());
-  at::MemoryFormat fmt; at::ScalarType dt; cudnnDataType_t cdt; at::Tensor x, w;  // NOLINT (lambdas capture them)
-  std::tie(fmt, dt, cdt, x, w) = channels_last_inputs(x_in, w_in);
-  const auto ys = out_shape(x, w.sizes(), stride, padding, dilation);
-  at::Tensor dy = output_like(dy_in, "dy", ys, x, op);
-  const int64_t C = x.size(1);
+  const auto fmt = memory_format_of(x_in);
+  const auto dt = x_in.scalar_type();
+  const auto cdt = cudnn_dtype(dt);
+  at::Tensor x = nhwc_input(x_in), w = nhwc_input(w_in);
+  const ConvShape s = conv_shape(x, w.sizes(), stride, padding, dilation);
+  at::Tensor dy = output_like(dy_in, "dy", s.y, x, op);
+  const int64_t C = s.x[1];
   at::Tensor scale = chan_param(scale_in, C, at::kFloat, x, op, "scale");
   at::Tensor shift = chan_param(shift_in, C, at::kFloat, x, op, "shift");
   TORCH_CHECK(scale.defined() && shift.defined(), "fastres::", op, ": scale and shift are required");
   at::Tensor mean = at::zeros({C}, x.options().dtype(at::kFloat));
   at::Tensor invstd = at::ones({C}, x.options().dtype(at::kFloat));
-  at::Tensor dv = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  auto per_c = [&] { return at::empty({C}, x.options().dtype(at::kFloat)); };
+  at::Tensor dv = nhwc_empty(s.x, x);
+  // zeroed before every run: the BN-backward reductions may accumulate into them
+  auto per_c = [&] { return at::zeros({C}, x.options().dtype(at::kFloat)); };
   at::Tensor dscale = per_c(), dshift = per_c(), eq_dy = per_c(), eq_x = per_c(), eq_bias = per_c();
 
   cudnnHandle_t handle = at::native::getCudnnHandle();
-  auto key = base_key(kDgradDreluDbn, handle, x, groups, 0, stride, padding, dilation);
-  for (const auto* t : {&dy, &w, &x, &mean, &invstd, &scale, &shift, &dv, &dscale, &dshift, &eq_dy, &eq_x, &eq_bias}) {
-    push_tensor_key(key, *t);
-  }
-  std::vector<void*> ptrs;
-  for (const auto* t : {&dy, &w, &x, &mean, &invstd, &scale, &shift, &dv, &dscale, &dshift, &eq_dy, &eq_x, &eq_bias}) {
-    ptrs.push_back(t->data_ptr());
-  }
-  run_cached(key, handle, dt == at::kFloat, ptrs, x, [&](Graph& g) {
-    const auto xd = dims4(x);
-    auto chan = [&](int64_t uid, const at::Tensor& t) {
-      return g.tensor(uid, CUDNN_DATA_FLOAT, chan_dims(C), chan_strides(C), false, alignment_of(t.data_ptr()));
-    };
-    auto tdy = g.tensor(kDY, cdt, ys, nhwc_strides(ys), false, alignment_of(dy.data_ptr()));
-    auto tw = g.tensor(kW, cdt, dims4(w), strides4(w), false, alignment_of(w.data_ptr()));
-    auto tx = g.tensor(kX, cdt, xd, strides4(x), false, alignment_of(x.data_ptr()));
-    auto tm = chan(kMean, mean);
-    auto tv = chan(kInvStd, invstd);
-    auto ts = chan(kScale, scale);
-    auto tb = chan(kShift, shift);
-    auto tdv = g.tensor(kDV, cdt, xd, nhwc_strides(xd), false, alignment_of(dv.data_ptr()));
-    auto tds = chan(kDScale, dscale);
-    auto tdb = chan(kDShift, dshift);
-    auto teq_dy = chan(kEqDy, eq_dy);
-    auto teq_x = chan(kEqX, eq_x);
-    auto teq_b = chan(kEqBias, eq_bias);
-    // declared: dy, w, x, mean, invstd, scale, shift, dv, dscale, dshift, eq_dy, eq_x, eq_bias — as ptrs
-    auto dgrad = g.tensor(kVDgrad, CUDNN_DATA_FLOAT, xd, nhwc_strides(xd), true, 16);
-    g.conv(Graph::kDgrad, tdy, tw, dgrad, stride.vec(), padding.vec(), dilation.vec());
-    auto centered = g.tensor(kVCentered, CUDNN_DATA_FLOAT, xd, nhwc_strides(xd), true, 16);
-    g.pointwise(CUDNN_POINTWISE_SUB, tx, tm, centered);
-    auto normed = g.tensor(kVNormed, CUDNN_DATA_FLOAT, xd, nhwc_strides(xd), true, 16);
-    g.pointwise(CUDNN_POINTWISE_MUL, centered, tv, normed);
-    auto pre = apply_prologue(g, normed, Prologue{ts, tb}, xd, false, CUDNN_DATA_FLOAT);
-    g.pointwise(CUDNN_POINTWISE_RELU_BWD, pre, dgrad, tdv);
-    g.bn_bwd_weights(tx, tdv, tm, tv, ts, tds, tdb, teq_dy, teq_x, teq_b);
-  });
+  const Options o = current_options(dt == at::kFloat);
+  auto key = base_key(kDgradDreluDbn, handle, x, groups, 0, o, stride, padding, dilation);
+  for (const auto* t : {&dy, &w, &x}) push_tensor_key(key, *t);
+  Ptrs ptrs = {{kDY, dy.data_ptr()},        {kW, w.data_ptr()},           {kX, x.data_ptr()},
+               {kMean, mean.data_ptr()},    {kInvStd, invstd.data_ptr()}, {kScale, scale.data_ptr()},
+               {kShift, shift.data_ptr()},  {kDV, dv.data_ptr()},         {kDScale, dscale.data_ptr()},
+               {kDShift, dshift.data_ptr()}, {kEqDy, eq_dy.data_ptr()},   {kEqX, eq_x.data_ptr()},
+               {kEqBias, eq_bias.data_ptr()}};
+  run_cached(kDgradDreluDbn, key, handle, o, ptrs, x, [&](Graph& g) { build_dgrad_drelu_dbn(g, cdt, s); });
   return {fmt == at::MemoryFormat::ChannelsLast ? dv : dv.contiguous(fmt), dscale, dshift};
 }
 
 // Training backward, weight gradient ("scale-bias-relu-wgrad", ConvBNwgrad):
 //   dw = conv_wgrad(dy, [relu]([x*scale] [+ shift]))   (the prologue recomputed as x is
-// loaded, never stored; intermediates in x's dtype: u is rounded to x's dtype in the
-// forward too). dw in x's dtype, contiguous.
+// loaded, never stored). dw in x's dtype, contiguous.
 at::Tensor cudnn_wgrad_scale_shift_relu(const at::Tensor& dy_in, const at::Tensor& x_in,
                                         const std::optional<at::Tensor>& scale_in,
                                         const std::optional<at::Tensor>& shift_in, at::IntArrayRef weight_size,
@@ -809,31 +1034,23 @@ at::Tensor cudnn_wgrad_scale_shift_relu(const at::Tensor& dy_in, const at::Tenso
   c10::cuda::CUDAGuard guard(x_in.device());
   const auto dt = x_in.scalar_type();
   const auto cdt = cudnn_dtype(dt);
-  at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
-  const auto ys = out_shape(x, weight_size, stride, padding, dilation);
-  at::Tensor dy = output_like(dy_in, "dy", ys, x, op);
-  const int64_t C = x.size(1);
+  at::Tensor x = nhwc_input(x_in);
+  const ConvShape s = conv_shape(x, weight_size, stride, padding, dilation);
+  at::Tensor dy = output_like(dy_in, "dy", s.y, x, op);
+  const int64_t C = s.x[1];
   at::Tensor scale = chan_param(scale_in, C, dt, x, op, "scale");
   at::Tensor shift = chan_param(shift_in, C, dt, x, op, "shift");
-  at::Tensor dw = at::empty(weight_size, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor dw = nhwc_empty(s.w, x);
 
   cudnnHandle_t handle = at::native::getCudnnHandle();
-  auto key = base_key(kScaleShiftReluWgrad, handle, x, groups, in_relu ? 1 : 0, stride, padding, dilation);
+  const Options o = current_options(dt == at::kFloat);
+  auto key = base_key(kScaleShiftReluWgrad, handle, x, groups, in_relu ? 1 : 0, o, stride, padding, dilation);
   for (const auto* t : {&dy, &x, &scale, &shift, &dw}) push_tensor_key(key, *t);
-  std::vector<void*> ptrs = {x.data_ptr()};
-  if (scale.defined()) ptrs.push_back(scale.data_ptr());
-  if (shift.defined()) ptrs.push_back(shift.data_ptr());
-  ptrs.push_back(dy.data_ptr());
-  ptrs.push_back(dw.data_ptr());
-  run_cached(key, handle, dt == at::kFloat, ptrs, x, [&](Graph& g) {
-    const auto xd = dims4(x);
-    auto tx = g.tensor(kX, cdt, xd, strides4(x), false, alignment_of(x.data_ptr()));
-    auto pro = declare_prologue(g, x, scale, shift, cdt);
-    auto tdy = g.tensor(kDY, cdt, ys, nhwc_strides(ys), false, alignment_of(dy.data_ptr()));
-    auto tdw = g.tensor(kDW, cdt, dims4(dw), strides4(dw), false, alignment_of(dw.data_ptr()));
-    // declared: x, [scale], [shift], dy, dw — as ptrs
-    auto u = apply_prologue(g, tx, pro, xd, in_relu, dt == at::kFloat ? CUDNN_DATA_FLOAT : cdt);
-    g.conv(Graph::kWgrad, tdy, u, tdw, stride.vec(), padding.vec(), dilation.vec());
+  Ptrs ptrs = {{kX, x.data_ptr()}, {kDY, dy.data_ptr()}, {kDW, dw.data_ptr()}};
+  if (scale.defined()) ptrs.emplace_back(kScale, scale.data_ptr());
+  if (shift.defined()) ptrs.emplace_back(kShift, shift.data_ptr());
+  run_cached(kScaleShiftReluWgrad, key, handle, o, ptrs, x, [&](Graph& g) {
+    build_wgrad(g, cdt, s, scale.defined(), shift.defined(), in_relu);
   });
   return dw.contiguous();
 }
@@ -841,6 +1058,135 @@ at::Tensor cudnn_wgrad_scale_shift_relu(const at::Tensor& dy_in, const at::Tenso
 std::string cudnn_version_string() {
   const size_t v = cudnnGetVersion();
   return std::to_string(v / 10000) + "." + std::to_string((v % 10000) / 100) + "." + std::to_string(v % 100);
+}
+
+// ----------------------------------------------------------------------------- deviceless check
+// cuDNN's runtime-compiled (runtime fusion) engines load the CUDA driver library to
+// compile; where it cannot be loaded (a machine without the NVIDIA driver) heuristics
+// leave them out (CUDNN_STATUS_NOT_SUPPORTED_RUNTIME_PREREQUISITE_MISSING) and only the
+// pre-compiled engines are checked.
+bool driver_library_loadable() {
+  for (const char* name : {"libcuda.so.1", "libcuda.so"}) {
+    void* h = dlopen(name, RTLD_LAZY | RTLD_LOCAL);
+    if (h != nullptr) {
+      dlclose(h);
+      return true;
+    }
+  }
+  return false;
+}
+
+// fastres_cudnn::graph_check(pattern, dtype, device_json, x, w, stride, padding, dilation,
+//                            options, deterministic, allow_tf32)
+//   -> (ok, detail, configs, plans, runtime_compiled)
+// Builds the graph of `pattern` (the builders above) for the device described by
+// `device_json` (cuDNN's CUDNN_ATTR_DEVICEPROP_JSON_REPRESENTATION; cuDNN >= 9.8), without
+// a handle or a GPU, asks heuristics (mode A, then FALLBACK) and finalizes plans until
+// one does. options: "bias", "residual", "relu" (conv_bias_add_relu), "scale", "shift",
+// "in_relu" (the prologue of conv_genstats and scale_shift_relu_wgrad). ok=False with
+// the reason where a descriptor, the heuristics or every plan failed. runtime_compiled:
+// whether runtime-compiled engines could be considered here (driver_library_loadable);
+// where not, ok=False says only that no pre-compiled engine supports the graph.
+std::tuple<bool, std::string, int64_t, int64_t, bool> graph_check(
+    const std::string& pattern, const std::string& dtype, const std::string& device_json, at::IntArrayRef x,
+    at::IntArrayRef w, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    const std::vector<std::string>& options, bool deterministic, bool allow_tf32) {
+  TORCH_CHECK(x.size() == 4 && w.size() == 4 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "fastres_cudnn::graph_check: x and w must have 4 dims, stride/padding/dilation 2");
+  cudnnDataType_t io;
+  if (dtype == "float32") {
+    io = CUDNN_DATA_FLOAT;
+  } else if (dtype == "float16") {
+    io = CUDNN_DATA_HALF;
+  } else if (dtype == "bfloat16") {
+    io = CUDNN_DATA_BFLOAT16;
+  } else {
+    TORCH_CHECK(false, "fastres_cudnn::graph_check: dtype must be float32, float16 or bfloat16, got '", dtype, "'");
+  }
+  auto has = [&](const char* o) {
+    for (const auto& s : options) {
+      if (s == o) return true;
+    }
+    return false;
+  };
+  for (const auto& s : options) {
+    TORCH_CHECK(s == "bias" || s == "residual" || s == "relu" || s == "scale" || s == "shift" || s == "in_relu",
+                "fastres_cudnn::graph_check: unknown option '", s, "'");
+  }
+  TORCH_CHECK(cudnnGetVersion() >= 90800, "fastres_cudnn::graph_check: deviceless plans need cuDNN >= 9.8, found ",
+              cudnn_version_string());
+  Pattern p;
+  if (pattern == "conv_bias_add_relu") {
+    p = kConvBiasAct;
+  } else if (pattern == "conv_genstats" || pattern == "scale_shift_relu_conv_genstats") {
+    p = kConvActStats;
+  } else if (pattern == "dgrad_drelu_dbn") {
+    p = kDgradDreluDbn;
+  } else if (pattern == "scale_shift_relu_wgrad") {
+    p = kScaleShiftReluWgrad;
+  } else {
+    TORCH_CHECK(false, "fastres_cudnn::graph_check: unknown pattern '", pattern, "'");
+  }
+  ConvShape s;
+  s.x = x.vec();
+  s.w = w.vec();
+  s.stride = stride.vec();
+  s.padding = padding.vec();
+  s.dilation = dilation.vec();
+  s.y = out_dims(s.x, s.w, s.stride, s.padding, s.dilation);
+  Options o;
+  o.fp32_io = io == CUDNN_DATA_FLOAT;
+  o.allow_tf32 = allow_tf32;
+  o.deterministic = deterministic;
+  const bool rtc = driver_library_loadable();
+  try {
+    Desc dev(CUDNN_BACKEND_DEVICEPROP_DESCRIPTOR, "CUDNN_BACKEND_DEVICEPROP_DESCRIPTOR", "target device");
+    dev.set(A(CUDNN_ATTR_DEVICEPROP_JSON_REPRESENTATION), CUDNN_TYPE_CHAR, static_cast<int64_t>(device_json.size()),
+            device_json.data());
+    dev.finalize();
+    Graph g;
+    switch (p) {
+      case kConvBiasAct: build_conv_bias_act(g, io, io, s, has("bias"), has("residual"), has("relu")); break;
+      case kConvActStats: build_conv_act_stats(g, io, io, s, has("scale"), has("shift"), has("in_relu")); break;
+      case kDgradDreluDbn: build_dgrad_drelu_dbn(g, io, s); break;
+      case kScaleShiftReluWgrad: build_wgrad(g, io, s, has("scale"), has("shift"), has("in_relu")); break;
+    }
+    Target t;
+    t.devprop = &dev;
+    Found f = find_plans(g, t, o, 1);
+    return {true, "plan finalized (" + f.plans[0]->what() + ")", f.configs, static_cast<int64_t>(f.plans.size()),
+            rtc};
+  } catch (const Failure& e) {
+    std::string why = e.what();
+    if (!rtc) why += " [runtime-compiled engines not considered: libcuda.so.1 cannot be loaded here]";
+    return {false, why, 0, 0, rtc};
+  }
+}
+
+// fastres_cudnn::device_json(device) -> str: cuDNN's own device-property JSON of a CUDA
+// device (needs that GPU): what DEVICE_PROPS in fastres/cudnn.py is checked against.
+std::string device_json(int64_t device) {
+  TORCH_CHECK(cudnnGetVersion() >= 90800, "fastres_cudnn::device_json: needs cuDNN >= 9.8, found ",
+              cudnn_version_string());
+  try {
+    Desc dev(CUDNN_BACKEND_DEVICEPROP_DESCRIPTOR, "CUDNN_BACKEND_DEVICEPROP_DESCRIPTOR", "cuda:" + std::to_string(device));
+    int32_t id = static_cast<int32_t>(device);
+    dev.set(A(CUDNN_ATTR_DEVICEPROP_DEVICE_ID), CUDNN_TYPE_INT32, 1, &id);
+    dev.finalize();
+    int64_t n = 0;
+    cudnnStatus_t s = cudnnBackendGetAttribute(dev.get(), CUDNN_ATTR_DEVICEPROP_JSON_REPRESENTATION, CUDNN_TYPE_CHAR,
+                                               0, &n, nullptr);
+    if (s != CUDNN_STATUS_SUCCESS) throw Failure("CUDNN_ATTR_DEVICEPROP_JSON_REPRESENTATION size: " + status_text(s));
+    std::string out(static_cast<size_t>(n), '\0');
+    s = cudnnBackendGetAttribute(dev.get(), CUDNN_ATTR_DEVICEPROP_JSON_REPRESENTATION, CUDNN_TYPE_CHAR, n, &n,
+                                 out.data());
+    if (s != CUDNN_STATUS_SUCCESS) throw Failure("CUDNN_ATTR_DEVICEPROP_JSON_REPRESENTATION: " + status_text(s));
+    while (!out.empty() && out.back() == '\0') out.pop_back();
+    return out;
+  } catch (const Failure& e) {
+    TORCH_CHECK(false, "fastres_cudnn::device_json: ", e.what());
+  }
+  return "";
 }
 
 }  // namespace cudnn_graph
@@ -851,6 +1197,15 @@ TORCH_LIBRARY_IMPL(fastres, CUDA, m) {
   m.impl("cudnn_conv_act_stats", &fastres::cudnn_graph::cudnn_conv_act_stats);
   m.impl("cudnn_dgrad_drelu_dbn", &fastres::cudnn_graph::cudnn_dgrad_drelu_dbn);
   m.impl("cudnn_wgrad_scale_shift_relu", &fastres::cudnn_graph::cudnn_wgrad_scale_shift_relu);
+}
+
+// No tensor arguments: a catch-all kernel (runs without a GPU).
+TORCH_LIBRARY(fastres_cudnn, m) {
+  m.def("graph_check(str pattern, str dtype, str device_json, int[] x, int[] w, int[] stride, int[] padding, "
+        "int[] dilation, str[] options, bool deterministic, bool allow_tf32) "
+        "-> (bool ok, str detail, int configs, int plans, bool runtime_compiled)",
+        &fastres::cudnn_graph::graph_check);
+  m.def("device_json(int device) -> str", &fastres::cudnn_graph::device_json);
 }
 
 #endif  // FASTRES_WITH_CUDNN
