@@ -414,7 +414,10 @@ def _ieee_fp32(device: torch.device):
 def run_check(device: torch.device, backends_spec: str = "all", kinds=CASE_KINDS, dtypes=None, seed: int = 0,
               verbose: bool = False, log=print) -> Tuple[List[Row], List[str]]:
     with _ieee_fp32(device):
-        return _run_check(device, backends_spec, kinds, dtypes, seed, verbose, log)
+        rows, notes = _run_check(device, backends_spec, kinds, dtypes, seed, verbose, log)
+    if device.type == "cuda":
+        notes.append("TF32 was off for cuDNN and cuBLAS during the check: fp32 is IEEE fp32, torch's reference too")
+    return rows, notes
 
 
 def _run_check(device: torch.device, backends_spec: str, kinds, dtypes, seed: int, verbose: bool,

@@ -439,13 +439,15 @@ def test_check_runs_fp32_without_tf32_on_cuda(monkeypatch):
     before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # torch's cuDNN default
     try:
-        rows, _ = check.run_check(torch.device("cuda"), "none", kinds=("convs",), dtypes=["fp32"])
+        rows, notes = check.run_check(torch.device("cuda"), "none", kinds=("convs",), dtypes=["fp32"])
         assert rows and all(r.status == "PASS" for r in rows), rows
+        assert any("TF32 was off" in n for n in notes), notes  # said in the report
         assert {(k, c, m) for d, k, c, m in seen} == {("torch", False, False), ("fastres", False, False)}
         assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32  # restored
         seen.clear()
-        check.run_check(torch.device("cpu"), "none", kinds=("convs",), dtypes=["fp32"])
+        _, notes = check.run_check(torch.device("cpu"), "none", kinds=("convs",), dtypes=["fp32"])
         assert seen and all(c and m for _, _, c, m in seen)  # the CPU: the settings untouched
+        assert not any("TF32" in n for n in notes), notes
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
