@@ -27,6 +27,7 @@ def _dt(d: torch.dtype) -> str:
 
 
 def _is_cuda(device: torch.device) -> bool:
+    # (a function: tests run the capture logic on the CPU with torch.cuda's graph API faked)
     return device.type == "cuda"
 
 
