@@ -34,7 +34,9 @@ Tolerance: fp64 a fixed 1e-9; fp32 / bf16 / fp16 ``2 × torch's own error in tha
 block / model cases get a floor of 1e-2 (fp32) / 5e-2 (bf16, fp16) instead, because a
 deep net's gradients jump when a ReLU mask flips at rounding level (torch's own fp32
 resnet50 input gradient moves by ~1e-2 under a 1e-7 input perturbation). bf16/fp16 run under
-autocast with fp32 parameters, as in mixed-precision training. Exit status 1 when any
+autocast with fp32 parameters, as in mixed-precision training. On a GPU the whole check
+runs with TF32 off (cuDNN convolutions, cuBLAS matmuls; restored after), so torch's own
+fp32 error, and with it the fp32 tolerance, is IEEE fp32's. Exit status 1 when any
 case fails or errors.
 """
 from __future__ import annotations
@@ -392,8 +394,34 @@ def _fastres_models_missing() -> Optional[str]:
     return None
 
 
+@contextlib.contextmanager
+def _ieee_fp32(device: torch.device):
+    """fp32 as IEEE fp32 on a CUDA device: TF32 off for cuDNN convolutions (on by default
+    in torch) and cuBLAS matmuls while the check runs, restored after. With TF32, torch's
+    own "fp32" error is TF32's (~1e-3), and the fp32 tolerance (2x that + 1e-5) would pass
+    a fastres kernel three orders of magnitude less accurate than fp32."""
+    if device.type != "cuda":
+        yield
+        return
+    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
+
+
 def run_check(device: torch.device, backends_spec: str = "all", kinds=CASE_KINDS, dtypes=None, seed: int = 0,
               verbose: bool = False, log=print) -> Tuple[List[Row], List[str]]:
+    with _ieee_fp32(device):
+        rows, notes = _run_check(device, backends_spec, kinds, dtypes, seed, verbose, log)
+    if device.type == "cuda":
+        notes.append("TF32 was off for cuDNN and cuBLAS during the check: fp32 is IEEE fp32, torch's reference too")
+    return rows, notes
+
+
+def _run_check(device: torch.device, backends_spec: str, kinds, dtypes, seed: int, verbose: bool,
+               log) -> Tuple[List[Row], List[str]]:
     from . import backends as B
     dtypes = list(dtypes or DEFAULT_DTYPES.get(device.type, ("fp32",)))
     run_b, notes = backends_to_check(backends_spec, device)

@@ -9,6 +9,7 @@ compilation.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -23,6 +24,23 @@ __all__ = ["cuda_graph_inference"]
 
 def _dt(d: torch.dtype) -> str:
     return str(d).replace("torch.", "")
+
+
+def _is_cuda(device: torch.device) -> bool:
+    # (a function: tests run the capture logic on the CPU with torch.cuda's graph API faked)
+    return device.type == "cuda"
+
+
+def _uncached_autocast(device_type: str):
+    """The caller's autocast (same dtype) with its weight-cast cache off, or a no-op
+    without autocast. Under a cached autocast the capture would reuse the low-precision
+    casts of the parameters (``nn.Linear``'s weight …) made in the warm-up, outside the
+    graph's memory pool; the caller's autocast frees them when it exits, and every replay
+    would read freed memory (torch's ``make_graphed_callables`` refuses a cached autocast
+    for this reason). Uncached, the casts are made inside the capture, from its pool."""
+    if not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=False)
 
 
 def cuda_graph_inference(model: nn.Module, example: Tensor, *, warmup: int = 3) -> Callable[[Tensor], Tensor]:
@@ -44,7 +62,7 @@ def cuda_graph_inference(model: nn.Module, example: Tensor, *, warmup: int = 3) 
     """
     if not isinstance(example, Tensor):
         raise TypeError(f"cuda_graph_inference: example must be a torch.Tensor, got {type(example).__name__}")
-    if example.device.type != "cuda":
+    if not _is_cuda(example.device):
         raise V.DeviceError(f"cuda_graph_inference: example is on {example.device}, expected a CUDA tensor: "
                             "CUDA graphs need a CUDA device (on the CPU, call the model directly)")
     for name, p in list(model.named_parameters()) + list(model.named_buffers()):
@@ -55,12 +73,12 @@ def cuda_graph_inference(model: nn.Module, example: Tensor, *, warmup: int = 3) 
     static_in = example.detach().clone()
     side = torch.cuda.Stream(device=example.device)
     side.wait_stream(torch.cuda.current_stream(example.device))
-    with torch.cuda.stream(side), torch.inference_mode():
+    with torch.cuda.stream(side), torch.inference_mode(), _uncached_autocast(example.device.type):
         for _ in range(max(1, warmup)):  # folds, packs, autotunes and JIT-compiles outside the capture
             model(static_in)
     torch.cuda.current_stream(example.device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.inference_mode(), torch.cuda.graph(graph):
+    with torch.inference_mode(), _uncached_autocast(example.device.type), torch.cuda.graph(graph):
         static_out = model(static_in)
 
     def run(x: Tensor) -> Tensor:

@@ -423,6 +423,35 @@ def test_check_fails_when_a_backend_is_wrong(backend, monkeypatch, capsys):
     assert " FAIL " in out and "FAILED" in out
 
 
+def test_check_runs_fp32_without_tf32_on_cuda(monkeypatch):
+    """On a CUDA device every case of ``fastres check`` (torch's reference included) runs
+    with TF32 off for cuDNN and cuBLAS, and the user's settings come back afterwards: with
+    cuDNN's default TF32, torch's own fp32 error is ~1e-3 and the fp32 tolerance
+    (2x torch's error + 1e-5) could not catch a kernel far off fp32 accuracy. The device
+    is only named here (the probe case builds no CUDA tensor); on the CPU nothing changes."""
+    seen = []
+
+    def probe(impl, device, seed):
+        seen.append((device.type, impl.kind, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return {"out:y": torch.ones(3, dtype=torch.float64)}
+
+    monkeypatch.setattr(check, "build_cases", lambda device, kinds: [("convs", "probe", probe)])
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # torch's cuDNN default
+    try:
+        rows, notes = check.run_check(torch.device("cuda"), "none", kinds=("convs",), dtypes=["fp32"])
+        assert rows and all(r.status == "PASS" for r in rows), rows
+        assert any("TF32 was off" in n for n in notes), notes  # said in the report
+        assert {(k, c, m) for d, k, c, m in seen} == {("torch", False, False), ("fastres", False, False)}
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32  # restored
+        seen.clear()
+        _, notes = check.run_check(torch.device("cpu"), "none", kinds=("convs",), dtypes=["fp32"])
+        assert seen and all(c and m for _, _, c, m in seen)  # the CPU: the settings untouched
+        assert not any("TF32" in n for n in notes), notes
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def test_check_judge_rules():
     ref = {"out:y": torch.ones(10, dtype=torch.float64), "grad:x": torch.ones(10, dtype=torch.float64)}
     close = {k: v * (1 + 1e-12) for k, v in ref.items()}

@@ -308,6 +308,73 @@ def test_cuda_graph_inference_refuses_the_cpu():
         fastres.cuda_graph_inference(fr, None)
 
 
+def _fake_cuda_graphs(monkeypatch, phase):
+    """torch.cuda's stream and graph API as no-ops on the CPU (``phase[0]`` becomes
+    ``"capture"`` inside ``torch.cuda.graph``), and fastres.inference's device check passed."""
+    import contextlib
+
+    from fastres import inference
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def replay(self):
+            pass
+
+    @contextlib.contextmanager
+    def graph(g, *args, **kwargs):
+        phase[0] = "capture"
+        try:
+            yield
+        finally:
+            phase[0] = "after"
+
+    monkeypatch.setattr(inference, "_is_cuda", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+
+
+@pytest.mark.parametrize("amp", [True, False], ids=["autocast", "no-autocast"])
+def test_cuda_graph_inference_captures_without_the_autocast_cache(monkeypatch, amp):
+    """Under the caller's autocast, the warm-up and the capture run under the same
+    autocast dtype with autocast's weight-cast cache OFF. With it on, the capture reuses
+    the bf16/fp16 casts of the parameters (here nn.Linear's weight, as a ResNet's fc)
+    that the warm-up made outside the graph's memory pool; the caller's autocast frees
+    them when it exits and every replay then reads freed memory (GPU only: the CUDA
+    graph API is faked here, the autocast state is what is checked)."""
+    phase, seen = ["warmup"], []
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            seen.append((phase[0], torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+                         torch.is_autocast_cache_enabled()))
+            return self.fc(x)
+
+    _fake_cuda_graphs(monkeypatch, phase)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        run = fastres.cuda_graph_inference(Probe(), torch.randn(2, 4), warmup=2)
+        assert torch.is_autocast_cache_enabled()  # the caller's own autocast is left as it was
+    assert [p for p, *_ in seen] == ["warmup", "warmup", "capture"]
+    for p, on, dt, cached in seen:
+        assert on == amp, f"{p}: autocast {'off' if amp else 'on'}, expected the caller's"
+        if amp:
+            assert dt == torch.bfloat16, f"{p}: autocast dtype {dt}, expected the caller's bfloat16"
+            assert not cached, f"{p}: autocast's weight-cast cache is on"
+    assert run.static_output.dtype == (torch.bfloat16 if amp else torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("name", MODELS)
