@@ -557,3 +557,34 @@ def test_bench_job_runs_under_its_conv_path():
         assert conv_backend.requested_conv() == "fused"
         assert backends.backend_for(torch.device("cpu")) == "torch"
     assert conv_backend.requested_conv() == before
+
+
+def test_check_conv_rows_run_the_backward_of_the_family_they_name(monkeypatch):
+    """A ``triton`` conv row of ``fastres check`` checks the Triton dgrad/wgrad kernels too:
+    the backward runs inside the conv choice (it used to run after it, on aten's backward)."""
+    from fastres.kernels import _conv_bwd
+    from fastres import backends as B
+    ok, why = B.available("triton", "cpu")
+    if not ok:
+        pytest.skip(f"triton backend unavailable: {why}")
+    calls = []
+    for name in ("conv2d_act_dgrad", "conv2d_act_wgrad"):
+        real = getattr(_conv_bwd, name)
+
+        def spy(*a, _real=real, _name=name, **kw):
+            calls.append(_name)
+            return _real(*a, **kw)
+        monkeypatch.setattr(_conv_bwd, name, spy)
+    run = check._conv_case(*check.CONV_CASES["1x1 prologue"])
+    dev = torch.device("cpu")
+    impl = check.Impl("fastres", "fp64", "triton")
+    with check._ctx(impl, dev):
+        ours = run(impl, dev, 0)
+    assert sorted(set(calls)) == ["conv2d_act_dgrad", "conv2d_act_wgrad"], calls
+    calls.clear()
+    impl = check.Impl("fastres", "fp64", "torch")
+    with check._ctx(impl, dev):
+        aten = run(impl, dev, 0)
+    assert calls == []  # the aten family: aten's backward
+    for k in ("grad:x", "grad:weight", "grad:in_scale", "grad:in_shift"):
+        torch.testing.assert_close(ours[k], aten[k], rtol=1e-9, atol=1e-9)

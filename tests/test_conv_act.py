@@ -308,7 +308,7 @@ def test_tuner_names_every_failed_candidate(monkeypatch):
     """GPU tuner (run here with the interpreter switch off and a failing timer): when no
     tiling runs on the device, the error lists each candidate and why it failed."""
     import triton.testing
-    from kernels import _conv
+    from fastres.kernels import _conv
 
     def refuse(fn, **kw):
         raise RuntimeError("out of resource: shared memory")
