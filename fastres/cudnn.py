@@ -122,7 +122,7 @@ def pattern_for(dtype: torch.dtype, in_channels: int, out_channels: int, groups:
     if not stats:
         if prologue:
             return None, "no cuDNN inference pattern with an input prologue (scale/shift/ReLU before the conv)"
-        return "conv_bias_add_relu", "conv_fprop -> bias -> add -> ReLU (runtime fusion / ConvBiasAct engines)"
+        return "conv_bias_add_relu", "conv_fprop -> add residual -> bias -> ReLU (ConvBiasAct engines)"
     # training forward: the ConvBNfprop family (specialised runtime fusion engine)
     if dtype == torch.float32:
         return None, "the ConvBNfprop/genstats engines take fp16/bf16 only"

@@ -354,6 +354,25 @@ def test_deviceless_check_failure_names_the_descriptor():
 
 
 @pytest.mark.parametrize("target", ["sm_90", "sm_80"])
+def test_deviceless_eval_graphs_have_engines(target):
+    """Every graph a folded eval block builds -- conv + bias + ReLU (conv1, conv2, the
+    stem), conv + bias (the projection), conv + residual + bias + ReLU (conv3) -- has a
+    pre-compiled cuDNN engine (ConvBiasAct) in fp16, bf16 and fp32 on ``target``, found
+    without a GPU. The residual is added before the bias (the ConvBiasAct order
+    act(conv + z + bias)): with the bias first cuDNN had no pre-compiled engine for
+    conv3's graph in any dtype."""
+    _need_deviceless()
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        for ops in (("bias", "relu"), ("bias",), ("bias", "residual", "relu")):
+            r = cudnn.graph_check("conv_bias_add_relu", dt, target, x_shape=(8, 128, 28, 28),
+                                  w_shape=(512, 128, 1, 1), padding=(0, 0), operands=ops)
+            assert r["ok"] and r["configs"] > 0, (dt, ops, r)
+        r = cudnn.graph_check("conv_bias_add_relu", dt, target, x_shape=(8, 3, 64, 64), w_shape=(64, 3, 7, 7),
+                              stride=(2, 2), padding=(3, 3), operands=("bias", "relu"))
+        assert r["ok"], ("stem", dt, r)
+
+
+@pytest.mark.parametrize("target", ["sm_90", "sm_80"])
 def test_deviceless_table_backs_the_pattern_tables(target):
     """Every training graph the pattern tables choose for fp16 on ``target`` has a
     pre-compiled cuDNN engine (found without a GPU, also under deterministic mode), and

@@ -1,6 +1,6 @@
 // cuDNN fused-convolution graphs (issue 11), through cuDNN's backend (graph) API.
 //
-//   fastres::cudnn_conv_bias_act   conv_fprop -> [+ bias] -> [+ residual] -> [ReLU]
+//   fastres::cudnn_conv_bias_act   conv_fprop -> [+ residual] -> [+ bias] -> [ReLU]
 //                                  (inference: the folded conv-BN, one cuDNN graph)
 //   fastres::cudnn_conv_act_stats  [x*scale + shift -> ReLU] -> conv_fprop -> y,
 //                                  genstats(y) -> per-channel sum, sum of squares (fp32)
@@ -411,8 +411,10 @@ DescP apply_prologue(Graph& g, DescP cur, const DescP& scale, const DescP& shift
   return cur;
 }
 
-// Inference: conv_fprop -> [ADD bias] -> [ADD residual] -> [RELU_FWD]; declared I/O:
+// Inference: conv_fprop -> [ADD residual] -> [ADD bias] -> [RELU_FWD]; declared I/O:
 // x, w, [bias], [residual], y. pdt: the dtype of bias (x's dtype for 16-bit, fp32 for fp32).
+// The residual before the bias is the order of cuDNN's pre-compiled ConvBiasAct engines,
+// act(conv + z + bias): with the bias first none serves conv3's graph (deviceless check).
 void build_conv_bias_act(Graph& g, cudnnDataType_t io, cudnnDataType_t pdt, const ConvShape& s, bool bias,
                          bool res, bool relu) {
   auto tx = g.nhwc(kX, "x", io, s.x);
@@ -429,16 +431,16 @@ void build_conv_bias_act(Graph& g, cudnnDataType_t io, cudnnDataType_t pdt, cons
   };
   DescP cur = next(kVConv, "conv(x, w)");
   g.conv_fprop(tx, tw, cur, s.stride, s.padding, s.dilation);
-  if (bias) {
-    --left;
-    auto o = next(kVBias, "conv+bias");
-    g.pointwise(CUDNN_POINTWISE_ADD, "epilogue ADD bias", cur, tb, o);
-    cur = o;
-  }
   if (res) {
     --left;
-    auto o = next(kVRes, "conv+bias+residual");
+    auto o = next(kVRes, "conv+residual");
     g.pointwise(CUDNN_POINTWISE_ADD, "epilogue ADD residual", cur, tr, o);
+    cur = o;
+  }
+  if (bias) {
+    --left;
+    auto o = next(kVBias, "conv+residual+bias");
+    g.pointwise(CUDNN_POINTWISE_ADD, "epilogue ADD bias", cur, tb, o);
     cur = o;
   }
   if (relu) {
