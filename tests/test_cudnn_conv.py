@@ -1182,3 +1182,33 @@ def test_device_props_match_the_gpu():
             pattern, "float16", json.dumps(real), [8, 64, 56, 56], [64, 64, 3, 3], [1, 1], [1, 1], [1, 1],
             [] if pattern == "dgrad_drelu_dbn" else list(ops), False, True)
         assert mine["ok"] == theirs[0], (pattern, ops, mine, theirs)
+
+
+def test_deviceless_survey_tool(capsys, tmp_path):
+    """tools/cudnn_deviceless.py puts each ResNet-50 conv in its roles and asks cuDNN, per
+    role, for the graph the pattern tables choose: in fp16 on sm_90 a bottleneck's conv3 has
+    an engine in every role (eval with the residual, training forward with the prologue,
+    dgrad, wgrad); bf16 dgrad is the up-front fallback with its reason."""
+    _need_deviceless()
+    import importlib.util
+    import json
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "cudnn_deviceless.py")
+    spec = importlib.util.spec_from_file_location("cudnn_deviceless", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert [r for r, _ in tool.layer_roles("l2-1x1-128-512")] == ["eval:conv3", "fwd:conv3", "dgrad:conv3",
+                                                                   "wgrad:conv3"]
+    assert [r for r, _ in tool.layer_roles("l2-ds-1x1s2-256-512")] == ["eval:proj", "fwd:proj"]
+    out = tmp_path / "r.json"
+    assert tool.main(["--target", "sm_90", "--layer", "l2-1x1-128-512", "--dtype", "float16", "--dtype", "bfloat16",
+                      "--batch", "32", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| l2-1x1-128-512 | eval:conv3 |" in text and "fallback reasons:" in text
+    res = json.loads(out.read_text())
+    for role in ("eval:conv3", "fwd:conv3", "dgrad:conv3", "wgrad:conv3"):
+        r = res[f"sm_90|l2-1x1-128-512|{role}|float16"]
+        assert r["status"] == "ok" and r["configs"] > 0, (role, r)
+    r = res["sm_90|l2-1x1-128-512|dgrad:conv3|bfloat16"]
+    assert r["status"] == "fallback" and r["detail"] == cudnn.BF16_DGRAD_WHY
+    assert res["sm_90|l2-1x1-128-512|eval:conv3|bfloat16"]["pattern"] == "conv_bias_add_relu"
