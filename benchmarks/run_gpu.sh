@@ -49,6 +49,8 @@
 #  14 | bench-conv  python -m fastres bench --conv-paths: fastres[triton] with the Triton fused conv and
 #                   fastres[cuda] with cuDNN's fused graphs, next to the same backends on aten convs,
 #                   torchvision and torchvision + torch.compile (train), b256 bf16
+#  15 | bench-conv-fp16  the same in fp16: the MLPerf route (cuDNN's pre-compiled ConvBNfprop /
+#                   dgrad-dReLU-dBN / ConvBNwgrad engines exist for fp16 only: tools/cudnn_deviceless.py)
 #
 # Output (nothing else is written to OUT; it is rewritten after every step, so a run cut
 # short still brings back what it did):
@@ -121,9 +123,10 @@ full)
     12|cudnn)         PART=cudnn;          MID="benchmarks-cudnn-conv benchmarks-cudnn-blocks" ;;
     13|triton-op)     PART=triton-op;      MID="tests-triton-op benchmarks-triton-op" ;;
     14|bench-conv)    PART=bench-conv;     MID="bench-conv" ;;
+    15|bench-conv-fp16) PART=bench-conv-fp16; MID="bench-conv-fp16" ;;
     *) echo "run_gpu.sh: full needs a PART: 1|tests 2|slow 3|bandwidth 4|benchmarks 5|bench" \
             "6|bench-variants 7|bench-models 8|conv-bwd 9|conv-fwd 10|infer 11|infer-fp16 12|cudnn" \
-            "13|triton-op 14|bench-conv" \
+            "13|triton-op 14|bench-conv 15|bench-conv-fp16" \
             "(got '${PART}')" >&2; exit 2 ;;
     esac
     STEPS="env build info $MID plot"
@@ -482,6 +485,8 @@ for step in $STEPS; do
     #  with cuDNN's graphs, next to the same backends on aten convs, torchvision and torch.compile)
     bench-conv)     do_bench bench-conv 420 --conv-paths --backend triton,cuda --compile-modes train \
                         --iters 10 --repeats 3 --tag conv ;;
+    bench-conv-fp16) do_bench bench-conv-fp16 420 --conv-paths --backend triton,cuda --compile-modes train \
+                        --dtype fp16 --iters 10 --repeats 3 --tag conv ;;
     bench-fp32)     do_bench bench-fp32 150 --dtype fp32 --compile-modes infer "${RO[@]}" ;;
     bench-fp16)     do_bench bench-fp16 150 --dtype fp16 --compile-modes infer "${RO[@]}" ;;
     bench-nchw)     do_bench bench-nchw 150 --no-channels-last --compile-modes infer "${RO[@]}" ;;

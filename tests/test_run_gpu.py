@@ -145,6 +145,7 @@ def test_full_profile_needs_a_known_part(tmp_path):
     assert "full needs a PART" in r.stdout and "bench-variants" in r.stdout and "conv-bwd" in r.stdout
     assert "12|cudnn" in r.stdout
     assert "13|triton-op" in r.stdout
+    assert "15|bench-conv-fp16" in r.stdout
 
 
 # ----------------------------------------------------------------------------- gpu_summary
