@@ -40,7 +40,9 @@
 #  10 | infer       resnet50 inference at batch 1, 32, 256, bf16: eager, torch.compile max-autotune and
 #                   reduce-overhead (CUDA graphs), fastres and fastres.cuda_graph_inference; p50/p90 latency
 #  11 | infer-fp16  the same in fp16
-#  12 | cudnn       pytest benchmarks/test_bench_cudnn_conv.py (cuDNN fused-conv graphs vs aten, every
+#  12 | cudnn       tools/cudnn_deviceless.py --target cuda (which fused graphs cuDNN has engines for on
+#                   this GPU, runtime fusion included: 4 representative layers, fp16 + bf16), then
+#                   pytest benchmarks/test_bench_cudnn_conv.py (cuDNN fused-conv graphs vs aten, every
 #                   ResNet-50 conv, b256 bf16 + fp16 NHWC: infer, train-fwd, dgrad, wgrad) and
 #                   benchmarks/test_bench_blocks.py with FASTRES_CONV=cudnn (the ResNet-50 bottlenecks)
 #  13 | triton-op   tests/test_triton_op.py, then benchmarks/test_bench_triton_op.py: torch.compile (inductor)
@@ -120,7 +122,7 @@ full)
     9|conv-fwd)       PART=conv-fwd;       MID="benchmarks-conv conv-choice" ;;
     10|infer)         PART=infer;          MID="infer-b1 infer-b32 infer-b256" ;;
     11|infer-fp16)    PART=infer-fp16;     MID="infer-fp16-b1 infer-fp16-b32 infer-fp16-b256" ;;
-    12|cudnn)         PART=cudnn;          MID="benchmarks-cudnn-conv benchmarks-cudnn-blocks" ;;
+    12|cudnn)         PART=cudnn;          MID="cudnn-engines benchmarks-cudnn-conv benchmarks-cudnn-blocks" ;;
     13|triton-op)     PART=triton-op;      MID="tests-triton-op benchmarks-triton-op" ;;
     14|bench-conv)    PART=bench-conv;     MID="bench-conv" ;;
     15|bench-conv-fp16) PART=bench-conv-fp16; MID="bench-conv-fp16" ;;
@@ -427,6 +429,18 @@ do_conv_choice() {  # FASTRES_CONV=auto's table from this run's conv benchmarks,
     pack
 }
 
+do_cudnn_engines() {  # which fused graphs cuDNN serves on this GPU (runtime fusion included), into the summary
+    local target=cuda layers=(--layer l1-3x3-64 --layer l2-1x1-128-512 --layer l2-ds-1x1s2-256-512
+                              --layer l3-1x1-1024-256) dts=(--dtype float16 --dtype bfloat16)
+    [ "$DRY" = 1 ] && { target=sm_90; layers=(--layer l1-3x3-64); dts=(--dtype float16); }
+    run_step cudnn-engines 90 "$PY" tools/cudnn_deviceless.py --target "$target" "${layers[@]}" "${dts[@]}" --progress \
+        --json "$RES/cudnn_engines_${SLUG}_${DATE}.json"
+    grep -E '^(cuDNN|\||totals)' "$LOGS/cudnn-engines.log" | head -n 40 | sed 's/^/    /' >>"$SUMMARY"
+    grep -q '^totals' "$LOGS/cudnn-engines.log" || grep -E '^- ' "$LOGS/cudnn-engines.log" | cut -c1-150 \
+        | head -n 40 | sed 's/^/    /' >>"$SUMMARY"   # cut short: the checks that ended
+    pack
+}
+
 do_plot() {
     run_step plot 60 "$PY" benchmarks/plot.py "$RES" --readme \
         --note "Measured by \`bash benchmarks/run_gpu.sh OUT $PROFILE ${PART:-}\` on $DATE ($(git rev-parse --short HEAD 2>/dev/null || echo 'unknown commit'))."
@@ -474,6 +488,7 @@ for step in $STEPS; do
     benchmarks-conv)   do_benchmark benchmarks-conv 420 10 "stem" benchmarks/test_bench_conv.py -k "not bwd" ;;
     benchmarks-triton-op) do_benchmark benchmarks-triton-op 360 10 "bottleneck" benchmarks/test_bench_triton_op.py ;;
     conv-choice)       do_conv_choice ;;
+    cudnn-engines)     do_cudnn_engines ;;
     benchmarks-cudnn-conv) do_benchmark benchmarks-cudnn-conv 300 10 "stem" benchmarks/test_bench_cudnn_conv.py ;;
     # (FASTRES_CONV=cudnn: the fastres blocks' convs through the cuDNN graphs; torchvision's unchanged)
     benchmarks-cudnn-blocks) FASTRES_CONV=cudnn do_benchmark benchmarks-cudnn-blocks 200 20 \

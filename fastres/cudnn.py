@@ -681,7 +681,7 @@ def graph_check(pattern: str, dtype: torch.dtype, target: str = "sm_90", x_shape
                 w_shape=(64, 64, 3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), operands=(),
                 deterministic: bool = False, allow_tf32: bool = True) -> dict:
     """Build the ``pattern`` graph (the C++ builders the ops use) for ``target``
-    (:data:`DEVICE_PROPS`) without a GPU and ask cuDNN's heuristics for an engine whose
+    (:data:`DEVICE_PROPS`, or ``"cuda"``: the present GPU as cuDNN describes it) without a GPU and ask cuDNN's heuristics for an engine whose
     plan finalizes: ``{ok, detail, configs, plans, runtime_compiled}``. ``detail`` names
     the failing descriptor/attribute and cuDNN's status where ``ok`` is False;
     ``runtime_compiled`` False means cuDNN could not consider its runtime-compiled engines
@@ -689,13 +689,20 @@ def graph_check(pattern: str, dtype: torch.dtype, target: str = "sm_90", x_shape
     ok, why = deviceless_available()
     if not ok:
         raise RuntimeError(f"fastres: the deviceless cuDNN check is unavailable: {why}")
-    if target not in DEVICE_PROPS:
-        raise ValueError(f"fastres: target must be one of {sorted(DEVICE_PROPS)}, got {target!r}")
+    if target not in DEVICE_PROPS and target != "cuda":
+        raise ValueError(f"fastres: target must be one of {sorted(DEVICE_PROPS) + ['cuda']}, got {target!r}")
     if dtype not in DTYPE_STR:
         raise ValueError(f"fastres: dtype must be float32, float16 or bfloat16, got {dtype}")
     import json
+    if target == "cuda":  # the present GPU, described by cuDNN itself
+        if not torch.cuda.is_available():
+            raise RuntimeError("fastres: graph_check target 'cuda' describes the present GPU and needs one "
+                               "(torch.cuda.is_available() is False); use 'sm_90' or 'sm_80' without a GPU")
+        props = torch.ops.fastres_cudnn.device_json(torch.cuda.current_device())
+    else:
+        props = json.dumps(DEVICE_PROPS[target])
     opts = [] if pattern == "dgrad_drelu_dbn" else list(operands)
-    r = torch.ops.fastres_cudnn.graph_check(pattern, DTYPE_STR[dtype], json.dumps(DEVICE_PROPS[target]),
+    r = torch.ops.fastres_cudnn.graph_check(pattern, DTYPE_STR[dtype], props,
                                             list(x_shape), list(w_shape), list(stride), list(padding),
                                             list(dilation), opts, deterministic, allow_tf32)
     return dict(zip(("ok", "detail", "configs", "plans", "runtime_compiled"), r))

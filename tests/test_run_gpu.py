@@ -427,3 +427,24 @@ def test_dry_run_triton_op_part(tmp_path):
     with tarfile.open(out / "logs.tar.gz") as t:
         log = t.extractfile("logs/benchmarks-triton-op.log").read().decode()
     assert "inductor cannot compile user-defined Triton kernels on CPU tensors" in log or "skipped" in log, log
+
+
+@pytest.mark.slow
+def test_dry_run_cudnn_part_surveys_the_engines_first(tmp_path):
+    """full part 12 starts with the cuDNN engine survey (on the GPU: --target cuda; in the
+    dry run the deviceless sm_90 query), its table in summary.txt and its JSON in the results."""
+    from fastres import cudnn
+    ok, why = cudnn.deviceless_available()
+    if not ok:
+        pytest.skip(f"deviceless cuDNN check unavailable: {why}")
+    out = tmp_path / "out"
+    r = _run(out, "full", "cudnn")
+    assert r.returncode == 0, r.stdout[-6000:]
+    summary = (out / "summary.txt").read_text()
+    steps = _steps(summary)
+    assert list(steps)[:4] == ["env", "build", "info", "cudnn-engines"], steps
+    assert steps["cudnn-engines"][0] == "0", steps
+    assert "| l1-3x3-64 | fwd:conv2 |" in summary and "totals: ok 4" in summary, summary
+    with tarfile.open(out / "results.tar.gz") as t:
+        names = t.getnames()
+    assert any("cudnn_engines_" in n and n.endswith(".json") for n in names), names

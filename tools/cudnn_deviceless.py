@@ -1,7 +1,7 @@
 """Ask cuDNN, without a GPU, whether it has an engine for every fused-conv graph fastres
 would build for ResNet-50 -- per layer, role and dtype -- on sm_90 (H200) and sm_80 (A100).
 
-    python tools/cudnn_deviceless.py [--target sm_90 --target sm_80] [--batch 256]
+    python tools/cudnn_deviceless.py [--target sm_90 --target sm_80 | --target cuda] [--batch 256]
                                      [--dtype float16 ...] [--layer NAME ...] [--json FILE]
 
 Each of the 22 distinct ResNet-50 convolutions (``benchmarks/_bench_utils.RESNET50_CONVS``,
@@ -23,6 +23,10 @@ whose plan finalizes (``fastres.cudnn.graph_check``). Only cuDNN's *pre-compiled
 can answer here: runtime-fusion engines need the CUDA driver library, so ``none`` means
 "no pre-compiled engine" and the GPU run decides (docs/DESIGN.md).
 
+``--target cuda`` asks for the present GPU instead (cuDNN's own description of it, and with
+the driver present runtime-fusion engines are considered too: each plan may be compiled,
+seconds each -- name a few ``--layer`` s); ``run_gpu.sh full 12`` does that first.
+
 Exit status 0 whatever cuDNN answers (this is a survey, not a test); 2 when the check
 cannot run here (fastres._C without the cuDNN path, cuDNN < 9.8).
 """
@@ -32,6 +36,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,6 +49,11 @@ from _bench_utils import RESNET50_CONVS  # noqa: E402
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 CAPABILITY = {"sm_90": (9, 0), "sm_80": (8, 0)}
+
+
+def capability(target: str) -> Tuple[int, int]:
+    """(major, minor) the pattern tables are asked with: the named target's, or the GPU's."""
+    return tuple(torch.cuda.get_device_capability()) if target == "cuda" else CAPABILITY[target]
 ROLES = ("eval", "fwd", "dgrad", "wgrad")
 
 
@@ -77,7 +87,7 @@ def layer_roles(name: str) -> List[Tuple[str, dict]]:
 
 def check_one(name: str, role: str, flags: dict, dtype: torch.dtype, target: str, batch: int) -> dict:
     c, h, k, r, stride, pad = RESNET50_CONVS[name]
-    cap = CAPABILITY[target]
+    cap = capability(target)
     part = role.split(":")[0]
     if part in ("dgrad", "wgrad"):
         pattern, why = cudnn.backward_pattern_for(part, dtype, c, k, 1, capability=cap,
@@ -97,13 +107,17 @@ def check_one(name: str, role: str, flags: dict, dtype: torch.dtype, target: str
                 configs=res["configs"], runtime_compiled=res["runtime_compiled"])
 
 
-def survey(targets, dtypes, layers, batch) -> Dict[str, dict]:
+def survey(targets, dtypes, layers, batch, progress: bool = False) -> Dict[str, dict]:
     out: Dict[str, dict] = {}
     for target in targets:
         for name in layers:
             for role, flags in layer_roles(name):
                 for dt in dtypes:
-                    out[f"{target}|{name}|{role}|{dt}"] = check_one(name, role, flags, DTYPES[dt], target, batch)
+                    t0 = time.perf_counter()
+                    r = out[f"{target}|{name}|{role}|{dt}"] = check_one(name, role, flags, DTYPES[dt], target, batch)
+                    if progress:  # a line per check as it ends: a run cut short still shows what it found
+                        print(f"- {target} {name} {role} {dt}: {r['status']} ({r['configs']} configs, "
+                              f"{time.perf_counter() - t0:.1f} s) {r['detail'][:160]}", flush=True)
     return out
 
 
@@ -133,10 +147,12 @@ def render(results: Dict[str, dict], targets, dtypes, layers) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--target", action="append", choices=sorted(CAPABILITY), help="default: sm_90 and sm_80")
+    ap.add_argument("--target", action="append", choices=sorted(CAPABILITY) + ["cuda"],
+                    help="default: sm_90 and sm_80; cuda: the present GPU")
     ap.add_argument("--dtype", action="append", choices=list(DTYPES), help="default: float16, bfloat16, float32")
     ap.add_argument("--layer", action="append", choices=list(RESNET50_CONVS), help="default: all 22")
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--progress", action="store_true", help="a line per check as it ends")
     ap.add_argument("--json", help="write every result (pattern, status, cuDNN's detail) to this file")
     a = ap.parse_args(argv)
     ok, why = cudnn.deviceless_available()
@@ -144,9 +160,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"cudnn_deviceless: the deviceless check cannot run here: {why}", file=sys.stderr)
         return 2
     targets = a.target or ["sm_90", "sm_80"]
+    if "cuda" in targets and not torch.cuda.is_available():
+        print("cudnn_deviceless: --target cuda needs a CUDA device (none here); use sm_90 / sm_80", file=sys.stderr)
+        return 2
     dtypes = a.dtype or ["float16", "bfloat16", "float32"]
     layers = a.layer or list(RESNET50_CONVS)
-    results = survey(targets, dtypes, layers, a.batch)
+    results = survey(targets, dtypes, layers, a.batch, a.progress)
     print(f"cuDNN {torch.backends.cudnn.version()}, batch {a.batch}, NHWC; runtime-compiled engines considered: "
           f"{any(r.get('runtime_compiled') for r in results.values())}")
     print(render(results, targets, dtypes, layers))
