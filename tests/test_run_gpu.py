@@ -296,10 +296,21 @@ def test_result_log_survives_a_killed_run(tmp_path, sig):
     p = _demo_pytest(tmp_path, f"--junitxml={tmp_path / 'junit_tests.shard0.xml'}", wait=False,
                      env={"FASTRES_SHARD": "0/1", "FASTRES_RESULT_LOG": str(log), "WAIT": "forever"})
     try:
+        def started() -> bool:  # test_f_waits's "start" event (the "session" event names every test up front)
+            if not log.exists():
+                return False
+            for line in log.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:  # a line being written
+                    continue
+                if rec.get("ev") == "start" and rec.get("nodeid", "").endswith("test_f_waits"):
+                    return True
+            return False
         deadline = time.time() + 120
-        while time.time() < deadline and not (log.exists() and "test_f_waits" in log.read_text()):
+        while time.time() < deadline and not started():
             time.sleep(0.1)
-        assert "test_f_waits" in log.read_text()
+        assert started(), log.read_text() if log.exists() else "no result log"
         p.send_signal(getattr(signal, f"SIG{sig}"))
         out, _ = p.communicate(timeout=60)
     finally:
