@@ -680,9 +680,10 @@ def deviceless_available() -> Tuple[bool, str]:
 def graph_check(pattern: str, dtype: torch.dtype, target: str = "sm_90", x_shape=(8, 64, 56, 56),
                 w_shape=(64, 64, 3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), operands=(),
                 deterministic: bool = False, allow_tf32: bool = True) -> dict:
-    """Build the ``pattern`` graph (the C++ builders the ops use) for ``target``
-    (:data:`DEVICE_PROPS`, or ``"cuda"``: the present GPU as cuDNN describes it) without a GPU and ask cuDNN's heuristics for an engine whose
-    plan finalizes: ``{ok, detail, configs, plans, runtime_compiled}``. ``detail`` names
+    """Build the ``pattern`` graph (the C++ builders the ops use) for ``target`` -- a
+    :data:`DEVICE_PROPS` description, checked without a GPU, or ``"cuda"``: the present GPU
+    as cuDNN describes it -- and ask cuDNN's heuristics for an engine whose plan
+    finalizes: ``{ok, detail, configs, plans, runtime_compiled}``. ``detail`` names
     the failing descriptor/attribute and cuDNN's status where ``ok`` is False;
     ``runtime_compiled`` False means cuDNN could not consider its runtime-compiled engines
     here (no CUDA driver library), so ``ok`` False only says no pre-compiled engine fits."""

@@ -47,7 +47,7 @@ import torch  # noqa: E402
 from fastres import cudnn  # noqa: E402
 from _bench_utils import RESNET50_CONVS  # noqa: E402
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = {name: dt for dt, name in cudnn.DTYPE_STR.items()}  # "float16" -> torch.float16, ...
 CAPABILITY = {"sm_90": (9, 0), "sm_80": (8, 0)}
 
 
