@@ -271,7 +271,11 @@ def _read_weights(weights) -> Mapping:
     return sd
 
 
-def _build(block: Block, layers: List[int], weights, kwargs: dict) -> ResNet:
+def _build(block: Block, layers: List[int], weights, kwargs: dict, **defaults: Any) -> ResNet:
+    """``defaults``: keyword arguments of :class:`ResNet` that ``kwargs`` may override
+    (ResNeXt's ``groups`` and ``width_per_group``, the wide nets' ``width_per_group``)."""
+    for k, v in defaults.items():
+        kwargs.setdefault(k, v)
     kwargs.pop("progress", None)  # torchvision's builders take it; nothing is downloaded here
     sd = None
     if weights is not None:
@@ -308,31 +312,23 @@ def resnet152(*, weights=None, **kwargs: Any) -> ResNet:
 
 
 def resnext50_32x4d(*, weights=None, **kwargs: Any) -> ResNet:
-    kwargs.setdefault("groups", 32)
-    kwargs.setdefault("width_per_group", 4)
-    return _build(Bottleneck, [3, 4, 6, 3], weights, kwargs)
+    return _build(Bottleneck, [3, 4, 6, 3], weights, kwargs, groups=32, width_per_group=4)
 
 
 def resnext101_32x8d(*, weights=None, **kwargs: Any) -> ResNet:
-    kwargs.setdefault("groups", 32)
-    kwargs.setdefault("width_per_group", 8)
-    return _build(Bottleneck, [3, 4, 23, 3], weights, kwargs)
+    return _build(Bottleneck, [3, 4, 23, 3], weights, kwargs, groups=32, width_per_group=8)
 
 
 def resnext101_64x4d(*, weights=None, **kwargs: Any) -> ResNet:
-    kwargs.setdefault("groups", 64)
-    kwargs.setdefault("width_per_group", 4)
-    return _build(Bottleneck, [3, 4, 23, 3], weights, kwargs)
+    return _build(Bottleneck, [3, 4, 23, 3], weights, kwargs, groups=64, width_per_group=4)
 
 
 def wide_resnet50_2(*, weights=None, **kwargs: Any) -> ResNet:
-    kwargs.setdefault("width_per_group", 64 * 2)
-    return _build(Bottleneck, [3, 4, 6, 3], weights, kwargs)
+    return _build(Bottleneck, [3, 4, 6, 3], weights, kwargs, width_per_group=64 * 2)
 
 
 def wide_resnet101_2(*, weights=None, **kwargs: Any) -> ResNet:
-    kwargs.setdefault("width_per_group", 64 * 2)
-    return _build(Bottleneck, [3, 4, 23, 3], weights, kwargs)
+    return _build(Bottleneck, [3, 4, 23, 3], weights, kwargs, width_per_group=64 * 2)
 
 
 class ResNet50(ResNet):
