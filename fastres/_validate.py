@@ -78,7 +78,7 @@ def check_channels(x: Tensor, num_features: int, name: str = "input") -> None:
                          f"expected num_features={num_features}")
 
 
-def _check_optional_tensor(t: Optional[Tensor], name: str, x: Tensor) -> bool:
+def check_optional_tensor(t: Optional[Tensor], name: str, x: Tensor) -> bool:
     """False for an absent (None) optional tensor argument; else True once ``t`` is checked
     to be a tensor on ``x``'s device."""
     if t is None:
@@ -93,7 +93,7 @@ def _check_optional_tensor(t: Optional[Tensor], name: str, x: Tensor) -> bool:
 
 def check_per_channel(t: Optional[Tensor], name: str, x: Tensor) -> None:
     """weight / bias / running stats / scale / shift: 1-D (C,), on x's device, a dtype x allows."""
-    if not _check_optional_tensor(t, name, x):
+    if not check_optional_tensor(t, name, x):
         return
     c = x.shape[1]
     if t.dim() != 1 or t.shape[0] != c:
@@ -107,7 +107,7 @@ def check_per_channel(t: Optional[Tensor], name: str, x: Tensor) -> None:
 
 
 def check_residual(residual: Optional[Tensor], x: Tensor, name: str = "residual") -> None:
-    if not _check_optional_tensor(residual, name, x):
+    if not check_optional_tensor(residual, name, x):
         return
     if residual.shape != x.shape:
         raise ShapeError(f"fastres: {name} must have the output's shape {_shape(x)}, got {_shape(residual)}")
