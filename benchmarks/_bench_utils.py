@@ -103,6 +103,28 @@ def reset_compile() -> None:
     torch._dynamo.reset()
 
 
+_TV_STATE: Dict[str, dict] = {}
+
+
+def same_weights_model(arch: str, torchvision_impl: bool) -> torch.nn.Module:
+    """torchvision's ``arch`` (``torchvision_impl``) or fastres's (skips the test where this
+    build lacks it), both with the state_dict of torchvision's ``arch`` built under seed 0
+    (made once per arch), on the CPU."""
+    import torchvision
+    if arch not in _TV_STATE:
+        torch.manual_seed(0)
+        _TV_STATE[arch] = getattr(torchvision.models, arch)(weights=None).state_dict()
+    if torchvision_impl:
+        m = getattr(torchvision.models, arch)(weights=None)
+    else:
+        ctor = getattr(fastres, arch, None)
+        if ctor is None:
+            pytest.skip(f"fastres.{arch} is not available in this build")
+        m = ctor()
+    m.load_state_dict(_TV_STATE[arch], strict=True)
+    return m
+
+
 # ----------------------------------------------------------------------------- ResNet-50 convolutions
 CONV_BATCH = 256
 # name: (C_in, H_in, K_out, R, stride, padding) -- every distinct ResNet-50 convolution

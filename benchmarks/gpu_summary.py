@@ -34,12 +34,25 @@ import re
 import sys
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
-from typing import Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 
 def _newer(paths: List[str], since: Optional[float]) -> List[str]:
     out = [p for p in paths if since is None or os.path.getmtime(p) >= since - 1e-3]
     return sorted(out, key=os.path.getmtime)
+
+
+def _json_files(paths: List[str], since: Optional[float], lines: List[str]) -> Iterator[Tuple[str, Any]]:
+    """(path, parsed JSON) of each of ``paths`` written since ``since``, oldest first; one
+    that cannot be read or parsed adds an ``unreadable NAME: why`` line to ``lines`` instead."""
+    for p in _newer(paths, since):
+        try:
+            with open(p) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            lines.append(f"unreadable {os.path.basename(p)}: {e}")
+            continue
+        yield p, data
 
 
 def _num(v, spec: str = ".0f") -> str:
@@ -297,15 +310,8 @@ def check_figures(resdir: str, since: Optional[float]) -> List[str]:
 
 
 def bench_figures(resdir: str, since: Optional[float]) -> List[str]:
-    paths = _newer(glob.glob(os.path.join(resdir, "bench_*.json")), since)
-    lines = []
-    for p in paths:
-        try:
-            with open(p) as f:
-                res = json.load(f)
-        except (OSError, ValueError) as e:
-            lines.append(f"unreadable {os.path.basename(p)}: {e}")
-            continue
+    lines: List[str] = []
+    for p, res in _json_files(glob.glob(os.path.join(resdir, "bench_*.json")), since, lines):
         s = res.get("meta", {}).get("settings", {})
         lines.append(f"{s.get('model')} b{s.get('batch_size')} {s.get('image_size')}px {s.get('dtype')} "
                      f"{'NHWC' if s.get('channels_last') else 'NCHW'} ({os.path.basename(p)}):")
@@ -324,15 +330,8 @@ def bench_figures(resdir: str, since: Optional[float]) -> List[str]:
 
 
 def benchmark_figures(resdir: str, since: Optional[float]) -> List[str]:
-    paths = _newer(glob.glob(os.path.join(resdir, "benchmarks_*.json")), since)
-    lines = []
-    for p in paths:
-        try:
-            with open(p) as f:
-                data = json.load(f)
-        except (OSError, ValueError) as e:
-            lines.append(f"unreadable {os.path.basename(p)}: {e}")
-            continue
+    lines: List[str] = []
+    for p, data in _json_files(glob.glob(os.path.join(resdir, "benchmarks_*.json")), since, lines):
         groups: Dict[str, List[str]] = OrderedDict()
         for b in data.get("benchmarks", []):
             info = b.get("extra_info", {})

@@ -20,11 +20,10 @@ import pytest
 pytest.importorskip("pytest_benchmark")
 
 import torch  # noqa: E402
-import torchvision  # noqa: E402
 
 import fastres  # noqa: E402
 
-from _bench_utils import DEVICE, ON_GPU, fastres_backends, run_benchmark  # noqa: E402
+from _bench_utils import DEVICE, ON_GPU, fastres_backends, run_benchmark, same_weights_model  # noqa: E402
 
 BATCH = 256 if ON_GPU else 8
 DTYPE = "bf16" if ON_GPU else "fp32"
@@ -35,25 +34,10 @@ BLOCKS = {
     "basic-id": ("resnet18", "layer1.0", (64, 56, 56)),
 }
 IMPLS = ["torchvision"] + fastres_backends(DEVICE, include_torch=True)
-_STATE = {}
-
-
-def _state(arch):
-    if arch not in _STATE:
-        torch.manual_seed(0)
-        _STATE[arch] = getattr(torchvision.models, arch)(weights=None).state_dict()
-    return _STATE[arch]
 
 
 def _block(arch, path, impl):
-    if impl == "torchvision":
-        m = getattr(torchvision.models, arch)(weights=None)
-    else:
-        ctor = getattr(fastres, arch, None)
-        if ctor is None:
-            pytest.skip(f"fastres.{arch} is not available in this build")
-        m = ctor()
-    m.load_state_dict(_state(arch), strict=True)
+    m = same_weights_model(arch, impl == "torchvision")
     return m.get_submodule(path).to(DEVICE, memory_format=torch.channels_last)
 
 

@@ -23,7 +23,8 @@ import torchvision  # noqa: E402
 import fastres  # noqa: E402
 from fastres.bench import forward_gflop_per_image  # noqa: E402
 
-from _bench_utils import DEVICE, ON_GPU, fastres_backends, reset_compile, run_benchmark  # noqa: E402
+from _bench_utils import (DEVICE, ON_GPU, fastres_backends, reset_compile, run_benchmark,  # noqa: E402
+                          same_weights_model)
 
 if ON_GPU:
     MODELS, BATCH, SIZE, DTYPE = ["resnet50"], 256, 224, "bf16"
@@ -34,7 +35,6 @@ COMPILE = [pytest.param("torchvision+compile", id="torchvision+compile",
                             reason="torch.compile of a whole model on the CPU takes minutes; "
                                    "python -m fastres bench measures it"),))]
 IMPLS = ["torchvision"] + COMPILE + fastres_backends(DEVICE, include_torch=True)
-_STATE = {}
 
 
 def _autocast():
@@ -42,18 +42,7 @@ def _autocast():
 
 
 def _build(arch, impl):
-    if arch not in _STATE:
-        torch.manual_seed(0)
-        _STATE[arch] = getattr(torchvision.models, arch)(weights=None).state_dict()
-    if impl.startswith("torchvision"):
-        m = getattr(torchvision.models, arch)(weights=None)
-    else:
-        ctor = getattr(fastres, arch, None)
-        if ctor is None:
-            pytest.skip(f"fastres.{arch} is not available in this build")
-        m = ctor()
-    m.load_state_dict(_STATE[arch], strict=True)
-    return m.to(DEVICE, memory_format=torch.channels_last)
+    return same_weights_model(arch, impl.startswith("torchvision")).to(DEVICE, memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

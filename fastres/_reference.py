@@ -40,6 +40,30 @@ def _mask(y: Tensor) -> Tensor:
     return ~(y <= 0)
 
 
+def _affine_act_acc(z: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+                    residual: Optional[Tensor], relu: bool) -> Tensor:
+    """``act(z * scale[c] + shift[c] + residual)`` for ``z`` already in the accumulation
+    dtype (each term optional, applied in this order), in that dtype."""
+    acc = z.dtype
+    if scale is not None:
+        z = z * _bc(scale.to(acc))
+    if shift is not None:
+        z = z + _bc(shift.to(acc))
+    if residual is not None:
+        z = z + residual.to(acc)
+    if relu:
+        z = torch.relu(z)
+    return z
+
+
+def _act_grad(grad_y: Tensor, y: Tensor, relu: bool, acc: torch.dtype) -> Tensor:
+    """``grad_y`` in ``acc``, through the ReLU whose output is ``y`` when ``relu``."""
+    dz = grad_y.to(acc)
+    if relu:
+        dz = torch.where(_mask(y), dz, torch.zeros((), dtype=acc, device=dz.device))
+    return dz
+
+
 def batch_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-channel batch mean and biased variance of ``x``, in the accumulation dtype
     (differentiable: the double backward recomputes them as functions of ``x``)."""
@@ -56,15 +80,7 @@ def bn_act_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     xa = x.to(acc)
     mean, var = batch_stats(x)
     invstd = torch.rsqrt(var + eps)
-    z = (xa - _bc(mean)) * _bc(invstd)
-    if weight is not None:
-        z = z * _bc(weight.to(acc))
-    if bias is not None:
-        z = z + _bc(bias.to(acc))
-    if residual is not None:
-        z = z + residual.to(acc)
-    if relu:
-        z = torch.relu(z)
+    z = _affine_act_acc((xa - _bc(mean)) * _bc(invstd), weight, bias, residual, relu)
     y = z.to(x.dtype).contiguous(memory_format=fmt)
     return y, mean, var
 
@@ -74,9 +90,7 @@ def bn_act_train_backward(grad_y: Tensor, x: Tensor, y: Tensor, weight: Optional
                           need_grad_z: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     fmt = memory_format_of(x)
     acc = acc_dtype(x.dtype)
-    dz = grad_y.to(acc)
-    if relu:
-        dz = torch.where(_mask(y), dz, torch.zeros((), dtype=acc, device=x.device))
+    dz = _act_grad(grad_y, y, relu, acc)
     m = x.numel() // max(x.shape[1], 1) if x.numel() else 0
     invstd = torch.rsqrt(var + eps)
     xhat = (x.to(acc) - _bc(mean)) * _bc(invstd)
@@ -105,26 +119,14 @@ def affine_act_composite(x: Tensor, scale: Optional[Tensor], shift: Optional[Ten
     """``act(x * scale[c] + shift[c] + residual)`` in the accumulation dtype, with no
     memory-format query (which functorch's batched tensors do not answer): the form
     used under vmap / grad / jvp."""
-    acc = acc_dtype(x.dtype)
-    z = x.to(acc)
-    if scale is not None:
-        z = z * _bc(scale.to(acc))
-    if shift is not None:
-        z = z + _bc(shift.to(acc))
-    if residual is not None:
-        z = z + residual.to(acc)
-    if relu:
-        z = torch.relu(z)
-    return z.to(x.dtype)
+    return _affine_act_acc(x.to(acc_dtype(x.dtype)), scale, shift, residual, relu).to(x.dtype)
 
 
 def affine_act_backward(grad_y: Tensor, x: Tensor, y: Tensor, scale: Optional[Tensor], relu: bool,
                         need_grad_z: bool, need_param_grads: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     fmt = memory_format_of(x)
     acc = acc_dtype(x.dtype)
-    dz = grad_y.to(acc)
-    if relu:
-        dz = torch.where(_mask(y), dz, torch.zeros((), dtype=acc, device=x.device))
+    dz = _act_grad(grad_y, y, relu, acc)
     gx = dz * _bc(scale.to(acc)) if scale is not None else dz
     grad_x = gx.to(x.dtype).contiguous(memory_format=fmt)
     grad_z = dz.to(x.dtype).contiguous(memory_format=fmt) if need_grad_z else x.new_empty((0,))
@@ -152,24 +154,10 @@ def conv2d_act_composite(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_s
     acc = acc_dtype(x.dtype)
     u = x
     if in_scale is not None or in_shift is not None or in_relu:
-        v = x.to(acc)
-        if in_scale is not None:
-            v = v * _bc(in_scale.to(acc))
-        if in_shift is not None:
-            v = v + _bc(in_shift.to(acc))
-        if in_relu:
-            v = torch.relu(v)
-        u = v.to(x.dtype)
+        u = _affine_act_acc(x.to(acc), in_scale, in_shift, None, in_relu).to(x.dtype)
     y = F.conv2d(u, weight, None, list(stride), list(padding), list(dilation), groups)
     if bias is not None or residual is not None or relu:
-        z = y.to(acc)
-        if bias is not None:
-            z = z + _bc(bias.to(acc))
-        if residual is not None:
-            z = z + residual.to(acc)
-        if relu:
-            z = torch.relu(z)
-        y = z.to(x.dtype)
+        y = _affine_act_acc(y.to(acc), None, bias, residual, relu).to(x.dtype)
     if not stats:
         empty = torch.empty((0,), dtype=acc, device=x.device)
         return y, empty, empty.clone()

@@ -268,16 +268,7 @@ def _fresh(outs, inputs, unalias):
     """Outputs that alias no input and no other output. Real tensors: ``unalias`` (the
     custom ops' storage check, so both variants copy the same outputs); traced tensors
     have no storage address: an output that *is* an input or an earlier output is copied."""
-    if not _tracing(outs):
-        return unalias(outs, inputs)
-    seen = {id(t) for t in inputs if isinstance(t, Tensor)}
-    fixed = []
-    for o in outs:
-        if id(o) in seen:
-            o = o.clone()
-        seen.add(id(o))
-        fixed.append(o)
-    return tuple(fixed)
+    return unalias(outs, inputs, storage=not _tracing(outs))
 
 
 # ----------------------------------------------------------------------------- BN(+add)+ReLU ops

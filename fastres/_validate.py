@@ -78,15 +78,23 @@ def check_channels(x: Tensor, num_features: int, name: str = "input") -> None:
                          f"expected num_features={num_features}")
 
 
-def check_per_channel(t: Optional[Tensor], name: str, x: Tensor) -> None:
-    """weight / bias / running stats / scale / shift: 1-D (C,), on x's device, a dtype x allows."""
+def check_optional_tensor(t: Optional[Tensor], name: str, x: Tensor) -> bool:
+    """False for an absent (None) optional tensor argument; else True once ``t`` is checked
+    to be a tensor on ``x``'s device."""
     if t is None:
-        return
+        return False
     if not isinstance(t, Tensor):
         raise TypeError(f"fastres: {name} must be a torch.Tensor or None, got {type(t).__name__}")
     if t.device != x.device:
         raise DeviceError(f"fastres: {name} is on {t.device} but input is on {x.device}; "
-                         f"expected both on the same device")
+                          f"expected both on the same device")
+    return True
+
+
+def check_per_channel(t: Optional[Tensor], name: str, x: Tensor) -> None:
+    """weight / bias / running stats / scale / shift: 1-D (C,), on x's device, a dtype x allows."""
+    if not check_optional_tensor(t, name, x):
+        return
     c = x.shape[1]
     if t.dim() != 1 or t.shape[0] != c:
         raise ShapeError(f"fastres: {name} must have shape ({c},) to match the input's {c} channels, "
@@ -99,13 +107,8 @@ def check_per_channel(t: Optional[Tensor], name: str, x: Tensor) -> None:
 
 
 def check_residual(residual: Optional[Tensor], x: Tensor, name: str = "residual") -> None:
-    if residual is None:
+    if not check_optional_tensor(residual, name, x):
         return
-    if not isinstance(residual, Tensor):
-        raise TypeError(f"fastres: {name} must be a torch.Tensor or None, got {type(residual).__name__}")
-    if residual.device != x.device:
-        raise DeviceError(f"fastres: {name} is on {residual.device} but input is on {x.device}; "
-                         f"expected both on the same device")
     if residual.shape != x.shape:
         raise ShapeError(f"fastres: {name} must have the output's shape {_shape(x)}, got {_shape(residual)}")
     if residual.dtype != x.dtype:

@@ -206,12 +206,7 @@ def _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residua
         raise ValueError(f"fastres: the {kh}x{kw} kernel (dilation {tuple(dilation)}) is larger than the padded "
                          f"input {h}x{w} (padding {tuple(padding)}): the output would be {p}x{q}")
     out_shape = (n, k, p, q)
-    if bias is not None:
-        if not isinstance(bias, Tensor):
-            raise TypeError(f"fastres: bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if bias.device != x.device:
-            raise ValueError(f"fastres: bias is on {bias.device} but input is on {x.device}; "
-                             f"expected both on the same device")
+    if V.check_optional_tensor(bias, "bias", x):
         if bias.dim() != 1 or bias.shape[0] != k:
             raise ValueError(f"fastres: bias must have shape ({k},) to match weight's {k} output channels, "
                              f"got {tuple(bias.shape)}")
@@ -219,12 +214,7 @@ def _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residua
         if bias.dtype not in allowed:
             raise TypeError(f"fastres: bias has dtype {V._dt(bias.dtype)} but input is {V._dt(x.dtype)}; "
                             f"expected {' or '.join(sorted({V._dt(d) for d in allowed}))}")
-    if residual is not None:
-        if not isinstance(residual, Tensor):
-            raise TypeError(f"fastres: residual must be a torch.Tensor or None, got {type(residual).__name__}")
-        if residual.device != x.device:
-            raise ValueError(f"fastres: residual is on {residual.device} but input is on {x.device}; "
-                             f"expected both on the same device")
+    if V.check_optional_tensor(residual, "residual", x):
         if tuple(residual.shape) != out_shape:
             raise ValueError(f"fastres: residual must have the output's shape {out_shape}, "
                              f"got {tuple(residual.shape)}")

@@ -140,18 +140,20 @@ def _family_from_ops(name: str, prefix: str) -> Family:
 
 
 # ----------------------------------------------------------------------------- triton family
-def _unalias(outs, inputs):
+def _unalias(outs, inputs, storage: bool = True):
     """custom_op outputs may alias neither an input nor each other: copy any that does
     (e.g. a launcher that returns grad_y itself, or dz as both grad_x and grad_z, or the
-    same (empty) tensor twice). Shared by the conv op family (``fastres.conv_ops``)."""
-    seen = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, Tensor) and t.numel()}
+    same (empty) tensor twice). Shared by the conv op family (``fastres.conv_ops``).
+    ``storage=False`` (traced tensors, which have no storage address: the triton_op
+    variant's ``_fresh``): only an output that *is* an input or an earlier output is copied."""
+    seen = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, Tensor) and t.numel()} if storage else ()
     ids = {id(t) for t in inputs if isinstance(t, Tensor)}
     fixed = []
     for o in outs:
         if id(o) in ids:
             o = o.clone()
         ids.add(id(o))
-        if o.numel():
+        if storage and o.numel():
             ptr = o.untyped_storage().data_ptr()
             if ptr in seen:
                 o = o.clone()

@@ -50,6 +50,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .cli import _positive_int
+
 Tensor = torch.Tensor
 
 EXTRA_HINT = "pip install 'fastres[paper]'"
@@ -301,16 +303,6 @@ def _data_spec(text: str) -> str:
     return text
 
 
-def _pos_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
 def _pos_float(text: str) -> float:
     try:
         v = float(text)
@@ -333,10 +325,10 @@ def add_paper_parser(sub) -> argparse.ArgumentParser:
         p.add_argument("--data", type=_data_spec, default="digits",
                        help="digits (default: scikit-learn's 8x8 digits upsampled to 32x32, no download) or "
                             "cifar10:PATH (the CIFAR-10 python batches in a local folder)")
-        p.add_argument("--epochs", type=_pos_int, default=None,
+        p.add_argument("--epochs", type=_positive_int, default=None,
                        help=f"default: digits {DATA_DEFAULTS['digits']['epochs']}, "
                             f"cifar10 {DATA_DEFAULTS['cifar10']['epochs']} (the paper's 64k iterations)")
-        p.add_argument("--batch-size", type=_pos_int, default=None,
+        p.add_argument("--batch-size", type=_positive_int, default=None,
                        help=f"default: digits {DATA_DEFAULTS['digits']['batch_size']}, "
                             f"cifar10 {DATA_DEFAULTS['cifar10']['batch_size']} (the paper's)")
         p.add_argument("--lr", type=_pos_float, default=None,
@@ -349,9 +341,9 @@ def add_paper_parser(sub) -> argparse.ArgumentParser:
                        help="NHWC model and batches (default on)")
         p.add_argument("--seed", type=int, default=0, help="initialisation, data order and augmentation")
         p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>/paper)")
-        p.add_argument("--limit", type=_pos_int, default=None,
+        p.add_argument("--limit", type=_positive_int, default=None,
                        help="use only the first N training and N test images (quick checks)")
-        p.add_argument("--threads", type=_pos_int, default=None, help="torch.set_num_threads for the CPU")
+        p.add_argument("--threads", type=_positive_int, default=None, help="torch.set_num_threads for the CPU")
         p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
         p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 

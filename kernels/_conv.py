@@ -40,8 +40,10 @@ import torch
 import triton
 import triton.language as tl
 
-# z converted to ptr's element type (bf16 rounded to nearest even under the interpreter):
-# the BN kernels' helper, shared (kernels import only kernels)
+# _cast: z converted to ptr's element type (bf16 rounded to nearest even under the
+# interpreter), the BN kernels' helper; _dot_acc: the tl.dot of every conv kernel. Shared
+# (kernels import only kernels).
+from ._kernels import _dot_acc
 from ._kernels import _out as _cast
 from ._launch import launch
 
@@ -140,13 +142,8 @@ def _conv_fwd_kernel(
             a = _cast(af, x_ptr, RNE_BF16)
         b_ptrs = w_ptr + w_col[None, :] + (c_in.to(tl.int64) * swc)[:, None] + r * swh + s * sww
         b = tl.load(b_ptrs, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-        if DOT:
-            if DOT_UPCAST:  # the interpreter's bf16 tl.dot is wrong (triton 3.8): exact fp32 products
-                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-            elif IEEE:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
+        if DOT:  # DOT_UPCAST: the interpreter's bf16 tl.dot is wrong (triton 3.8): exact fp32 products
+            acc = _dot_acc(a, b, acc, DOT_UPCAST, IEEE)
         else:
             acc += tl.sum(a.to(ACC)[:, :, None] * b.to(ACC)[None, :, :], axis=1)
 

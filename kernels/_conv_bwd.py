@@ -154,12 +154,8 @@ def _dgrad_kernel(go_ptr, w_ptr, x_ptr, s_ptr, t_ptr, gx_ptr, ps_dz_ptr, ps_dzx_
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if not DOT:  # fp64: broadcast-multiply-reduce (a parity dtype; no fp64 tl.dot assumed)
             acc += tl.sum(a.to(ACC)[:, :, None] * b.to(ACC)[None, :, :], axis=1)
-        elif DOT_F32:  # interpreter only: its tl.dot mis-multiplies bf16 (fp32 products are exact)
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        elif IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        else:  # DOT_F32: interpreter only, its tl.dot mis-multiplies bf16 (fp32 products are exact)
+            acc = K._dot_acc(a, b, acc, DOT_F32, IEEE)
 
     c_glob = g * CG + cols
     mask = row_ok[:, None] & col_ok[None, :]
@@ -271,12 +267,8 @@ def _wgrad_kernel(go_ptr, x_ptr, s_ptr, t_ptr, gw_ptr, gb_ptr,
                 gb += tl.sum(go.to(ACC), 0)
         if not DOT:  # fp64 (see _dgrad_kernel)
             acc += tl.sum(go.to(ACC)[:, :, None] * a.to(ACC)[:, None, :], axis=0)
-        elif DOT_F32:
-            acc = tl.dot(tl.trans(go).to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
-        elif IEEE:
-            acc = tl.dot(tl.trans(go), a, acc, input_precision="ieee")
         else:
-            acc = tl.dot(tl.trans(go), a, acc)
+            acc = K._dot_acc(tl.trans(go), a, acc, DOT_F32, IEEE)
 
     k_glob = g * KG + ks
     RS = R * S

@@ -91,6 +91,19 @@ def _out(z, ptr, RNE_BF16: tl.constexpr):
 
 
 @triton.jit
+def _dot_acc(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """acc + a @ b with tl.dot, the one matrix product of the convolution kernels. UPCAST
+    (the interpreter only: its tl.dot mis-multiplies bf16): exact fp32 products of a and
+    b; IEEE: IEEE fp32 products (no TF32)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _chunk(pid0, pid1, M, HW, PER, HW_PER, HJ,
            CL: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
     """The share of the tensor a pass program (pid0, pid1) walks, shared by every pass

@@ -199,6 +199,15 @@ def test_summary_bench_and_bandwidth_figures(tmp_path):
     assert lines[1].strip() == "bn_act_train 256x256x56x56 NHWC bf16 [GB/s]: aten reference 1500 | fastres[triton] 3210"
 
 
+def test_summary_bench_and_bandwidth_name_an_unreadable_json(tmp_path):
+    (tmp_path / "bench_resnet50_broken.json").write_text("{not json")
+    (tmp_path / "benchmarks_broken.json").write_text("")
+    bench = gpu_summary.figures("bench", str(tmp_path), str(tmp_path))
+    assert len(bench) == 1 and bench[0].startswith("unreadable bench_resnet50_broken.json: "), bench
+    bandwidth = gpu_summary.figures("bandwidth", str(tmp_path), str(tmp_path))
+    assert len(bandwidth) == 1 and bandwidth[0].startswith("unreadable benchmarks_broken.json: "), bandwidth
+
+
 # ----------------------------------------------------------------------------- tests/run_control.py
 # A test file of its own, run by a pytest subprocess with only run_control as plugin (no
 # torch, no fastres: fast). Its tests cover every outcome the result log records.

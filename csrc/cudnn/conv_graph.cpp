@@ -150,7 +150,8 @@ class Desc {
 };
 using DescP = std::shared_ptr<Desc>;
 
-// DESC(TYPE, role) / A(ATTR): the enum and its name for the messages.
+// DESC(TYPE, role) / A(ATTR): the enum and its name for the messages (A also names a
+// descriptor type in the tables below).
 #define FR_DESC(type, role) std::make_shared<Desc>(type, #type, role)
 #define A(attr) attr, #attr
 
@@ -199,6 +200,35 @@ const char* pattern_name(Pattern p) {
   }
   return "?";
 }
+
+// The three convolution operations: the descriptor type, its role in messages, and the
+// attributes of its tensors (in Graph::conv's argument order), conv descriptor, alpha, beta.
+template <class E>
+struct Named {
+  E id;
+  const char* name;
+};
+struct ConvOpKind {
+  Named<cudnnBackendDescriptorType_t> type;
+  const char* role;
+  Named<cudnnBackendAttributeName_t> tensor[3], conv_desc, alpha, beta;
+};
+// Row of the table: the descriptor CUDNN_BACKEND_OPERATION_CONVOLUTION_<TYPE>_DESCRIPTOR
+// and its attributes CUDNN_ATTR_OPERATION_CONVOLUTION_<P>_<T0, T1, T2, CONV_DESC, ALPHA, BETA>.
+#define FR_CONV_ATTR(P, NAME) {A(CUDNN_ATTR_OPERATION_CONVOLUTION_##P##_##NAME)}
+#define FR_CONV_OP(TYPE, ROLE, P, T0, T1, T2)                                                   \
+  {{A(CUDNN_BACKEND_OPERATION_CONVOLUTION_##TYPE##_DESCRIPTOR)},                                 \
+   ROLE,                                                                                         \
+   {FR_CONV_ATTR(P, T0), FR_CONV_ATTR(P, T1), FR_CONV_ATTR(P, T2)},                              \
+   FR_CONV_ATTR(P, CONV_DESC),                                                                   \
+   FR_CONV_ATTR(P, ALPHA),                                                                       \
+   FR_CONV_ATTR(P, BETA)}
+// y = fprop(x, w); dx = dgrad(dy, w); dw = wgrad(dy, x)
+constexpr ConvOpKind kConvFprop = FR_CONV_OP(FORWARD, "conv_fprop", FORWARD, X, W, Y);
+constexpr ConvOpKind kConvDgrad = FR_CONV_OP(BACKWARD_DATA, "conv_dgrad", BWD_DATA, DY, W, DX);
+constexpr ConvOpKind kConvWgrad = FR_CONV_OP(BACKWARD_FILTER, "conv_wgrad", BWD_FILTER, DY, X, DW);
+#undef FR_CONV_OP
+#undef FR_CONV_ATTR
 
 enum Uid : int64_t {
   kX = 1, kW, kY, kBias, kRes, kScale, kShift, kSum, kSumSq, kDY, kDV, kDW, kMean, kInvStd, kDScale, kDShift,
@@ -260,44 +290,18 @@ struct Graph {
     return conv;
   }
 
-  // y = fprop(x, w); dx = dgrad(dy, w); dw = wgrad(dy, x): alpha 1, beta 0 (fp32).
-  void conv_fprop(const DescP& x, const DescP& w, const DescP& y, const std::vector<int64_t>& stride,
-                  const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation) {
+  // One convolution operation of kind `k` (kConvFprop, kConvDgrad, kConvWgrad) on the
+  // tensors a, b, out in the order of k.tensor: alpha 1, beta 0 (fp32).
+  void conv(const ConvOpKind& k, const DescP& a, const DescP& b, const DescP& out, const std::vector<int64_t>& stride,
+            const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation) {
     auto desc = conv_desc(stride, padding, dilation);
-    auto op = FR_DESC(CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR, "conv_fprop");
-    op->set_desc(A(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_X), *x);
-    op->set_desc(A(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_W), *w);
-    op->set_desc(A(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_Y), *y);
-    op->set_desc(A(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_CONV_DESC), *desc);
+    auto op = std::make_shared<Desc>(k.type.id, k.type.name, k.role);
+    const Desc* io[3] = {a.get(), b.get(), out.get()};
+    for (int i = 0; i < 3; ++i) op->set_desc(k.tensor[i].id, k.tensor[i].name, *io[i]);
+    op->set_desc(k.conv_desc.id, k.conv_desc.name, *desc);
     float alpha = 1.0f, beta = 0.0f;
-    op->set(A(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_ALPHA), CUDNN_TYPE_FLOAT, 1, &alpha);
-    op->set(A(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_BETA), CUDNN_TYPE_FLOAT, 1, &beta);
-    add_op(op);
-  }
-  void conv_dgrad(const DescP& dy, const DescP& w, const DescP& dx, const std::vector<int64_t>& stride,
-                  const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation) {
-    auto desc = conv_desc(stride, padding, dilation);
-    auto op = FR_DESC(CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_DATA_DESCRIPTOR, "conv_dgrad");
-    op->set_desc(A(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_DY), *dy);
-    op->set_desc(A(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_W), *w);
-    op->set_desc(A(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_DX), *dx);
-    op->set_desc(A(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_CONV_DESC), *desc);
-    float alpha = 1.0f, beta = 0.0f;
-    op->set(A(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_ALPHA), CUDNN_TYPE_FLOAT, 1, &alpha);
-    op->set(A(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_BETA), CUDNN_TYPE_FLOAT, 1, &beta);
-    add_op(op);
-  }
-  void conv_wgrad(const DescP& dy, const DescP& x, const DescP& dw, const std::vector<int64_t>& stride,
-                  const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation) {
-    auto desc = conv_desc(stride, padding, dilation);
-    auto op = FR_DESC(CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_FILTER_DESCRIPTOR, "conv_wgrad");
-    op->set_desc(A(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_DY), *dy);
-    op->set_desc(A(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_X), *x);
-    op->set_desc(A(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_DW), *dw);
-    op->set_desc(A(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_CONV_DESC), *desc);
-    float alpha = 1.0f, beta = 0.0f;
-    op->set(A(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_ALPHA), CUDNN_TYPE_FLOAT, 1, &alpha);
-    op->set(A(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_BETA), CUDNN_TYPE_FLOAT, 1, &beta);
+    op->set(k.alpha.id, k.alpha.name, CUDNN_TYPE_FLOAT, 1, &alpha);
+    op->set(k.beta.id, k.beta.name, CUDNN_TYPE_FLOAT, 1, &beta);
     add_op(op);
   }
 
@@ -430,7 +434,7 @@ void build_conv_bias_act(Graph& g, cudnnDataType_t io, cudnnDataType_t pdt, cons
     return g.nhwc(vuid, name, CUDNN_DATA_FLOAT, s.y, true);
   };
   DescP cur = next(kVConv, "conv(x, w)");
-  g.conv_fprop(tx, tw, cur, s.stride, s.padding, s.dilation);
+  g.conv(kConvFprop, tx, tw, cur, s.stride, s.padding, s.dilation);
   if (res) {
     --left;
     auto o = next(kVRes, "conv+residual");
@@ -461,7 +465,7 @@ void build_conv_act_stats(Graph& g, cudnnDataType_t io, cudnnDataType_t pdt, con
   auto tw = g.nhwc(kW, "w", io, s.w);
   DescP cur = apply_prologue(g, tx, ts, tt, s.x, in_relu, CUDNN_DATA_FLOAT);
   auto ty = g.nhwc(kY, "y", io, s.y);
-  g.conv_fprop(cur, tw, ty, s.stride, s.padding, s.dilation);
+  g.conv(kConvFprop, cur, tw, ty, s.stride, s.padding, s.dilation);
   auto tsum = g.chan(kSum, "sum", CUDNN_DATA_FLOAT, K);
   auto tsq = g.chan(kSumSq, "sumsq", CUDNN_DATA_FLOAT, K);
   g.genstats(ty, tsum, tsq);
@@ -486,7 +490,7 @@ void build_dgrad_drelu_dbn(Graph& g, cudnnDataType_t io, const ConvShape& s) {
   auto teq_x = g.chan(kEqX, "eq_x_scale", CUDNN_DATA_FLOAT, C);
   auto teq_b = g.chan(kEqBias, "eq_bias", CUDNN_DATA_FLOAT, C);
   auto dgrad = g.nhwc(kVDgrad, "dgrad(dy, w)", CUDNN_DATA_FLOAT, xd, true);
-  g.conv_dgrad(tdy, tw, dgrad, s.stride, s.padding, s.dilation);
+  g.conv(kConvDgrad, tdy, tw, dgrad, s.stride, s.padding, s.dilation);
   auto centered = g.nhwc(kVCentered, "x-mean", CUDNN_DATA_FLOAT, xd, true);
   g.pointwise(CUDNN_POINTWISE_SUB, "SUB mean", tx, tm, centered);
   auto normed = g.nhwc(kVNormed, "(x-mean)*invstd", CUDNN_DATA_FLOAT, xd, true);
@@ -507,7 +511,7 @@ void build_wgrad(Graph& g, cudnnDataType_t io, const ConvShape& s, bool scale, b
   auto tdy = g.nhwc(kDY, "dy", io, s.y);
   auto tdw = g.nhwc(kDW, "dw", io, s.w);
   auto u = apply_prologue(g, tx, ts, tt, s.x, in_relu, io);
-  g.conv_wgrad(tdy, u, tdw, s.stride, s.padding, s.dilation);
+  g.conv(kConvWgrad, tdy, u, tdw, s.stride, s.padding, s.dilation);
 }
 
 // ----------------------------------------------------------------------------- plans

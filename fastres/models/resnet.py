@@ -271,14 +271,26 @@ def _read_weights(weights) -> Mapping:
     return sd
 
 
-def _build(block: Block, layers: List[int], weights, kwargs: dict) -> ResNet:
-    kwargs.pop("progress", None)  # torchvision's builders take it; nothing is downloaded here
-    sd = None
-    if weights is not None:
-        sd = _read_weights(weights)
-        fc = sd.get("fc.weight")
-        if "num_classes" not in kwargs and isinstance(fc, Tensor):
-            kwargs["num_classes"] = fc.shape[0]
+def _builder_weights(weights, kwargs: dict) -> Optional[Mapping]:
+    """The state_dict ``weights`` names (None without), read before the model is built:
+    ``num_classes`` defaults to its fc's rows; torchvision's ``progress`` is dropped
+    (nothing is downloaded here)."""
+    kwargs.pop("progress", None)
+    if weights is None:
+        return None
+    sd = _read_weights(weights)
+    fc = sd.get("fc.weight")
+    if "num_classes" not in kwargs and isinstance(fc, Tensor):
+        kwargs["num_classes"] = fc.shape[0]
+    return sd
+
+
+def _build(block: Block, layers: List[int], weights, kwargs: dict, **defaults: Any) -> ResNet:
+    """``defaults``: keyword arguments of :class:`ResNet` that ``kwargs`` may override
+    (ResNeXt's ``groups`` and ``width_per_group``, the wide nets' ``width_per_group``)."""
+    for k, v in defaults.items():
+        kwargs.setdefault(k, v)
+    sd = _builder_weights(weights, kwargs)
     model = ResNet(block, layers, **kwargs)
     if sd is not None:
         model.load_state_dict(sd, strict=True)
@@ -308,31 +320,23 @@ def resnet152(*, weights=None, **kwargs: Any) -> ResNet:
 
 
 def resnext50_32x4d(*, weights=None, **kwargs: Any) -> ResNet:
-    kwargs.setdefault("groups", 32)
-    kwargs.setdefault("width_per_group", 4)
-    return _build(Bottleneck, [3, 4, 6, 3], weights, kwargs)
+    return _build(Bottleneck, [3, 4, 6, 3], weights, kwargs, groups=32, width_per_group=4)
 
 
 def resnext101_32x8d(*, weights=None, **kwargs: Any) -> ResNet:
-    kwargs.setdefault("groups", 32)
-    kwargs.setdefault("width_per_group", 8)
-    return _build(Bottleneck, [3, 4, 23, 3], weights, kwargs)
+    return _build(Bottleneck, [3, 4, 23, 3], weights, kwargs, groups=32, width_per_group=8)
 
 
 def resnext101_64x4d(*, weights=None, **kwargs: Any) -> ResNet:
-    kwargs.setdefault("groups", 64)
-    kwargs.setdefault("width_per_group", 4)
-    return _build(Bottleneck, [3, 4, 23, 3], weights, kwargs)
+    return _build(Bottleneck, [3, 4, 23, 3], weights, kwargs, groups=64, width_per_group=4)
 
 
 def wide_resnet50_2(*, weights=None, **kwargs: Any) -> ResNet:
-    kwargs.setdefault("width_per_group", 64 * 2)
-    return _build(Bottleneck, [3, 4, 6, 3], weights, kwargs)
+    return _build(Bottleneck, [3, 4, 6, 3], weights, kwargs, width_per_group=64 * 2)
 
 
 def wide_resnet101_2(*, weights=None, **kwargs: Any) -> ResNet:
-    kwargs.setdefault("width_per_group", 64 * 2)
-    return _build(Bottleneck, [3, 4, 23, 3], weights, kwargs)
+    return _build(Bottleneck, [3, 4, 23, 3], weights, kwargs, width_per_group=64 * 2)
 
 
 class ResNet50(ResNet):
@@ -340,13 +344,7 @@ class ResNet50(ResNet):
     for :func:`resnet50` (``weights=``, ``num_classes=``, ``zero_init_residual=``, ...)."""
 
     def __init__(self, *, weights=None, **kwargs: Any) -> None:
-        kwargs.pop("progress", None)
-        sd = None
-        if weights is not None:
-            sd = _read_weights(weights)
-            fc = sd.get("fc.weight")
-            if "num_classes" not in kwargs and isinstance(fc, Tensor):
-                kwargs["num_classes"] = fc.shape[0]
+        sd = _builder_weights(weights, kwargs)
         super().__init__(Bottleneck, [3, 4, 6, 3], **kwargs)
         if sd is not None:
             self.load_state_dict(sd, strict=True)
