@@ -13,6 +13,7 @@ zero analytically and rounding noise numerically, which no tolerance can compare
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -182,8 +183,70 @@ def test_resnet50_class_and_weights(tmp_path):
     bad.pop("layer1.0.bn1.running_var")
     with pytest.raises(RuntimeError, match="Missing key"):
         fastres.resnet50(weights=bad)
-    with pytest.raises(TypeError, match="never downloads"):
-        fastres.resnet50(weights=tvr.ResNet50_Weights.DEFAULT)
+    with pytest.raises(TypeError, match="state_dict, a path"):
+        fastres.resnet50(weights=3)
+
+
+def _hub_cache(tmp_path, monkeypatch, builder: str, weights_enum, *members: str):
+    """torch.hub's cache under tmp_path (TORCH_HOME) holding, for each weights member,
+    the file torchvision would download (a randomised torchvision model's state_dict, so
+    nothing is downloaded); returns {member: state_dict}."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    ckpt = tmp_path / "hub" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    out = {}
+    for i, member in enumerate(members):
+        torch.manual_seed(i)
+        sd = randomize(getattr(tvr, builder)()).state_dict()
+        path = ckpt / os.path.basename(weights_enum[member].url)
+        torch.save(sd, path)
+        assert torch.hub.get_dir() == str(tmp_path / "hub") and path.exists()
+        out[member] = sd
+    return out
+
+
+def test_torchvision_weights_enum_name_and_pretrained(tmp_path, monkeypatch):
+    """torchvision's weights arguments, loaded the way torchvision's builders load them
+    (from torch.hub's cache, here pre-filled): the enum, its name, the qualified name and
+    the legacy ``pretrained=True`` give exactly the state torchvision's resnet50 gets."""
+    W = tvr.ResNet50_Weights
+    sds = _hub_cache(tmp_path, monkeypatch, "resnet50", W, "IMAGENET1K_V1", "IMAGENET1K_V2")
+    assert W.DEFAULT is W.IMAGENET1K_V2
+    x = torch.randn(2, 3, 64, 64)
+    for arg, member in ((W.DEFAULT, "IMAGENET1K_V2"), ("DEFAULT", "IMAGENET1K_V2"),
+                        ("ResNet50_Weights.IMAGENET1K_V1", "IMAGENET1K_V1"), (W.IMAGENET1K_V1, "IMAGENET1K_V1")):
+        theirs = tvr.resnet50(weights=arg).eval()
+        for ours in (fastres.resnet50(weights=arg), fastres.ResNet50(weights=arg, progress=False)):
+            assert ours.fc.out_features == 1000
+            for k, v in sds[member].items():
+                assert torch.equal(ours.state_dict()[k], v), (arg, k)
+            with torch.no_grad():
+                torch.testing.assert_close(ours.eval()(x), theirs(x), rtol=1e-4, atol=1e-4)
+    with pytest.warns(UserWarning, match="'pretrained' is deprecated"):
+        m = fastres.resnet50(pretrained=True)
+    assert torch.equal(m.fc.weight, sds["IMAGENET1K_V1"]["fc.weight"])
+    with pytest.warns(UserWarning, match="'pretrained' is deprecated"):
+        m = fastres.resnet50(pretrained=False, num_classes=10)
+    assert m.fc.out_features == 10
+    # torchvision's refusals, in its exception types and words
+    for build in (tvr.resnet50, fastres.resnet50):
+        with pytest.raises(ValueError, match="'num_classes' expected value 1000 but got 10"):
+            build(weights=W.DEFAULT, num_classes=10)
+        with pytest.raises(TypeError, match="expected ResNet50_Weights but received ResNet18_Weights"):
+            build(weights=tvr.ResNet18_Weights.DEFAULT)
+    with pytest.raises(TypeError, match="not both"):
+        fastres.resnet50(weights=W.DEFAULT, pretrained=True)
+    with pytest.raises(FileNotFoundError):  # not a member's name: a path, as before
+        fastres.resnet50(weights=str(tmp_path / "IMAGENET1K_V3"))
+
+
+@pytest.mark.parametrize("builder,param,value", [("resnext50_32x4d", "groups", 16),
+                                                 ("resnext101_64x4d", "width_per_group", 8),
+                                                 ("wide_resnet50_2", "width_per_group", 64)])
+def test_builder_fixed_arguments_refused_like_torchvision(builder, param, value):
+    for build in (getattr(tvr, builder), getattr(fastres, builder)):
+        with pytest.raises(ValueError, match=f"The parameter '{param}' expected value .* but got {value} instead"):
+            build(**{param: value})
 
 
 def test_builders_accept_torchvision_block_classes_and_kwargs():
@@ -379,3 +442,21 @@ def test_torch_compile_fullgraph():
         assert rel_err(yc, ye) < 1e-5 and rel_err(xc.grad, xe.grad) < 1e-5
         for (n, b), (_, be) in zip(ours.named_buffers(), eager.named_buffers()):
             assert rel_err(b, be) < 1e-5 if b.is_floating_point() else torch.equal(b, be), n
+
+
+BUILDERS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
+            "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]
+
+
+@pytest.mark.parametrize("builder", BUILDERS)
+def test_every_builder_finds_its_torchvision_weights(builder):
+    """Each builder looks its weights up under its own torchvision name (nothing loaded here)."""
+    from fastres.models.resnet import _torchvision_weights
+    enum = torchvision.models.get_model_weights(builder)
+    assert _torchvision_weights(builder, "DEFAULT", {}) is enum.DEFAULT
+    with pytest.warns(UserWarning, match="'pretrained' is deprecated"):
+        assert _torchvision_weights(builder, None, {"pretrained": True}) is enum.IMAGENET1K_V1
+    assert _torchvision_weights(builder, {"fc.weight": torch.zeros(1)}, {}) is None
+    with pytest.raises(TypeError, match=f"expected {enum.__name__}"):
+        getattr(fastres, builder)(weights=torchvision.models.get_model_weights(
+            "resnet18" if builder != "resnet18" else "resnet34").DEFAULT)

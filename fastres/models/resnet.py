@@ -2,8 +2,10 @@
 
 Same constructor, same module names and ``state_dict`` keys, same initialisation as
 ``torchvision.models.resnet``; the forward runs the fused ops (stem included).
-Builders take ``weights=``: a state_dict (e.g. torchvision's) or a path to a saved
-one, loaded strictly. Nothing is ever downloaded.
+Builders take ``weights=`` as torchvision's do -- a torchvision weights enum
+(``ResNet50_Weights.DEFAULT``) or its name, loaded through torchvision from torch.hub's
+cache (downloaded into it only when not there, as torchvision does), and the legacy
+``pretrained=`` -- and also a state_dict or a path to a saved one; always strictly.
 
 Extension (keyword-only): ``shortcut`` = ``"B"`` (torchvision's, the default:
 projection when dimensions grow), ``"A"`` (zero-padding identity, no parameters),
@@ -15,6 +17,7 @@ Scriptable (``torch.jit.script`` compiles torchvision's unfused forward) and tra
 torchvision's ``conv1 → bn1 → relu``, see :meth:`ResNet._stem_conv`).
 """
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, List, Optional, Type, Union
 
@@ -263,19 +266,58 @@ def _read_weights(weights) -> Mapping:
     elif isinstance(weights, Mapping):
         sd = weights
     else:
-        raise TypeError("weights must be a state_dict or a path to a saved state_dict (fastres never downloads; "
-                        f"e.g. torchvision.models.ResNet50_Weights.DEFAULT.get_state_dict()), got "
-                        f"{type(weights).__name__}")
+        raise TypeError("weights must be a state_dict, a path to a saved state_dict, or torchvision weights "
+                        "(a torchvision.models weights enum such as ResNet50_Weights.DEFAULT, or its name), "
+                        f"got {type(weights).__name__}")
     if not isinstance(sd, Mapping):
         raise TypeError(f"weights file holds a {type(sd).__name__}, expected a state_dict")
     return sd
 
 
-def _builder_weights(weights, kwargs: dict) -> Optional[Mapping]:
-    """The state_dict ``weights`` names (None without), read before the model is built:
-    ``num_classes`` defaults to its fc's rows; torchvision's ``progress`` is dropped
-    (nothing is downloaded here)."""
-    kwargs.pop("progress", None)
+def _torchvision_weights(name: str, weights, kwargs: dict):
+    """torchvision's weights enum member for builder ``name`` when ``weights`` is one, or
+    a string naming one ("DEFAULT", "IMAGENET1K_V2", "ResNet50_Weights.IMAGENET1K_V2",
+    as torchvision's builders accept), or when torchvision's legacy ``pretrained=`` is
+    given (True: its IMAGENET1K_V1; either way torchvision's deprecation warning); else
+    None. Pops ``pretrained`` from ``kwargs``."""
+    pretrained = kwargs.pop("pretrained", None)
+    if pretrained is None and not isinstance(weights, str) and type(weights).__module__.split(".")[0] != "torchvision":
+        return None  # a state_dict, a path object or None: no torchvision lookup
+    from torchvision.models import get_model_weights
+    enum = get_model_weights(name)
+    if pretrained is not None:
+        if weights is not None:
+            raise TypeError(f"{name}: give weights= or the deprecated pretrained=, not both "
+                            f"(got weights={weights!r}, pretrained={pretrained!r})")
+        warnings.warn("The parameter 'pretrained' is deprecated since 0.13 and may be removed in the future, "
+                      "please use 'weights' instead.")
+        return enum.IMAGENET1K_V1 if pretrained else None
+    if isinstance(weights, str):
+        key = weights.replace(enum.__name__ + ".", "")
+        return enum[key] if key in enum.__members__ else None  # else a path
+    return enum.verify(weights)  # torchvision's own TypeError for another model's weights
+
+
+def _overwrite(kwargs: dict, param: str, value) -> None:
+    """A builder's fixed argument (resnext's groups, wide_resnet's width_per_group, the
+    weights' num_classes): set, or refused when given otherwise, in torchvision's words
+    and exception type."""
+    if kwargs.setdefault(param, value) != value:
+        raise ValueError(f"The parameter '{param}' expected value {value} but got {kwargs[param]} instead.")
+
+
+def _builder_weights(name: str, weights, kwargs: dict) -> Optional[Mapping]:
+    """The state_dict ``weights`` stands for (None without), read before the model is
+    built. torchvision weights (see :func:`_torchvision_weights`) load as torchvision's
+    builders load them -- ``weights.get_state_dict(progress=..., check_hash=True)``:
+    the file in torch.hub's cache, downloaded into it only when missing -- and fix
+    ``num_classes`` to their categories; a state_dict or a path to one gives
+    ``num_classes`` its fc's rows when not given."""
+    progress = kwargs.pop("progress", True)
+    tv = _torchvision_weights(name, weights, kwargs)
+    if tv is not None:
+        _overwrite(kwargs, "num_classes", len(tv.meta["categories"]))
+        return tv.get_state_dict(progress=progress, check_hash=True)
     if weights is None:
         return None
     sd = _read_weights(weights)
@@ -285,12 +327,13 @@ def _builder_weights(weights, kwargs: dict) -> Optional[Mapping]:
     return sd
 
 
-def _build(block: Block, layers: List[int], weights, kwargs: dict, **defaults: Any) -> ResNet:
-    """``defaults``: keyword arguments of :class:`ResNet` that ``kwargs`` may override
-    (ResNeXt's ``groups`` and ``width_per_group``, the wide nets' ``width_per_group``)."""
-    for k, v in defaults.items():
-        kwargs.setdefault(k, v)
-    sd = _builder_weights(weights, kwargs)
+def _build(name: str, block: Block, layers: List[int], weights, kwargs: dict, **fixed: Any) -> ResNet:
+    """Builder ``name`` (torchvision's): ``fixed`` are the keyword arguments of
+    :class:`ResNet` it sets (ResNeXt's ``groups`` and ``width_per_group``, the wide nets'
+    ``width_per_group``), refused with torchvision's ValueError when given otherwise."""
+    for k, v in fixed.items():
+        _overwrite(kwargs, k, v)
+    sd = _builder_weights(name, weights, kwargs)
     model = ResNet(block, layers, **kwargs)
     if sd is not None:
         model.load_state_dict(sd, strict=True)
@@ -299,44 +342,44 @@ def _build(block: Block, layers: List[int], weights, kwargs: dict, **defaults: A
 
 def resnet18(*, weights=None, **kwargs: Any) -> ResNet:
     """ResNet-18. ``shortcut=None`` gives the plain-18 of He et al. Fig. 4."""
-    return _build(BasicBlock, [2, 2, 2, 2], weights, kwargs)
+    return _build("resnet18", BasicBlock, [2, 2, 2, 2], weights, kwargs)
 
 
 def resnet34(*, weights=None, **kwargs: Any) -> ResNet:
     """ResNet-34. ``shortcut=None`` gives the plain-34 of He et al. Fig. 4."""
-    return _build(BasicBlock, [3, 4, 6, 3], weights, kwargs)
+    return _build("resnet34", BasicBlock, [3, 4, 6, 3], weights, kwargs)
 
 
 def resnet50(*, weights=None, **kwargs: Any) -> ResNet:
-    return _build(Bottleneck, [3, 4, 6, 3], weights, kwargs)
+    return _build("resnet50", Bottleneck, [3, 4, 6, 3], weights, kwargs)
 
 
 def resnet101(*, weights=None, **kwargs: Any) -> ResNet:
-    return _build(Bottleneck, [3, 4, 23, 3], weights, kwargs)
+    return _build("resnet101", Bottleneck, [3, 4, 23, 3], weights, kwargs)
 
 
 def resnet152(*, weights=None, **kwargs: Any) -> ResNet:
-    return _build(Bottleneck, [3, 8, 36, 3], weights, kwargs)
+    return _build("resnet152", Bottleneck, [3, 8, 36, 3], weights, kwargs)
 
 
 def resnext50_32x4d(*, weights=None, **kwargs: Any) -> ResNet:
-    return _build(Bottleneck, [3, 4, 6, 3], weights, kwargs, groups=32, width_per_group=4)
+    return _build("resnext50_32x4d", Bottleneck, [3, 4, 6, 3], weights, kwargs, groups=32, width_per_group=4)
 
 
 def resnext101_32x8d(*, weights=None, **kwargs: Any) -> ResNet:
-    return _build(Bottleneck, [3, 4, 23, 3], weights, kwargs, groups=32, width_per_group=8)
+    return _build("resnext101_32x8d", Bottleneck, [3, 4, 23, 3], weights, kwargs, groups=32, width_per_group=8)
 
 
 def resnext101_64x4d(*, weights=None, **kwargs: Any) -> ResNet:
-    return _build(Bottleneck, [3, 4, 23, 3], weights, kwargs, groups=64, width_per_group=4)
+    return _build("resnext101_64x4d", Bottleneck, [3, 4, 23, 3], weights, kwargs, groups=64, width_per_group=4)
 
 
 def wide_resnet50_2(*, weights=None, **kwargs: Any) -> ResNet:
-    return _build(Bottleneck, [3, 4, 6, 3], weights, kwargs, width_per_group=64 * 2)
+    return _build("wide_resnet50_2", Bottleneck, [3, 4, 6, 3], weights, kwargs, width_per_group=64 * 2)
 
 
 def wide_resnet101_2(*, weights=None, **kwargs: Any) -> ResNet:
-    return _build(Bottleneck, [3, 4, 23, 3], weights, kwargs, width_per_group=64 * 2)
+    return _build("wide_resnet101_2", Bottleneck, [3, 4, 23, 3], weights, kwargs, width_per_group=64 * 2)
 
 
 class ResNet50(ResNet):
@@ -344,7 +387,7 @@ class ResNet50(ResNet):
     for :func:`resnet50` (``weights=``, ``num_classes=``, ``zero_init_residual=``, ...)."""
 
     def __init__(self, *, weights=None, **kwargs: Any) -> None:
-        sd = _builder_weights(weights, kwargs)
+        sd = _builder_weights("resnet50", weights, kwargs)
         super().__init__(Bottleneck, [3, 4, 6, 3], **kwargs)
         if sd is not None:
             self.load_state_dict(sd, strict=True)
