@@ -1,4 +1,5 @@
-"""PyTorch's own test inputs for ``nn.BatchNorm2d``, run through ``fastres.nn.BatchNormAct2d``.
+"""PyTorch's own test inputs for ``nn.BatchNorm2d`` and ``F.batch_norm``, run through
+``fastres.nn.BatchNormAct2d`` and ``fastres.functional.batch_norm_act``.
 
 ``torch.testing._internal.common_modules.module_db`` is the table PyTorch's generic module
 tests (test/test_modules.py) take every module through: for ``nn.BatchNorm2d`` its
@@ -18,6 +19,11 @@ gradients and forward-mode AD (gradcheck/gradgradcheck, float64); factory kwargs
 ``to_empty`` and ``reset_parameters``; pickle / ``torch.save`` / deepcopy round trips;
 and every error input raising the reference's exception type with its message.
 With ``activation="relu"`` the reference is the module followed by ``torch.relu``.
+
+Likewise ``op_db``'s samples of ``nn.functional.batch_norm`` (OpInfo, the table of
+PyTorch's generic op tests; among them momentum -1.0 and eps 0.5) go through
+``batch_norm_act``: the 4-D ones give F.batch_norm's output, gradients and running
+statistics; the others (1-D to 3-D) are refused with fastres's ShapeError naming the rank.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastres.functional import batch_norm_act
 from fastres.nn import BatchNormAct2d
 
 from conftest import HAS_CUDA, run_on, targets
@@ -51,11 +58,12 @@ def _module_db():
         stub = types.ModuleType("expecttest")
         stub.TestCase = unittest.TestCase
         sys.modules["expecttest"] = stub
+    from torch.testing._internal.common_methods_invocations import op_db
     from torch.testing._internal.common_modules import ModuleErrorEnum, module_db
-    return module_db, ModuleErrorEnum
+    return module_db, ModuleErrorEnum, op_db
 
 
-MODULE_DB, ERROR_ON = _module_db()
+MODULE_DB, ERROR_ON, OP_DB = _module_db()
 INFO = next(m for m in MODULE_DB if m.module_cls is torch.nn.BatchNorm2d)
 TARGETS = targets()
 
@@ -297,3 +305,50 @@ def test_train_and_eval_differ_as_the_table_says():
     assert not torch.allclose(y_train, y_eval)
     torch.testing.assert_close(y_eval, F.batch_norm(x, ours.running_mean, ours.running_var, ours.weight, ours.bias,
                                                    False, 0.0, ours.eps))
+
+
+# ------------------------------------------------------------------ F.batch_norm's OpInfo
+BN_OP = next(o for o in OP_DB if o.name == "nn.functional.batch_norm" and not o.variant_test_name)
+
+
+def _op_samples(device="cpu"):
+    return list(BN_OP.sample_inputs(device, torch.float64, requires_grad=True))
+
+
+OP_IDS = [f"{i}-{'x'.join(map(str, s.input.shape))}-{'train' if s.kwargs.get('training') else 'eval'}"
+          for i, s in enumerate(_op_samples())]
+assert any(s.input.dim() == 4 for s in _op_samples()), "op_db has no 4-D batch_norm sample any more: look"
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+@pytest.mark.parametrize("activation", ["none", "relu"])
+@pytest.mark.parametrize("index", range(len(OP_IDS)), ids=OP_IDS)
+def test_op_db_batch_norm_samples(backend, device, index, activation):
+    sample = _op_samples(device)[index]
+    x, args, kw = sample.input, list(sample.args), dict(sample.kwargs)
+    running = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args[:2]]
+    ours_running = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args[:2]]
+    affine = [a.detach().clone().requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in args[2:4]]
+    training, momentum, eps = kw.get("training", False), kw.get("momentum", 0.1), kw.get("eps", 1e-5)
+    with run_on(backend, device):
+        if x.dim() != 4:
+            with pytest.raises(ValueError, match=f"expected input to be 4-D .* got a {x.dim()}-D tensor"):
+                batch_norm_act(x, *ours_running, *affine, training, momentum, eps, activation=activation)
+            return
+        xl = x.detach().clone().requires_grad_(True)
+        y = batch_norm_act(xl, *ours_running, *affine, training, momentum, eps, activation=activation)
+    xr = x.detach().clone().requires_grad_(True)
+    ref_affine = [a.detach().clone().requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in args[2:4]]
+    y_ref = F.batch_norm(xr, *running, *ref_affine, training=training, momentum=momentum, eps=eps)
+    if activation == "relu":
+        y_ref = torch.relu(y_ref)
+    torch.testing.assert_close(y, y_ref, **TOL[torch.float64])
+    for a, b in zip(ours_running, running):
+        if isinstance(b, torch.Tensor):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    g = torch.randn_like(y_ref)
+    y.backward(g)
+    y_ref.backward(g)
+    for name, a, b in zip(("input", "weight", "bias"), [xl] + affine, [xr] + ref_affine):
+        if isinstance(b, torch.Tensor):
+            torch.testing.assert_close(a.grad, b.grad, **TOL[torch.float64], msg=lambda m: f"{name}.grad: {m}")
