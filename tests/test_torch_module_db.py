@@ -65,7 +65,15 @@ def _module_db():
 
 MODULE_DB, ERROR_ON, OP_DB = _module_db()
 INFO = next(m for m in MODULE_DB if m.module_cls is torch.nn.BatchNorm2d)
-TARGETS = targets()
+# On a GPU (the scarce device: the quick profile's tests step has minutes for every gpu
+# test) the forward/backward cases run for channels_last + ReLU, the blocks' case, and
+# the factory kwargs; BN's GPU gradients and every layout are test_batchnorm_parity's.
+CPU_TARGETS = targets(gpu=())
+GPU_TARGETS = [t for t in targets() if t not in CPU_TARGETS]
+FWD_CASES = ([pytest.param(*t.values, layout, act, id=f"{t.id}-{layout}-{act or 'noact'}")
+              for t in CPU_TARGETS for layout in ("contiguous", "channels_last", "noncontig") for act in (None, "relu")]
+             + [pytest.param(*t.values, "channels_last", "relu", marks=t.marks, id=f"{t.id}-channels_last-relu")
+                for t in GPU_TARGETS])
 
 
 def _inputs(device="cpu", dtype=torch.float64, training=True, requires_grad=False):
@@ -138,9 +146,7 @@ def _step(mod, x, g, call):
     return y.detach(), [leaf.grad] + [p.grad for p in mod.parameters()]
 
 
-@pytest.mark.parametrize("backend,device", TARGETS)
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontig"])
-@pytest.mark.parametrize("activation", [None, "relu"], ids=["noact", "relu"])
+@pytest.mark.parametrize("backend,device,layout,activation", FWD_CASES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("desc", DESCS)
 def test_forward_backward_and_state_match_batchnorm2d(backend, device, desc, training, activation, layout):
@@ -180,8 +186,8 @@ def test_forward_backward_and_state_match_batchnorm2d(backend, device, desc, tra
 
 # The triton backend on the CPU runs under the interpreter, where one gradgradcheck of
 # these inputs takes minutes; its fp64 gradients are checked in tests/test_triton_kernels.py
-# and test_higher_order.py. On a GPU (gpu-triton) it is in.
-GRAD_TARGETS = [t for t in TARGETS if t.values != ("triton", "cpu")]
+# and test_higher_order.py (and the GPU's in test_batchnorm_parity / test_higher_order).
+GRAD_TARGETS = [t for t in CPU_TARGETS if t.values != ("triton", "cpu")]
 
 
 @pytest.mark.parametrize("backend,device", GRAD_TARGETS)
@@ -320,7 +326,7 @@ OP_IDS = [f"{i}-{'x'.join(map(str, s.input.shape))}-{'train' if s.kwargs.get('tr
 assert any(s.input.dim() == 4 for s in _op_samples()), "op_db has no 4-D batch_norm sample any more: look"
 
 
-@pytest.mark.parametrize("backend,device", TARGETS)
+@pytest.mark.parametrize("backend,device", CPU_TARGETS)
 @pytest.mark.parametrize("activation", ["none", "relu"])
 @pytest.mark.parametrize("index", range(len(OP_IDS)), ids=OP_IDS)
 def test_op_db_batch_norm_samples(backend, device, index, activation):
