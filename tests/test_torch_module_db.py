@@ -27,14 +27,16 @@ statistics; the others (1-D to 3-D) are refused with fastres's ShapeError naming
 """
 from __future__ import annotations
 
+import builtins
 import copy
-import importlib
 import inspect
 import io
+import os
 import pickle
+import subprocess
 import sys
+import tempfile
 import types
-import unittest
 
 import pytest
 import torch
@@ -47,24 +49,23 @@ from conftest import HAS_CUDA, run_on, targets
 from parity import TOL
 
 
-def _module_db():
-    """torch's module table. ``torch.testing._internal.common_utils`` imports the test-only
-    package ``expecttest`` for its TestCase base class, nothing more at import time; where
-    it is not installed (the GPU machine's stack has no such package) a stand-in with
-    ``unittest.TestCase`` is put in its place so the table still loads."""
-    try:
-        importlib.import_module("expecttest")
-    except ImportError:
-        stub = types.ModuleType("expecttest")
-        stub.TestCase = unittest.TestCase
-        sys.modules["expecttest"] = stub
-    from torch.testing._internal.common_methods_invocations import op_db
-    from torch.testing._internal.common_modules import ModuleErrorEnum, module_db
-    return module_db, ModuleErrorEnum, op_db
+def _load_tables():
+    """The tables, built by tests/torch_tables.py in a child process (importing
+    torch.testing._internal here would freeze torch.backends flags, replace the suite's
+    hypothesis profile and patch TorchScript for every later test)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "tables.pt")
+        r = subprocess.run([sys.executable, os.path.join(here, "torch_tables.py"), out],
+                           capture_output=True, text=True, timeout=600)
+        if r.returncode:
+            raise RuntimeError(f"tests/torch_tables.py failed ({r.returncode}):\n{r.stderr[-3000:]}")
+        tables = torch.load(out, weights_only=True)
+    assert tables["torch"] == torch.__version__, (tables["torch"], torch.__version__)
+    return tables
 
 
-MODULE_DB, ERROR_ON, OP_DB = _module_db()
-INFO = next(m for m in MODULE_DB if m.module_cls is torch.nn.BatchNorm2d)
+TABLES = _load_tables()
 # On a GPU (the scarce device: the quick profile's tests step has minutes for every gpu
 # test) the forward/backward cases run for channels_last + ReLU, the blocks' case, and
 # the factory kwargs; BN's GPU gradients and every layout are test_batchnorm_parity's.
@@ -76,12 +77,7 @@ FWD_CASES = ([pytest.param(*t.values, layout, act, id=f"{t.id}-{layout}-{act or 
                 for t in GPU_TARGETS])
 
 
-def _inputs(device="cpu", dtype=torch.float64, training=True, requires_grad=False):
-    return INFO.module_inputs_func(INFO, device=device, dtype=dtype, requires_grad=requires_grad,
-                                   training=training)
-
-
-DESCS = [mi.desc or "default" for mi in _inputs()]
+DESCS = [row["desc"] for row in TABLES["module_inputs"][True]]
 # The table changed shape if these fail: look at it. torch 2.11's has six cases; 2.14 adds
 # "affine_not_bias" with BatchNorm2d's new ``bias=`` argument.
 assert len(set(DESCS)) == len(DESCS), DESCS
@@ -90,9 +86,11 @@ assert ("affine_not_bias" in DESCS) == ("bias" in inspect.signature(torch.nn.Bat
 
 
 def _case(desc, device, dtype, training):
-    for mi in _inputs(device, dtype, training):
-        if (mi.desc or "default") == desc:
-            return mi
+    """module_db's input ``desc``: constructor ``args``/``kwargs`` and the forward ``input``."""
+    for row in TABLES["module_inputs"][training]:
+        if row["desc"] == desc:
+            return types.SimpleNamespace(desc=desc, args=list(row["args"]), kwargs=dict(row["kwargs"]),
+                                         input=row["input"].to(device=device, dtype=dtype))
     raise KeyError(desc)
 
 
@@ -111,7 +109,7 @@ def _randomise(bn: torch.nn.BatchNorm2d, gen: torch.Generator) -> None:
 
 
 def _pair(mi, device, dtype, activation, training):
-    args, kwargs = mi.constructor_input.args, dict(mi.constructor_input.kwargs)
+    args, kwargs = mi.args, dict(mi.kwargs)
     ref = torch.nn.BatchNorm2d(*args, **kwargs, device=device, dtype=dtype)
     ours = BatchNormAct2d(*args, **kwargs, activation=activation, device=device, dtype=dtype)
     _randomise(ref, torch.Generator().manual_seed(7))
@@ -156,7 +154,7 @@ def test_forward_backward_and_state_match_batchnorm2d(backend, device, desc, tra
     dtype = torch.float64
     mi = _case(desc, device, dtype, training)
     ref, ours = _pair(mi, device, dtype, activation, training)
-    x0 = mi.forward_input.args[0].detach()
+    x0 = mi.input.detach()
     gen = torch.Generator().manual_seed(11)
     with run_on(backend, device):
         for step in range(2):
@@ -199,7 +197,7 @@ def test_gradcheck_gradgradcheck_forward_ad(backend, device, desc, training, act
     parameter, reverse and forward mode, first and second order, float64."""
     mi = _case(desc, device, torch.float64, training)
     _, ours = _pair(mi, device, torch.float64, activation, training)
-    x = mi.forward_input.args[0].detach().clone().requires_grad_(True)
+    x = mi.input.detach().clone().requires_grad_(True)
     names = [n for n, _ in ours.named_parameters()]
     params = [p.detach().clone().requires_grad_(True) for p in ours.parameters()]
 
@@ -219,7 +217,7 @@ def test_factory_kwargs(desc, device, dtype):
     """Every floating parameter and buffer is created on the requested device with the
     requested dtype; the rest (num_batches_tracked) as the reference makes it."""
     mi = _case(desc, "cpu", torch.float64, True)
-    args, kwargs = mi.constructor_input.args, dict(mi.constructor_input.kwargs)
+    args, kwargs = mi.args, dict(mi.kwargs)
     ref = torch.nn.BatchNorm2d(*args, **kwargs, device=device, dtype=dtype)
     ours = BatchNormAct2d(*args, **kwargs, device=device, dtype=dtype)
     theirs = {n: (t.device, t.dtype, tuple(t.shape)) for n, t in list(ref.named_parameters()) + list(ref.named_buffers())}
@@ -234,7 +232,7 @@ def test_meta_init_to_empty_reset_parameters(desc):
     """Built on the meta device, materialised with ``to_empty`` and re-initialised with
     ``reset_parameters``: the state of a module built directly on the CPU."""
     mi = _case(desc, "cpu", torch.float64, True)
-    args, kwargs = mi.constructor_input.args, dict(mi.constructor_input.kwargs)
+    args, kwargs = mi.args, dict(mi.kwargs)
     ours = BatchNormAct2d(*args, **kwargs, activation=None, device="meta")
     assert all(t.is_meta for t in ours.state_dict().values())
     ours = ours.to_empty(device="cpu")
@@ -243,7 +241,7 @@ def test_meta_init_to_empty_reset_parameters(desc):
     assert ours.state_dict().keys() == fresh.state_dict().keys()
     for k, v in fresh.state_dict().items():
         assert torch.equal(ours.state_dict()[k], v), k
-    x = mi.forward_input.args[0].float()
+    x = mi.input.float()
     torch.testing.assert_close(ours.eval()(x), fresh.eval()(x))
 
 
@@ -254,7 +252,7 @@ def test_save_load_pickle_deepcopy(desc, training):
     and deep-copied, computes what the original computes and keeps its class and settings."""
     mi = _case(desc, "cpu", torch.float64, training)
     _, ours = _pair(mi, "cpu", torch.float64, "relu", training)
-    x = mi.forward_input.args[0].detach()
+    x = mi.input.detach()
     y = ours(x)
     buf = io.BytesIO()
     torch.save(ours, buf)
@@ -262,7 +260,7 @@ def test_save_load_pickle_deepcopy(desc, training):
     sd = io.BytesIO()
     torch.save(ours.state_dict(), sd)
     sd.seek(0)
-    fresh = BatchNormAct2d(*mi.constructor_input.args, **mi.constructor_input.kwargs, activation="relu",
+    fresh = BatchNormAct2d(*mi.args, **mi.kwargs, activation="relu",
                            dtype=torch.float64).train(training)
     fresh.load_state_dict(torch.load(sd, weights_only=True))
     clones = {"pickle": pickle.loads(pickle.dumps(ours)), "deepcopy": copy.deepcopy(ours),
@@ -285,27 +283,26 @@ def test_error_inputs_raise_like_batchnorm2d(training):
     (the table still holds). In eval torch 2.14's own BatchNorm2d words a negative eps
     differently ("non-negative") and lets eps=0 through; fastres refuses both with the
     table's message in either mode, on every torch it supports (tests/test_compat.py)."""
-    errs = list(INFO.module_error_inputs_func(INFO, device="cpu", dtype=torch.float32, requires_grad=False,
-                                              training=training))
+    errs = TABLES["error_inputs"][training]
     assert errs, "the table lists no error inputs for BatchNorm2d"
     for err in errs:
-        mi = err.module_error_input
-        args, kwargs = mi.constructor_input.args, mi.constructor_input.kwargs
+        args, kwargs = err["args"], err["kwargs"]
+        etype = getattr(builtins, err["error_type"])
         ref = ((torch.nn.BatchNorm2d, {}),) if training else ()
         for cls, extra in ref + ((BatchNormAct2d, {"activation": None}), (BatchNormAct2d, {"activation": "relu"})):
-            with pytest.raises(err.error_type, match=err.error_regex):
+            with pytest.raises(etype, match=err["error_regex"]):
                 m = cls(*args, **kwargs, **extra)
-                assert err.error_on != ERROR_ON.CONSTRUCTION_ERROR, f"{cls.__name__}{kwargs}: no error at construction"
-                m.train(training)(*mi.forward_input.args, **mi.forward_input.kwargs)
+                assert err["error_on"] != "construction", f"{cls.__name__}{kwargs}: no error at construction"
+                m.train(training)(err["input"])
 
 
 def test_train_and_eval_differ_as_the_table_says():
     """The table marks BatchNorm2d ``train_and_eval_differ``: so must fastres be (batch
     statistics in train, running statistics in eval)."""
-    assert INFO.train_and_eval_differ
+    assert TABLES["train_and_eval_differ"]
     mi = _case("default", "cpu", torch.float64, True)
     _, ours = _pair(mi, "cpu", torch.float64, None, True)
-    x = mi.forward_input.args[0].detach()
+    x = mi.input.detach()
     y_train = ours(x)
     y_eval = ours.eval()(x)
     assert not torch.allclose(y_train, y_eval)
@@ -314,24 +311,22 @@ def test_train_and_eval_differ_as_the_table_says():
 
 
 # ------------------------------------------------------------------ F.batch_norm's OpInfo
-BN_OP = next(o for o in OP_DB if o.name == "nn.functional.batch_norm" and not o.variant_test_name)
-
-
 def _op_samples(device="cpu"):
-    return list(BN_OP.sample_inputs(device, torch.float64, requires_grad=True))
+    """op_db's F.batch_norm samples: (input, [running_mean, running_var, weight, bias], kwargs)."""
+    return [(s["input"].to(device), [a.to(device) if isinstance(a, torch.Tensor) else a for a in s["args"]],
+             dict(s["kwargs"])) for s in TABLES["op_samples"]]
 
 
-OP_IDS = [f"{i}-{'x'.join(map(str, s.input.shape))}-{'train' if s.kwargs.get('training') else 'eval'}"
-          for i, s in enumerate(_op_samples())]
-assert any(s.input.dim() == 4 for s in _op_samples()), "op_db has no 4-D batch_norm sample any more: look"
+OP_IDS = [f"{i}-{'x'.join(map(str, x.shape))}-{'train' if kw.get('training') else 'eval'}"
+          for i, (x, _, kw) in enumerate(_op_samples())]
+assert any(x.dim() == 4 for x, _, _ in _op_samples()), "op_db has no 4-D batch_norm sample any more: look"
 
 
 @pytest.mark.parametrize("backend,device", CPU_TARGETS)
 @pytest.mark.parametrize("activation", ["none", "relu"])
 @pytest.mark.parametrize("index", range(len(OP_IDS)), ids=OP_IDS)
 def test_op_db_batch_norm_samples(backend, device, index, activation):
-    sample = _op_samples(device)[index]
-    x, args, kw = sample.input, list(sample.args), dict(sample.kwargs)
+    x, args, kw = _op_samples(device)[index]
     running = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args[:2]]
     ours_running = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args[:2]]
     affine = [a.detach().clone().requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in args[2:4]]
@@ -358,3 +353,12 @@ def test_op_db_batch_norm_samples(backend, device, index, activation):
     for name, a, b in zip(("input", "weight", "bias"), [xl] + affine, [xr] + ref_affine):
         if isinstance(b, torch.Tensor):
             torch.testing.assert_close(a.grad, b.grad, **TOL[torch.float64], msg=lambda m: f"{name}.grad: {m}")
+
+
+def test_the_tables_leave_this_process_alone():
+    """The tables come from a child process: torch.testing._internal, which freezes
+    torch.backends flags and loads its own hypothesis profile on import, is never
+    imported into the test process."""
+    mods = ("common_utils", "common_modules", "common_methods_invocations", "common_device_type")
+    assert not [m for m in mods if f"torch.testing._internal.{m}" in sys.modules]
+    assert not torch.backends.flags_frozen()
