@@ -188,8 +188,10 @@ def test_forward_backward_and_state_match_batchnorm2d(backend, device, desc, tra
 GRAD_TARGETS = [t for t in CPU_TARGETS if t.values != ("triton", "cpu")]
 
 
+# With ReLU only (the fused op's full path; without it, test_higher_order's
+# test_bn_no_act_no_residual_gradgradcheck): each case is ~1 s of the CI budget.
 @pytest.mark.parametrize("backend,device", GRAD_TARGETS)
-@pytest.mark.parametrize("activation", [None, "relu"], ids=["noact", "relu"])
+@pytest.mark.parametrize("activation", ["relu"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("desc", DESCS)
 def test_gradcheck_gradgradcheck_forward_ad(backend, device, desc, training, activation):
