@@ -278,15 +278,20 @@ class Case:
                 f"-{'aff' if self.affine else 'noaff'}-{'trs' if self.track else 'notrs'}")
 
 
-def _randomize(bn: nn.BatchNorm2d, gen: torch.Generator) -> None:
+def randomize_bn(bn: nn.BatchNorm2d, gen: torch.Generator) -> None:
+    """weight, bias, running mean and var drawn from ``gen`` (in that order; an absent one,
+    e.g. the bias of ``bias=False``, draws nothing), num_batches_tracked 3."""
     c = bn.num_features
+    draws = (("weight", lambda: torch.rand(c, dtype=torch.float64, generator=gen) + 0.5),
+             ("bias", lambda: torch.randn(c, dtype=torch.float64, generator=gen)),
+             ("running_mean", lambda: torch.randn(c, dtype=torch.float64, generator=gen) * 0.3),
+             ("running_var", lambda: torch.rand(c, dtype=torch.float64, generator=gen) + 0.5))
     with torch.no_grad():
-        if bn.affine:
-            bn.weight.copy_(torch.rand(c, dtype=torch.float64, generator=gen) + 0.5)
-            bn.bias.copy_(torch.randn(c, dtype=torch.float64, generator=gen))
-        if bn.track_running_stats:
-            bn.running_mean.copy_(torch.randn(c, dtype=torch.float64, generator=gen) * 0.3)
-            bn.running_var.copy_(torch.rand(c, dtype=torch.float64, generator=gen) + 0.5)
+        for name, draw in draws:
+            t = getattr(bn, name)
+            if t is not None:
+                t.copy_(draw())
+        if bn.num_batches_tracked is not None:
             bn.num_batches_tracked.fill_(3)
 
 
@@ -294,7 +299,7 @@ def make_pair(case: Case, gen: torch.Generator, device="cpu"):
     c = case.shape[1]
     kw = dict(eps=case.eps, momentum=case.momentum, affine=case.affine, track_running_stats=case.track)
     ref = nn.BatchNorm2d(c, **kw).to(device=device, dtype=case.pdtype)
-    _randomize(ref, gen)
+    randomize_bn(ref, gen)
     ours = BatchNormAct2d(c, activation=case.activation, **kw).to(device=device, dtype=case.pdtype)
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ref, ours

@@ -46,7 +46,7 @@ from fastres.functional import batch_norm_act
 from fastres.nn import BatchNormAct2d
 
 from conftest import HAS_CUDA, run_on, targets
-from parity import TOL
+from parity import TOL, randomize_bn
 
 
 def _load_tables():
@@ -94,25 +94,11 @@ def _case(desc, device, dtype, training):
     raise KeyError(desc)
 
 
-def _randomise(bn: torch.nn.BatchNorm2d, gen: torch.Generator) -> None:
-    c = bn.num_features
-    with torch.no_grad():
-        for name, make in (("weight", lambda: torch.rand(c, generator=gen, dtype=torch.float64) + 0.5),
-                           ("bias", lambda: torch.randn(c, generator=gen, dtype=torch.float64)),
-                           ("running_mean", lambda: 0.3 * torch.randn(c, generator=gen, dtype=torch.float64)),
-                           ("running_var", lambda: torch.rand(c, generator=gen, dtype=torch.float64) + 0.5)):
-            t = getattr(bn, name, None)
-            if t is not None:
-                t.copy_(make())
-        if bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.fill_(3)
-
-
 def _pair(mi, device, dtype, activation, training):
     args, kwargs = mi.args, dict(mi.kwargs)
     ref = torch.nn.BatchNorm2d(*args, **kwargs, device=device, dtype=dtype)
     ours = BatchNormAct2d(*args, **kwargs, activation=activation, device=device, dtype=dtype)
-    _randomise(ref, torch.Generator().manual_seed(7))
+    randomize_bn(ref, torch.Generator().manual_seed(7))
     ours.load_state_dict(ref.state_dict(), strict=True)
     assert [n for n, _ in ours.named_parameters()] == [n for n, _ in ref.named_parameters()]
     assert [n for n, _ in ours.named_buffers()] == [n for n, _ in ref.named_buffers()]
