@@ -8,7 +8,7 @@
 #   FASTRES_GPU_DRY_RUN=1 bash benchmarks/run_gpu.sh OUT quick   # the same steps, tiny, on the CPU
 #
 # quick steps, in this order:
-#   env        versions, GPU, nvcc, CPUs                                       (timeout 60 s)
+#   env        versions, GPU, nvcc, CPUs                                       (timeout 180 s)
 #   build      pip install --no-build-isolation --no-deps -e . for THIS GPU's arch only
 #              (TORCH_CUDA_ARCH_LIST from torch.cuda.get_device_capability, MAX_JOBS=nproc) (300 s)
 #   info       python -m fastres info (+ --json); fails when cuda or triton is unavailable (90 s)
@@ -292,26 +292,28 @@ run_shards() {  # run_shards STEP N LOGDIR PY PYTEST-ARGS...
 export -f run_shards
 
 env_report() {  # env_report PY — versions and machine, `key: value` lines (gpu_summary.py reads them)
-    local PY="$1"
+    # Every probe has its own time limit and the versions come from package metadata, not
+    # imports (only torch is imported): a slow or hung probe (a cold disk, an nvidia-smi
+    # without a driver) costs its own line, never the step (CI once saw the step pass 60 s).
+    local PY="$1" rc
     echo "date: $(date -Is)"
     echo "host: $(uname -srm)"
     echo "cpus: $(env -u OMP_NUM_THREADS nproc)"
     echo "git: $(git rev-parse HEAD 2>/dev/null || echo not a git checkout)"
-    echo "nvcc: $(nvcc --version 2>/dev/null | sed -n 's/.*release \([0-9.]*\).*/\1/p' | head -1)"
-    "$PY" - <<'EOF'
-import importlib, importlib.metadata as md, platform
-print(f"python: {platform.python_version()}")
-for m in ("torch", "torchvision", "triton", "numpy", "pytest", "pytest_benchmark", "hypothesis", "matplotlib"):
-    try:
-        print(f"{m}: {importlib.import_module(m).__version__}")
-    except Exception as e:
-        print(f"{m}: missing ({type(e).__name__})")
-for d in ("pip", "setuptools", "ninja", "pytest-xdist", "pytest-timeout", "tqdm", "psutil"):
+    echo "nvcc: $(timeout 20 nvcc --version 2>/dev/null | sed -n 's/.*release \([0-9.]*\).*/\1/p' | head -1)"
+    timeout 120 "$PY" - <<'EOF'
+import importlib.metadata as md, platform
+print(f"python: {platform.python_version()}", flush=True)
+for m, d in (("torch", "torch"), ("torchvision", "torchvision"), ("triton", "triton"), ("numpy", "numpy"),
+             ("pytest", "pytest"), ("pytest_benchmark", "pytest-benchmark"), ("hypothesis", "hypothesis"),
+             ("matplotlib", "matplotlib"), ("pip", "pip"), ("setuptools", "setuptools"), ("ninja", "ninja"),
+             ("pytest_xdist", "pytest-xdist"), ("pytest_timeout", "pytest-timeout"), ("tqdm", "tqdm"),
+             ("psutil", "psutil")):
     try:
         v = md.version(d)
     except Exception:
         v = "missing"
-    print(f"{d.replace('-', '_')}: {v}")
+    print(f"{m}: {v}", flush=True)
 import torch
 print(f"cuda_runtime: {torch.version.cuda}")
 print(f"cudnn: {torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}")
@@ -321,13 +323,15 @@ if torch.cuda.is_available():
 else:
     print("gpu: none (CUDA not available)")
 EOF
+    rc=$?
     echo "free: $(free -g 2>/dev/null | awk '/Mem:/{print $2" GiB total, "$7" GiB available"}')"
-    echo; echo "== nvidia-smi"; nvidia-smi 2>&1 || echo "(no nvidia-smi)"
+    echo; echo "== nvidia-smi"; timeout 30 nvidia-smi 2>&1 || echo "(no nvidia-smi, or it failed or timed out)"
+    return $rc
 }
 export -f env_report
 
 do_env() {
-    run_step env 60 bash -c 'env_report "$1" | tee "$2"; exit ${PIPESTATUS[0]}' _ "$PY" "$LOGS/env.txt"
+    run_step env 180 bash -c 'env_report "$1" | tee "$2"; exit ${PIPESTATUS[0]}' _ "$PY" "$LOGS/env.txt"
 }
 
 do_build() {
