@@ -20,25 +20,10 @@ import json
 import sys
 from typing import List, Optional
 
+from ._argtypes import nonneg_int as _nonneg_int, positive_int as _positive_int
+
 DTYPES = ("fp32", "bf16", "fp16")
 MODES = ("train", "infer", "both")
-
-
-def _int_at_least(low: int, what: str):
-    """An argparse type: an integer >= ``low``, else ``expected WHAT, got ...``."""
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if v < low:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
-        return v
-    return parse
-
-
-_positive_int = _int_at_least(1, "a positive integer")  # also paper's
-_nonneg_int = _int_at_least(0, "an integer >= 0")
 
 
 def _model_name(text: str) -> str:

@@ -50,7 +50,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .cli import _positive_int
+from ._argtypes import positive_float as _pos_float, positive_int as _positive_int
 
 Tensor = torch.Tensor
 
@@ -301,16 +301,6 @@ def _data_spec(text: str) -> str:
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
-
-
-def _pos_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = -1.0
-    if not v > 0 or not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return v
 
 
 def add_paper_parser(sub) -> argparse.ArgumentParser:

@@ -7,10 +7,12 @@ on a timing: benchmarks measure, tests assert.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import importlib.util
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -19,7 +21,7 @@ import pytest
 import torch
 
 import fastres
-from fastres import backends, bench, check, cli, ops
+from fastres import _argtypes as argtypes, backends, bench, check, cli, ops
 
 from conftest import require_backend
 
@@ -91,6 +93,31 @@ def test_bad_arguments_exit_2(argv, capsys):
         cli.main(argv)
     assert e.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("parse, text, message", [
+    (argtypes.positive_int, "0", "expected a positive integer, got 0"),
+    (argtypes.positive_int, "2.5", "expected a positive integer, got '2.5'"),
+    (argtypes.nonneg_int, "-1", "expected an integer >= 0, got -1"),
+    (argtypes.positive_float, "0", "expected a positive number, got '0'"),
+    (argtypes.positive_float, "nan", "expected a positive number, got 'nan'"),
+    (argtypes.positive_float, "-inf", "expected a positive number, got '-inf'"),
+    (argtypes.positive_float, "lr", "expected a positive number, got 'lr'"),
+])
+def test_argument_types_say_what_they_expected_and_got(parse, text, message):
+    with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)):
+        parse(text)
+
+
+def test_argument_types_accept():
+    assert argtypes.positive_int("3") == 3 and argtypes.nonneg_int("0") == 0
+    assert argtypes.positive_float("0.1") == 0.1 and argtypes.positive_float("1e-3") == 1e-3
+
+
+def test_bad_argument_message_reaches_the_user(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--batch-size", "0"])
+    assert "argument --batch-size: expected a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_check_rejects_unknown_case_and_dtype(capsys):

@@ -25,7 +25,7 @@ LAYERS = (
     ("fold", ("fastres.fold",)),
     ("nn", ("fastres.nn",)),
     ("models", ("fastres.models",)),
-    ("top", ("fastres", "fastres.__main__", "fastres.cli", "fastres.check", "fastres.bench", "fastres.paper",
+    ("top", ("fastres", "fastres.__main__", "fastres.cli", "fastres._argtypes", "fastres.check", "fastres.bench", "fastres.paper",
              "fastres.convert", "fastres.training", "fastres.inference")),
 )
 RANK = {name: i for i, (name, _) in enumerate(LAYERS)}

@@ -245,6 +245,9 @@ def test_shortcuts_command_on_fake_cifar10(tmp_path, capsys):
     ["paper", "shortcuts", "--options", "A,D"],
     ["paper", "shortcuts", "--depth", "20,56"],
     ["paper", "degradation", "--lr", "-1"],
+    ["paper", "degradation", "--lr", "nan"],
+    ["paper", "degradation", "--lr", "inf"],
+    ["paper", "degradation", "--epochs", "0"],
 ])
 def test_bad_arguments_are_refused(argv, capsys):
     with pytest.raises(SystemExit) as e:
