@@ -75,13 +75,15 @@ GP              := $(GPUSTACK_VENV)/bin/python
 # (forward/backward kernels under Triton 3.6's interpreter, blocks, higher-order autograd),
 # drop-in (TorchScript, fx, export/ONNX), torch 2.11's own module_db / op_db cases for
 # BatchNorm2d and F.batch_norm, the CPU eval plan, checkpointing, and every
-# Triton kernel compiled for sm_90/sm_80 by Triton 3.6 itself (tools/aot_compile.py --quick).
+# Triton kernel compiled for sm_90/sm_80 by Triton 3.6 itself (tools/aot_compile.py --quick);
+# every interpreted kernel bounds-checked by Triton 3.6's interpreter patch (tests/triton_bounds.py).
 GPUSTACK_TESTS  ?= tests/test_compat.py tests/test_batchnorm_parity.py tests/test_triton_kernels.py \
                    tests/test_blocks.py tests/test_models.py tests/test_fold.py tests/test_validation.py \
                    tests/test_ops_registration.py tests/test_conv_act.py tests/test_conv_bwd_kernels.py \
                    tests/test_fused_conv_blocks.py tests/test_conv_higher_order.py tests/test_higher_order.py \
                    tests/test_dropin.py tests/test_inference.py tests/test_saving.py tests/test_checkpointing.py \
-                   tests/test_aot_compile.py tests/test_conv_aten_backends.py tests/test_torch_module_db.py
+                   tests/test_aot_compile.py tests/test_conv_aten_backends.py tests/test_torch_module_db.py \
+                   tests/test_triton_bounds.py
 # Left out (the main leg runs them on 2.14): inductor compiles, the Triton gradchecks
 # (test_triton_kernels checks those gradients in fp64), the big archs in fp64 / fp32.
 GPUSTACK_PYTEST ?= -m "not slow" -k "not inductor and not (gradcheck_functional and triton) \

@@ -139,6 +139,26 @@ def affine_act_backward(grad_y: Tensor, x: Tensor, y: Tensor, scale: Optional[Te
     return grad_x, grad_z, grad_scale, grad_shift
 
 
+def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int) -> Tensor:
+    """``F.conv2d``, except a strided 1x1 convolution without padding on the CPU, which is
+    the stride-1 1x1 convolution of the subsampled input ``x[:, :, ::s, ::s]`` (the same
+    products and sums; autograd scatters the input gradient back). oneDNN's own strided
+    1x1 weight gradient corrupts the heap (one thread) or returns wrong weights or hangs
+    (more threads) where there are fewer input channels per group than its channel block
+    in channels_last (oneDNN issue #6035, in torch 2.14.1's oneDNN); the stride-1 form
+    takes another path. Only where the weight gradient will be taken (the forward alone is
+    sound, and stays F.conv2d's bit for bit). (fastres.conv_ops's explicit backward too.)"""
+    stride, padding = _pair(stride), _pair(padding)
+    if (x.device.type == "cpu" and weight.shape[2] == 1 and weight.shape[3] == 1 and padding == [0, 0]
+            and (stride[0] > 1 or stride[1] > 1) and weight.requires_grad and torch.is_grad_enabled()):
+        return F.conv2d(x[:, :, ::stride[0], ::stride[1]], weight, bias, 1, 0, 1, groups)
+    return F.conv2d(x, weight, bias, stride, padding, _pair(dilation), groups)
+
+
+def _pair(v) -> list:
+    return [int(v), int(v)] if isinstance(v, int) else [int(e) for e in v]
+
+
 def conv2d_act_composite(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
                          in_shift: Optional[Tensor], residual: Optional[Tensor], stride, padding, dilation,
                          groups: int, in_relu: bool, relu: bool, stats: bool) -> Tuple[Tensor, Tensor, Tensor]:
@@ -155,7 +175,7 @@ def conv2d_act_composite(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_s
     u = x
     if in_scale is not None or in_shift is not None or in_relu:
         u = _affine_act_acc(x.to(acc), in_scale, in_shift, None, in_relu).to(x.dtype)
-    y = F.conv2d(u, weight, None, list(stride), list(padding), list(dilation), groups)
+    y = conv2d(u, weight, None, stride, padding, dilation, groups)
     if bias is not None or residual is not None or relu:
         y = _affine_act_acc(y.to(acc), None, bias, residual, relu).to(x.dtype)
     if not stats:

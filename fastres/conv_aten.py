@@ -29,11 +29,10 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import backends, ops
-from ._reference import acc_dtype, memory_format_of
+from ._reference import acc_dtype, conv2d, memory_format_of
 
 Tensor = torch.Tensor
 
@@ -202,12 +201,12 @@ def epilogue_conv2d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], resid
     in fp32 by the epilogue. Any device; differentiable. ``y`` in x's memory format."""
     dtype = x.dtype
     if dtype in (torch.float32, torch.float64):
-        y = F.conv2d(x, weight, None if bias is None else bias.to(dtype), stride, padding, dilation, groups)
+        y = conv2d(x, weight, None if bias is None else bias.to(dtype), stride, padding, dilation, groups)
         shift = None
         if residual is None and not relu:
             return _in_format(y, x)
     else:
-        y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+        y = conv2d(x, weight, None, stride, padding, dilation, groups)
         shift = None if bias is None else bias.to(acc_dtype(dtype))
         if shift is None and residual is None and not relu:
             return _in_format(y, x)

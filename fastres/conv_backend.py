@@ -46,7 +46,6 @@ import contextlib
 import os
 import re
 import warnings
-from functools import lru_cache
 from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
 import torch
@@ -80,7 +79,7 @@ def set_conv(name: Optional[str]) -> Optional[str]:
     global _override
     prev = _override
     _override = None if name is None else _check(name)
-    _resolve.cache_clear()
+    _clear_resolved()
     return prev
 
 
@@ -100,9 +99,27 @@ def requested_conv() -> str:
     return _check(os.environ.get("FASTRES_CONV", "auto"))
 
 
-@lru_cache(maxsize=None)
+_RESOLVED: Dict[Tuple[str, str], Tuple[str, str, Optional[str]]] = {}
+
+
 def _resolve(requested: str, device_type: str) -> Tuple[str, str, Optional[str]]:
-    """(path, reason, fallback warning or None); path is ``aten``, ``fused`` or ``cudnn``."""
+    """(path, reason, fallback warning or None); path is ``aten``, ``fused`` or ``cudnn``.
+    Remembered per (requested, device type) in a plain dict, as backends._resolve: Dynamo
+    reads it inside a compiled forward (an lru_cache wrapper it ignores, and warns about)."""
+    key = (requested, device_type)
+    hit = _RESOLVED.get(key)
+    if hit is None:
+        hit = _resolve_uncached(requested, device_type)
+        if not torch.compiler.is_compiling():
+            _RESOLVED[key] = hit
+    return hit
+
+
+def _clear_resolved() -> None:
+    _RESOLVED.clear()
+
+
+def _resolve_uncached(requested: str, device_type: str) -> Tuple[str, str, Optional[str]]:
     if requested == "aten":
         return "aten", "FASTRES_CONV/set_conv: aten", None
     if requested == "cudnn":  # issue 11: cuDNN's fused-conv graphs (fastres/cudnn.py)
@@ -287,7 +304,7 @@ def set_choice_table(table: Optional[dict]) -> Optional[dict]:
     _table_override = table
     _slug_cache.clear()
     _fuses_any_cache.clear()
-    _resolve.cache_clear()
+    _clear_resolved()
     return prev
 
 

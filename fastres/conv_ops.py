@@ -118,6 +118,34 @@ def _grad_conv_out(grad_y: Tensor, grad_mean: Optional[Tensor], grad_var: Option
     return g.contiguous(memory_format=memory_format_of(x))
 
 
+def _convolution_backward(dz: Tensor, u: Tensor, weight: Tensor, stride: List[int], padding: List[int],
+                          dilation: List[int], groups: int, need_u: bool, need_w: bool) -> Tuple[Tensor, Tensor]:
+    """aten's ``convolution_backward`` (input and weight gradients), except for a strided
+    1x1 convolution without padding on the CPU: that is the stride-1 1x1 convolution of
+    the subsampled input ``u[:, :, ::s, ::s]`` (the same products and sums), and its
+    gradients are taken in that form. oneDNN's strided 1x1 weight gradient (its "rtus"
+    path, channels_last, fewer input channels per group than its channel block: 8 with
+    AVX2, 16 with AVX-512) writes past its workspace -- heap corruption with one thread,
+    and hangs or wrong weight gradients with more (oneDNN issue #6035, open; torch 2.14.1
+    ships it: tests/test_conv_act.py::test_strided_1x1_weight_grad_single_thread)."""
+    kh, kw = weight.shape[2], weight.shape[3]
+    if (need_w and u.device.type == "cpu" and kh == 1 and kw == 1 and not any(padding)
+            and any(s > 1 for s in stride) and u.shape[2] > 0 and u.shape[3] > 0):
+        sh, sw = stride
+        us = u[:, :, ::sh, ::sw].contiguous(memory_format=memory_format_of(u))
+        gus, gw, _ = torch.ops.aten.convolution_backward(
+            dz, us, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], groups, [need_u, need_w, False])
+        gu = None
+        if need_u:
+            gu = u.new_zeros(u.shape).contiguous(memory_format=memory_format_of(u))
+            gu[:, :, ::sh, ::sw] = gus
+        return gu, gw
+    gu, gw, _ = torch.ops.aten.convolution_backward(
+        dz, u, weight, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
+        [need_u, need_w, False])
+    return gu, gw
+
+
 def conv2d_act_backward_aten(grad_y: Tensor, grad_mean: Optional[Tensor], grad_var: Optional[Tensor],
                              x: Tensor, weight: Tensor, in_scale: Optional[Tensor], in_shift: Optional[Tensor],
                              y: Optional[Tensor], mean: Optional[Tensor], stride: List[int], padding: List[int],
@@ -139,9 +167,7 @@ def conv2d_act_backward_aten(grad_y: Tensor, grad_mean: Optional[Tensor], grad_v
     grad_w = weight.new_empty((0,))
     if need_u or need_w:
         u = prologue(x, in_scale, in_shift, in_relu)
-        gu, gw, _ = torch.ops.aten.convolution_backward(
-            dz, u, weight, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
-            [need_u, need_w, False])
+        gu, gw = _convolution_backward(dz, u, weight, stride, padding, dilation, groups, need_u, need_w)
         if need_w:
             grad_w = gw.contiguous()
         if need_u:

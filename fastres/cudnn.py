@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import threading
 import warnings
-from functools import lru_cache
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -83,9 +82,17 @@ _warned: set = set()
 
 
 # ----------------------------------------------------------------------------- availability
-@lru_cache(maxsize=None)
+_BUILT: list = []  # [(ok, reason)] once probed: a plain list Dynamo reads (no lru_cache)
+
+
 def built() -> Tuple[bool, str]:
     """Was ``fastres._C`` built with the cuDNN graphs? (ok, reason)."""
+    if not _BUILT:
+        _BUILT.append(_probe_built())
+    return _BUILT[0]
+
+
+def _probe_built() -> Tuple[bool, str]:
     loaded, has_cuda, msg = backends._C_status()
     if not loaded:
         return False, msg

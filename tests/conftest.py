@@ -31,6 +31,13 @@ import fastres  # noqa: E402
 from fastres import backends  # noqa: E402
 
 import run_control  # noqa: E402  (tests/ is on sys.path, as for parity.py)
+import triton_bounds  # noqa: E402
+
+# Every load/store of an interpreted Triton kernel is checked against its tensor
+# arguments' storages (tests/triton_bounds.py): an out-of-bounds access fails the test
+# that made it instead of corrupting the heap (FASTRES_TRITON_BOUNDS=0: unchecked).
+TRITON_BOUNDS = (os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("FASTRES_TRITON_BOUNDS", "1") != "0"
+                 and triton_bounds.install())
 
 HAS_CUDA = torch.cuda.is_available()
 _JIT = {"n": 0, "s": 0.0}

@@ -390,7 +390,7 @@ def test_compile_fullgraph(family):
 # ----------------------------------------------------------------------------- choice
 def test_conv_choice_env_switch_and_info(monkeypatch):
     monkeypatch.setenv("FASTRES_CONV", "aten")
-    conv_backend._resolve.cache_clear()
+    conv_backend._clear_resolved()
     assert conv_backend.conv_for(torch.device("cpu")) == "aten"
     monkeypatch.setenv("FASTRES_CONV", "auto")
     assert conv_backend.conv_for(torch.device("cpu")) == "aten"  # auto: aten on the CPU
@@ -412,7 +412,7 @@ def test_conv_choice_env_switch_and_info(monkeypatch):
 
 def test_fused_unavailable_warns_once_and_falls_back(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # triton cannot run on the CPU then
-    conv_backend._resolve.cache_clear()
+    conv_backend._clear_resolved()
     conv_backend._warned.clear()
     try:
         with fastres.use_conv("fused"):
@@ -423,7 +423,7 @@ def test_fused_unavailable_warns_once_and_falls_back(monkeypatch):
                 conv2d_act(x, torch.randn(2, 2, 1, 1))
     finally:
         monkeypatch.undo()
-        conv_backend._resolve.cache_clear()
+        conv_backend._clear_resolved()
     msgs = [str(w.message) for w in rec if "fused conv is unavailable" in str(w.message)]
     assert len(msgs) == 1, msgs
     assert y.shape == (1, 2, 3, 3)
@@ -623,3 +623,68 @@ def test_gpu_autotuned_tiling():
     torch.testing.assert_close(y.float(), y0.float(), rtol=2e-2, atol=2e-2)  # summation order only
     torch.testing.assert_close(m, m0, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(v, v0, rtol=1e-3, atol=1e-3)
+
+
+_STRIDED_1X1 = r"""
+import sys, torch
+import fastres
+import fastres.functional as FF
+torch.set_num_threads(1)
+how = sys.argv[1]
+g = torch.Generator().manual_seed(0)
+worst = 0.0
+for cin, h, wd in ((4, 6, 6), (3, 7, 6), (8, 8, 8), (15, 6, 6)):
+    for it in range(40):
+        x = torch.randn(2, cin, h, wd, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_()
+        w = torch.randn(6, cin, 1, 1, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_()
+        dy = torch.randn(2, 6, (h + 1) // 2, (wd + 1) // 2, generator=g)
+        if how == "block":  # a fastres BasicBlock with a projection shortcut vs torchvision's in fp64 NCHW
+            import copy
+            import torchvision.models.resnet as tvr
+            torch.manual_seed(it)
+            ds = torch.nn.Sequential(torch.nn.Conv2d(cin, 6, 1, 2, bias=False), torch.nn.BatchNorm2d(6))
+            ours = fastres.BasicBlock(cin, 6, 2, copy.deepcopy(ds)).to(memory_format=torch.channels_last)
+            ref = tvr.BasicBlock(cin, 6, 2, ds).double()
+            ours.load_state_dict(ref.state_dict())
+            xr = x.detach().double().contiguous().requires_grad_()
+            ref(xr).backward(dy.double())
+            ours(x).backward(dy)
+            for name, p in ours.named_parameters():
+                rp = dict(ref.named_parameters())[name]
+                worst = max(worst, ((p.grad.double() - rp.grad).abs().max() / rp.grad.abs().max()).item())
+            worst = max(worst, ((x.grad.double() - xr.grad).abs().max() / xr.grad.abs().max()).item())
+            continue
+        if how == "plain":  # fastres's aten path (aten convolution + epilogue)
+            y = FF.conv2d_act(x, w, None, 2)
+        elif how == "prologue":  # the composite custom op (explicit backward)
+            y = FF.conv2d_act(x, w, None, 2, in_scale=torch.ones(cin), in_shift=torch.zeros(cin))
+        else:  # statistics: the composite custom op too
+            y, _, _ = FF.conv2d_act(x, w, None, 2, stats=True)
+        y.backward(dy)
+        xs = x.detach().double()[:, :, ::2, ::2]
+        rw = torch.einsum("nkhw,nchw->kc", dy.double(), xs)
+        rx = torch.zeros_like(x, dtype=torch.float64)
+        rx[:, :, ::2, ::2] = torch.einsum("nkhw,kc->nchw", dy.double(), w.detach().double()[:, :, 0, 0])
+        worst = max(worst, ((w.grad.double()[:, :, 0, 0] - rw).abs().max() / rw.abs().max()).item(),
+                    ((x.grad.double() - rx).abs().max() / rx.abs().max()).item())
+print("max relative error", worst)
+assert worst < 1e-5, worst
+"""
+
+
+@pytest.mark.parametrize("how", ["plain", "prologue", "stats", "block"])
+def test_strided_1x1_weight_grad_single_thread(how):
+    """The gradients of a strided 1x1 conv in channels_last with fewer input channels than
+    oneDNN's channel block, on one thread: oneDNN's own weight gradient for it (the "rtus"
+    path) writes past its workspace -- `free(): invalid size` and a dead process a few
+    calls later, or wrong weights with more threads (oneDNN #6035). fastres takes it as
+    the stride-1 conv of the subsampled input (fastres._reference.conv2d and
+    conv_ops._convolution_backward), and so do its blocks (``block``: a BasicBlock with a
+    projection shortcut against torchvision's in fp64 NCHW, where torchvision's own
+    channels_last fp32 block dies). In a child process: the bug kills the process."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", _STRIDED_1X1, how], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
+    assert "max relative error" in r.stdout

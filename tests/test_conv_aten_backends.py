@@ -96,7 +96,11 @@ def test_onednn_backend_parity_with_f_conv2d(shape, layout, bias, residual, relu
     assert y.shape == hi.shape and y.dtype == torch.float32
     fmt = LAYOUTS[layout]
     assert y.is_contiguous(memory_format=fmt) or y.is_contiguous(), (layout, y.stride())
-    ulp = 4 * torch.finfo(torch.float32).eps * max(1.0, hi.abs().max().item())
+    # + a floor of fp32's rounding over a K-term dot product (random-walk: eps*sqrt(K)): with
+    # one thread oneDNN's fused primitive and F.conv2d sum in different orders, and aten's own
+    # error happened to be 3.6x smaller than the primitive's on b1_c65_3x3 (K = 585)
+    k = w.shape[1] * w.shape[2] * w.shape[3]
+    ulp = 2 * torch.finfo(torch.float32).eps * k ** 0.5 * max(1.0, hi.abs().max().item())
     assert max_err(y, hi) <= 2 * max_err(aten32, hi) + ulp
 
 

@@ -627,7 +627,7 @@ def test_blocks_take_the_cudnn_path(graphs_on_cpu, kind, monkeypatch):
     families = []
     real = conv_ops.family
     monkeypatch.setattr(conv_ops, "family", lambda n: families.append(n) or real(n))
-    conv_backend._resolve.cache_clear()
+    conv_backend._clear_resolved()
     x = torch.randn(2, ref.conv1.in_channels, 6, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     try:
         with conv_backend.use_conv("cudnn"):
@@ -641,7 +641,7 @@ def test_blocks_take_the_cudnn_path(graphs_on_cpu, kind, monkeypatch):
             check_parity(ref, ours, x, train=False, tol=1e-9, what=f"{kind} cudnn eval")
             assert families == ["cudnn"] * n_convs
     finally:
-        conv_backend._resolve.cache_clear()
+        conv_backend._clear_resolved()
 
 
 def test_fake_kernels_backward_ops():

@@ -30,7 +30,10 @@ import run_control  # noqa: E402  (tests/run_control.py: result log, shards, wat
 
 
 def _run(out, *args, env=None, timeout=600):
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("RUN_GPU_TIMEOUT_", "FASTRES_GPU_"))}
+    # (PYTEST_XDIST_*: a worker's, were the suite run under pytest-xdist; inherited, they would
+    # switch pytest-benchmark off in the script's own pytest runs)
+    e = {k: v for k, v in os.environ.items()
+         if not k.startswith(("RUN_GPU_TIMEOUT_", "FASTRES_GPU_", "PYTEST_XDIST_"))}
     e.update(FASTRES_GPU_DRY_RUN="1", PYTHON=sys.executable)
     e.update(env or {})
     return subprocess.run(["bash", SCRIPT, str(out), *args], cwd=ROOT, env=e, stdout=subprocess.PIPE,
@@ -405,7 +408,10 @@ def test_dry_run_signalled_from_outside_packs_the_running_step(tmp_path):
     extra.mkdir()
     (extra / "test_device_hangs.py").write_text("import time\n\ndef test_device_hangs():\n    time.sleep(600)\n")
     out, console = tmp_path / "out", tmp_path / "console.log"
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("RUN_GPU_TIMEOUT_", "FASTRES_GPU_"))}
+    # (PYTEST_XDIST_*: a worker's, were the suite run under pytest-xdist; inherited, they would
+    # switch pytest-benchmark off in the script's own pytest runs)
+    e = {k: v for k, v in os.environ.items()
+         if not k.startswith(("RUN_GPU_TIMEOUT_", "FASTRES_GPU_", "PYTEST_XDIST_"))}
     e.update(FASTRES_GPU_DRY_RUN="1", PYTHON=sys.executable, PYTEST_ARGS=str(extra))
     with open(console, "w") as f:
         p = subprocess.Popen(["bash", SCRIPT, str(out), "quick", "tests", "plot"], cwd=ROOT, env=e, stdout=f,
