@@ -53,6 +53,52 @@ def _scoped_device_calls(I) -> None:
     cls.__call__ = __call__
 
 
+class _NoScope:
+    """The scope of a device-function call whose modules an enclosing scope has patched."""
+
+    def restore(self) -> None:
+        pass
+
+
+_live: dict = {}  # id(module) -> how many open patch scopes patched it
+
+
+def _patch_lang_once(I) -> None:
+    """``_patch_lang`` that skips the modules an enclosing (still open) scope has patched.
+    Each device-function call (``tl.zeros``, every reduction's combine function, a
+    kernel's own ``@triton.jit`` helpers) patched ``triton.language`` again: walking each
+    module with ``inspect.getmembers`` -- a quarter of the interpreter's time in this
+    suite. Re-patching a patched module changes nothing (its builtins are already
+    wrappers, which ``getmembers`` no longer sees as builtins), so the call gets a scope
+    with nothing to restore, and the enclosing scope restores the module when it closes."""
+    orig = getattr(I, "_patch_lang", None)
+    tl = getattr(I, "tl", None)
+    if orig is None or tl is None or getattr(orig, "_fastres_once", False):
+        return
+
+    def _patch_lang(fn):
+        langs = {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and (v is tl or v is tl.core)}
+        if langs and all(_live.get(m, 0) for m in langs):
+            return _NoScope()
+        scope = orig(fn)
+        restore = scope.restore
+        for m in langs:
+            _live[m] = _live.get(m, 0) + 1
+
+        def _restore():
+            try:
+                restore()
+            finally:
+                for m in langs:
+                    _live[m] -= 1
+
+        scope.restore = _restore
+        return scope
+
+    _patch_lang._fastres_once = True
+    I._patch_lang = _patch_lang
+
+
 def apply() -> bool:
     """Install the fixes where they are needed; True when the first is installed (now or before)."""
     if _applied:
@@ -62,6 +108,8 @@ def apply() -> bool:
         try:
             from triton.runtime import interpreter as I
             _scoped_device_calls(I)
+            if getattr(I.InterpretedFunction.__call__, "__module__", "") == __name__:
+                _patch_lang_once(I)  # only where device calls restore their scopes (above)
         except ImportError:
             pass
         try:

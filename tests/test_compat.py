@@ -171,6 +171,57 @@ def test_runtime_bounded_range_loop_runs_under_the_interpreter():
     assert _interpreter_compat.apply() in (True, False)
 
 
+def _nested_jit():
+    """A kernel calling a helper that calls another (module globals: jit functions resolve
+    the names they call there)."""
+    import triton
+    import triton.language as tl
+
+    global _inner_jit, _outer_jit
+
+    @triton.jit
+    def _inner_jit(v):
+        return tl.sum(v * v, axis=0)
+
+    @triton.jit
+    def _outer_jit(v):
+        return _inner_jit(v) + tl.max(v, axis=0)
+
+    @triton.jit
+    def _kernel(x_ptr, out_ptr, BLOCK: tl.constexpr):
+        v = tl.load(x_ptr + tl.arange(0, BLOCK))
+        acc = tl.zeros((BLOCK,), tl.float32) + v
+        tl.store(out_ptr, _outer_jit(acc))
+
+    return _inner_jit, _outer_jit, _kernel
+
+
+def test_device_function_calls_restore_triton_language():
+    """Under the interpreter a kernel's device-function calls (tl.zeros, a reduction's
+    combine function, a @triton.jit helper calling another) patch triton.language only
+    where no enclosing scope has (kernels/_interpreter_compat.py), and every patch is
+    undone when the kernel returns: triton.language's builtins are builtins again (torch's
+    triton_op analysis generates IR from them) and no scope is left open."""
+    import triton
+    import triton.language as tl
+
+    from fastres.kernels import _interpreter_compat as compat
+
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("needs TRITON_INTERPRET=1 (the CPU interpreter)")
+
+    _kernel = _nested_jit()[2]
+    builtins = {n for n, m in vars(tl.core).items() if tl.core.is_builtin(m)}
+    x = torch.arange(8, dtype=torch.float32)
+    out = torch.zeros(1)
+    _kernel[(1,)](x, out, BLOCK=8)
+    assert out.item() == float((x * x).sum() + x.max())
+    assert not any(compat._live.values()), compat._live
+    assert builtins == {n for n, m in vars(tl.core).items() if tl.core.is_builtin(m)}
+    from triton.runtime import interpreter as I
+    assert getattr(I._patch_lang, "_fastres_once", False)
+
+
 # (The sm_90 compile check of every Triton kernel lives in tools/aot_compile.py and
 # tests/test_aot_compile.py: run in a process of its own, where no interpreted kernel has
 # patched triton.language, on this Triton and on the GPU stack's 3.6.)
