@@ -149,16 +149,21 @@ def available(name: str, device_type: str) -> Tuple[bool, str]:
 _RESOLVED: Dict[Tuple[str, str], Tuple[str, Optional[str]]] = {}
 
 
-def _resolve(requested: str, device_type: str) -> Tuple[str, Optional[str]]:
-    """(backend, fallback warning or None), remembered per (requested, device type) in a
-    plain dict: Dynamo reads it (no lru_cache, whose wrapper Dynamo ignores and warns about)."""
-    key = (requested, device_type)
-    hit = _RESOLVED.get(key)
+def remembered(cache: dict, key, compute):
+    """``cache[key]``, from ``compute()`` on a miss (kept, except while Dynamo traces). A
+    plain dict, not ``functools.lru_cache``: the lookups run inside compiled forwards, and
+    Dynamo ignores an lru_cache wrapper, traces the function body and warns about it."""
+    hit = cache.get(key)
     if hit is None:
-        hit = _resolve_uncached(requested, device_type)
+        hit = compute()
         if not torch.compiler.is_compiling():
-            _RESOLVED[key] = hit
+            cache[key] = hit
     return hit
+
+
+def _resolve(requested: str, device_type: str) -> Tuple[str, Optional[str]]:
+    """(backend, fallback warning or None), remembered per (requested, device type)."""
+    return remembered(_RESOLVED, (requested, device_type), lambda: _resolve_uncached(requested, device_type))
 
 
 def _resolve_uncached(requested: str, device_type: str) -> Tuple[str, Optional[str]]:

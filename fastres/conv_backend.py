@@ -103,16 +103,10 @@ _RESOLVED: Dict[Tuple[str, str], Tuple[str, str, Optional[str]]] = {}
 
 
 def _resolve(requested: str, device_type: str) -> Tuple[str, str, Optional[str]]:
-    """(path, reason, fallback warning or None); path is ``aten``, ``fused`` or ``cudnn``.
-    Remembered per (requested, device type) in a plain dict, as backends._resolve: Dynamo
-    reads it inside a compiled forward (an lru_cache wrapper it ignores, and warns about)."""
-    key = (requested, device_type)
-    hit = _RESOLVED.get(key)
-    if hit is None:
-        hit = _resolve_uncached(requested, device_type)
-        if not torch.compiler.is_compiling():
-            _RESOLVED[key] = hit
-    return hit
+    """(path, reason, fallback warning or None); path is ``aten``, ``fused`` or ``cudnn``;
+    remembered per (requested, device type) (:func:`backends.remembered`)."""
+    return backends.remembered(_RESOLVED, (requested, device_type),
+                               lambda: _resolve_uncached(requested, device_type))
 
 
 def _clear_resolved() -> None:
