@@ -139,24 +139,26 @@ def affine_act_backward(grad_y: Tensor, x: Tensor, y: Tensor, scale: Optional[Te
     return grad_x, grad_z, grad_scale, grad_shift
 
 
+def strided_1x1_cpu(x: Tensor, weight: Tensor, stride, padding) -> bool:
+    """A strided 1x1 convolution without padding on the CPU: its weight gradient is taken
+    as the stride-1 1x1 convolution of the subsampled input ``x[:, :, ::s, ::s]`` (the same
+    products and sums) by :func:`conv2d` and ``conv_ops._convolution_backward``. oneDNN's
+    own strided 1x1 weight gradient (its "rtus" path) writes past its workspace in
+    channels_last with fewer input channels per group than its channel block (8 with AVX2,
+    16 with AVX-512): heap corruption with one thread, hangs or wrong weight gradients with
+    more (oneDNN issue #6035, open; in torch 2.14.1's oneDNN;
+    tests/test_conv_act.py::test_strided_1x1_weight_grad_single_thread)."""
+    return (x.device.type == "cpu" and weight.shape[2] == 1 and weight.shape[3] == 1 and not any(padding)
+            and max(stride) > 1)
+
+
 def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int) -> Tensor:
-    """``F.conv2d``, except a strided 1x1 convolution without padding on the CPU, which is
-    the stride-1 1x1 convolution of the subsampled input ``x[:, :, ::s, ::s]`` (the same
-    products and sums; autograd scatters the input gradient back). oneDNN's own strided
-    1x1 weight gradient corrupts the heap (one thread) or returns wrong weights or hangs
-    (more threads) where there are fewer input channels per group than its channel block
-    in channels_last (oneDNN issue #6035, in torch 2.14.1's oneDNN); the stride-1 form
-    takes another path. Only where the weight gradient will be taken (the forward alone is
-    sound, and stays F.conv2d's bit for bit). (fastres.conv_ops's explicit backward too.)"""
-    stride, padding = _pair(stride), _pair(padding)
-    if (x.device.type == "cpu" and weight.shape[2] == 1 and weight.shape[3] == 1 and padding == [0, 0]
-            and (stride[0] > 1 or stride[1] > 1) and weight.requires_grad and torch.is_grad_enabled()):
+    """``F.conv2d``, taken as the stride-1 conv of the subsampled input where
+    :func:`strided_1x1_cpu` holds and the weight gradient will be taken (autograd scatters
+    the input gradient back); the forward alone stays F.conv2d's, bit for bit."""
+    if strided_1x1_cpu(x, weight, stride, padding) and weight.requires_grad and torch.is_grad_enabled():
         return F.conv2d(x[:, :, ::stride[0], ::stride[1]], weight, bias, 1, 0, 1, groups)
-    return F.conv2d(x, weight, bias, stride, padding, _pair(dilation), groups)
-
-
-def _pair(v) -> list:
-    return [int(v), int(v)] if isinstance(v, int) else [int(e) for e in v]
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
 def conv2d_act_composite(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],

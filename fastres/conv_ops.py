@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _triton_ops, backends
-from ._reference import acc_dtype, conv2d_act_composite, memory_format_of
+from ._reference import acc_dtype, conv2d_act_composite, memory_format_of, strided_1x1_cpu
 from .ops import _unalias  # the custom-op glue both op families share
 
 Tensor = torch.Tensor
@@ -120,24 +120,18 @@ def _grad_conv_out(grad_y: Tensor, grad_mean: Optional[Tensor], grad_var: Option
 
 def _convolution_backward(dz: Tensor, u: Tensor, weight: Tensor, stride: List[int], padding: List[int],
                           dilation: List[int], groups: int, need_u: bool, need_w: bool) -> Tuple[Tensor, Tensor]:
-    """aten's ``convolution_backward`` (input and weight gradients), except for a strided
-    1x1 convolution without padding on the CPU: that is the stride-1 1x1 convolution of
-    the subsampled input ``u[:, :, ::s, ::s]`` (the same products and sums), and its
-    gradients are taken in that form. oneDNN's strided 1x1 weight gradient (its "rtus"
-    path, channels_last, fewer input channels per group than its channel block: 8 with
-    AVX2, 16 with AVX-512) writes past its workspace -- heap corruption with one thread,
-    and hangs or wrong weight gradients with more (oneDNN issue #6035, open; torch 2.14.1
-    ships it: tests/test_conv_act.py::test_strided_1x1_weight_grad_single_thread)."""
-    kh, kw = weight.shape[2], weight.shape[3]
-    if (need_w and u.device.type == "cpu" and kh == 1 and kw == 1 and not any(padding)
-            and any(s > 1 for s in stride) and u.shape[2] > 0 and u.shape[3] > 0):
+    """aten's ``convolution_backward`` (input and weight gradients); where
+    :func:`_reference.strided_1x1_cpu` holds and the weight gradient is needed, taken as
+    that of the stride-1 1x1 convolution of the subsampled input ``u[:, :, ::s, ::s]``."""
+    if need_w and strided_1x1_cpu(u, weight, stride, padding) and u.shape[2] > 0 and u.shape[3] > 0:
         sh, sw = stride
-        us = u[:, :, ::sh, ::sw].contiguous(memory_format=memory_format_of(u))
+        fmt = memory_format_of(u)
         gus, gw, _ = torch.ops.aten.convolution_backward(
-            dz, us, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], groups, [need_u, need_w, False])
+            dz, u[:, :, ::sh, ::sw].contiguous(memory_format=fmt), weight, None, [1, 1], [0, 0], [1, 1], False,
+            [0, 0], groups, [need_u, need_w, False])
         gu = None
         if need_u:
-            gu = u.new_zeros(u.shape).contiguous(memory_format=memory_format_of(u))
+            gu = u.new_zeros(u.shape).contiguous(memory_format=fmt)
             gu[:, :, ::sh, ::sw] = gus
         return gu, gw
     gu, gw, _ = torch.ops.aten.convolution_backward(

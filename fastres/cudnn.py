@@ -82,14 +82,13 @@ _warned: set = set()
 
 
 # ----------------------------------------------------------------------------- availability
-_BUILT: list = []  # [(ok, reason)] once probed: a plain list Dynamo reads (no lru_cache)
+_BUILT: dict = {}
 
 
 def built() -> Tuple[bool, str]:
-    """Was ``fastres._C`` built with the cuDNN graphs? (ok, reason)."""
-    if not _BUILT:
-        _BUILT.append(_probe_built())
-    return _BUILT[0]
+    """Was ``fastres._C`` built with the cuDNN graphs? (ok, reason); probed once
+    (:func:`backends.remembered`)."""
+    return backends.remembered(_BUILT, "built", _probe_built)
 
 
 def _probe_built() -> Tuple[bool, str]:
