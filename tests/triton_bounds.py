@@ -81,13 +81,6 @@ def _check(kind: str, ptrs, mask, itemsize: int) -> None:
                       f"address(es) outside every tensor argument; first at {where}")
 
 
-def _itemsize(handle) -> int:
-    try:
-        return int(np.dtype(handle.data.dtype).itemsize) if handle.data.dtype != object else 1
-    except Exception:
-        return 1
-
-
 def install() -> bool:
     """Patch Triton's interpreter (idempotent). False where there is no interpreter to patch."""
     try:
