@@ -472,7 +472,7 @@ def make_step(model: torch.nn.Module, mode: str, x: torch.Tensor, y: torch.Tenso
             infer()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.device(device), torch.cuda.graph(graph, stream=torch.cuda.Stream(device=device)):
         infer()
     return graph.replay
 
@@ -505,13 +505,14 @@ def timed_repeat(step: Callable[[], None], cfg: BenchConfig, device: torch.devic
     percentiles): CUDA events around each iteration on a GPU (no extra synchronisation),
     ``perf_counter`` on the CPU."""
     if device.type == "cuda":
+        stream = torch.cuda.current_stream(device)  # the device's own stream, whichever is current
         ev = [torch.cuda.Event(enable_timing=True) for _ in range(cfg.iters + 1)]
-        ev[0].record()
+        ev[0].record(stream)
         for i in range(cfg.iters):
             step()
             if per_iter is not None:
-                ev[i + 1].record()
-        ev[-1].record()
+                ev[i + 1].record(stream)
+        ev[-1].record(stream)
         ev[-1].synchronize()
         if per_iter is not None:
             per_iter.extend(ev[i].elapsed_time(ev[i + 1]) for i in range(cfg.iters))

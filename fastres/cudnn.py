@@ -58,6 +58,7 @@ MIN_CUDNN = {"dgrad_drelu_dbn": 90800, "scale_shift_relu_wgrad": 8800}
 FALLBACK = "aten"
 DTYPE_NAME = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 NO_ENGINE = "fastres cudnn: no engine supports this graph"  # csrc/cudnn/conv_graph.cpp's message
+NOT_IN_CAPTURE = "fastres cudnn: no plan is built during CUDA graph capture"  # (its kNotInCapture)
 
 # bf16 dgrad goes to the fallback up front: cuDNN documents the fused dgrad + dReLU +
 # dBN-weight pattern (DgradDreluBNBwdWeight) with fp16 I/O only (cudnn-frontend's sample
@@ -553,12 +554,19 @@ def _try_graph(pattern: str, x: Tensor, weight: Tensor, conf, run: Callable, ope
     """``run()``, or None where cuDNN refused the graph before its plan ever ran (the C++
     error starts with :data:`NO_ENGINE` and names the descriptor / attribute / status):
     the key (:func:`_key`, with the ``operands`` present) is remembered with that reason,
-    reported by :func:`info`, warned about once, and the caller runs the fallback. Any
-    other error (a plan that fails after having run, a CUDA error) propagates."""
+    reported by :func:`info`, warned about once, and the caller runs the fallback. A graph
+    without a plan yet met inside a CUDA graph capture (:data:`NOT_IN_CAPTURE`) falls back
+    for that call only (warned once; nothing remembered). Any other error (a plan that
+    fails after having run, out of memory, a CUDA error) propagates."""
     try:
         return run()
     except RuntimeError as e:
         text = str(e)
+        if NOT_IN_CAPTURE in text:  # a graph first met inside a capture: fall back this once
+            _warn_once(f"fastres: the cuDNN {pattern} graph (x {tuple(x.shape)} {x.dtype}, weight "
+                       f"{tuple(weight.shape)}) was first called inside a CUDA graph capture, where no plan is "
+                       f"built; the capture records the aten fallback for it (warm the model up before capturing)")
+            return None
         if NO_ENGINE not in text:
             raise
     reason = text[text.index(NO_ENGINE) + len(NO_ENGINE):].split("\n")[0].strip().rstrip(";").strip() or "(no details)"

@@ -56,12 +56,16 @@ def capture_train_step(model: Callable[[Tensor], Tensor], optimizer: torch.optim
                        warmup: int = 3) -> Step:
     """A training step recorded once in a CUDA graph and replayed.
 
-    ``warmup`` eager steps run first on a side stream (as ``torch.cuda.graph`` requires;
-    they *are* training steps: they update the parameters and running statistics).
+    ``warmup`` (>= 1) eager steps run first on a side stream (as ``torch.cuda.graph``
+    requires; they *are* training steps: they update the parameters and running statistics).
     The returned ``step(x, y)`` copies ``x``/``y`` into the static tensors, replays the
     graph and returns the static loss tensor (overwritten by the next replay). No
     GradScaler: its skipped-step logic reads the overflow flag on the host.
     """
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+        raise ValueError(f"fastres: capture_train_step needs warmup >= 1 eager steps before the capture "
+                         f"(lazy initialisation, Triton's compilation and autotuning, cuBLAS workspaces must "
+                         f"not happen inside it), got warmup={warmup!r}")
     if x.device.type != "cuda":
         raise RuntimeError(f"fastres: CUDA graphs need a CUDA device; the batch is on {x.device}")
     static_x, static_y = x.clone(), y.clone()
@@ -75,7 +79,9 @@ def capture_train_step(model: Callable[[Tensor], Tensor], optimizer: torch.optim
 
     graph = torch.cuda.CUDAGraph()
     optimizer.zero_grad(set_to_none=True)  # the gradients are allocated from the graph's pool
-    with torch.cuda.graph(graph):
+    # a capture stream of the batch's device, that device current (torch's default capture
+    # stream belongs to whichever device was current when it was first used)
+    with torch.cuda.device(x.device), torch.cuda.graph(graph, stream=torch.cuda.Stream(device=x.device)):
         with autocast():
             static_loss = loss_fn(model(static_x), static_y)
         static_loss.backward()

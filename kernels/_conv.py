@@ -45,7 +45,7 @@ import triton.language as tl
 # (kernels import only kernels).
 from ._kernels import _dot_acc
 from ._kernels import _out as _cast
-from ._launch import launch
+from ._launch import MAX_GRID_1, TILING_ERRORS, launch, untimed_reason
 
 Tensor = torch.Tensor
 
@@ -251,18 +251,25 @@ def _launch(cfg: Config, args: tuple, meta: dict, m: int, kg: int, groups: int) 
                                    num_stages=cfg.num_stages)
 
 
-def _pick_config(key: tuple, run, dtype, cg, kg, m) -> Config:
+def _pick_config(key: tuple, run, dtype, cg, kg, m, untimed: Optional[str] = None) -> Config:
     """The fastest candidate for this problem, measured once per key (GPU only).
 
     Own tuner instead of ``triton.autotune``: the statistics partials have one row per
-    BLOCK_M tile, so the launcher must know the tile height that ran."""
+    BLOCK_M tile, so the launcher must know the tile height that ran. ``untimed``
+    (``_launch.untimed_reason``): inside a CUDA-graph capture a problem tuned before
+    keeps its tiling, an untuned one runs the first candidate (not remembered: the next
+    eager call tunes it); in deterministic mode every problem runs the first candidate."""
     if INTERPRETED:
         return INTERPRETER_CONFIG
     if os.environ.get("FASTRES_CONV_CONFIG"):  # "BM,BN,BK,GROUP_M,WARPS,STAGES", for experiments
         return Config(*(int(v) for v in os.environ["FASTRES_CONV_CONFIG"].split(",")))
+    if untimed == "deterministic":
+        return _candidates(dtype, cg, kg, m)[0]
     cfg = _tuned.get(key)
     if cfg is not None:
         return cfg
+    if untimed == "capture":
+        return _candidates(dtype, cg, kg, m)[0]
     if os.environ.get("FASTRES_CONV_AUTOTUNE", "1").strip() == "0":  # the first candidate, untimed
         _tuned[key] = cfg = _candidates(dtype, cg, kg, m)[0]
         return cfg
@@ -271,7 +278,7 @@ def _pick_config(key: tuple, run, dtype, cg, kg, m) -> Config:
     for c in _candidates(dtype, cg, kg, m):
         try:
             t = do_bench(lambda: run(c), warmup=5, rep=20)
-        except Exception as e:  # out of shared memory / registers on this device
+        except TILING_ERRORS as e:  # out of shared memory / registers on this device
             errors.append(f"{c}: {type(e).__name__}: {e}")
             continue
         if t < best_t:
@@ -310,16 +317,19 @@ def conv2d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Opti
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
     p, q = out_size(h, w, kh, kw, stride, padding, dilation)
     acc = _acc(x.dtype)
-    y = torch.empty((n, k, p, q), dtype=x.dtype, device=x.device, memory_format=_fmt(x))
     m = n * p * q
+    if m >= 2 ** 31 - 2 ** 16:
+        raise ValueError(f"fastres: conv2d_act supports N*P*Q < 2^31 output positions, got {m}")
+    if groups > MAX_GRID_1:
+        raise ValueError(f"fastres: the Triton conv2d_act supports at most {MAX_GRID_1} groups (a CUDA grid's "
+                         f"second axis), got groups={groups}; use FASTRES_CONV=aten for this convolution")
+    y = torch.empty((n, k, p, q), dtype=x.dtype, device=x.device, memory_format=_fmt(x))
     empty = x.new_empty((0,), dtype=acc)
     if m == 0 or k == 0:
         if stats:
             nan = torch.full((k,), float("nan"), dtype=acc, device=x.device)
             return y, nan, nan.clone()
         return y, empty, empty.clone()
-    if m >= 2 ** 31 - 2 ** 16:
-        raise ValueError(f"fastres: conv2d_act supports N*P*Q < 2^31 output positions, got {m}")
     # (K, R, S, C) order: the B tile's channel axis contiguous (a no-op for channels_last models)
     weight = weight.contiguous(memory_format=torch.channels_last)
     bias, in_scale, in_shift = (None if t is None else t.contiguous() for t in (bias, in_scale, in_shift))
@@ -353,7 +363,8 @@ def conv2d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Opti
         return args, pmean, pm2
 
     with _device_ctx(x):
-        cfg = _pick_config(key, lambda c_: _launch(c_, args_for(c_)[0], meta, m, kg, groups), x.dtype, cg, kg, m)
+        cfg = _pick_config(key, lambda c_: _launch(c_, args_for(c_)[0], meta, m, kg, groups), x.dtype, cg, kg, m,
+                           untimed_reason(x.device))
         args, pmean, pm2 = args_for(cfg)
         _launch(cfg, args, meta, m, kg, groups)
         if not stats:

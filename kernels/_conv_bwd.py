@@ -53,7 +53,8 @@ import triton
 import triton.language as tl
 
 from . import _kernels as K
-from ._launch import _INTERPRETED, _acc, _cdiv, _device_ctx, _finalize_meta, _p2, _rne, _tl_acc, launch
+from ._launch import (_INTERPRETED, MAX_GRID_1, _acc, _cdiv, _device_ctx, _finalize_meta, _p2, _rne, _tl_acc, launch,
+                      untimed_reason)
 
 Tensor = torch.Tensor
 IntPair = Union[int, Sequence[int]]
@@ -315,8 +316,11 @@ def _prune(configs, named_args, **kwargs):
 
 _TUNED = {}
 if not _INTERPRETED:  # pragma: no cover - needs a GPU
-    _DKEY = ["N", "H", "W", "C", "KT", "CG", "KG", "R", "S", "SH", "SW", "PH", "PW", "DH", "DW"]
-    _WKEY = ["N", "H", "W", "C", "KT", "CG", "KG", "R", "S", "SH", "SW", "PH", "PW", "DH", "DW", "M_PER"]
+    # the flags select different code (and register pressure): part of the tuning key
+    _DKEY = ["N", "H", "W", "C", "KT", "CG", "KG", "R", "S", "SH", "SW", "PH", "PW", "DH", "DW",
+             "HAS_SCALE", "HAS_SHIFT", "RELU", "SUMS"]
+    _WKEY = ["N", "H", "W", "C", "KT", "CG", "KG", "R", "S", "SH", "SW", "PH", "PW", "DH", "DW", "M_PER",
+             "HAS_SCALE", "HAS_SHIFT", "RELU", "BIAS"]
     for _name, _shapes, _kern, _key in (("dgrad16", _DGRAD_16, _dgrad_kernel, _DKEY),
                                         ("dgrad32", _DGRAD_32, _dgrad_kernel, _DKEY),
                                         ("wgrad16", _WGRAD_16, _wgrad_kernel, _WKEY),
@@ -327,10 +331,32 @@ if not _INTERPRETED:  # pragma: no cover - needs a GPU
 
 def _tuned_kernel(kind: str, dtype: torch.dtype):
     """The autotuned kernel for (kind, dtype), or None: fixed tiling (interpreter, fp64,
-    CONFIG['autotune'] off)."""
+    CONFIG['autotune'] off, or FASTRES_CONV_BWD_AUTOTUNE=0 at the time of the call)."""
     if _INTERPRETED or dtype == torch.float64 or not CONFIG["autotune"]:
         return None
+    if os.environ.get("FASTRES_CONV_BWD_AUTOTUNE", "1").strip() == "0":
+        return None
     return _TUNED[kind + ("32" if dtype == torch.float32 else "16")]
+
+
+_TUNED_KEYS = set()  # problems the autotuners have timed (their cache holds a tiling for each)
+
+
+def _tuned_or_fixed(kind: str, dtype: torch.dtype, key: tuple, device: torch.device):
+    """(autotuned kernel or None, fixed tiling or None) for this problem; the caller adds
+    ``key`` to ``_TUNED_KEYS`` once the autotuned kernel has run outside a capture.
+
+    In a CUDA-graph capture the autotuner may run only for a problem it has already
+    timed (timing synchronises the device, which breaks the capture); an untimed
+    problem runs the fixed tiling there. Deterministic mode always runs the fixed
+    tiling (the tile decides the order of the fp32 partial sums; see
+    ``_launch.untimed_reason``)."""
+    tuned = _tuned_kernel(kind, dtype)
+    if tuned is not None:
+        why = untimed_reason(device)
+        if why == "deterministic" or (why == "capture" and key not in _TUNED_KEYS):
+            tuned = None
+    return tuned, (None if tuned is not None else _fixed(dtype))
 
 
 def _fixed(dtype: torch.dtype) -> dict:
@@ -419,6 +445,13 @@ def conv2d_act_dgrad(grad_out: Tensor, weight: Tensor, x: Tensor, in_scale: Opti
     if x.numel() == 0 or grad_out.numel() == 0:
         return (torch.zeros_like(x, memory_format=fmt), torch.zeros((nsum,), dtype=acc, device=dev),
                 torch.zeros((nsum,), dtype=acc, device=dev))
+    if n * _cdiv(h, sh) * _cdiv(w, sw) >= 2 ** 31 - 2 ** 16:  # positions are int32 in the kernel
+        raise ValueError(f"fastres: conv2d_act's data gradient supports N*ceil(H/stride)*ceil(W/stride) < 2^31 "
+                         f"input positions per stride phase, got {n * _cdiv(h, sh) * _cdiv(w, sw)}")
+    if groups * _cdiv(cg, 16) > MAX_GRID_1:  # grid axis 1: groups x channel blocks (>= 16 wide)
+        raise ValueError(f"fastres: conv2d_act's data gradient supports groups * ceil(C/groups / 16) <= "
+                         f"{MAX_GRID_1} (a CUDA grid's second axis), got groups={groups}, C/groups={cg}; "
+                         f"use FASTRES_CONV=aten for this convolution")
     xc = _nhwc(x)
     go = _nhwc(grad_out.to(x.dtype))
     wt = weight.to(x.dtype).reshape(groups, kg, cg, r, s).permute(0, 3, 4, 1, 2).contiguous()
@@ -427,8 +460,9 @@ def conv2d_act_dgrad(grad_out: Tensor, weight: Tensor, x: Tensor, in_scale: Opti
     step_r, step_s = sh // math.gcd(sh, dh), sw // math.gcd(sw, dw)
     hq, wq = _cdiv(h, sh), _cdiv(w, sw)
     rows_ph = n * hq * wq
-    tuned = _tuned_kernel("dgrad", x.dtype)
-    fixed = None if tuned is not None else _fixed(x.dtype)
+    tkey = ("dgrad", dev.index, x.dtype, None if sc is None else sc.dtype, None if shf is None else shf.dtype,
+            n, h, w, c, k, cg, kg, r, s, sh, sw, ph, pw, dh, dw, bool(in_relu), bool(need_in_grads))
+    tuned, fixed = _tuned_or_fixed("dgrad", x.dtype, tkey, dev)
     min_bm = MIN_BM_TUNED if tuned is not None else CONFIG["part_unit"] or fixed["BLOCK_M"]
     n_part = sh * sw * _cdiv(rows_ph, min_bm)
     part = torch.empty((2, n_part, c), dtype=acc, device=dev) if need_in_grads else None
@@ -449,6 +483,7 @@ def conv2d_act_dgrad(grad_out: Tensor, weight: Tensor, x: Tensor, in_scale: Opti
                       IEEE=x.dtype in (torch.float32, torch.float64), ACC=_tl_acc(x.dtype))
         if tuned is not None:  # pragma: no cover - needs a GPU
             launch(tuned)[grid](*args, **consts, MIN_BM=min_bm)
+            _TUNED_KEYS.add(tkey)
         else:
             launch(_dgrad_kernel)[grid(fixed)](*args, **consts, MIN_BM=min_bm, **fixed)
         if need_in_grads:
@@ -478,11 +513,15 @@ def conv2d_act_wgrad(grad_out: Tensor, x: Tensor, in_scale: Optional[Tensor], in
     m = n * p * q
     if m == 0 or k == 0 or c == 0:
         return (torch.zeros((k, cg, r, s), dtype=acc, device=dev), torch.zeros((nb,), dtype=acc, device=dev))
+    if m >= 2 ** 31 - 2 ** 16:  # output positions are int32 in the kernel
+        raise ValueError(f"fastres: conv2d_act's weight gradient supports N*P*Q < 2^31 output positions, got {m}")
     xc = _nhwc(x)
     go = _nhwc(grad_out.to(x.dtype))
     sc, shf = _prologue_args(in_scale, in_shift)
-    tuned = _tuned_kernel("wgrad", x.dtype)
-    fixed = None if tuned is not None else _fixed(x.dtype)
+    tkey = ("wgrad", dev.index, x.dtype, None if sc is None else sc.dtype, None if shf is None else shf.dtype,
+            n, h, w, c, k, cg, kg, r, s, sh, sw, ph, pw, dh, dw, bool(in_relu), bool(need_bias_grad),
+            CONFIG["wgrad_rows"], CONFIG["wgrad_target"])  # (the split, M_PER, follows from these)
+    tuned, fixed = _tuned_or_fixed("wgrad", x.dtype, tkey, dev)
     # split the N*P*Q reduction so that the grid has about wgrad_target programs (nominal
     # 128x128 output tiles), each split walking at least wgrad_rows positions
     if tuned is not None:  # pragma: no cover - needs a GPU
@@ -511,6 +550,7 @@ def conv2d_act_wgrad(grad_out: Tensor, x: Tensor, in_scale: Optional[Tensor], in
                       IEEE=x.dtype in (torch.float32, torch.float64), ACC=_tl_acc(x.dtype))
         if tuned is not None:  # pragma: no cover - needs a GPU
             launch(tuned)[grid](*args, **consts)
+            _TUNED_KEYS.add(tkey)
         else:
             launch(_wgrad_kernel)[grid(fixed)](*args, **consts, **fixed)
     if splits == 1:

@@ -112,6 +112,47 @@ class _Plan(NamedTuple):
     meta: dict      # CL, BLOCK_A, BLOCK_B constexprs and num_warps
 
 
+def untimed_reason(device: torch.device) -> Optional[str]:
+    """Why the conv tuners must not time candidates now, or None.
+
+    * ``"capture"``: the current CUDA stream is being captured into a graph; timing
+      synchronises the device (``triton.testing.do_bench``), which invalidates the
+      capture. A problem tuned before the capture keeps its tiling; an untuned one runs
+      the untimed default tiling (and is not remembered).
+    * ``"deterministic"``: ``torch.use_deterministic_algorithms(True)``; the tile shape
+      fixes the order of the fp32 reductions (statistics partials, dgrad partial sums,
+      reduction steps), so a choice made by timing noise could differ between processes.
+      The untimed default tiling runs instead, as cuDNN does without ``benchmark``.
+    """
+    if device.type != "cuda":
+        return None
+    if torch.cuda.is_current_stream_capturing():
+        return "capture"
+    if torch.are_deterministic_algorithms_enabled():
+        return "deterministic"
+    return None
+
+
+def _tiling_errors() -> tuple:
+    """The exceptions that mean "this tiling does not fit this device" (out of shared
+    memory or registers, a compile-time assertion, ptxas refusing it): what Triton's own
+    autotuner skips a configuration on. Everything else (out of memory, an illegal
+    address) is a real error and propagates."""
+    import importlib
+    found = []
+    for mod, name in (("triton.runtime.errors", "OutOfResources"), ("triton.runtime.errors", "PTXASError"),
+                      ("triton.compiler.errors", "CompileTimeAssertionFailure")):
+        try:
+            found.append(getattr(importlib.import_module(mod), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+TILING_ERRORS = _tiling_errors()
+MAX_GRID_1 = 65535  # CUDA's limit on a grid's second (and third) axis
+
+
 def _meta(cl: bool, block_a: int, block_b: int) -> dict:
     warps = max(1, min(CONFIG["max_warps"], block_a * block_b // 256))
     return dict(CL=cl, BLOCK_A=block_a, BLOCK_B=block_b, num_warps=warps)

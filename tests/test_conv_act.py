@@ -308,10 +308,11 @@ def test_tuner_names_every_failed_candidate(monkeypatch):
     """GPU tuner (run here with the interpreter switch off and a failing timer): when no
     tiling runs on the device, the error lists each candidate and why it failed."""
     import triton.testing
+    from triton.runtime.errors import OutOfResources
     from fastres.kernels import _conv
 
     def refuse(fn, **kw):
-        raise RuntimeError("out of resource: shared memory")
+        raise OutOfResources(262144, 232448, "shared memory")
 
     monkeypatch.setattr(_conv, "INTERPRETED", False)
     monkeypatch.setattr(triton.testing, "do_bench", refuse)
@@ -322,9 +323,96 @@ def test_tuner_names_every_failed_candidate(monkeypatch):
     with pytest.raises(RuntimeError, match="no conv2d_act tiling compiles") as info:
         _conv._pick_config(key, lambda c: None, torch.bfloat16, 64, 64, 4096)
     msg = str(info.value)
-    assert msg.count("out of resource: shared memory") == len(cands) > 0
+    assert msg.count("out of resource: shared memory") == len(cands) > 0, msg
     assert str(cands[0]) in msg
     assert key not in _conv._tuned
+
+
+def test_tuner_propagates_real_errors(monkeypatch):
+    """Only "this tiling does not fit" (Triton's OutOfResources, PTXASError,
+    CompileTimeAssertionFailure) skips a candidate: out of memory or any other failure
+    while timing propagates with its own type instead of being reported as a tiling that
+    does not compile."""
+    import triton.testing
+    from fastres.kernels import _conv
+
+    def oom(fn, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 256.00 MiB")
+
+    monkeypatch.setattr(_conv, "INTERPRETED", False)
+    monkeypatch.setattr(triton.testing, "do_bench", oom)
+    monkeypatch.delenv("FASTRES_CONV_CONFIG", raising=False)
+    monkeypatch.delenv("FASTRES_CONV_AUTOTUNE", raising=False)
+    key = ("test-key-oom", torch.bfloat16)
+    with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate"):
+        _conv._pick_config(key, lambda c: None, torch.bfloat16, 64, 64, 4096)
+    assert key not in _conv._tuned
+
+
+def test_tuner_does_not_time_in_capture_or_deterministic_mode(monkeypatch):
+    """No timing (it synchronises the device) while a CUDA graph is being captured: a
+    problem tuned before keeps its tiling, an untuned one runs the first candidate and is
+    not remembered. Deterministic mode: always the first candidate (timing noise must not
+    choose the reduction order). Checked with the GPU tuner's code and a timer that fails."""
+    import triton.testing
+    from fastres.kernels import _conv
+    from fastres.kernels import _launch as L
+
+    def no_timing(fn, **kw):
+        raise AssertionError("timed a candidate")
+
+    monkeypatch.setattr(_conv, "INTERPRETED", False)
+    monkeypatch.setattr(triton.testing, "do_bench", no_timing)
+    monkeypatch.delenv("FASTRES_CONV_CONFIG", raising=False)
+    monkeypatch.delenv("FASTRES_CONV_AUTOTUNE", raising=False)
+    first = _conv._candidates(torch.bfloat16, 64, 64, 4096)[0]
+    other = _conv._candidates(torch.bfloat16, 64, 64, 4096)[-1]
+    assert first != other
+    cuda = torch.device("cuda", 0)
+    # capture
+    monkeypatch.setattr(L.torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert L.untimed_reason(cuda) == "capture" and L.untimed_reason(torch.device("cpu")) is None
+    key = ("test-key-capture", torch.bfloat16)
+    assert _conv._pick_config(key, lambda c: None, torch.bfloat16, 64, 64, 4096, "capture") == first
+    assert key not in _conv._tuned
+    monkeypatch.setitem(_conv._tuned, key, other)
+    assert _conv._pick_config(key, lambda c: None, torch.bfloat16, 64, 64, 4096, "capture") == other
+    # deterministic mode
+    monkeypatch.setattr(L.torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert L.untimed_reason(cuda) is None
+    monkeypatch.setattr(L.torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert L.untimed_reason(cuda) == "deterministic"
+    assert _conv._pick_config(key, lambda c: None, torch.bfloat16, 64, 64, 4096, "deterministic") == first
+
+
+def test_backward_tuners_do_not_time_in_capture_or_deterministic_mode(monkeypatch):
+    """The dgrad/wgrad autotuners (triton.autotune: they time a problem on its first call)
+    run in a capture only for a problem they have timed before, never in deterministic
+    mode; otherwise the fixed tiling runs. FASTRES_CONV_BWD_AUTOTUNE=0 is read per call."""
+    from fastres.kernels import _conv_bwd as B
+    from fastres.kernels import _launch as L
+
+    tuned = object()
+    monkeypatch.setattr(B, "_INTERPRETED", False)
+    monkeypatch.setitem(B._TUNED, "dgrad16", tuned)
+    monkeypatch.setitem(B.CONFIG, "autotune", True)
+    monkeypatch.delenv("FASTRES_CONV_BWD_AUTOTUNE", raising=False)
+    monkeypatch.setattr(B, "_TUNED_KEYS", set())
+    cuda = torch.device("cuda", 0)
+    reason = {"now": None}
+    monkeypatch.setattr(B, "untimed_reason", lambda dev: reason["now"])
+    key = ("dgrad", "test")
+    assert B._tuned_or_fixed("dgrad", torch.bfloat16, key, cuda) == (tuned, None)
+    reason["now"] = "capture"
+    assert B._tuned_or_fixed("dgrad", torch.bfloat16, key, cuda) == (None, B._fixed(torch.bfloat16))
+    B._TUNED_KEYS.add(key)  # what a launch of the tuned kernel outside a capture records
+    assert B._tuned_or_fixed("dgrad", torch.bfloat16, key, cuda) == (tuned, None)
+    reason["now"] = "deterministic"
+    assert B._tuned_or_fixed("dgrad", torch.bfloat16, key, cuda) == (None, B._fixed(torch.bfloat16))
+    reason["now"] = None
+    monkeypatch.setenv("FASTRES_CONV_BWD_AUTOTUNE", "0")
+    assert B._tuned_or_fixed("dgrad", torch.bfloat16, key, cuda) == (None, B._fixed(torch.bfloat16))
+    assert L.untimed_reason(torch.device("cpu")) is None
 
 
 # ----------------------------------------------------------------------------- registration
@@ -509,11 +597,13 @@ def test_empty_batch_without_stats():
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_gpu_parity_resnet_shapes(shape, dtype, monkeypatch):
-    """The kernel on CUDA (default tilings: FASTRES_CONV_AUTOTUNE=0 keeps the compile count
-    small; test_gpu_autotuned_tiling runs the tuner), every dtype, ResNet-like shapes:
+    """The kernel on CUDA (default tilings: FASTRES_CONV_AUTOTUNE=0 and
+    FASTRES_CONV_BWD_AUTOTUNE=0 keep the compile count small; test_gpu_autotuned_tiling and
+    test_conv_bwd_kernels' CUDA cases run the tuners), every dtype, ResNet-like shapes:
     fp64 within 1e-9 of the fp64 reference, others within 2x PyTorch's own error against
     fp64, output, statistics and every gradient."""
     monkeypatch.setenv("FASTRES_CONV_AUTOTUNE", "0")
+    monkeypatch.setenv("FASTRES_CONV_BWD_AUTOTUNE", "0")  # the backward's too (read per call)
     _device_parity(shape, dtype, "cuda")
 
 

@@ -255,6 +255,30 @@ def test_bad_geometry_is_named():
         B.conv2d_act_wgrad(cs["go"], cs["x"], None, None, False, cs["w"].shape, 1, 1, 1, 3)
 
 
+def test_launch_limits_are_named():
+    """Problems past what the kernels index or launch get a ValueError naming the limit
+    (before anything is allocated): int32 positions (N*P*Q for wgrad, N*ceil(H/s)*ceil(W/s)
+    per phase for dgrad, N*P*Q for the forward) and the 65535 programs of a CUDA grid's
+    second axis (the forward's groups; dgrad's groups x channel blocks). The tensors are
+    broadcast views of one element: no memory behind the sizes."""
+    conv = importlib.import_module(_K.__name__ + "._conv")
+    one = torch.zeros((), dtype=F32)
+    big_x = one.expand(2 ** 15, 1, 256, 256)           # N*H*W = 2^31
+    w1 = one.expand(1, 1, 1, 1)
+    with pytest.raises(ValueError, match="weight gradient supports N\\*P\\*Q < 2\\^31"):
+        B.conv2d_act_wgrad(big_x, big_x, None, None, False, (1, 1, 1, 1), 1, 0, 1, 1)
+    with pytest.raises(ValueError, match="data gradient supports N\\*ceil"):
+        B.conv2d_act_dgrad(big_x, w1, big_x, None, None, False, 1, 0, 1, 1, False)
+    with pytest.raises(ValueError, match="N\\*P\\*Q < 2\\^31"):
+        conv.conv2d_act(big_x, w1, None, None, None, None, (1, 1), (0, 0), (1, 1), 1, False, False, False)
+    g = 65536
+    xg, wg = one.expand(1, g, 2, 2), one.expand(g, 1, 1, 1)
+    with pytest.raises(ValueError, match="at most 65535 groups.*FASTRES_CONV=aten"):
+        conv.conv2d_act(xg, wg, None, None, None, None, (1, 1), (0, 0), (1, 1), g, False, False, False)
+    with pytest.raises(ValueError, match="second axis.*groups=65536"):
+        B.conv2d_act_dgrad(xg, wg, xg, None, None, False, 1, 0, 1, g, False)
+
+
 # ----------------------------------------------------------------------------- CUDA
 GPU_CASES = [(s, dt, "channels_last", "affine_relu") for s in SHAPES for dt in (F32, BF16)] + [
     ("3x3s2", F64, "channels_last", "affine_relu"), ("grouped", F16, "contiguous", "shift_relu")]

@@ -127,6 +127,17 @@ def test_capture_train_step_refuses_cpu():
         capture_train_step(model, opt, torch.randn(2, 3, 16, 16), torch.zeros(2, dtype=torch.long))
 
 
+@pytest.mark.parametrize("warmup", [0, -1, 1.5, True])
+def test_capture_train_step_needs_a_warmup(warmup):
+    """No capture without eager warm-up steps: the first calls compile and autotune the
+    Triton kernels (timing synchronises the device, which breaks a capture) and
+    initialise cuBLAS/cuDNN lazily. Refused before anything runs, on any device."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="warmup >= 1"):
+        capture_train_step(model, opt, torch.randn(2, 3, 16, 16), torch.zeros(2, dtype=torch.long), warmup=warmup)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
 def test_bench_cuda_graphs_errors_on_cpu():
     r = subprocess.run([sys.executable, "-m", "fastres", "bench", "--cuda-graphs", "--device", "cpu",

@@ -560,6 +560,43 @@ def test_family_backward_without_prologue_is_aten(graphs_on_cpu):
         torch.testing.assert_close(a, e)
 
 
+def test_capture_and_out_of_memory_are_not_remembered(monkeypatch):
+    """A graph first met inside a CUDA graph capture (the C++ op builds no plan there:
+    NOT_IN_CAPTURE) runs the aten fallback for that call, warned once, and is tried
+    again on the next call (nothing remembered). Out of memory while running a graph is
+    torch.OutOfMemoryError for the caller (batch-size searches catch it), never a graph
+    remembered as refused."""
+    calls = []
+    errors = [RuntimeError(cudnn.NOT_IN_CAPTURE + " (conv_bias_add_relu graph): run the model once outside the "
+                           "capture first"),
+              torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")]
+
+    def failing(pattern, *args):
+        calls.append(pattern)
+        raise errors[min(len(calls), len(errors)) - 1]
+
+    monkeypatch.setattr(cudnn, "available", lambda dev: (True, "test"))
+    monkeypatch.setattr(cudnn, "_capability", lambda dev: (9, 0))
+    monkeypatch.setattr(cudnn, "_run_graph", failing)
+    monkeypatch.setattr(cudnn, "_no_engine", {})
+    monkeypatch.setattr(cudnn, "_warned", set())
+    torch.manual_seed(4)
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    w = torch.randn(16, 8, 3, 3, dtype=torch.float64)
+    b = torch.randn(16, dtype=torch.float64)
+    args = (x.float(), w.float(), b.float(), None, None, None, [1, 1], [1, 1], [1, 1], 1, False, True, False)
+    with pytest.warns(RuntimeWarning, match="first called inside a CUDA graph capture"):
+        y = cudnn.conv2d_act_forward(*args)[0]
+    torch.testing.assert_close(y.double(), _reference64(x, w, b, None, None, None, 1, 1, False, True),
+                               rtol=1e-5, atol=1e-5)
+    assert calls == ["conv_bias_add_relu"] and cudnn._no_engine == {}
+    with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate"):
+        cudnn.conv2d_act_forward(*args)  # tried again (not remembered), and OOM propagates
+    assert calls == ["conv_bias_add_relu"] * 2 and cudnn._no_engine == {}
+    p, _ = cudnn.choose(*args)
+    assert p == "conv_bias_add_relu"
+
+
 def test_backward_no_engine_falls_back_per_part(graphs_on_cpu, monkeypatch):
     """cuDNN refusing the dgrad graph at run time: one warning, that part
     on aten + the fused elementwise kernels (same gradients), the wgrad graph still

@@ -183,6 +183,7 @@ def test_gpu_fused_conv_resnet50_bf16_autocast(train, monkeypatch):
     import copy
     from resnet_ref import rel_err
     monkeypatch.setenv("FASTRES_CONV_AUTOTUNE", "0")  # default tilings: few compiles
+    monkeypatch.setenv("FASTRES_CONV_BWD_AUTOTUNE", "0")  # (the backward's, read per call)
     ref, ours = _model_pair("resnet50", torch.float32, torch.channels_last)
     ref, ours = ref.cuda(), ours.cuda()
     fp32 = copy.deepcopy(ref)

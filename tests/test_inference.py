@@ -309,7 +309,7 @@ def test_cuda_graph_inference_refuses_the_cpu():
 
 
 def _fake_cuda_graphs(monkeypatch, phase):
-    """torch.cuda's stream and graph API as no-ops on the CPU (``phase[0]`` becomes
+    """torch.cuda's stream, device and graph API as no-ops on the CPU (``phase[0]`` becomes
     ``"capture"`` inside ``torch.cuda.graph``), and fastres.inference's device check passed."""
     import contextlib
 
@@ -338,6 +338,7 @@ def _fake_cuda_graphs(monkeypatch, phase):
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
     monkeypatch.setattr(torch.cuda, "graph", graph)
 

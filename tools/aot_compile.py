@@ -1,6 +1,7 @@
 """Compile every Triton kernel fastres launches for real GPUs, without a GPU.
 
     python tools/aot_compile.py [--arch 90 --arch 80] [--quick] [--kernel NAME] [--list] [--json FILE]
+    python tools/aot_compile.py --mutations   # torch's wrap_triton mutation analysis of every launch
 
 The interpreter (TRITON_INTERPRET=1, every CPU test) never runs Triton's compiler, so a
 kernel that passes every test can still fail to compile for sm_90 (tl.dot operand
@@ -527,6 +528,94 @@ def check(sp: Spec, arch: int) -> dict:
     return res
 
 
+# ----------------------------------------------------------------------------- torch's mutation analysis
+# What each kernel writes (its output pointers): torch.library.wrap_triton (the triton_op
+# variant, fastres/_triton_ops.py) finds the written tensors by compiling the kernel to
+# Triton IR; where that fails it warns and counts *every* tensor argument as written,
+# which breaks AOTAutograd's partitioning (a backward input "mutated"). torch 2.11 marks
+# every non-tensor argument constexpr for that compile, 2.12+ only the declared ones.
+WRITES = {
+    "_stats_kernel": {"pmean_ptr", "pm2_ptr", "pw_ptr", "psum_ptr"},
+    "_stats_finalize": {"mean_ptr", "var_ptr", "scale_ptr"},
+    "_act_kernel": {"y_ptr"},
+    "_bwd_kernel": {"gx_ptr", "gz_ptr", "ps_dz_ptr", "ps_dzx_ptr"},
+    "_bwd_finalize": {"gw_ptr", "gb_ptr", "coef_ptr"},
+    "_conv_fwd_kernel": {"y_ptr", "pmean_ptr", "pm2_ptr"},
+    "_dgrad_kernel": {"gx_ptr", "ps_dz_ptr", "ps_dzx_ptr"},
+    "_wgrad_kernel": {"gw_ptr", "gb_ptr"},
+}
+
+
+class _DescribedDriver:
+    """triton.runtime.driver's active driver for torch's TTIR generation without a GPU:
+    only the target is asked for."""
+
+    def __init__(self, arch: int):
+        self.arch = arch
+
+    def get_current_target(self):
+        return GPUTarget("cuda", self.arch, 32)
+
+
+def mutations(launches: List[Launch]) -> int:
+    """torch's identify_mutated_tensors on every distinct launch (kernel + constexprs +
+    which pointers are given): no fallback, and the written set within WRITES."""
+    import logging
+    from torch._higher_order_ops import triton_kernel_wrap as W
+
+    class Grab(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.n = 0
+
+        def emit(self, record):
+            msg = record.getMessage()
+            self.n += "identify_mutated_tensors" in msg or "identify_accessed_tensors" in msg
+
+    grab = Grab()
+    log = logging.getLogger(W.__name__)
+    log.addHandler(grab)
+    cfg = triton.runtime.driver
+    saved = cfg._active  # None without a GPU (reading .active would try to create a driver)
+    cfg.set_active(_DescribedDriver(90))
+    seen, failures, counts = set(), 0, {}
+    try:
+        for ln in launches:
+            fn = ln.fn
+            kwargs = dict(zip(fn.arg_names, ln.args))
+            kwargs.update({k: v for k, v in ln.kwargs.items() if k in fn.arg_names})
+            key = (fn.__name__, tuple(sorted((k, repr(v)) for k, v in kwargs.items()
+                                             if not isinstance(v, torch.Tensor))))
+            if key in seen:
+                continue
+            seen.add(key)
+            before = grab.n
+            tensors = {k for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+            if hasattr(W, "identify_mutated_tensors"):  # torch <= 2.13
+                written = set(W.identify_mutated_tensors(fn, kwargs, {}))
+            else:  # torch 2.14: reads and writes
+                acc = W.identify_accessed_tensors(fn, kwargs, {})
+                written = {d.name for d in acc.read_writes.writes} & tensors
+            problems = []
+            if grab.n > before:
+                problems.append("torch's analysis failed: every tensor counted as written")
+            elif not written <= WRITES.get(fn.__name__, set()):
+                problems.append(f"writes {sorted(written - WRITES.get(fn.__name__, set()))} beyond its outputs")
+            elif not written:
+                problems.append("writes nothing")
+            counts[fn.__name__] = counts.get(fn.__name__, 0) + 1
+            if problems:
+                failures += 1
+                print(f"FAIL mutations {fn.__name__} ({ln.scenario}): {'; '.join(problems)}; "
+                      f"written {sorted(written)} of {sorted(tensors)}", flush=True)
+    finally:
+        log.removeHandler(grab)
+        cfg._active = saved
+    print(f"mutations: {sum(counts.values())} distinct launches "
+          f"({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}), {failures} failure(s)")
+    return failures
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, action="append", help="SM version(s), default 90 and 80")
@@ -535,6 +624,9 @@ def main(argv=None) -> int:
     ap.add_argument("--scenario", help="only scenarios whose name contains this text")
     ap.add_argument("--list", action="store_true", help="list the distinct compilations, compile nothing")
     ap.add_argument("--json", help="write every result to this file")
+    ap.add_argument("--mutations", action="store_true",
+                    help="instead of compiling: torch's wrap_triton mutation analysis of every distinct launch "
+                         "(the triton_op variant) must succeed and name only the kernel's outputs")
     a = ap.parse_args(argv)
     archs = a.arch or [90, 80]
     sel = [s for s in scenarios() if (s.quick or not a.quick) and (a.scenario is None or a.scenario in s.name)]
@@ -545,6 +637,10 @@ def main(argv=None) -> int:
     by_name = {s.name: s for s in sel}
     print(f"triton {triton.__version__}, torch {torch.__version__}: {len(sel)} scenarios, "
           f"{len(launches)} launches recorded in {time.time() - t0:.1f}s", flush=True)
+    if a.mutations:
+        bad = mutations(launches)
+        print(f"{'FAILED' if bad else 'passed'}: {bad} failure(s) in {time.time() - t0:.0f}s")
+        return 1 if bad else 0
     failures, results = 0, []
     for arch in archs:
         specs = distinct(select(launches, by_name, a.quick, arch), arch, by_name)

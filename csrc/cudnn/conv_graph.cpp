@@ -30,8 +30,15 @@
 // does not finalize, heuristics without a usable config, no plan that finalizes, the
 // workspace allocation, the first cudnnBackendExecute) raises an error that starts with
 // kNoEngine and names the descriptor / attribute / tensor and cuDNN's status and message;
-// fastres/cudnn.py falls back (aten conv + fused kernels) and remembers the graph. After
-// a plan has run once, a failure is a real error (same details, without kNoEngine).
+// fastres/cudnn.py falls back (aten conv + fused kernels) and remembers the graph. A plan
+// whose first execution fails is replaced by the next engine config heuristics return
+// (up to kMaxConfigs) before that. A plan is cached only once it has run; after that a
+// failure is a real error (same details, without kNoEngine). Running out of memory is
+// never "no engine": c10::OutOfMemoryError propagates as itself (torch.OutOfMemoryError),
+// and nothing is remembered. No plan is built while the current stream is being
+// captured into a CUDA graph (heuristics, runtime compilation and the first-use
+// execution do not belong in a graph): kNotInCapture, the Python side falls back for
+// that call only.
 #if defined(FASTRES_WITH_CUDNN)
 
 #include <ATen/ATen.h>
@@ -46,7 +53,6 @@
 
 #include <dlfcn.h>
 
-#include <atomic>
 #include <cfloat>
 #include <cstdint>
 #include <cstdlib>
@@ -74,6 +80,11 @@ namespace {
 
 // The message the Python side recognises as "this graph has no engine here" (fall back).
 constexpr const char* kNoEngine = "fastres cudnn: no engine supports this graph";
+// ... and "this graph has no plan yet and the stream is being captured" (fall back, once).
+constexpr const char* kNotInCapture = "fastres cudnn: no plan is built during CUDA graph capture";
+// Engine configs tried, in heuristics order, when a plan finalizes but its first
+// execution fails (without autotuning).
+constexpr size_t kMaxConfigs = 3;
 
 std::string status_text(cudnnStatus_t s) {
   char msg[1024] = {0};
@@ -534,7 +545,6 @@ struct Plan {
   std::vector<int64_t> uids;
   int64_t workspace = 0;
   Pattern pattern = kConvBiasAct;
-  std::atomic<bool> ran{false};  // executed successfully at least once
 };
 
 // Why an engine config is not acceptable under `o` ("" = acceptable): determinism
@@ -662,8 +672,9 @@ int64_t workspace_of(const DescP& ep) {
 // Pointers for the variant pack: uid -> device pointer.
 using Ptrs = std::vector<std::pair<int64_t, void*>>;
 
-// One cudnnBackendExecute of `ep` ("" = success, else the failure text). Allocation
-// failures (workspace) are reported the same way.
+// One cudnnBackendExecute of `ep` ("" = success, else the failure text). A workspace
+// allocation that fails for another reason than out-of-memory is reported the same way;
+// out of memory propagates (c10::OutOfMemoryError).
 std::string execute_once(cudnnHandle_t handle, const Desc& ep, const std::vector<int64_t>& uids, int64_t workspace,
                          const Ptrs& ptrs, const at::Tensor& like) {
   std::vector<void*> data;
@@ -680,6 +691,8 @@ std::string execute_once(cudnnHandle_t handle, const Desc& ep, const std::vector
   if (workspace > 0) {
     try {
       ws = at::empty({workspace}, like.options().dtype(at::kByte).memory_format(at::MemoryFormat::Contiguous));
+    } catch (const c10::OutOfMemoryError&) {
+      throw;  // torch.OutOfMemoryError for the caller (retry, smaller batch), never "no engine"
     } catch (const c10::Error& e) {
       return "allocating the plan's workspace of " + std::to_string(workspace) + " bytes failed: " + e.what_without_backtrace();
     }
@@ -705,14 +718,20 @@ bool autotune_enabled() {
   return v != nullptr && (std::string(v) == "1" || std::string(v) == "true");
 }
 
-// Graph -> plan (the first that finalizes, or with autotune the fastest of up to 8).
+// Graph -> plan: the (skip+1)-th plan that finalizes, or with autotune the fastest of up
+// to 8. Timing runs the candidates on the op's own buffers; the outputs an engine may
+// accumulate into (`accumulating`, zeroed by the caller) are zeroed again afterwards.
 std::shared_ptr<Plan> build_plan(Pattern pattern, Graph&& g, cudnnHandle_t handle, const Options& o,
-                                 const Ptrs& ptrs, const at::Tensor& like) {
+                                 const Ptrs& ptrs, const at::Tensor& like,
+                                 const std::vector<at::Tensor>& accumulating, size_t skip) {
   auto plan = std::make_shared<Plan>();
   plan->pattern = pattern;
   Target t;
   t.handle = handle;
-  Found f = find_plans(g, t, o, o.autotune ? 8 : 1);
+  Found f = find_plans(g, t, o, o.autotune ? 8 : skip + 1);
+  if (!o.autotune && f.plans.size() <= skip) {
+    throw Failure("no further engine config finalizes (" + std::to_string(f.plans.size()) + " did)");
+  }
   plan->keep.insert(plan->keep.end(), g.keep.begin(), g.keep.end());
   plan->keep.push_back(f.opg);
   plan->keep.insert(plan->keep.end(), f.cfgs.begin(), f.cfgs.end());
@@ -738,6 +757,9 @@ std::shared_ptr<Plan> build_plan(Pattern pattern, Graph&& g, cudnnHandle_t handl
         best = i;
       }
     }
+    for (const auto& t : accumulating) t.zero_();  // the timed runs wrote there
+  } else if (!o.autotune) {
+    best = skip;
   }
   plan->plan = f.plans[best];
   plan->keep.push_back(f.plans[best]);
@@ -765,12 +787,6 @@ void store(const std::vector<int64_t>& key, std::shared_ptr<Plan> p) {
   auto& c = cache();
   std::lock_guard<std::mutex> g(c.mu);
   c.plans.emplace(key, std::move(p));
-}
-
-void forget(const std::vector<int64_t>& key) {
-  auto& c = cache();
-  std::lock_guard<std::mutex> g(c.mu);
-  c.plans.erase(key);
 }
 
 Options current_options(bool fp32_io) {
@@ -806,36 +822,48 @@ void push_tensor_key(std::vector<int64_t>& key, const at::Tensor& t) {
   for (auto s : t.sizes()) key.push_back(s);
 }
 
-// The cached plan of `key` (built by `build` on a miss), executed on `ptrs`. Before the
-// plan's first successful run every failure raises kNoEngine + the details (the Python
-// side falls back); afterwards it is a real error with the same details.
+// The cached plan of `key` (built by `build` on a miss), executed on `ptrs`. On a miss
+// (never during a capture: kNotInCapture) the plan is built and executed; if that first
+// execution fails, the next engine config is tried (up to kMaxConfigs, the outputs in
+// `accumulating` zeroed again in between); if none runs, kNoEngine + the details (the
+// Python side falls back). A plan is cached once it has run; a later failure is a real
+// error with the same details.
 template <class Build>
 void run_cached(Pattern pattern, const std::vector<int64_t>& key, cudnnHandle_t handle, const Options& o,
-                const Ptrs& ptrs, const at::Tensor& like, Build&& build) {
-  auto plan = lookup(key);
-  if (!plan) {
+                const Ptrs& ptrs, const at::Tensor& like, const std::vector<at::Tensor>& accumulating,
+                Build&& build) {
+  if (auto plan = lookup(key)) {
+    const std::string err = execute_once(handle, *plan->plan, plan->uids, plan->workspace, ptrs, like);
+    TORCH_CHECK(err.empty(), "fastres cudnn: the ", pattern_name(pattern),
+                " plan failed after it had run successfully before: ", err);
+    return;
+  }
+  TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None, kNotInCapture,
+              " (", pattern_name(pattern), " graph): run the model once outside the capture first (a warm-up), "
+              "so that the plan is built and cached before it is recorded");
+  std::string first_err;
+  const size_t attempts = o.autotune ? 1 : kMaxConfigs;
+  for (size_t attempt = 0; attempt < attempts; ++attempt) {
+    std::shared_ptr<Plan> plan;
     try {
       Graph g;
       build(g);
-      plan = build_plan(pattern, std::move(g), handle, o, ptrs, like);
+      plan = build_plan(pattern, std::move(g), handle, o, ptrs, like, accumulating, attempt);
     } catch (const Failure& e) {
-      TORCH_CHECK(false, kNoEngine, " (", pattern_name(pattern), " graph, cuDNN ", cudnnGetVersion(), "): ",
+      TORCH_CHECK(attempt > 0, kNoEngine, " (", pattern_name(pattern), " graph, cuDNN ", cudnnGetVersion(), "): ",
                   e.what());
+      break;  // no further config: report the first one's execution failure
     }
-    store(key, plan);
+    const std::string err = execute_once(handle, *plan->plan, plan->uids, plan->workspace, ptrs, like);
+    if (err.empty()) {
+      store(key, plan);
+      return;
+    }
+    if (attempt == 0) first_err = err;
+    for (const auto& t : accumulating) t.zero_();  // a failed run may have written
   }
-  const std::string err = execute_once(handle, *plan->plan, plan->uids, plan->workspace, ptrs, like);
-  if (err.empty()) {
-    plan->ran.store(true);
-    return;
-  }
-  if (!plan->ran.load()) {
-    forget(key);
-    TORCH_CHECK(false, kNoEngine, " (", pattern_name(pattern), " graph, cuDNN ", cudnnGetVersion(),
-                "): its first execution failed: ", err);
-  }
-  TORCH_CHECK(false, "fastres cudnn: the ", pattern_name(pattern),
-              " plan failed after it had run successfully before: ", err);
+  TORCH_CHECK(false, kNoEngine, " (", pattern_name(pattern), " graph, cuDNN ", cudnnGetVersion(),
+              "): its first execution failed: ", first_err);
 }
 
 // ----------------------------------------------------------------------------- argument checks
@@ -942,7 +970,7 @@ at::Tensor cudnn_conv_bias_act(const at::Tensor& x_in, const at::Tensor& w_in,
   Ptrs ptrs = {{kX, x.data_ptr()}, {kW, w.data_ptr()}, {kY, y.data_ptr()}};
   if (bias.defined()) ptrs.emplace_back(kBias, bias.data_ptr());
   if (res.defined()) ptrs.emplace_back(kRes, res.data_ptr());
-  run_cached(kConvBiasAct, key, handle, o, ptrs, x, [&](Graph& g) {
+  run_cached(kConvBiasAct, key, handle, o, ptrs, x, {}, [&](Graph& g) {
     build_conv_bias_act(g, cdt, cdt, s, bias.defined(), res.defined(), relu);
   });
   return fmt == at::MemoryFormat::ChannelsLast ? y : y.contiguous(fmt);
@@ -976,7 +1004,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cudnn_conv_act_stats(
                {kSumSq, sumsq.data_ptr()}};
   if (scale.defined()) ptrs.emplace_back(kScale, scale.data_ptr());
   if (shift.defined()) ptrs.emplace_back(kShift, shift.data_ptr());
-  run_cached(kConvActStats, key, handle, o, ptrs, x, [&](Graph& g) {
+  run_cached(kConvActStats, key, handle, o, ptrs, x, {sum, sumsq}, [&](Graph& g) {
     build_conv_act_stats(g, cdt, cdt, s, scale.defined(), shift.defined(), in_relu);
   });
   return {fmt == at::MemoryFormat::ChannelsLast ? y : y.contiguous(fmt), sum.view({K}), sumsq.view({K})};
@@ -1023,7 +1051,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cudnn_dgrad_drelu_dbn(
                {kShift, shift.data_ptr()},  {kDV, dv.data_ptr()},         {kDScale, dscale.data_ptr()},
                {kDShift, dshift.data_ptr()}, {kEqDy, eq_dy.data_ptr()},   {kEqX, eq_x.data_ptr()},
                {kEqBias, eq_bias.data_ptr()}};
-  run_cached(kDgradDreluDbn, key, handle, o, ptrs, x, [&](Graph& g) { build_dgrad_drelu_dbn(g, cdt, s); });
+  run_cached(kDgradDreluDbn, key, handle, o, ptrs, x, {dscale, dshift, eq_dy, eq_x, eq_bias},
+             [&](Graph& g) { build_dgrad_drelu_dbn(g, cdt, s); });
   return {fmt == at::MemoryFormat::ChannelsLast ? dv : dv.contiguous(fmt), dscale, dshift};
 }
 
@@ -1055,7 +1084,7 @@ at::Tensor cudnn_wgrad_scale_shift_relu(const at::Tensor& dy_in, const at::Tenso
   Ptrs ptrs = {{kX, x.data_ptr()}, {kDY, dy.data_ptr()}, {kDW, dw.data_ptr()}};
   if (scale.defined()) ptrs.emplace_back(kScale, scale.data_ptr());
   if (shift.defined()) ptrs.emplace_back(kShift, shift.data_ptr());
-  run_cached(kScaleShiftReluWgrad, key, handle, o, ptrs, x, [&](Graph& g) {
+  run_cached(kScaleShiftReluWgrad, key, handle, o, ptrs, x, {}, [&](Graph& g) {
     build_wgrad(g, cdt, s, scale.defined(), shift.defined(), in_relu);
   });
   return dw.contiguous();
