@@ -286,18 +286,20 @@ GPU_CASES = [(s, dt, "channels_last", "affine_relu") for s in SHAPES for dt in (
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
-def test_conv_bwd_parity_cuda(case):
+def test_conv_bwd_parity_cuda(case, monkeypatch):
     if not torch.cuda.is_available() or INTERP:
         pytest.skip("needs a CUDA device (and TRITON_INTERPRET unset)")
+    monkeypatch.setenv("FASTRES_CONV_BWD_AUTOTUNE", "1")  # the tuned kernels (run_gpu.sh turns tuning off)
     check_case(*case, device="cuda")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["1x1s1", "3x3s2", "7x7s2stem"])
-def test_conv_bwd_resnet_sized_cuda(name):
+def test_conv_bwd_resnet_sized_cuda(name, monkeypatch):
     """ResNet-like channel counts (several autotuned tiles, wgrad splits), bf16 NHWC."""
     if not torch.cuda.is_available() or INTERP:
         pytest.skip("needs a CUDA device (and TRITON_INTERPRET unset)")
+    monkeypatch.setenv("FASTRES_CONV_BWD_AUTOTUNE", "1")  # the tuned kernels (run_gpu.sh turns tuning off)
     geometry = SHAPES[name][5:]
     n, c, h, w, k = {"1x1s1": (8, 256, 14, 14, 64), "3x3s2": (8, 128, 28, 28, 128),
                      "7x7s2stem": (4, 3, 64, 64, 64)}[name]
