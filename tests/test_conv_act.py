@@ -717,6 +717,52 @@ def test_gpu_autotuned_tiling(monkeypatch):
     torch.testing.assert_close(v, v0, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the Triton conv compiled for it)")
+def test_gpu_deterministic_mode_runs_the_default_tilings(monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) the Triton conv's tuners time
+    nothing (the tile fixes the fp32 summation order: timing noise would choose it
+    differently in another process): forward and backward run the default tilings --
+    bit for bit what FASTRES_CONV_AUTOTUNE=0 FASTRES_CONV_BWD_AUTOTUNE=0 give -- and
+    remember no tuned shape; two runs are bitwise equal."""
+    from fastres.kernels import _conv, _conv_bwd
+    monkeypatch.setenv("FASTRES_CONV_AUTOTUNE", "1")
+    monkeypatch.setenv("FASTRES_CONV_BWD_AUTOTUNE", "1")
+    monkeypatch.setenv("FASTRES_CONV_BWD", "triton")
+    monkeypatch.delenv("FASTRES_CONV_CONFIG", raising=False)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x0 = torch.randn(8, 48, 20, 20, generator=g, device="cuda", dtype=torch.bfloat16).contiguous(
+        memory_format=torch.channels_last)
+    w0 = torch.randn(80, 48, 3, 3, generator=g, device="cuda", dtype=torch.bfloat16) * 0.05
+    s0 = torch.rand(48, generator=g, device="cuda") + 0.5
+    t0 = torch.randn(48, generator=g, device="cuda")
+
+    def run():
+        x, w, s, t = (v.detach().clone().requires_grad_() for v in (x0, w0, s0, t0))
+        with fastres.use_conv("fused"):
+            y, m, v = conv2d_act(x, w, None, 1, 1, in_scale=s, in_shift=t, in_relu=True, stats="moments")
+        (y.float().square().sum() + m.sum() + v.sum()).backward()
+        return [y, m, v, x.grad, w.grad, s.grad, t.grad]
+
+    _conv._tuned.clear()
+    bwd_keys = set(_conv_bwd._TUNED_KEYS)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = run(), run()
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert not _conv._tuned and _conv_bwd._TUNED_KEYS == bwd_keys, "a tuner ran in deterministic mode"
+    monkeypatch.setenv("FASTRES_CONV_AUTOTUNE", "0")
+    monkeypatch.setenv("FASTRES_CONV_BWD_AUTOTUNE", "0")
+    untuned = run()
+    _conv._tuned.clear()
+    for name, a, b, c in zip(["y", "mean", "var", "grad_x", "grad_w", "grad_scale", "grad_shift"],
+                             first, second, untuned):
+        assert torch.equal(a, b), f"{name}: two deterministic runs differ"
+        assert torch.equal(a, c), f"{name}: deterministic mode is not the default tiling"
+
+
 _STRIDED_1X1 = r"""
 import sys, torch
 import fastres

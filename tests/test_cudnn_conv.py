@@ -1053,6 +1053,47 @@ def test_backward_graphs_parity(shape, dtype):
             assert_close_dtype(a, None, dtype, name, ref_low=l_, ref_hi=h)
 
 
+@gpu
+def test_graphs_repeat_bitwise_and_autotune_keeps_the_sums(monkeypatch):
+    """The statistics outputs are zero-filled before a graph runs (an engine may
+    accumulate into them): the genstats forward and the dgrad + dBN graph give bitwise
+    the same outputs on a second call. With FASTRES_CUDNN_AUTOTUNE=1 the first call times
+    its candidates on the op's own buffers: its sums must still equal the second call's
+    (the buffers are zeroed again before the chosen plan runs). fp16 (pre-compiled
+    engines on sm_80/sm_90); shapes no other test uses, so the plans are built here."""
+    _need_gpu()
+    dt = torch.float16
+    g = torch.Generator(device="cuda").manual_seed(5)
+
+    def data(c, k, h):
+        x = torch.randn(2, c, h, h, generator=g, device="cuda").to(dt).contiguous(memory_format=torch.channels_last)
+        w = (torch.randn(k, c, 3, 3, generator=g, device="cuda") * 0.05).to(dt).contiguous(
+            memory_format=torch.channels_last)
+        s = torch.rand(c, generator=g, device="cuda") + 0.5
+        t = torch.randn(c, generator=g, device="cuda") * 0.2
+        dz = torch.randn(2, k, h, h, generator=g, device="cuda").to(dt).contiguous(memory_format=torch.channels_last)
+        return x, w, s, t, dz
+
+    def both(x, w, s, t, dz):
+        fwd = _fail_if_no_engine(lambda: OPS.cudnn_conv_act_stats(x, w, s, t, [1, 1], [1, 1], [1, 1], 1, True),
+                                 "scale_shift_relu_conv_genstats")
+        bwd = _fail_if_no_engine(lambda: OPS.cudnn_dgrad_drelu_dbn(dz, w, x, s, t, [1, 1], [1, 1], [1, 1], 1),
+                                 "dgrad_drelu_dbn")
+        return [*fwd, *bwd]
+
+    names = ["y", "sum", "sumsq", "dv", "dscale", "dshift"]
+    monkeypatch.delenv("FASTRES_CUDNN_AUTOTUNE", raising=False)
+    case = data(40, 56, 11)
+    a, b = both(*case), both(*case)
+    for n, u, v in zip(names, a, b):
+        assert torch.equal(u, v), f"{n} differs between two calls of the same plan"
+    monkeypatch.setenv("FASTRES_CUDNN_AUTOTUNE", "1")
+    case = data(40, 72, 11)  # a new key: this plan is built (and timed) by the first call
+    a, b = both(*case), both(*case)
+    for n, u, v in zip(names, a, b):
+        assert torch.equal(u, v), f"{n}: the autotuned first call differs from the second (accumulated sums?)"
+
+
 def _spy_graphs(monkeypatch):
     """Count the forward and backward graph calls (the fused path, not a fallback)."""
     calls = []
