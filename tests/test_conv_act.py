@@ -686,6 +686,15 @@ def test_autocast_computes_in_autocast_dtype(family):
     assert_close_dtype(y, None, torch.bfloat16, "y", ref_low=y_low, ref_hi=hi)
 
 
+def _gpu_prologue_case(seed, n, c, hw, k):
+    """bf16 NHWC x [n, c, hw, hw], a 3x3 weight [k, c], fp32 in_scale / in_shift, on CUDA."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(n, c, hw, hw, generator=g, device="cuda", dtype=torch.bfloat16).contiguous(
+        memory_format=torch.channels_last)
+    w = torch.randn(k, c, 3, 3, generator=g, device="cuda", dtype=torch.bfloat16) * 0.05
+    return x, w, torch.rand(c, generator=g, device="cuda") + 0.5, torch.randn(c, generator=g, device="cuda")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the Triton conv compiled for it)")
 def test_gpu_autotuned_tiling(monkeypatch):
@@ -695,12 +704,7 @@ def test_gpu_autotuned_tiling(monkeypatch):
     from fastres.kernels import _conv
     monkeypatch.setenv("FASTRES_CONV_AUTOTUNE", "1")
     monkeypatch.delenv("FASTRES_CONV_CONFIG", raising=False)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(16, 64, 28, 28, generator=g, device="cuda", dtype=torch.bfloat16).contiguous(
-        memory_format=torch.channels_last)
-    w = torch.randn(128, 64, 3, 3, generator=g, device="cuda", dtype=torch.bfloat16) * 0.05
-    s = torch.rand(64, generator=g, device="cuda") + 0.5
-    t = torch.randn(64, generator=g, device="cuda")
+    x, w, s, t = _gpu_prologue_case(0, 16, 64, 28, 128)
     _conv._tuned.clear()
     with fastres.use_conv("fused"):
         y, m, v = conv2d_act(x, w, None, 1, 1, in_scale=s, in_shift=t, in_relu=True, stats="moments")
@@ -730,12 +734,7 @@ def test_gpu_deterministic_mode_runs_the_default_tilings(monkeypatch):
     monkeypatch.setenv("FASTRES_CONV_BWD_AUTOTUNE", "1")
     monkeypatch.setenv("FASTRES_CONV_BWD", "triton")
     monkeypatch.delenv("FASTRES_CONV_CONFIG", raising=False)
-    g = torch.Generator(device="cuda").manual_seed(1)
-    x0 = torch.randn(8, 48, 20, 20, generator=g, device="cuda", dtype=torch.bfloat16).contiguous(
-        memory_format=torch.channels_last)
-    w0 = torch.randn(80, 48, 3, 3, generator=g, device="cuda", dtype=torch.bfloat16) * 0.05
-    s0 = torch.rand(48, generator=g, device="cuda") + 0.5
-    t0 = torch.randn(48, generator=g, device="cuda")
+    x0, w0, s0, t0 = _gpu_prologue_case(1, 8, 48, 20, 80)
 
     def run():
         x, w, s, t = (v.detach().clone().requires_grad_() for v in (x0, w0, s0, t0))

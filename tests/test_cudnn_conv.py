@@ -232,6 +232,16 @@ def test_bias_act_backward_formula_cpu(variant):
         torch.testing.assert_close(a, e)
 
 
+def _graphs_as(monkeypatch, run_graph):
+    """cuDNN graphs "available" on an sm_90 device, each forward graph call running
+    ``run_graph(pattern, *args)``; the refused-graph memory and the warnings empty."""
+    monkeypatch.setattr(cudnn, "available", lambda dev: (True, "test"))
+    monkeypatch.setattr(cudnn, "_capability", lambda dev: (9, 0))
+    monkeypatch.setattr(cudnn, "_run_graph", run_graph)
+    monkeypatch.setattr(cudnn, "_no_engine", {})
+    monkeypatch.setattr(cudnn, "_warned", set())
+
+
 def test_no_engine_falls_back_once(monkeypatch):
     """cuDNN finding no engine for a graph at run time: one warning, the aten fallback
     (same result), the key remembered (the graph is not tried again) and reported in
@@ -243,11 +253,7 @@ def test_no_engine_falls_back_once(monkeypatch):
         raise RuntimeError(cudnn.NO_ENGINE + " (conv_bias_add_relu graph, cuDNN 92400): no usable engine config: "
                            "CUDNN_HEUR_MODE_A: 0 engine configs; CUDNN_HEUR_MODE_FALLBACK: 0 engine configs; ")
 
-    monkeypatch.setattr(cudnn, "available", lambda dev: (True, "test"))
-    monkeypatch.setattr(cudnn, "_capability", lambda dev: (9, 0))
-    monkeypatch.setattr(cudnn, "_run_graph", no_engine)
-    monkeypatch.setattr(cudnn, "_no_engine", {})
-    monkeypatch.setattr(cudnn, "_warned", set())
+    _graphs_as(monkeypatch, no_engine)
     torch.manual_seed(3)
     x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
     w = torch.randn(16, 8, 3, 3, dtype=torch.float64)
@@ -575,11 +581,7 @@ def test_capture_and_out_of_memory_are_not_remembered(monkeypatch):
         calls.append(pattern)
         raise errors[min(len(calls), len(errors)) - 1]
 
-    monkeypatch.setattr(cudnn, "available", lambda dev: (True, "test"))
-    monkeypatch.setattr(cudnn, "_capability", lambda dev: (9, 0))
-    monkeypatch.setattr(cudnn, "_run_graph", failing)
-    monkeypatch.setattr(cudnn, "_no_engine", {})
-    monkeypatch.setattr(cudnn, "_warned", set())
+    _graphs_as(monkeypatch, failing)
     torch.manual_seed(4)
     x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
     w = torch.randn(16, 8, 3, 3, dtype=torch.float64)
