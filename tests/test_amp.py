@@ -186,7 +186,9 @@ def _check_grad_scaler(ref, ours, device_type, dtype):
 def _check_nonfinite_forward(ref, ours, device_type, dtype):
     """pytorch#88474: a forward that overflows (here an inf in the input) writes non-finite
     values into BatchNorm running statistics. fastres's statistics are non-finite exactly
-    where torchvision's are — never NaN/inf where torchvision's stay finite."""
+    where torchvision's are — never NaN/inf where torchvision's stay finite (on the CPU
+    NaN exactly where torchvision's are NaN too; on CUDA torch's Welford statistics make a
+    one-signed inf NaN where fastres's sums keep it inf: non-finite either way)."""
     dev = next(ref.parameters()).device
     x, y = _input(ref, dev), torch.randint(0, 7, (4,), device=dev)
     x[0, 0, 3, 3] = float("inf")
@@ -197,7 +199,8 @@ def _check_nonfinite_forward(ref, ours, device_type, dtype):
     for (n, b), (_, c) in zip(ours.named_buffers(), ref.named_buffers()):
         if b.is_floating_point():
             assert torch.equal(torch.isfinite(b), torch.isfinite(c)), n
-            assert torch.equal(torch.isnan(b), torch.isnan(c)), n
+            if device_type == "cpu":  # (CUDA: torch's Welford turns an inf into NaN where a sum stays inf)
+                assert torch.equal(torch.isnan(b), torch.isnan(c)), n
         else:
             assert torch.equal(b, c), n
     for (n, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters()):
