@@ -363,8 +363,13 @@ def conv2d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Opti
         return args, pmean, pm2
 
     with _device_ctx(x):
-        cfg = _pick_config(key, lambda c_: _launch(c_, args_for(c_)[0], meta, m, kg, groups), x.dtype, cg, kg, m,
-                           untimed_reason(x.device))
+        if not all(isinstance(v, int) for v in (n, c, h, w, k)):
+            # symbolic sizes (traced with dynamic shapes, the triton_op variant): nothing
+            # concrete to time; the first candidate, not remembered
+            cfg = INTERPRETER_CONFIG if INTERPRETED else _candidates(x.dtype, cg, kg, m)[0]
+        else:
+            cfg = _pick_config(key, lambda c_: _launch(c_, args_for(c_)[0], meta, m, kg, groups), x.dtype, cg, kg,
+                               m, untimed_reason(x.device))
         args, pmean, pm2 = args_for(cfg)
         _launch(cfg, args, meta, m, kg, groups)
         if not stats:

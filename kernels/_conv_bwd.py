@@ -71,7 +71,7 @@ CONFIG = {
     "part_unit": None,  # fixed tilings: partial-row unit (divides BLOCK_M; None = BLOCK_M)
     "wgrad_rows": 4096,
     "wgrad_target": None,
-    "autotune": os.environ.get("FASTRES_CONV_BWD_AUTOTUNE", "1") != "0",
+    "autotune": True,  # a programmatic switch; FASTRES_CONV_BWD_AUTOTUNE=0 (read at each call) also turns it off
 }
 
 
@@ -342,6 +342,11 @@ def _tuned_kernel(kind: str, dtype: torch.dtype):
 _TUNED_KEYS = set()  # problems the autotuners have timed (their cache holds a tiling for each)
 
 
+def _note_tuned(key: tuple) -> None:
+    if all(not isinstance(v, torch.SymInt) for v in key):  # (symbolic sizes while tracing: nothing timed)
+        _TUNED_KEYS.add(key)
+
+
 def _tuned_or_fixed(kind: str, dtype: torch.dtype, key: tuple, device: torch.device):
     """(autotuned kernel or None, fixed tiling or None) for this problem; the caller adds
     ``key`` to ``_TUNED_KEYS`` once the autotuned kernel has run outside a capture.
@@ -354,7 +359,8 @@ def _tuned_or_fixed(kind: str, dtype: torch.dtype, key: tuple, device: torch.dev
     tuned = _tuned_kernel(kind, dtype)
     if tuned is not None:
         why = untimed_reason(device)
-        if why == "deterministic" or (why == "capture" and key not in _TUNED_KEYS):
+        if why == "deterministic" or (why == "capture" and not (
+                all(not isinstance(v, torch.SymInt) for v in key) and key in _TUNED_KEYS)):
             tuned = None
     return tuned, (None if tuned is not None else _fixed(dtype))
 
@@ -483,7 +489,7 @@ def conv2d_act_dgrad(grad_out: Tensor, weight: Tensor, x: Tensor, in_scale: Opti
                       IEEE=x.dtype in (torch.float32, torch.float64), ACC=_tl_acc(x.dtype))
         if tuned is not None:  # pragma: no cover - needs a GPU
             launch(tuned)[grid](*args, **consts, MIN_BM=min_bm)
-            _TUNED_KEYS.add(tkey)
+            _note_tuned(tkey)
         else:
             launch(_dgrad_kernel)[grid(fixed)](*args, **consts, MIN_BM=min_bm, **fixed)
         if need_in_grads:
@@ -550,7 +556,7 @@ def conv2d_act_wgrad(grad_out: Tensor, x: Tensor, in_scale: Optional[Tensor], in
                       IEEE=x.dtype in (torch.float32, torch.float64), ACC=_tl_acc(x.dtype))
         if tuned is not None:  # pragma: no cover - needs a GPU
             launch(tuned)[grid](*args, **consts)
-            _TUNED_KEYS.add(tkey)
+            _note_tuned(tkey)
         else:
             launch(_wgrad_kernel)[grid(fixed)](*args, **consts, **fixed)
     if splits == 1:

@@ -573,6 +573,7 @@ def test_errors_name_the_tensor_expected_and_actual(call, exc, match):
         call()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_errors_device_mismatch():
     x = torch.randn(2, 4, 5, 5, device="cuda")

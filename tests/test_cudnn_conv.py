@@ -29,7 +29,10 @@ from fastres import cudnn
 
 from parity import assert_close_dtype, make_input
 
-C_ext = pytest.importorskip("fastres._C", reason="fastres._C is not built")
+if torch.cuda.is_available():  # on a GPU a missing or broken extension is a failure, not a skip
+    import fastres._C as C_ext  # noqa: F401
+else:
+    C_ext = pytest.importorskip("fastres._C", reason="fastres._C is not built")
 OPS = torch.ops.fastres
 
 SCHEMAS = {
@@ -701,6 +704,15 @@ def test_fake_kernels_backward_ops():
 gpu = pytest.mark.gpu
 
 
+@pytest.fixture(autouse=True)
+def _fresh_graph_memory(monkeypatch):
+    """Each test starts with no graph remembered as refused and no warning given: the
+    process-wide memory of fastres.cudnn would otherwise carry one test's refusal (a
+    tolerated fallback there) into another test's "nothing refused" assertion."""
+    monkeypatch.setattr(cudnn, "_no_engine", {})
+    monkeypatch.setattr(cudnn, "_warned", set())
+
+
 @pytest.fixture
 def no_tf32(monkeypatch):
     """fp32 parity against float64: no TF32 in cuDNN (restored after the test)."""
@@ -1056,10 +1068,10 @@ def test_backward_graphs_parity(shape, dtype):
 
 
 @gpu
-def test_graphs_repeat_bitwise_and_autotune_keeps_the_sums(monkeypatch):
+def test_graphs_repeat_and_autotune_keeps_the_sums(monkeypatch):
     """The statistics outputs are zero-filled before a graph runs (an engine may
-    accumulate into them): the genstats forward and the dgrad + dBN graph give bitwise
-    the same outputs on a second call. With FASTRES_CUDNN_AUTOTUNE=1 the first call times
+    accumulate into them): the genstats forward and the dgrad + dBN graph give the same
+    outputs on a second call (to the last bits an atomic reduction may change). With FASTRES_CUDNN_AUTOTUNE=1 the first call times
     its candidates on the op's own buffers: its sums must still equal the second call's
     (the buffers are zeroed again before the chosen plan runs). fp16 (pre-compiled
     engines on sm_80/sm_90); shapes no other test uses, so the plans are built here."""
@@ -1084,16 +1096,19 @@ def test_graphs_repeat_bitwise_and_autotune_keeps_the_sums(monkeypatch):
         return [*fwd, *bwd]
 
     names = ["y", "sum", "sumsq", "dv", "dscale", "dshift"]
+
+    def same(a, b, what):
+        # an engine may reduce with atomics outside deterministic mode (last bits); sums
+        # accumulated into unzeroed buffers are off by a factor >= 2
+        for n, u, v in zip(names, a, b):
+            torch.testing.assert_close(u.float(), v.float(), rtol=1e-3, atol=1e-3, msg=lambda m: f"{n} {what}: {m}")
+
     monkeypatch.delenv("FASTRES_CUDNN_AUTOTUNE", raising=False)
     case = data(40, 56, 11)
-    a, b = both(*case), both(*case)
-    for n, u, v in zip(names, a, b):
-        assert torch.equal(u, v), f"{n} differs between two calls of the same plan"
+    same(both(*case), both(*case), "differs between two calls of the same plan")
     monkeypatch.setenv("FASTRES_CUDNN_AUTOTUNE", "1")
     case = data(40, 72, 11)  # a new key: this plan is built (and timed) by the first call
-    a, b = both(*case), both(*case)
-    for n, u, v in zip(names, a, b):
-        assert torch.equal(u, v), f"{n}: the autotuned first call differs from the second (accumulated sums?)"
+    same(both(*case), both(*case), "of the autotuned first call differs from the second (accumulated sums?)")
 
 
 def _spy_graphs(monkeypatch):
