@@ -379,7 +379,7 @@ def test_dry_run_killed_tests_step_still_reports_what_finished(tmp_path):
     # (the dry run selects -k "dtype or device": the names say "device")
     (extra / "test_device_killed.py").write_text(
         "import time\n\ndef test_device_ok():\n    pass\n\n\ndef test_device_sleeps():\n    time.sleep(600)\n")
-    for tmo in (40, 150):  # a loaded machine may not reach the sleeper in 40 s: once more with more time
+    for tmo in (25, 150):  # a loaded machine may not reach the sleeper in 25 s: once more with more time
         out = tmp_path / f"out{tmo}"
         r = _run(out, "quick", "tests", env={"RUN_GPU_TIMEOUT_tests": str(tmo), "PYTEST_ARGS": str(extra)},
                  timeout=tmo + 120)
