@@ -27,6 +27,10 @@ from fastres import backends as B
 DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]
 DEVICE = DEVICES[0]
 ON_GPU = DEVICE == "cuda"
+if ON_GPU:
+    # aten's convolutions as a training loop runs them (fastres.bench sets the same): cuDNN's
+    # algorithm search on a shape's first call (in the warm-up rounds), not its heuristic pick
+    torch.backends.cudnn.benchmark = True
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
@@ -175,6 +179,17 @@ def conv_case(name: str, dtype: torch.dtype = torch.bfloat16, batch: int = CONV_
     a = torch.relu(x.float() * s[None, :, None, None] + t[None, :, None, None]).to(dtype)
     return SimpleNamespace(x=x, w=w, s=s, t=t, a=a, go=go, b=b, c=c, h=h, k=k, r=r, stride=stride, pad=pad, p=p,
                            flops=2 * batch * p * p * k * c * r * r)
+
+
+def require_fused_conv() -> None:
+    """Skip (with the reason) unless ``FASTRES_CONV=fused`` really runs the Triton conv
+    here: under ``fastres.use_conv("fused")`` an unavailable fused conv falls back to
+    aten with a warning, and its rows would be timed and read as fused ones."""
+    from fastres import conv_backend
+    with fastres.use_conv("fused"):
+        path = conv_backend.conv_for(torch.device(DEVICE))
+    if path != "fused":
+        pytest.skip(f"the fused Triton conv does not run on {DEVICE} (conv path {path!r})")
 
 
 def eager_prologue_backward(da: torch.Tensor, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor):

@@ -1,19 +1,24 @@
 """FASTRES_CONV=auto's decision table from measurements: which convolutions run fused.
 
-Reads the pytest-benchmark JSON of ``benchmarks/test_bench_conv.py`` (forward:
-``fastres`` vs ``cudnn+eager``, mode ``fwd``) and ``benchmarks/test_bench_conv_bwd.py``
-(``dgrad`` / ``wgrad``: ``fastres-triton`` vs ``aten+eager``) — each case's
+Reads the pytest-benchmark JSON of ``benchmarks/test_bench_conv.py`` (forward, mode
+``fwd``: ``fastres`` vs the faster of ``cudnn+fastres`` — what a fastres block runs where
+the conv is not fused — and ``cudnn+eager``) and ``benchmarks/test_bench_conv_bwd.py``
+(``dgrad`` / ``wgrad``: ``fastres-triton`` vs ``aten-fallback``, the aten backward
+``conv2d_act`` runs for that part, prologue recomputed; files without it: ``aten+eager``)
+— each case's
 ``extra_info`` names the device, dtype, layout and convolution (``conv``) — and writes,
 per device (:func:`fastres.conv_backend.slug_of_name` of the GPU's name) and shape class
 (:func:`fastres.conv_backend.shape_key`: dtype, layout, kernel, stride, dilation,
 groups, channel buckets), the choice for the forward (``fused``|``aten``) and for each
 of dgrad and wgrad (``triton``|``aten``), with the measured speed-ups
 (= aten's median time / fastres's). A part is fastres's only when EVERY measured shape
-of its class is at least ``--min-speedup`` times faster (default 1.0: strictly faster);
-an unmeasured part stays ``aten``.
+of its class is more than ``--min-speedup`` times faster (default 1.0: strictly faster);
+a shape whose alternative was measured but fastres's case was not (it failed or was
+skipped) vetoes its class (speed-up 0); an unmeasured part stays ``aten``.
 
     python benchmarks/conv_choice.py benchmarks/results/h200/benchmarks_h200_bf16_b256_benchmarks-conv*.json
-        # -> rewrites fastres/conv_choice_table.py: this device's entry replaced, others kept
+        # -> rewrites fastres/conv_choice_table.py: the measured (class, part) entries of this
+        #    device replaced, every other entry (other parts, classes, devices) kept
     python benchmarks/conv_choice.py FILES... --json OUT.json --table ''   # the sections only
 
 Inputs may also be files written by ``--json`` (``{"schema": 1, "devices": {...}}``):
@@ -38,11 +43,12 @@ if ROOT not in sys.path:  # run from a checkout: fastres from this tree
 from fastres import conv_backend as CB  # noqa: E402
 
 DEFAULT_TABLE = os.path.join(ROOT, "fastres", "conv_choice_table.py")
-# (op in extra_info, part, fastres impl, the aten impl it must beat)
+# (op in extra_info, part, fastres impl, the alternatives it must beat: tiers in order --
+# the first tier with a measurement counts, the fastest alternative of that tier)
 CONTESTS = [
-    ("conv2d_act_fwd", "fwd", "fastres", "cudnn+eager"),
-    ("conv_dgrad", "dgrad", "fastres-triton", "aten+eager"),
-    ("conv_wgrad", "wgrad", "fastres-triton", "aten+eager"),
+    ("conv2d_act_fwd", "fwd", "fastres", [("cudnn+fastres", "cudnn+eager")]),
+    ("conv_dgrad", "dgrad", "fastres-triton", [("aten-fallback",), ("aten+eager",)]),
+    ("conv_wgrad", "wgrad", "fastres-triton", [("aten-fallback",), ("aten+eager",)]),
 ]
 WIN = {"fwd": "fused", "dgrad": "triton", "wgrad": "triton"}
 
@@ -64,8 +70,8 @@ def measurements(data: dict) -> List[dict]:
         conv = info.get("conv")
         if not conv or info.get("device") != "cuda":
             continue  # not a conv case with its description, or not a GPU measurement
-        for op, part, ours, theirs in CONTESTS:
-            if info.get("op") != op or info.get("impl") not in (ours, theirs):
+        for op, part, ours, tiers in CONTESTS:
+            if info.get("op") != op or info.get("impl") not in (ours, *(i for tier in tiers for i in tier)):
                 continue
             sec = _seconds(b)
             if sec is None or sec <= 0:
@@ -75,15 +81,24 @@ def measurements(data: dict) -> List[dict]:
                                [conv["cout"], conv["cin"] // conv["groups"], *conv["kernel"]], conv["stride"],
                                conv["dilation"], conv["groups"])
             k = (slug, key, part, conv["name"])
-            times.setdefault(k, {})["ours" if info["impl"] == ours else "theirs"] = sec
+            times.setdefault(k, {})["ours" if info["impl"] == ours else info["impl"]] = sec
             meta[k] = (info.get("device_name"), info.get("torch"))
     rows = []
+    tiers_of = {part: tiers for _, part, _, tiers in CONTESTS}
     for (slug, key, part, name), t in sorted(times.items()):
-        if "ours" in t and "theirs" in t:
-            rows.append(dict(device=slug, device_name=meta[(slug, key, part, name)][0],
-                             torch=meta[(slug, key, part, name)][1], key=key, part=part, shape=name,
-                             speedup=t["theirs"] / t["ours"], ms_fastres=t["ours"] * 1e3,
-                             ms_aten=t["theirs"] * 1e3))
+        alt = None
+        for tier in tiers_of[part]:
+            got = [(t[i], i) for i in tier if i in t]
+            if got:
+                alt = min(got)
+                break
+        if alt is None:
+            continue  # no alternative measured: nothing to compare
+        ours = t.get("ours")
+        rows.append(dict(device=slug, device_name=meta[(slug, key, part, name)][0],
+                         torch=meta[(slug, key, part, name)][1], key=key, part=part, shape=name,
+                         speedup=alt[0] / ours if ours else 0.0, ms_fastres=None if ours is None else ours * 1e3,
+                         ms_aten=alt[0] * 1e3, against=alt[1]))
     return rows
 
 
@@ -188,8 +203,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"schema": CB.TABLE_SCHEMA, "devices": sections}, f, indent=1, sort_keys=True)
-    if a.table:  # each measured device's section replaced whole; other devices kept
-        devices = dict(read_table(a.table).get("devices", {}), **sections)
+    if a.table:  # merged per device, class and part: a forward-only run keeps the backward's choices
+        devices = merge(read_table(a.table).get("devices", {}), sections)
         write_table(a.table, devices)
         print(f"conv_choice: wrote {a.table} ({', '.join(sorted(devices))})")
     return 0

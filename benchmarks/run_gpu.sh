@@ -36,7 +36,7 @@
 #   8 | conv-bwd    pytest benchmarks/test_bench_conv_bwd.py (Triton conv dgrad/wgrad vs cuDNN, GPU only)
 #   9 | conv-fwd    pytest benchmarks/test_bench_conv.py -k 'not bwd' (fused conv forward vs cuDNN, GPU only)
 #   (8 and 9 end with conv-choice: benchmarks/conv_choice.py turns the measurements into
-#   results/<device>/conv_choice_<device>_<date>.json, FASTRES_CONV=auto's table; docs/GPU.md)
+#   results/<device>/conv_choice_<device>_<part>_<date>.json, FASTRES_CONV=auto's table; docs/GPU.md)
 #  10 | infer       resnet50 inference at batch 1, 32, 256, bf16: eager, torch.compile max-autotune and
 #                   reduce-overhead (CUDA graphs), fastres and fastres.cuda_graph_inference; p50/p90 latency
 #  11 | infer-fp16  the same in fp16
@@ -139,6 +139,17 @@ esac
 BUDGET="${FASTRES_GPU_BUDGET:-$DEFAULT_BUDGET}"
 RESERVE=20   # seconds kept for the last kill (timeout --kill-after=10) and packing
 
+tail_reserve() {  # seconds kept for the cheap closing steps after step $1 (conv-choice, plot): a long step cannot starve them
+    local after=0 s r=0
+    for s in $STEPS; do
+        if [ "$after" = 1 ]; then
+            case "$s" in plot) r=$((r + 25)) ;; conv-choice) r=$((r + 20)) ;; esac
+        fi
+        [ "$s" = "$1" ] && after=1
+    done
+    echo "$r"
+}
+
 # ------------------------------------------------------------------ python
 pick_python() {
     if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; return; fi
@@ -228,7 +239,7 @@ run_step() {  # run_step NAME TIMEOUT CMD...  — log to LOGS/NAME.log, record r
     local name="$1" tmo="$2"; shift 2
     local var="RUN_GPU_TIMEOUT_${name//-/_}"
     tmo="${!var:-$tmo}"
-    local left=$(( BUDGET - ($(date +%s) - T0) - RESERVE ))
+    local left=$(( BUDGET - ($(date +%s) - T0) - RESERVE - $(tail_reserve "$name") ))
     if [ "$left" -lt 5 ]; then
         log "== $name: skipped, the run's budget (${BUDGET}s) is spent"
         record "$name" skip 0 "budget spent"
@@ -411,8 +422,9 @@ do_check() {
 }
 
 do_benchmark() {  # do_benchmark STEP TIMEOUT ROUNDS DRY_SELECTION FILE...  — pytest-benchmark JSON into RES
+    # (the file is named by device, dtype and batch: BENCH_DT / BENCH_B where a step differs from bf16 / b256)
     local step="$1" tmo="$2" rounds="$3" dry_k="$4"; shift 4
-    local dt="bf16" b="b256" sel=()
+    local dt="${BENCH_DT:-bf16}" b="${BENCH_B:-b256}" sel=()
     [ "$DRY" = 1 ] && { dt="fp32"; b="b8"; rounds=2; sel=(-k "$dry_k"); }
     local name="benchmarks_${SLUG}_${dt}_${b}_${step}_${DATE}"
     run_step "$step" "$tmo" env FASTRES_BENCH_ROUNDS="$rounds" "$PY" -m pytest "$@" "${sel[@]}" \
@@ -435,7 +447,7 @@ do_conv_choice() {  # FASTRES_CONV=auto's table from this run's conv benchmarks,
     local files=("$RES"/benchmarks_*_benchmarks-conv*.json) extra=()
     [ "$DRY" = 1 ] && extra=(--allow-empty)   # the CPU never times the conv: no measurement
     run_step conv-choice 60 "$PY" benchmarks/conv_choice.py "${files[@]}" --table "" \
-        --json "$RES/conv_choice_${SLUG}_${DATE}.json" "${extra[@]}"
+        --json "$RES/conv_choice_${SLUG}_${PART:-quick}_${DATE}.json" "${extra[@]}"
     head -n 40 "$LOGS/conv-choice.log" | sed 's/^/    /' >>"$SUMMARY"
     pack
 }
@@ -497,10 +509,11 @@ for step in $STEPS; do
                            benchmarks/test_bench_models.py ;;
     benchmarks-conv-bwd) do_benchmark benchmarks-conv-bwd 480 10 "stem" benchmarks/test_bench_conv_bwd.py ;;
     benchmarks-conv)   do_benchmark benchmarks-conv 420 10 "stem" benchmarks/test_bench_conv.py -k "not bwd" ;;
-    benchmarks-triton-op) do_benchmark benchmarks-triton-op 360 10 "bottleneck" benchmarks/test_bench_triton_op.py ;;
+    benchmarks-triton-op) BENCH_B="b${FASTRES_BENCH_TRITON_OP_BATCH:-64}" \
+        do_benchmark benchmarks-triton-op 360 10 "bottleneck" benchmarks/test_bench_triton_op.py ;;
     conv-choice)       do_conv_choice ;;
     cudnn-engines)     do_cudnn_engines ;;
-    benchmarks-cudnn-conv) do_benchmark benchmarks-cudnn-conv 300 10 "stem" benchmarks/test_bench_cudnn_conv.py ;;
+    benchmarks-cudnn-conv) BENCH_DT=bf16-fp16 do_benchmark benchmarks-cudnn-conv 300 10 "stem" benchmarks/test_bench_cudnn_conv.py ;;
     # (FASTRES_CONV=cudnn: the fastres blocks' convs through the cuDNN graphs; torchvision's unchanged)
     benchmarks-cudnn-blocks) FASTRES_CONV=cudnn do_benchmark benchmarks-cudnn-blocks 200 20 \
                            "basic-id and infer and (torchvision or cpp)" benchmarks/test_bench_blocks.py \

@@ -11,10 +11,14 @@ BatchNorm folded to a per-channel scale/shift, then ReLU), ``y = conv2d(a, W, b)
   x + grad_x = da * s + per-channel sum(da * x), sum(da) (the previous BN's backward
   reductions); ``aten`` = convolution_backward's grad_input alone (cuDNN, on the stored
   activation; no prologue work); ``aten+eager`` = the same plus the eager prologue
-  backward (mask, scale, two reductions).
+  backward (mask, scale, two reductions); ``aten-fallback`` = what ``conv2d_act``'s
+  backward runs for this part when the table says aten
+  (``conv_ops.conv2d_act_backward_aten``: the prologue recomputed from x, aten's dgrad,
+  the prologue backward) -- the alternative benchmarks/conv_choice.py weighs Triton against.
 * ``wgrad``: ``fastres-triton`` = grad_weight with ``a`` recomputed from x as it loads,
   plus grad_bias; ``aten`` = convolution_backward's grad_weight + grad_bias on a stored
-  ``a``; ``aten+eager`` = recompute ``a`` eagerly, then the same.
+  ``a``; ``aten+eager`` = recompute ``a`` eagerly, then the same; ``aten-fallback`` =
+  ``conv2d_act_backward_aten`` for grad_weight and grad_bias.
 
 ``flops`` = 2 N P Q K (C/groups) R S per kernel (the prologue's work is not counted).
 GPU only (the CPU interpreter is a correctness tool): skipped with the reason on a CPU.
@@ -34,7 +38,7 @@ from _bench_utils import (CONV_BATCH as BATCH, ON_GPU, RESNET50_CONVS as SHAPES,
 
 pytestmark = pytest.mark.skipif(not ON_GPU, reason="GPU benchmark: Triton's CPU interpreter is not timed")
 
-IMPLS = ["fastres-triton", "aten", "aten+eager"]
+IMPLS = ["fastres-triton", "aten", "aten+eager", "aten-fallback"]
 
 
 def _kernels():
@@ -55,7 +59,14 @@ def test_conv_bwd(benchmark, name, op, impl):
     stride, pad, dil = (d.stride, d.stride), (d.pad, d.pad), (1, 1)
     cbw = torch.ops.aten.convolution_backward
     k = d.k
-    if op == "dgrad":
+    if impl == "aten-fallback":
+        from fastres import conv_ops
+        need = [True, False, False, True, True, False] if op == "dgrad" else [False, True, True, False, False, False]
+
+        def fn():
+            return conv_ops.conv2d_act_backward_aten(go, None, None, x, w, s, t, None, None, list(stride), list(pad),
+                                                     list(dil), 1, True, False, need)
+    elif op == "dgrad":
         if impl == "fastres-triton":
             def fn():
                 return B.conv2d_act_dgrad(go, w, x, s, t, True, stride, pad, dil, 1, True)

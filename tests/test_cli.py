@@ -204,6 +204,32 @@ def test_tiny_bench_writes_table_json_csv_png(tmp_path, capsys):
         assert files[".png"].exists()
 
 
+def test_plot_readme_takes_the_bn_table_from_the_file_that_has_it(tmp_path):
+    """The results README's fused-BN table comes from the newest pytest-benchmark file
+    that holds bn_add_relu cases, not from whichever file is newest (a kernels-only or
+    conv benchmark file written after it)."""
+    plot = _load_script("benchmarks/plot.py", "fastres_plot_script")
+
+    def case(op, impl, ms):
+        return {"name": f"t[{op}-{impl}]", "group": "g", "stats": {"median": ms / 1e3, "min": ms / 1e3,
+                                                                 "max": ms / 1e3, "rounds": 3},
+                "extra_info": dict(op=op, impl=impl, backend=impl, shape=[8, 64, 56, 56], dtype="bf16",
+                                   layout="NHWC", pass_="fwd", device="cuda", device_name="NVIDIA H200",
+                                   ms_per_call=ms, **{"GB/s": 100.0 / ms})}
+
+    bn = tmp_path / "benchmarks_h200_bf16_b256_bandwidth-bn-act_2026-12-02.json"
+    bn.write_text(json.dumps({"machine_info": {}, "benchmarks": [case("bn_add_relu", "eager", 2.0),
+                                                                  case("bn_add_relu", "cuda", 0.5)]}))
+    later = tmp_path / "benchmarks_h200_bf16_b256_bandwidth-kernels_2026-12-02.json"
+    later.write_text(json.dumps({"machine_info": {}, "benchmarks": [case("bn_act_train", "cuda", 0.4)]}))
+    os.utime(bn, (1_000_000, 1_000_000))
+    os.utime(later, (2_000_000, 2_000_000))
+    assert plot.main([str(tmp_path), "--readme"]) == 0
+    readme = (tmp_path / "README.md").read_text()
+    assert "## Fused BN + add + ReLU" in readme and f"From `{bn.name}`" in readme, readme
+    assert "| cuda | 0.500 |" in readme and "4.00x" in readme, readme
+
+
 def test_bench_records_a_failing_contender_and_exits_1(tmp_path, monkeypatch, capsys):
     def broken(model, num_classes):
         def build():

@@ -56,6 +56,37 @@ def _synthetic(tmp_path):
     return str(pf), str(pb)
 
 
+def test_strongest_alternative_and_veto(tmp_path):
+    """The forward is weighed against the faster of cudnn+fastres (a fastres block with
+    aten's conv) and cudnn+eager; the backward against aten-fallback (the aten backward
+    conv2d_act really runs) when measured, else aten+eager; a shape whose fastres case is
+    missing (failed / skipped) vetoes its class; a re-run of one part keeps the other
+    parts' choices in the table."""
+    f = [_case("conv2d_act_fwd", "fastres", "a-1x1-64-64", 64, 64, 1, 1, 1.0),
+         _case("conv2d_act_fwd", "cudnn+eager", "a-1x1-64-64", 64, 64, 1, 1, 2.0),
+         _case("conv2d_act_fwd", "cudnn+fastres", "a-1x1-64-64", 64, 64, 1, 1, 0.8),  # the stronger one
+         _case("conv2d_act_fwd", "cudnn+eager", "b-3x3-64", 64, 64, 3, 1, 2.0)]       # fastres missing
+    b = [_case("conv_dgrad", "fastres-triton", "a-1x1-64-64", 64, 64, 1, 1, 1.0),
+         _case("conv_dgrad", "aten+eager", "a-1x1-64-64", 64, 64, 1, 1, 0.5),     # (stored a: too cheap)
+         _case("conv_dgrad", "aten-fallback", "a-1x1-64-64", 64, 64, 1, 1, 1.5)]  # what runs: this one
+    pf, pb = tmp_path / "fwd.json", tmp_path / "bwd.json"
+    pf.write_text(json.dumps({"benchmarks": f}))
+    pb.write_text(json.dumps({"benchmarks": b}))
+    rows = {(r["part"], r["shape"]): r for r in conv_choice.measurements(json.loads(pf.read_text()))
+            + conv_choice.measurements(json.loads(pb.read_text()))}
+    assert rows[("fwd", "a-1x1-64-64")]["against"] == "cudnn+fastres"
+    assert rows[("fwd", "a-1x1-64-64")]["speedup"] == pytest.approx(0.8)
+    assert rows[("fwd", "b-3x3-64")]["speedup"] == 0.0 and rows[("fwd", "b-3x3-64")]["ms_fastres"] is None
+    assert rows[("dgrad", "a-1x1-64-64")]["against"] == "aten-fallback"
+    table_path = tmp_path / "table.py"
+    assert conv_choice.main([str(pb), "--table", str(table_path)]) == 0  # the backward part first
+    assert conv_choice.main([str(pf), "--table", str(table_path)]) == 0  # then the forward part
+    cls = conv_choice.read_table(str(table_path))["devices"]["h200"]["classes"]
+    assert cls[K_A]["fwd"] == "aten" and cls[K_A]["dgrad"] == "triton"  # both parts kept
+    assert cls[K_A]["dgrad_speedup"] == pytest.approx(1.5)
+    assert cls[K_B]["fwd"] == "aten" and cls[K_B]["fwd_speedup"] == 0.0
+
+
 K_A = "bf16/nhwc/k1x1/s1x1/d1x1/g1/cin64/cout64"
 K_B = "bf16/nhwc/k3x3/s1x1/d1x1/g1/cin64/cout64"
 K_C = "bf16/nhwc/k1x1/s1x1/d1x1/g1/cin256/cout64"
