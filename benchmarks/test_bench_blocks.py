@@ -80,7 +80,13 @@ def test_block(benchmark, block, mode, impl):
                 with torch.inference_mode(), _autocast():
                     net(x)
         benchmark.group = f"block {block} {mode} b{BATCH} {DTYPE}"
+        from fastres import conv_backend, cudnn
+        path_now = conv_backend.conv_for(x.device) if backend else "aten"
+        refused_before = set(cudnn._no_engine)
         run_benchmark(benchmark, step, calls=1 if not ON_GPU else 5, info=dict(
             block=block, arch=arch, path=path, impl=impl if not backend else f"fastres[{backend}]",
             backend=backend, mode=mode, shape=[BATCH, c, h, w], dtype=DTYPE, layout="NHWC", bytes=None,
-            flops=flops * (3 if mode == "train" else 1)))
+            flops=flops * (3 if mode == "train" else 1), conv_path=path_now))
+        if path_now == "cudnn":  # which of the block's cuDNN graphs fell back to aten (FASTRES_CONV=cudnn, part 12)
+            benchmark.extra_info["cudnn_refused"] = [why for k, why in cudnn._no_engine.items()
+                                                     if k not in refused_before]
