@@ -421,13 +421,19 @@ do_check() {
         _ "$PY" "$ck" "${extra[@]}"
 }
 
+PYTEST_SIGTERM_SAFE='import signal, sys, pytest
+signal.signal(signal.SIGTERM, signal.default_int_handler)
+sys.exit(pytest.main(sys.argv[1:]))'
+
 do_benchmark() {  # do_benchmark STEP TIMEOUT ROUNDS DRY_SELECTION FILE...  — pytest-benchmark JSON into RES
     # (the file is named by device, dtype and batch: BENCH_DT / BENCH_B where a step differs from bf16 / b256)
     local step="$1" tmo="$2" rounds="$3" dry_k="$4"; shift 4
     local dt="${BENCH_DT:-bf16}" b="${BENCH_B:-b256}" sel=()
     [ "$DRY" = 1 ] && { dt="fp32"; b="b8"; rounds=2; sel=(-k "$dry_k"); }
     local name="benchmarks_${SLUG}_${dt}_${b}_${step}_${DATE}"
-    run_step "$step" "$tmo" env FASTRES_BENCH_ROUNDS="$rounds" "$PY" -m pytest "$@" "${sel[@]}" \
+    # pytest with SIGTERM (the step's timeout) turned into KeyboardInterrupt: the session ends
+    # normally and pytest-benchmark still writes the JSON of every case timed so far
+    run_step "$step" "$tmo" env FASTRES_BENCH_ROUNDS="$rounds" "$PY" -c "$PYTEST_SIGTERM_SAFE" "$@" "${sel[@]}" \
         --benchmark-only -q -p no:cacheprovider --benchmark-json="$RES/$name.json" \
         --benchmark-columns=median,iqr,rounds --benchmark-sort=name
 }
