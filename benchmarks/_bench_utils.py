@@ -192,6 +192,13 @@ def require_fused_conv() -> None:
         pytest.skip(f"the fused Triton conv does not run on {DEVICE} (conv path {path!r})")
 
 
+def cudnn_refusals_since(before) -> List[str]:
+    """The reasons of the cuDNN graphs refused (and run by the aten fallback) since the keys
+    ``before`` (a snapshot of ``fastres.cudnn._no_engine``)."""
+    from fastres import cudnn
+    return [why for k, why in cudnn._no_engine.items() if k not in before]
+
+
 def eager_prologue_backward(da: torch.Tensor, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor):
     """The unfused backward of ``a = relu(x*s + t)``: (grad_x, Σ dv·x, Σ dv)."""
     z = x.float() * s[None, :, None, None] + t[None, :, None, None]

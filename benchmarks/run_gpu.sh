@@ -393,8 +393,8 @@ do_tests() {  # do_tests STEP TIMEOUT PER_TEST_TIMEOUT SHARDS SELECTION...
     # the Triton conv tuners off (default tilings, untimed): a tuning sweep compiles every
     # candidate tiling of every shape a test meets; the tests of the tuners switch them on
     # themselves (test_gpu_autotuned_tiling, test_conv_bwd_kernels' CUDA cases)
-    local tune_fwd="${FASTRES_CONV_AUTOTUNE-}" tune_bwd="${FASTRES_CONV_BWD_AUTOTUNE-}"
-    export FASTRES_CONV_AUTOTUNE="${FASTRES_CONV_AUTOTUNE:-0}" FASTRES_CONV_BWD_AUTOTUNE="${FASTRES_CONV_BWD_AUTOTUNE:-0}"
+    # (local -x: exported for this function's steps only, the caller's values back afterwards)
+    local -x FASTRES_CONV_AUTOTUNE="${FASTRES_CONV_AUTOTUNE:-0}" FASTRES_CONV_BWD_AUTOTUNE="${FASTRES_CONV_BWD_AUTOTUNE:-0}"
     if [ "$DRY" = 0 ] && "$PY" -c "import xdist" >/dev/null 2>&1; then
         # pytest-xdist where installed: one run, -n N workers; the controller logs every outcome
         # shellcheck disable=SC2046
@@ -406,8 +406,6 @@ do_tests() {  # do_tests STEP TIMEOUT PER_TEST_TIMEOUT SHARDS SELECTION...
             "$@" $(pytest_common "$per") ${PYTEST_ARGS:-}
     fi
     unset FASTRES_TEST_TIMEOUT
-    if [ -n "$tune_fwd" ]; then export FASTRES_CONV_AUTOTUNE="$tune_fwd"; else unset FASTRES_CONV_AUTOTUNE; fi
-    if [ -n "$tune_bwd" ]; then export FASTRES_CONV_BWD_AUTOTUNE="$tune_bwd"; else unset FASTRES_CONV_BWD_AUTOTUNE; fi
 }
 
 do_check() {

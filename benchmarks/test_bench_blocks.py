@@ -23,7 +23,8 @@ import torch  # noqa: E402
 
 import fastres  # noqa: E402
 
-from _bench_utils import DEVICE, ON_GPU, fastres_backends, run_benchmark, same_weights_model  # noqa: E402
+from _bench_utils import (DEVICE, ON_GPU, cudnn_refusals_since, fastres_backends, run_benchmark,  # noqa: E402
+                          same_weights_model)
 
 BATCH = 256 if ON_GPU else 8
 DTYPE = "bf16" if ON_GPU else "fp32"
@@ -88,5 +89,4 @@ def test_block(benchmark, block, mode, impl):
             backend=backend, mode=mode, shape=[BATCH, c, h, w], dtype=DTYPE, layout="NHWC", bytes=None,
             flops=flops * (3 if mode == "train" else 1), conv_path=path_now))
         if path_now == "cudnn":  # which of the block's cuDNN graphs fell back to aten (FASTRES_CONV=cudnn, part 12)
-            benchmark.extra_info["cudnn_refused"] = [why for k, why in cudnn._no_engine.items()
-                                                     if k not in refused_before]
+            benchmark.extra_info["cudnn_refused"] = cudnn_refusals_since(refused_before)

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from _bench_utils import (CONV_BATCH as BATCH, DTYPE_NAMES, ON_GPU, RESNET50_CONVS as SHAPES,  # noqa: E402
-                          conv_case, conv_info, eager_prologue_backward, run_benchmark)
+                          conv_case, conv_info, cudnn_refusals_since, eager_prologue_backward, run_benchmark)
 
 pytestmark = pytest.mark.skipif(not ON_GPU, reason="GPU benchmark: the cuDNN graphs run on CUDA devices only")
 
@@ -107,7 +107,7 @@ def test_cudnn_conv(benchmark, name, op, dtype, impl):
         if impl == "fastres-cudnn" and cudnn.NO_ENGINE in str(e):
             pytest.skip(f"cuDNN has no engine for this graph here: {str(e).splitlines()[0]}")
         raise
-    new = [why for k, why in cudnn._no_engine.items() if k not in refused_before]
+    new = cudnn_refusals_since(refused_before)
     if impl == "fastres-cudnn" and new:
         pytest.skip(f"cuDNN has no engine for this graph here (the aten fallback would be timed): {new[0]}")
     dt = DTYPE_NAMES[dtype]

@@ -336,10 +336,11 @@ def _pretune_conv(args) -> None:
     problem once on real stand-ins, so that the traced launch finds its tiling chosen
     (the custom op's choice for the same problem)."""
     from .kernels import _conv
+    from .kernels._launch import concrete
     if args[0].device.type != "cuda" or _conv.INTERPRETED:
         return
-    if any(isinstance(v, torch.SymInt) for a in args if isinstance(a, Tensor) for v in (*a.shape, *a.stride())):
-        return  # symbolic sizes (dynamic shapes): no concrete problem to tune; the launch tunes it when it runs
+    if not concrete(v for a in args if isinstance(a, Tensor) for v in (*a.shape, *a.stride())):
+        return  # symbolic sizes (dynamic shapes): nothing concrete to tune; the launch takes the default tiling
     on_real_standins(_conv.conv2d_act, args)
 
 

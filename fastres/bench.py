@@ -440,7 +440,7 @@ def make_step(model: torch.nn.Module, mode: str, x: torch.Tensor, y: torch.Tenso
     """One benchmark iteration: the training step of :mod:`fastres.training` (forward,
     backward, SGD) or an inference forward (under ``no_grad`` instead of inference_mode
     when asked); ``graphs``: captured in a CUDA graph and replayed."""
-    from .training import capture_train_step, make_train_step
+    from .training import capture_train_step, graph_capture, make_train_step
     autocast = functools.partial(_autocast, cfg, device)
     if mode == "train":
         model.train()
@@ -472,7 +472,7 @@ def make_step(model: torch.nn.Module, mode: str, x: torch.Tensor, y: torch.Tenso
             infer()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.device(device), torch.cuda.graph(graph, stream=torch.cuda.Stream(device=device)):
+    with graph_capture(graph, device):
         infer()
     return graph.replay
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import _validate as V
+from .training import graph_capture
 
 Tensor = torch.Tensor
 
@@ -78,10 +79,7 @@ def cuda_graph_inference(model: nn.Module, example: Tensor, *, warmup: int = 3) 
             model(static_in)
     torch.cuda.current_stream(example.device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    # captured on a stream of the example's device with that device current (torch's
-    # default capture stream belongs to whichever device was current when first used)
-    with torch.cuda.device(example.device), torch.inference_mode(), _uncached_autocast(example.device.type), \
-            torch.cuda.graph(graph, stream=torch.cuda.Stream(device=example.device)):
+    with torch.inference_mode(), _uncached_autocast(example.device.type), graph_capture(graph, example.device):
         static_out = model(static_in)
 
     def run(x: Tensor) -> Tensor:

@@ -19,7 +19,16 @@ import torch.nn.functional as F
 Tensor = torch.Tensor
 Step = Callable[[Tensor, Tensor], Tensor]
 
-__all__ = ["make_train_step", "capture_train_step"]
+__all__ = ["make_train_step", "capture_train_step", "graph_capture"]
+
+
+@contextlib.contextmanager
+def graph_capture(graph: "torch.cuda.CUDAGraph", device: torch.device):
+    """``torch.cuda.graph(graph)`` on a fresh stream of ``device``, with ``device`` current
+    (torch's default capture stream belongs to whichever device was current when it was
+    first used: with the tensors on another GPU the capture would miss their kernels)."""
+    with torch.cuda.device(device), torch.cuda.graph(graph, stream=torch.cuda.Stream(device=device)):
+        yield
 
 
 def make_train_step(model: Callable[[Tensor], Tensor], optimizer: torch.optim.Optimizer, *,
@@ -79,9 +88,7 @@ def capture_train_step(model: Callable[[Tensor], Tensor], optimizer: torch.optim
 
     graph = torch.cuda.CUDAGraph()
     optimizer.zero_grad(set_to_none=True)  # the gradients are allocated from the graph's pool
-    # a capture stream of the batch's device, that device current (torch's default capture
-    # stream belongs to whichever device was current when it was first used)
-    with torch.cuda.device(x.device), torch.cuda.graph(graph, stream=torch.cuda.Stream(device=x.device)):
+    with graph_capture(graph, x.device):
         with autocast():
             static_loss = loss_fn(model(static_x), static_y)
         static_loss.backward()

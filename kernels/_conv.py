@@ -45,7 +45,7 @@ import triton.language as tl
 # (kernels import only kernels).
 from ._kernels import _dot_acc
 from ._kernels import _out as _cast
-from ._launch import MAX_GRID_1, TILING_ERRORS, launch, untimed_reason
+from ._launch import MAX_GRID_1, TILING_ERRORS, concrete, launch, untimed_reason
 
 Tensor = torch.Tensor
 
@@ -258,12 +258,13 @@ def _pick_config(key: tuple, run, dtype, cg, kg, m, untimed: Optional[str] = Non
     BLOCK_M tile, so the launcher must know the tile height that ran. ``untimed``
     (``_launch.untimed_reason``): inside a CUDA-graph capture a problem tuned before
     keeps its tiling, an untuned one runs the first candidate (not remembered: the next
-    eager call tunes it); in deterministic mode every problem runs the first candidate."""
+    eager call tunes it); in deterministic mode every problem runs the first candidate, and
+    so does a problem with symbolic sizes (traced with dynamic shapes: nothing to time)."""
     if INTERPRETED:
         return INTERPRETER_CONFIG
     if os.environ.get("FASTRES_CONV_CONFIG"):  # "BM,BN,BK,GROUP_M,WARPS,STAGES", for experiments
         return Config(*(int(v) for v in os.environ["FASTRES_CONV_CONFIG"].split(",")))
-    if untimed == "deterministic":
+    if untimed == "deterministic" or not concrete(key):
         return _candidates(dtype, cg, kg, m)[0]
     cfg = _tuned.get(key)
     if cfg is not None:
@@ -363,13 +364,8 @@ def conv2d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Opti
         return args, pmean, pm2
 
     with _device_ctx(x):
-        if not all(isinstance(v, int) for v in (n, c, h, w, k)):
-            # symbolic sizes (traced with dynamic shapes, the triton_op variant): nothing
-            # concrete to time; the first candidate, not remembered
-            cfg = INTERPRETER_CONFIG if INTERPRETED else _candidates(x.dtype, cg, kg, m)[0]
-        else:
-            cfg = _pick_config(key, lambda c_: _launch(c_, args_for(c_)[0], meta, m, kg, groups), x.dtype, cg, kg,
-                               m, untimed_reason(x.device))
+        cfg = _pick_config(key, lambda c_: _launch(c_, args_for(c_)[0], meta, m, kg, groups), x.dtype, cg, kg, m,
+                           untimed_reason(x.device))
         args, pmean, pm2 = args_for(cfg)
         _launch(cfg, args, meta, m, kg, groups)
         if not stats:

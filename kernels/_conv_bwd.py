@@ -53,8 +53,8 @@ import triton
 import triton.language as tl
 
 from . import _kernels as K
-from ._launch import (_INTERPRETED, MAX_GRID_1, _acc, _cdiv, _device_ctx, _finalize_meta, _p2, _rne, _tl_acc, launch,
-                      untimed_reason)
+from ._launch import (_INTERPRETED, MAX_GRID_1, _acc, _cdiv, _device_ctx, _finalize_meta, _p2, _rne, _tl_acc, concrete,
+                      launch, untimed_reason)
 
 Tensor = torch.Tensor
 IntPair = Union[int, Sequence[int]]
@@ -343,7 +343,7 @@ _TUNED_KEYS = set()  # problems the autotuners have timed (their cache holds a t
 
 
 def _note_tuned(key: tuple) -> None:
-    if all(not isinstance(v, torch.SymInt) for v in key):  # (symbolic sizes while tracing: nothing timed)
+    if concrete(key):  # (symbolic sizes while tracing: nothing timed)
         _TUNED_KEYS.add(key)
 
 
@@ -359,8 +359,7 @@ def _tuned_or_fixed(kind: str, dtype: torch.dtype, key: tuple, device: torch.dev
     tuned = _tuned_kernel(kind, dtype)
     if tuned is not None:
         why = untimed_reason(device)
-        if why == "deterministic" or (why == "capture" and not (
-                all(not isinstance(v, torch.SymInt) for v in key) and key in _TUNED_KEYS)):
+        if why == "deterministic" or (why == "capture" and not (concrete(key) and key in _TUNED_KEYS)):
             tuned = None
     return tuned, (None if tuned is not None else _fixed(dtype))
 

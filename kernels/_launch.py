@@ -133,6 +133,12 @@ def untimed_reason(device: torch.device) -> Optional[str]:
     return None
 
 
+def concrete(values) -> bool:
+    """No symbolic size among ``values`` (a torch.SymInt when traced with dynamic shapes):
+    a problem the tuners can time and remember (a SymInt cannot be hashed)."""
+    return not any(isinstance(v, torch.SymInt) for v in values)
+
+
 def _tiling_errors() -> tuple:
     """The exceptions that mean "this tiling does not fit this device" (out of shared
     memory or registers, a compile-time assertion, ptxas refusing it): what Triton's own
