@@ -139,17 +139,27 @@ def affine_act_backward(grad_y: Tensor, x: Tensor, y: Tensor, scale: Optional[Te
     return grad_x, grad_z, grad_scale, grad_shift
 
 
+# The largest input-channel block of oneDNN's affected 1x1 weight-gradient kernels
+# (jit_avx2_1x1: 8, jit_avx512_common_1x1: 16): with at least this many input channels
+# per group the "rtus" workspace is booked large enough (oneDNN #6035).
+ONEDNN_1X1_IC_BLOCK = 16
+
+
 def strided_1x1_cpu(x: Tensor, weight: Tensor, stride, padding) -> bool:
-    """A strided 1x1 convolution without padding on the CPU: its weight gradient is taken
-    as the stride-1 1x1 convolution of the subsampled input ``x[:, :, ::s, ::s]`` (the same
+    """A strided 1x1 convolution without padding on the CPU with fewer than
+    :data:`ONEDNN_1X1_IC_BLOCK` input channels per group: its weight gradient is taken as
+    the stride-1 1x1 convolution of the subsampled input ``x[:, :, ::s, ::s]`` (the same
     products and sums) by :func:`conv2d` and ``conv_ops._convolution_backward``. oneDNN's
     own strided 1x1 weight gradient (its "rtus" path) writes past its workspace in
     channels_last with fewer input channels per group than its channel block (8 with AVX2,
     16 with AVX-512): heap corruption with one thread, hangs or wrong weight gradients with
     more (oneDNN issue #6035, open; in torch 2.14.1's oneDNN;
-    tests/test_conv_act.py::test_strided_1x1_weight_grad_single_thread)."""
+    tests/test_conv_act.py::test_strided_1x1_weight_grad_single_thread). With 16 or more
+    (every ResNet projection shortcut) oneDNN's strided kernel is correct and the
+    subsampling would only cost time: a scattered input gradient (a zero fill and a
+    strided copy of the full-size input) in every training step."""
     return (x.device.type == "cpu" and weight.shape[2] == 1 and weight.shape[3] == 1 and not any(padding)
-            and max(stride) > 1)
+            and max(stride) > 1 and weight.shape[1] < ONEDNN_1X1_IC_BLOCK)
 
 
 def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int) -> Tensor:

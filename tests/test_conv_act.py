@@ -771,7 +771,8 @@ torch.set_num_threads(1)
 how = sys.argv[1]
 g = torch.Generator().manual_seed(0)
 worst = 0.0
-for cin, h, wd in ((4, 6, 6), (3, 7, 6), (8, 8, 8), (15, 6, 6)):
+# 3-15 input channels take the subsampled route; 16 and 17 oneDNN's own strided kernel
+for cin, h, wd in ((4, 6, 6), (3, 7, 6), (8, 8, 8), (15, 6, 6), (16, 6, 6), (17, 7, 6)):
     for it in range(40):
         x = torch.randn(2, cin, h, wd, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_()
         w = torch.randn(6, cin, 1, 1, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -826,3 +827,39 @@ def test_strided_1x1_weight_grad_single_thread(how):
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
     assert "max relative error" in r.stdout
+
+
+def _graph_ops(t):
+    """The names of every autograd node behind ``t``."""
+    seen, todo, names = set(), [t.grad_fn], []
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.append(type(fn).__name__)
+        todo.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("cin,groups,subsampled", [(15, 1, True), (16, 1, False), (256, 1, False),
+                                                   (32, 4, True), (64, 4, False)])
+def test_strided_1x1_route_only_below_onednn_channel_block(cin, groups, subsampled):
+    """The subsampled route of ``_reference.strided_1x1_cpu`` (oneDNN #6035) is taken only
+    below 16 input channels per group: above, oneDNN's strided kernel is correct (the
+    single-thread test above runs 16 and 17) and the route would cost every ResNet
+    projection shortcut a zero-filled, scattered full-size input gradient per step.
+    Both routes give F.conv2d's gradients."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, cin, 6, 5, generator=g, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(8, cin // groups, 1, 1, generator=g, dtype=torch.float64).requires_grad_()
+    y = conv2d_act(x, w, None, 2, groups=groups)
+    assert ("SliceBackward0" in _graph_ops(y)) is subsampled
+    dy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    gx, gw = torch.autograd.grad(y, (x, w), dy)
+    ref = F.conv2d(x, w, None, 2, groups=groups)
+    rx, rw = torch.autograd.grad(ref, (x, w), dy)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx, rx, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gw, rw, rtol=1e-12, atol=1e-12)
